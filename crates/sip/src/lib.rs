@@ -1,1 +1,14 @@
+//! Tollgate's SIP signaling: framing and parsing (`message`, `framing`), RFC 3261
+//! transactions (`transaction`), the B2BUA with its credential checks
+//! (`b2bua`), and the tokio driver (`driver`).
 #![forbid(unsafe_code)]
+
+pub mod b2bua;
+pub mod driver;
+pub mod framing;
+pub mod message;
+pub mod transaction;
+
+pub use b2bua::{B2bua, CallEvent, Config, EndCause, MediaProfile, Route};
+pub use message::{Message, ParseError, SipUri};
+pub use transaction::{Peer, TimerConfig, Transport};

@@ -1,1 +1,338 @@
-fn main() {}
+//! `tollgate`: the authenticated SIP/RTP edge (SPEC §6).
+#![forbid(unsafe_code)]
+
+mod config;
+mod echo;
+mod metrics_http;
+mod serve;
+
+use clap::{Args, Parser, Subcommand};
+use config::{parse_duration, ConfigError};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tollgate_keys::{ApiKey, Claims, FileKeyStore, KeyKind, Limits, Scope};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "Authenticated SIP/RTP edge for voice-AI traffic"
+)]
+struct Cli {
+    /// Where keys and usage records live.
+    #[arg(long, global = true, default_value = "./tollgate-data")]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the edge (the default).
+    Serve(ServeArgs),
+    /// Manage API keys in the data directory.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// Per-call bearer tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Usage totals from the durable call records.
+    Usage {
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        since: Option<String>,
+    },
+}
+
+#[derive(Args, Debug, Default, Clone)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// udp:IP:PORT, tcp:IP:PORT or tls:IP:PORT (repeatable).
+    #[arg(long = "sip-listen")]
+    pub sip_listen: Vec<String>,
+    /// Address put in SDP for anchored media.
+    #[arg(long)]
+    pub media_ip: Option<String>,
+    /// RTP port range LO-HI.
+    #[arg(long)]
+    pub media_ports: Option<String>,
+    /// Target of the default route (leg B), e.g. sip:agent@127.0.0.1:5080.
+    #[arg(long)]
+    pub route_default: Option<String>,
+    /// Where /metrics is served.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    /// Where the admin API is served.
+    #[arg(long)]
+    pub admin_listen: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCmd {
+    /// Create a key; prints it once.
+    Create(CreateArgs),
+    /// One line per key: id, kind, status, name.
+    List,
+    /// New secret for the same id; prints it once.
+    Roll {
+        id: String,
+        /// Let the old secret work this much longer (e.g. 10m).
+        #[arg(long)]
+        grace: Option<String>,
+    },
+    /// The key stops working at once.
+    Revoke { id: String },
+}
+
+#[derive(Args, Debug)]
+struct CreateArgs {
+    #[arg(long)]
+    name: String,
+    /// A client-side key: calls only, to its allow-list only.
+    #[arg(long)]
+    public: bool,
+    /// Comma-separated scopes: calls, keys, usage, trunks.
+    #[arg(long, value_delimiter = ',')]
+    scopes: Vec<String>,
+    /// The secret key this one is restricted from (its limits bound the new key's).
+    #[arg(long)]
+    parent: Option<String>,
+    #[arg(long)]
+    cps: Option<u32>,
+    #[arg(long)]
+    max_calls: Option<u32>,
+    #[arg(long)]
+    daily_minutes: Option<u32>,
+    #[arg(long = "allow-prefix")]
+    allow_prefix: Vec<String>,
+    #[arg(long = "deny-prefix")]
+    deny_prefix: Vec<String>,
+    #[arg(long = "source-cidr")]
+    source_cidr: Vec<String>,
+    #[arg(long)]
+    expires_in: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// Mint a per-call bearer token; prints the JWT.
+    Mint {
+        #[arg(long)]
+        key: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        from: String,
+        /// Lifetime, at most 1h.
+        #[arg(long, default_value = "5m")]
+        ttl: String,
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        webhook: Option<String>,
+        #[arg(long)]
+        record: Option<bool>,
+        #[arg(long)]
+        max_duration: Option<u64>,
+    },
+}
+
+/// What the process exits with: 2 for usage/config errors, 1 otherwise.
+pub enum Failure {
+    Usage(String),
+    Other(String),
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure::Usage(e.0)
+    }
+}
+
+impl From<tollgate_keys::KeyError> for Failure {
+    fn from(e: tollgate_keys::KeyError) -> Self {
+        match e {
+            tollgate_keys::KeyError::Invalid(_)
+            | tollgate_keys::KeyError::Malformed
+            | tollgate_keys::KeyError::NotFound(_)
+            | tollgate_keys::KeyError::Revoked(_) => Failure::Usage(e.to_string()),
+            other => Failure::Other(other.to_string()),
+        }
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => serve::run(&cli.data_dir, cli.serve),
+        Some(Command::Serve(args)) => serve::run(&cli.data_dir, args),
+        Some(Command::Keys(k)) => keys(&cli.data_dir, k),
+        Some(Command::Token(TokenCmd::Mint {
+            key,
+            to,
+            from,
+            ttl,
+            model,
+            webhook,
+            record,
+            max_duration,
+        })) => mint(&key, &to, &from, &ttl, model, webhook, record, max_duration),
+        Some(Command::Usage { .. }) => Err(Failure::Other(
+            "usage: no call records are kept yet (the trunk allocator records them)".into(),
+        )),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(m)) => {
+            eprintln!("tollgate: {m}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Other(m)) => {
+            eprintln!("tollgate: {m}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn keys(dir: &std::path::Path, cmd: KeysCmd) -> Result<(), Failure> {
+    let store = FileKeyStore::open(dir)?;
+    let now = unix_now();
+    match cmd {
+        KeysCmd::Create(a) => {
+            let kind = if a.public {
+                KeyKind::Public
+            } else {
+                KeyKind::Secret
+            };
+            let scopes = if a.scopes.is_empty() {
+                None
+            } else {
+                Some(
+                    a.scopes
+                        .iter()
+                        .map(|s| s.parse::<Scope>())
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| Failure::Usage(format!("--scopes: {e}")))?,
+                )
+            };
+            let mut source_cidrs = Vec::new();
+            for c in &a.source_cidr {
+                source_cidrs.push(
+                    c.parse().map_err(|_| {
+                        Failure::Usage(format!("--source-cidr: {c:?} is not a CIDR"))
+                    })?,
+                );
+            }
+            let expires_at = match &a.expires_in {
+                Some(d) => Some(now + parse_duration("--expires-in", d)?),
+                None => None,
+            };
+            let limits = Limits {
+                cps: a.cps,
+                max_calls: a.max_calls,
+                daily_minutes: a.daily_minutes,
+                allow_prefixes: a.allow_prefix,
+                deny_prefixes: a.deny_prefix,
+                source_cidrs,
+                expires_at,
+            };
+            let (rec, key) =
+                store.create(&a.name, kind, scopes, limits, a.parent.as_deref(), now)?;
+            eprintln!(
+                "tollgate: created {} key {} ({}); it is shown once, store it now",
+                rec.kind.as_str(),
+                rec.id,
+                rec.name
+            );
+            println!("{}", key.expose());
+        }
+        KeysCmd::List => {
+            let mut all = tollgate_keys::KeyStore::list(&store);
+            all.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+            for k in all {
+                let kind = match k.kind {
+                    KeyKind::Secret => "sk",
+                    KeyKind::Public => "pk",
+                };
+                let status = if k.revoked_at.is_some() {
+                    "revoked"
+                } else if !k.is_usable(now) {
+                    "expired"
+                } else {
+                    "active"
+                };
+                println!("{}\t{kind}\t{status}\t{}", k.id, k.name);
+            }
+        }
+        KeysCmd::Roll { id, grace } => {
+            let grace = match grace {
+                Some(g) => Some(parse_duration("--grace", &g)?),
+                None => None,
+            };
+            let key = store.roll(&id, grace, now)?;
+            eprintln!("tollgate: rolled key {id}; the new key is shown once");
+            println!("{}", key.expose());
+        }
+        KeysCmd::Revoke { id } => {
+            store.revoke(&id, now)?;
+            eprintln!("tollgate: revoked key {id}");
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mint(
+    key: &str,
+    to: &str,
+    from: &str,
+    ttl: &str,
+    model: Option<String>,
+    webhook: Option<String>,
+    record: Option<bool>,
+    max_duration: Option<u64>,
+) -> Result<(), Failure> {
+    let key = ApiKey::parse(key.trim()).map_err(|e| Failure::Usage(format!("--key: {e}")))?;
+    let ttl = parse_duration("--ttl", ttl)?;
+    if ttl == 0 || ttl > 3600 {
+        return Err(Failure::Usage("--ttl: must be between 1s and 1h".into()));
+    }
+    let to_n = tollgate_keys::number::normalize(to);
+    let from_n = tollgate_keys::number::normalize(from);
+    if to_n.is_empty() {
+        return Err(Failure::Usage("--to: empty destination".into()));
+    }
+    if from_n.is_empty() {
+        return Err(Failure::Usage("--from: empty caller".into()));
+    }
+    let now = unix_now() as i64;
+    let mut jti = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut jti)
+        .map_err(|_| Failure::Other("no system randomness".into()))?;
+    let claims = Claims {
+        iat: now,
+        exp: now + ttl as i64,
+        jti: hex::encode(jti),
+        to: to_n,
+        from: from_n,
+        model,
+        webhook,
+        record,
+        max_duration,
+    };
+    println!("{}", tollgate_keys::jwt::mint(&key, &claims));
+    Ok(())
+}

@@ -1,0 +1,1016 @@
+//! The credential check on an initial INVITE (SPEC §3, §4), as a pure function
+//! of the request's relevant parts, the key store, the replay cache and `now`.
+//!
+//! Order: a `Bearer` credential if present, else a `Digest` credential for our
+//! realm, else the source-IP ACL, else a challenge. A credential that is
+//! present but bad is refused even if the source address is trusted.
+//!
+//! This check consumes single-use values (`jti`, nonce): run it once per
+//! server transaction, never for a retransmitted INVITE.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::digest::{self, Algorithm, DigestError, NonceIssuer};
+use crate::jwt::{self, Claims};
+use crate::number::{matches_prefix, normalize};
+use crate::replay::ReplayCache;
+use crate::store::{KeyRecord, KeyStore, Scope};
+use crate::KeyKind;
+
+/// The parts of an INVITE the credential check looks at. All untrusted.
+#[derive(Debug, Clone, Copy)]
+pub struct InviteView<'a> {
+    /// The method, `"INVITE"`.
+    pub method: &'a str,
+    /// The full Request-URI text, compared with the digest `uri`.
+    pub request_uri: &'a str,
+    /// The Request-URI user part (may be empty): the destination.
+    pub request_user: &'a str,
+    /// The From user part.
+    pub from_user: &'a str,
+    /// The P-Asserted-Identity user part, if any.
+    pub asserted_user: Option<&'a str>,
+    /// Every `Authorization` header value, in order.
+    pub authorization: &'a [&'a str],
+    /// Where the request came from.
+    pub source_ip: IpAddr,
+}
+
+/// Settings of the check, and the current time.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// Realm shared by the Bearer and Digest challenges.
+    pub realm: String,
+    /// Digest algorithms offered, in order (default SHA-256 then MD5; SIPp
+    /// tests put MD5 first). Responses with another algorithm are refused.
+    pub digest_algorithms: Vec<Algorithm>,
+    /// Lifetime of the nonces we issue, seconds.
+    pub nonce_lifetime_secs: u64,
+    /// Current Unix time, seconds.
+    pub now: i64,
+}
+
+/// The default digest algorithms, in offer order (RFC 8760).
+pub const DEFAULT_DIGEST_ALGORITHMS: [Algorithm; 2] = [Algorithm::Sha256, Algorithm::Md5];
+
+/// How the caller authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// `Authorization: Bearer <jwt>`.
+    Bearer,
+    /// `Authorization: Digest …`.
+    Digest,
+    /// Trusted source address, no credential.
+    SourceIp,
+}
+
+impl Method {
+    /// `"bearer"`, `"digest"` or `"source_ip"`, for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Bearer => "bearer",
+            Method::Digest => "digest",
+            Method::SourceIp => "source_ip",
+        }
+    }
+}
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// The key the call is charged to; its limits apply.
+    pub key: Arc<KeyRecord>,
+    /// How it authenticated.
+    pub method: Method,
+    /// The token's claims (runtime parameters) for [`Method::Bearer`].
+    pub claims: Option<Claims>,
+}
+
+/// The result of the check; the SIP layer maps it to a response.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Authenticated and allowed by the key's policy.
+    Accepted(Principal),
+    /// No credential: `401` with these `WWW-Authenticate` values (Bearer, then
+    /// one Digest per configured algorithm).
+    Challenge {
+        /// `WWW-Authenticate` header values, in order.
+        headers: Vec<String>,
+    },
+    /// Bad bearer token: `401` with this single `WWW-Authenticate` value.
+    InvalidToken {
+        /// `Bearer realm="…", error="invalid_token"`.
+        header: String,
+        /// Metrics label; never sent.
+        reason: &'static str,
+    },
+    /// Bad digest credential: `401` with fresh challenges (`stale=true` on the
+    /// Digest ones when the response was right but the nonce expired or was used).
+    InvalidDigest {
+        /// `WWW-Authenticate` header values, in order.
+        headers: Vec<String>,
+        /// Metrics label; never sent.
+        reason: &'static str,
+    },
+    /// Authenticated but not allowed: `403`.
+    Forbidden {
+        /// Metrics label; never sent.
+        reason: &'static str,
+    },
+}
+
+impl Outcome {
+    /// A short label for metrics: `"accepted"`, `"challenge"`, or the refusal reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Outcome::Accepted(_) => "accepted",
+            Outcome::Challenge { .. } => "challenge",
+            Outcome::InvalidToken { reason, .. }
+            | Outcome::InvalidDigest { reason, .. }
+            | Outcome::Forbidden { reason } => reason,
+        }
+    }
+}
+
+/// Performs the credential check against a key store and a replay cache.
+pub struct Authenticator<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> {
+    store: Arc<S>,
+    replay: Arc<R>,
+    nonces: NonceIssuer,
+}
+
+impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> std::fmt::Debug for Authenticator<S, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator").finish_non_exhaustive()
+    }
+}
+
+enum Credential<'a> {
+    Bearer(&'a str),
+    Digest(Vec<&'a str>),
+    None,
+}
+
+fn classify<'a>(values: &[&'a str]) -> Credential<'a> {
+    let mut digests = Vec::new();
+    for v in values {
+        let v = v.trim();
+        let (scheme, rest) = match v.find([' ', '\t']) {
+            Some(i) => (&v[..i], v[i..].trim()),
+            None => (v, ""),
+        };
+        if scheme.eq_ignore_ascii_case("Bearer") {
+            return Credential::Bearer(rest);
+        }
+        if scheme.eq_ignore_ascii_case("Digest") {
+            digests.push(v);
+        }
+    }
+    if digests.is_empty() {
+        Credential::None
+    } else {
+        Credential::Digest(digests)
+    }
+}
+
+impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
+    /// An authenticator over `store` and `replay`, issuing nonces keyed with
+    /// `nonce_secret` (edges that share it accept each other's nonces).
+    ///
+    /// Nonce lifetime comes from [`AuthConfig::nonce_lifetime_secs`] at each check.
+    pub fn new(store: Arc<S>, replay: Arc<R>, nonce_secret: [u8; 32]) -> Self {
+        Authenticator {
+            store,
+            replay,
+            // Lifetime unused: expiry is computed from `AuthConfig` per check.
+            nonces: NonceIssuer::new(nonce_secret, 0),
+        }
+    }
+
+    /// The key store.
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    /// Checks the credentials of `inv`.
+    pub fn check(&self, inv: &InviteView<'_>, cfg: &AuthConfig) -> Outcome {
+        match classify(inv.authorization) {
+            Credential::Bearer(token) => self.check_bearer(token, inv, cfg),
+            Credential::Digest(values) => self.check_digest(&values, inv, cfg),
+            Credential::None => self.check_source(inv, cfg),
+        }
+    }
+
+    /// The `WWW-Authenticate` values of a fresh challenge.
+    pub fn challenge_headers(&self, cfg: &AuthConfig, stale: bool) -> Vec<String> {
+        let mut h = Vec::with_capacity(1 + cfg.digest_algorithms.len());
+        h.push(format!("Bearer realm={}", digest::quote(&cfg.realm)));
+        for alg in &cfg.digest_algorithms {
+            let nonce = self.nonces.issue(cfg.now);
+            h.push(digest::challenge_with(&cfg.realm, *alg, &nonce, stale));
+        }
+        h
+    }
+
+    fn now_u64(cfg: &AuthConfig) -> u64 {
+        cfg.now.max(0) as u64
+    }
+
+    fn check_bearer(&self, token: &str, inv: &InviteView<'_>, cfg: &AuthConfig) -> Outcome {
+        let invalid = |reason| Outcome::InvalidToken {
+            header: format!(
+                "Bearer realm={}, error=\"invalid_token\"",
+                digest::quote(&cfg.realm)
+            ),
+            reason,
+        };
+        let now = Self::now_u64(cfg);
+        let mut record = None;
+        let verified = jwt::verify(token, cfg.now, |kid| {
+            let rec = self.store.get(kid)?;
+            let keys = rec.live_signing_keys(now);
+            record = Some(rec);
+            Some(keys)
+        });
+        let (kid, claims) = match verified {
+            Ok(v) => v,
+            Err(e) => return invalid(e.reason()),
+        };
+        let Some(rec) = record else {
+            return invalid("unknown_key");
+        };
+        let to_ok = normalize(&claims.to) == normalize(inv.request_user);
+        let from = normalize(&claims.from);
+        let from_ok = from == normalize(inv.from_user)
+            || inv.asserted_user.is_some_and(|a| normalize(a) == from);
+        if !to_ok || !from_ok {
+            return invalid("claim_mismatch");
+        }
+        if !self
+            .replay
+            .first_use(&format!("{kid}:{}", claims.jti), claims.exp, cfg.now)
+        {
+            return invalid("replayed");
+        }
+        self.admit(rec, Method::Bearer, Some(claims), inv)
+    }
+
+    fn check_digest(&self, values: &[&str], inv: &InviteView<'_>, cfg: &AuthConfig) -> Outcome {
+        let invalid = |reason, stale| Outcome::InvalidDigest {
+            headers: self.challenge_headers(cfg, stale),
+            reason,
+        };
+        // Several Digest credentials may be present (one per realm); use ours.
+        let mut parsed = None;
+        let mut first_err = DigestError::Malformed;
+        for v in values {
+            match digest::parse_authorization(v) {
+                Ok(r) if r.realm == cfg.realm => {
+                    parsed = Some(r);
+                    break;
+                }
+                Ok(_) => first_err = DigestError::Malformed,
+                Err(e) => first_err = e,
+            }
+        }
+        let Some(resp) = parsed else {
+            return invalid(
+                if first_err == DigestError::Malformed {
+                    "malformed"
+                } else {
+                    first_err.reason()
+                },
+                false,
+            );
+        };
+        if !cfg.digest_algorithms.contains(&resp.algorithm) {
+            return invalid("bad_alg", false);
+        }
+        let expiry = match self.nonces.issued_at(&resp.nonce) {
+            Ok(issued) => issued.saturating_add(cfg.nonce_lifetime_secs),
+            Err(e) => return invalid(e.reason(), false),
+        };
+        if resp.uri != inv.request_uri {
+            return invalid("uri_mismatch", false);
+        }
+        let now = Self::now_u64(cfg);
+        let Some(rec) = self.store.get(&resp.username) else {
+            return invalid("unknown_key", false);
+        };
+        if !rec.is_usable(now) {
+            return invalid("unknown_key", false);
+        }
+        let ok = rec.live_secrets(now).fold(false, |ok, s| {
+            ok | digest::verify(&resp, inv.method, &s.digest_password)
+        });
+        if !ok {
+            return invalid("bad_response", false);
+        }
+        // The response is right; only now can a nonce problem be called stale.
+        if now >= expiry {
+            return invalid("stale_nonce", true);
+        }
+        let expires_at = i64::try_from(expiry).unwrap_or(i64::MAX);
+        if !self
+            .replay
+            .first_use(&format!("nonce:{}", resp.nonce), expires_at, cfg.now)
+        {
+            return invalid("nonce_reused", true);
+        }
+        self.admit(rec, Method::Digest, None, inv)
+    }
+
+    /// Credential-less INVITE: trusted if a usable key lists a source CIDR
+    /// containing the source address (the most specific CIDR wins, then the
+    /// lowest id).
+    ///
+    /// Scans every key: fine for the key counts of one account; a large
+    /// fleet would index CIDRs.
+    fn check_source(&self, inv: &InviteView<'_>, cfg: &AuthConfig) -> Outcome {
+        let now = Self::now_u64(cfg);
+        let mut best: Option<(u8, Arc<KeyRecord>)> = None;
+        for rec in self.store.list() {
+            if !rec.is_usable(now) {
+                continue;
+            }
+            let Some(len) = rec
+                .limits
+                .source_cidrs
+                .iter()
+                .filter(|c| c.contains(&inv.source_ip))
+                .map(|c| c.prefix_len())
+                .max()
+            else {
+                continue;
+            };
+            let better = match &best {
+                None => true,
+                Some((l, b)) => len > *l || (len == *l && rec.id < b.id),
+            };
+            if better {
+                best = Some((len, rec));
+            }
+        }
+        match best {
+            Some((_, rec)) => self.admit(rec, Method::SourceIp, None, inv),
+            None => Outcome::Challenge {
+                headers: self.challenge_headers(cfg, false),
+            },
+        }
+    }
+
+    fn admit(
+        &self,
+        key: Arc<KeyRecord>,
+        method: Method,
+        claims: Option<Claims>,
+        inv: &InviteView<'_>,
+    ) -> Outcome {
+        match policy(&key, inv.request_user) {
+            Ok(()) => Outcome::Accepted(Principal {
+                key,
+                method,
+                claims,
+            }),
+            Err(reason) => Outcome::Forbidden { reason },
+        }
+    }
+}
+
+/// The key's call policy for `destination` (a Request-URI user part).
+///
+/// The key needs the `calls` scope; a deny prefix beats the allow-list; a
+/// non-empty allow-list must contain the destination; a public key with an
+/// empty allow-list may call nothing. Source CIDRs are not checked here: they
+/// only grant trust to credential-less traffic.
+pub fn policy(key: &KeyRecord, destination: &str) -> Result<(), &'static str> {
+    if !key.has_scope(Scope::Calls) {
+        return Err("scope");
+    }
+    let l = &key.limits;
+    if l.deny_prefixes
+        .iter()
+        .any(|p| matches_prefix(destination, p))
+    {
+        return Err("destination_denied");
+    }
+    if l.allow_prefixes.is_empty() {
+        if key.kind == KeyKind::Public {
+            return Err("destination_not_allowed");
+        }
+    } else if !l
+        .allow_prefixes
+        .iter()
+        .any(|p| matches_prefix(destination, p))
+    {
+        return Err("destination_not_allowed");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::DigestResponse;
+    use crate::replay::MemoryReplayCache;
+    use crate::store::{Limits, MemoryKeyStore};
+    use crate::ApiKey;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+
+    const NOW: i64 = 1_700_000_000;
+    const RURI: &str = "sip:+14155550100@edge.example.com";
+    const TO: &str = "+14155550100";
+    const FROM: &str = "+14155550199";
+
+    struct Fixture {
+        store: Arc<MemoryKeyStore>,
+        auth: Authenticator<MemoryKeyStore, MemoryReplayCache>,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let store = Arc::new(MemoryKeyStore::new());
+            let auth =
+                Authenticator::new(store.clone(), Arc::new(MemoryReplayCache::new()), [42; 32]);
+            Fixture { store, auth }
+        }
+
+        fn key(&self, kind: KeyKind, limits: Limits) -> ApiKey {
+            self.store
+                .create("k", kind, None, limits, None, NOW as u64 - 100)
+                .unwrap()
+                .1
+        }
+
+        fn check(&self, authz: &[&str]) -> Outcome {
+            self.check_at(authz, NOW, "192.0.2.1")
+        }
+
+        fn check_at(&self, authz: &[&str], now: i64, ip: &str) -> Outcome {
+            let inv = InviteView {
+                method: "INVITE",
+                request_uri: RURI,
+                request_user: "+1 (415) 555-0100",
+                from_user: "alice",
+                asserted_user: Some("sip:+14155550199@carrier"),
+                authorization: authz,
+                source_ip: ip.parse().unwrap(),
+            };
+            self.auth.check(&inv, &cfg(now))
+        }
+    }
+
+    fn cfg(now: i64) -> AuthConfig {
+        AuthConfig {
+            realm: "tollgate".into(),
+            digest_algorithms: vec![Algorithm::Md5, Algorithm::Sha256],
+            nonce_lifetime_secs: 300,
+            now,
+        }
+    }
+
+    fn claims(jti: &str) -> Claims {
+        Claims {
+            iat: NOW,
+            exp: NOW + 60,
+            jti: jti.into(),
+            to: TO.into(),
+            from: FROM.into(),
+            model: None,
+            webhook: None,
+            record: None,
+            max_duration: None,
+        }
+    }
+
+    fn bearer(key: &ApiKey, c: &Claims) -> String {
+        format!("Bearer {}", jwt::mint(key, c))
+    }
+
+    fn assert_invalid_token(o: Outcome, want: &str) {
+        match o {
+            Outcome::InvalidToken { header, reason } => {
+                assert_eq!(header, "Bearer realm=\"tollgate\", error=\"invalid_token\"");
+                assert_eq!(reason, want);
+            }
+            o => panic!("expected InvalidToken({want}), got {o:?}"),
+        }
+    }
+
+    fn assert_accepted(o: Outcome, method: Method) -> Principal {
+        match o {
+            Outcome::Accepted(p) => {
+                assert_eq!(p.method, method);
+                p
+            }
+            o => panic!("expected Accepted, got {o:?}"),
+        }
+    }
+
+    fn assert_invalid_digest(o: Outcome, want: &str, stale: bool) {
+        match o {
+            Outcome::InvalidDigest { headers, reason } => {
+                assert_eq!(reason, want);
+                assert_eq!(headers.len(), 3);
+                assert!(headers[1..]
+                    .iter()
+                    .all(|h| h.ends_with(", stale=true") == stale));
+            }
+            o => panic!("expected InvalidDigest({want}), got {o:?}"),
+        }
+    }
+
+    /// Nonce from the first Digest challenge of a fresh 401.
+    fn nonce(f: &Fixture, now: i64) -> String {
+        let Outcome::Challenge { headers } = f.check_at(&[], now, "192.0.2.1") else {
+            panic!()
+        };
+        let h = &headers[1];
+        let start = h.find("nonce=\"").unwrap() + 7;
+        h[start..start + h[start..].find('"').unwrap()].to_owned()
+    }
+
+    fn digest_authz(
+        user: &str,
+        password: &str,
+        alg: Algorithm,
+        nonce: &str,
+        uri: &str,
+        qop: bool,
+    ) -> String {
+        let mut r = DigestResponse {
+            username: user.into(),
+            realm: "tollgate".into(),
+            nonce: nonce.into(),
+            uri: uri.into(),
+            response: String::new(),
+            algorithm: alg,
+            cnonce: qop.then(|| "0a4f113b".into()),
+            nc: qop.then(|| "00000001".into()),
+            qop: qop.then(|| "auth".into()),
+            opaque: None,
+        };
+        r.response = digest::expected_response(&r, "INVITE", password).unwrap();
+        let mut s = format!(
+            "Digest username=\"{user}\", realm=\"tollgate\", nonce=\"{nonce}\", uri=\"{uri}\", \
+             response=\"{}\", algorithm={}",
+            r.response,
+            alg.name()
+        );
+        if qop {
+            s.push_str(", qop=auth, nc=00000001, cnonce=\"0a4f113b\"");
+        }
+        s
+    }
+
+    #[test]
+    fn no_credential_gives_challenge() {
+        let f = Fixture::new();
+        let o = f.check(&[]);
+        let Outcome::Challenge { headers } = o else {
+            panic!("{o:?}")
+        };
+        assert_eq!(headers.len(), 3);
+        assert_eq!(headers[0], "Bearer realm=\"tollgate\"");
+        assert!(headers[1].starts_with("Digest realm=\"tollgate\", nonce=\""));
+        assert!(headers[1].ends_with("algorithm=MD5, qop=\"auth\""));
+        assert!(headers[2].ends_with("algorithm=SHA-256, qop=\"auth\""));
+        // Unknown schemes count as no credential.
+        assert!(matches!(
+            f.check(&["Basic YWxhZGRpbjpvcGVuc2VzYW1l"]),
+            Outcome::Challenge { .. }
+        ));
+    }
+
+    #[test]
+    fn bearer_accepted_with_claims() {
+        let f = Fixture::new();
+        let k = f.key(KeyKind::Secret, Limits::default());
+        let mut c = claims("j1");
+        c.model = Some("support-agent".into());
+        let p = assert_accepted(f.check(&[&bearer(&k, &c)]), Method::Bearer);
+        assert_eq!(p.key.id, k.id());
+        assert_eq!(p.claims.unwrap().model.as_deref(), Some("support-agent"));
+        // Scheme is case-insensitive; extra whitespace tolerated.
+        let t = format!("bEaReR   {}", jwt::mint(&k, &claims("j2")));
+        assert_accepted(f.check(&[&t]), Method::Bearer);
+    }
+
+    #[test]
+    fn bearer_bad_credentials() {
+        let f = Fixture::new();
+        let k = f.key(KeyKind::Secret, Limits::default());
+        let other = ApiKey::generate(KeyKind::Secret);
+        // Wrong signature (right kid, other key's signing key).
+        let t = format!(
+            "Bearer {}",
+            jwt::mint_with(k.id(), &other.signing_key(), &claims("a"))
+        );
+        assert_invalid_token(f.check(&[&t]), "bad_signature");
+        // Unknown kid.
+        assert_invalid_token(f.check(&[&bearer(&other, &claims("b"))]), "unknown_key");
+        // Expired.
+        let mut c = claims("c");
+        c.iat = NOW - 120;
+        c.exp = NOW;
+        assert_invalid_token(f.check(&[&bearer(&k, &c)]), "expired");
+        // Future iat.
+        let mut c = claims("d");
+        c.iat = NOW + 31;
+        c.exp = NOW + 100;
+        assert_invalid_token(f.check(&[&bearer(&k, &c)]), "not_yet_valid");
+        // Lifetime.
+        let mut c = claims("e");
+        c.exp = NOW + 3601;
+        assert_invalid_token(f.check(&[&bearer(&k, &c)]), "lifetime");
+        // alg=none.
+        let none = format!(
+            "Bearer {}.{}.",
+            URL_SAFE_NO_PAD.encode(format!(
+                "{{\"alg\":\"none\",\"typ\":\"JWT\",\"kid\":\"{}\"}}",
+                k.id()
+            )),
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims("f")).unwrap())
+        );
+        assert_invalid_token(f.check(&[&none]), "bad_alg");
+        // Garbage and empty tokens.
+        assert_invalid_token(f.check(&["Bearer"]), "malformed");
+        assert_invalid_token(f.check(&["Bearer x.y.z"]), "malformed");
+        // Claim mismatches.
+        let mut c = claims("g");
+        c.to = "+19005551234".into();
+        assert_invalid_token(f.check(&[&bearer(&k, &c)]), "claim_mismatch");
+        let mut c = claims("h");
+        c.from = "+15550000000".into();
+        assert_invalid_token(f.check(&[&bearer(&k, &c)]), "claim_mismatch");
+        // `from` may match the From user instead of P-Asserted-Identity.
+        let mut c = claims("i");
+        c.from = "sip:alice@example.com".into();
+        assert_accepted(f.check(&[&bearer(&k, &c)]), Method::Bearer);
+    }
+
+    #[test]
+    fn bearer_replayed_jti() {
+        let f = Fixture::new();
+        let k = f.key(KeyKind::Secret, Limits::default());
+        let t = bearer(&k, &claims("once"));
+        assert_accepted(f.check(&[&t]), Method::Bearer);
+        assert_invalid_token(f.check(&[&t]), "replayed");
+        assert_invalid_token(f.check_at(&[&t], NOW + 59, "192.0.2.1"), "replayed");
+        // Same jti under another key is a different id.
+        let k2 = f.key(KeyKind::Secret, Limits::default());
+        assert_accepted(f.check(&[&bearer(&k2, &claims("once"))]), Method::Bearer);
+    }
+
+    #[test]
+    fn bearer_revoked_and_rolled_keys() {
+        let f = Fixture::new();
+        let k = f.key(KeyKind::Secret, Limits::default());
+        f.store.revoke(k.id(), NOW as u64 - 1).unwrap();
+        assert_invalid_token(f.check(&[&bearer(&k, &claims("a"))]), "unknown_key");
+
+        // Roll without grace: old secret refused at once, new one works.
+        let k = f.key(KeyKind::Secret, Limits::default());
+        let new = f.store.roll(k.id(), None, NOW as u64).unwrap();
+        assert_invalid_token(f.check(&[&bearer(&k, &claims("b"))]), "bad_signature");
+        assert_accepted(f.check(&[&bearer(&new, &claims("c"))]), Method::Bearer);
+
+        // Roll with grace: old secret works until the grace ends.
+        let k = f.key(KeyKind::Secret, Limits::default());
+        let new = f.store.roll(k.id(), Some(30), NOW as u64).unwrap();
+        assert_accepted(f.check(&[&bearer(&k, &claims("d"))]), Method::Bearer);
+        assert_accepted(f.check(&[&bearer(&new, &claims("e"))]), Method::Bearer);
+        let late = |jti: &str| {
+            let mut c = claims(jti);
+            c.iat = NOW + 30;
+            c.exp = NOW + 90;
+            c
+        };
+        assert_invalid_token(
+            f.check_at(&[&bearer(&k, &late("f"))], NOW + 30, "192.0.2.1"),
+            "bad_signature",
+        );
+        assert_accepted(
+            f.check_at(&[&bearer(&new, &late("g"))], NOW + 30, "192.0.2.1"),
+            Method::Bearer,
+        );
+
+        // Expired key.
+        let k = f.key(
+            KeyKind::Secret,
+            Limits {
+                expires_at: Some(NOW as u64),
+                ..Limits::default()
+            },
+        );
+        assert_invalid_token(f.check(&[&bearer(&k, &claims("h"))]), "unknown_key");
+    }
+
+    #[test]
+    fn policy_after_bearer() {
+        let f = Fixture::new();
+        // Public key without allow-list calls nothing.
+        let pk = f.key(KeyKind::Public, Limits::default());
+        let o = f.check(&[&bearer(&pk, &claims("a"))]);
+        assert!(
+            matches!(
+                o,
+                Outcome::Forbidden {
+                    reason: "destination_not_allowed"
+                }
+            ),
+            "{o:?}"
+        );
+        // Public key off its allow-list.
+        let pk = f.key(
+            KeyKind::Public,
+            Limits {
+                allow_prefixes: vec!["+44".into()],
+                ..Limits::default()
+            },
+        );
+        let o = f.check(&[&bearer(&pk, &claims("b"))]);
+        assert!(
+            matches!(
+                o,
+                Outcome::Forbidden {
+                    reason: "destination_not_allowed"
+                }
+            ),
+            "{o:?}"
+        );
+        // On its allow-list.
+        let pk = f.key(
+            KeyKind::Public,
+            Limits {
+                allow_prefixes: vec!["+1415".into()],
+                ..Limits::default()
+            },
+        );
+        assert_accepted(f.check(&[&bearer(&pk, &claims("c"))]), Method::Bearer);
+        // Deny beats allow.
+        let k = f.key(
+            KeyKind::Secret,
+            Limits {
+                allow_prefixes: vec!["+1".into()],
+                deny_prefixes: vec!["+1 415".into()],
+                ..Limits::default()
+            },
+        );
+        let o = f.check(&[&bearer(&k, &claims("d"))]);
+        assert!(
+            matches!(
+                o,
+                Outcome::Forbidden {
+                    reason: "destination_denied"
+                }
+            ),
+            "{o:?}"
+        );
+        // Missing calls scope.
+        let (_, k) = f
+            .store
+            .create(
+                "u",
+                KeyKind::Secret,
+                Some(vec![Scope::Usage]),
+                Limits::default(),
+                None,
+                0,
+            )
+            .unwrap();
+        let o = f.check(&[&bearer(&k, &claims("e"))]);
+        assert!(matches!(o, Outcome::Forbidden { reason: "scope" }), "{o:?}");
+        // Source CIDRs do not restrict credentialed calls.
+        let k = f.key(
+            KeyKind::Secret,
+            Limits {
+                source_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+                ..Limits::default()
+            },
+        );
+        assert_accepted(f.check(&[&bearer(&k, &claims("f"))]), Method::Bearer);
+    }
+
+    #[test]
+    fn digest_roundtrips_md5_and_sha256() {
+        let f = Fixture::new();
+        let k = f.key(KeyKind::Secret, Limits::default());
+        for alg in [Algorithm::Md5, Algorithm::Sha256] {
+            for qop in [true, false] {
+                let n = nonce(&f, NOW);
+                let a = digest_authz(k.id(), &k.digest_password(), alg, &n, RURI, qop);
+                let p = assert_accepted(f.check(&[&a]), Method::Digest);
+                assert_eq!(p.key.id, k.id());
+                assert!(p.claims.is_none());
+                // Single use.
+                assert_invalid_digest(f.check(&[&a]), "nonce_reused", true);
+            }
+        }
+    }
+
+    #[test]
+    fn digest_bad_credentials() {
+        let f = Fixture::new();
+        let k = f.key(KeyKind::Secret, Limits::default());
+        let pw = k.digest_password();
+        let n = nonce(&f, NOW);
+        let a = |user: &str, pw: &str, n: &str, uri: &str| {
+            digest_authz(user, pw, Algorithm::Md5, n, uri, true)
+        };
+        assert_invalid_digest(
+            f.check(&[&a(k.id(), "wrong", &n, RURI)]),
+            "bad_response",
+            false,
+        );
+        assert_invalid_digest(
+            f.check(&[&a("zzzzzzzzzzzz", &pw, &n, RURI)]),
+            "unknown_key",
+            false,
+        );
+        assert_invalid_digest(
+            f.check(&[&a(k.id(), &pw, &n, "sip:+19005551234@edge.example.com")]),
+            "uri_mismatch",
+            false,
+        );
+        // Nonce not ours / tampered.
+        let foreign = NonceIssuer::new([1; 32], 300).issue(NOW);
+        assert_invalid_digest(
+            f.check(&[&a(k.id(), &pw, &foreign, RURI)]),
+            "bad_nonce",
+            false,
+        );
+        let mut raw = URL_SAFE_NO_PAD.decode(&n).unwrap();
+        raw[7] ^= 1;
+        let tampered = URL_SAFE_NO_PAD.encode(raw);
+        assert_invalid_digest(
+            f.check(&[&a(k.id(), &pw, &tampered, RURI)]),
+            "bad_nonce",
+            false,
+        );
+        // Expired nonce with a correct response: stale.
+        let old = nonce(&f, NOW - 300);
+        assert_invalid_digest(f.check(&[&a(k.id(), &pw, &old, RURI)]), "stale_nonce", true);
+        // Expired nonce with a wrong response: not stale.
+        assert_invalid_digest(
+            f.check(&[&a(k.id(), "x", &old, RURI)]),
+            "bad_response",
+            false,
+        );
+        // Other realm only.
+        let other = a(k.id(), &pw, &n, RURI).replace("realm=\"tollgate\"", "realm=\"other\"");
+        assert_invalid_digest(f.check(&[&other]), "malformed", false);
+        // Our realm among several.
+        assert_accepted(
+            f.check(&[&other, &a(k.id(), &pw, &n, RURI)]),
+            Method::Digest,
+        );
+        // Algorithm not offered.
+        let mut c = cfg(NOW);
+        c.digest_algorithms = vec![Algorithm::Sha256];
+        let n2 = nonce(&f, NOW);
+        let inv = InviteView {
+            method: "INVITE",
+            request_uri: RURI,
+            request_user: TO,
+            from_user: FROM,
+            asserted_user: None,
+            authorization: &[&a(k.id(), &pw, &n2, RURI)],
+            source_ip: "192.0.2.1".parse().unwrap(),
+        };
+        let o = f.auth.check(&inv, &c);
+        assert!(
+            matches!(o, Outcome::InvalidDigest { reason: "bad_alg", ref headers } if headers.len() == 2),
+            "{o:?}"
+        );
+        // Garbage.
+        assert_invalid_digest(f.check(&["Digest garbage"]), "malformed", false);
+        // Revoked key and rolled-away secret.
+        let n3 = nonce(&f, NOW);
+        let k2 = f.key(KeyKind::Secret, Limits::default());
+        let new = f.store.roll(k2.id(), None, NOW as u64).unwrap();
+        assert_invalid_digest(
+            f.check(&[&a(k2.id(), &k2.digest_password(), &n3, RURI)]),
+            "bad_response",
+            false,
+        );
+        assert_accepted(
+            f.check(&[&a(k2.id(), &new.digest_password(), &n3, RURI)]),
+            Method::Digest,
+        );
+        f.store.revoke(k.id(), 0).unwrap();
+        let n4 = nonce(&f, NOW);
+        assert_invalid_digest(f.check(&[&a(k.id(), &pw, &n4, RURI)]), "unknown_key", false);
+    }
+
+    #[test]
+    fn digest_policy_applies() {
+        let f = Fixture::new();
+        let pk = f.key(KeyKind::Public, Limits::default());
+        let n = nonce(&f, NOW);
+        let a = digest_authz(
+            pk.id(),
+            &pk.digest_password(),
+            Algorithm::Sha256,
+            &n,
+            RURI,
+            true,
+        );
+        assert!(matches!(f.check(&[&a]), Outcome::Forbidden { .. }));
+    }
+
+    #[test]
+    fn source_ip_acl() {
+        let f = Fixture::new();
+        let wide = f.key(
+            KeyKind::Secret,
+            Limits {
+                source_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+                ..Limits::default()
+            },
+        );
+        let narrow = f.key(
+            KeyKind::Secret,
+            Limits {
+                source_cidrs: vec![
+                    "10.1.0.0/16".parse().unwrap(),
+                    "2001:db8::/32".parse().unwrap(),
+                ],
+                deny_prefixes: vec!["+1415".into()],
+                ..Limits::default()
+            },
+        );
+        let p = assert_accepted(f.check_at(&[], NOW, "10.2.3.4"), Method::SourceIp);
+        assert_eq!(p.key.id, wide.id());
+        // Most specific CIDR wins, and its policy applies.
+        let o = f.check_at(&[], NOW, "10.1.2.3");
+        assert!(
+            matches!(
+                o,
+                Outcome::Forbidden {
+                    reason: "destination_denied"
+                }
+            ),
+            "{o:?}"
+        );
+        assert!(matches!(
+            f.check_at(&[], NOW, "2001:db8::1"),
+            Outcome::Forbidden { .. }
+        ));
+        assert!(matches!(
+            f.check_at(&[], NOW, "192.0.2.1"),
+            Outcome::Challenge { .. }
+        ));
+        // A bad credential from a trusted source is still refused.
+        assert_invalid_token(f.check_at(&["Bearer x"], NOW, "10.2.3.4"), "malformed");
+        // Revoked keys grant nothing.
+        f.store.revoke(wide.id(), 0).unwrap();
+        f.store.revoke(narrow.id(), 0).unwrap();
+        assert!(matches!(
+            f.check_at(&[], NOW, "10.2.3.4"),
+            Outcome::Challenge { .. }
+        ));
+    }
+
+    #[test]
+    fn works_behind_trait_objects_and_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Authenticator<MemoryKeyStore, MemoryReplayCache>>();
+        assert_send_sync::<Authenticator<dyn KeyStore, dyn ReplayCache>>();
+        let store = Arc::new(MemoryKeyStore::new());
+        let (_, k) = store
+            .create("k", KeyKind::Secret, None, Limits::default(), None, 0)
+            .unwrap();
+        let dyn_store: Arc<dyn KeyStore> = store;
+        let dyn_replay: Arc<dyn ReplayCache> = Arc::new(MemoryReplayCache::new());
+        let auth = Authenticator::new(dyn_store, dyn_replay, [0; 32]);
+        let t = bearer(&k, &claims("dyn"));
+        let inv = InviteView {
+            method: "INVITE",
+            request_uri: RURI,
+            request_user: TO,
+            from_user: FROM,
+            asserted_user: None,
+            authorization: &[&t],
+            source_ip: "192.0.2.1".parse().unwrap(),
+        };
+        assert_accepted(auth.check(&inv, &cfg(NOW)), Method::Bearer);
+    }
+
+    #[test]
+    fn outcomes_never_leak_secrets() {
+        let f = Fixture::new();
+        let k = f.key(KeyKind::Secret, Limits::default());
+        let t = bearer(&k, &claims("a"));
+        let token = t.trim_start_matches("Bearer ");
+        for o in [f.check(&[&t]), f.check(&[&t])] {
+            let d = format!("{o:?}");
+            assert!(!d.contains(token));
+            assert!(!d.contains(&k.expose()[19..]));
+            assert!(!d.contains(&k.digest_password()));
+            assert!(!d.contains(&hex::encode(k.signing_key())));
+        }
+    }
+}

@@ -1,0 +1,1512 @@
+//! The back-to-back user agent (RFC 3261 §6 "B2BUA", RFC 7092): every admitted
+//! INVITE becomes a [`Call`] of two [`Leg`]s, each its own dialog. Leg A is the
+//! authenticated sender, leg B the route's destination. Sans-IO like the
+//! transaction layer beneath it: the driver feeds messages and time in and
+//! takes [`Transmit`]s out.
+
+use crate::message::{
+    self, header_user, name_addr_uri, reason_phrase, response_to, Header, Message, SipUri,
+    StartLine,
+};
+use crate::transaction::{
+    Peer, RequestMatch, TimerConfig, Transmit, Transport, TxnEvent, TxnKey, TxnLayer,
+};
+use bytes::Bytes;
+use ring::rand::SecureRandom;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tollgate_keys::credential::{AuthConfig, Authenticator, InviteView, Outcome, Principal};
+use tollgate_keys::digest::Algorithm;
+use tollgate_keys::replay::ReplayCache;
+use tollgate_keys::store::KeyStore;
+
+/// Methods this edge relays inside a dialog or answers itself.
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO";
+
+/// Media profile of one side (SPEC §5). Carried through the route table now;
+/// the media relay acts on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaProfile {
+    Rtp,
+    Srtp,
+    Auto,
+}
+
+/// Where leg B of a call goes.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Matches the token's `model` claim; `None` is a default route.
+    pub model: Option<String>,
+    /// The target SIP URI (its host must be an IP literal; names are resolved
+    /// by the binary before the route reaches here).
+    pub target: SipUri,
+    pub target_text: String,
+    pub peer: Peer,
+    pub media: MediaProfile,
+}
+
+/// Settings of the B2BUA.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub realm: String,
+    pub digest_algorithms: Vec<Algorithm>,
+    pub nonce_lifetime_secs: u64,
+    pub timers: TimerConfig,
+    /// Leg B gave no final answer in this time: CANCEL it and answer 408.
+    pub invite_timeout: Duration,
+    /// The edge's own address per transport, for Via and Contact.
+    pub local: HashMap<Transport, SocketAddr>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    A,
+    B,
+}
+
+impl Side {
+    fn other(self) -> Side {
+        match self {
+            Side::A => Side::B,
+            Side::B => Side::A,
+        }
+    }
+}
+
+/// One dialog of a call, seen from the edge.
+#[derive(Debug, Clone)]
+pub struct Leg {
+    pub call_id: String,
+    pub local_tag: String,
+    pub remote_tag: Option<String>,
+    /// Our own URI (From on requests we send on this leg).
+    pub local_uri: String,
+    pub remote_uri: String,
+    /// Request-URI for in-dialog requests (the peer's Contact).
+    pub remote_target: String,
+    pub route_set: Vec<String>,
+    /// Where in-dialog requests go: the source of leg A, the route of leg B.
+    pub peer: Peer,
+    pub local_cseq: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallState {
+    /// Leg B is being tried.
+    Setup,
+    /// Leg A cancelled; waiting for leg B to end.
+    Cancelled,
+    Confirmed,
+    Terminating,
+}
+
+/// Why a call ended (for CDRs and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndCause {
+    Completed,
+    Cancelled,
+    Rejected(u16),
+    Timeout,
+    NoAck,
+    Shutdown,
+}
+
+impl EndCause {
+    pub fn label(self) -> &'static str {
+        match self {
+            EndCause::Completed => "completed",
+            EndCause::Cancelled => "cancelled",
+            EndCause::Rejected(_) => "rejected",
+            EndCause::Timeout => "timeout",
+            EndCause::NoAck => "no_ack",
+            EndCause::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// What a client transaction of a call is for.
+#[derive(Debug, Clone)]
+enum Purpose {
+    InviteB,
+    CancelB,
+    Bye,
+    /// An in-dialog request relayed from `from`, answered on `server`.
+    Relay {
+        from: Side,
+        server: TxnKey,
+    },
+}
+
+#[derive(Debug)]
+struct PendingAck {
+    /// The side that must ACK (the sender of the INVITE we answered 2xx to).
+    from: Side,
+    server: TxnKey,
+    /// The CSeq of the INVITE we sent on the other side, to ACK its 2xx.
+    other_cseq: u32,
+    /// Set once the other side's 2xx arrived (its Contact/tag are known).
+    other_answered: bool,
+}
+
+/// A call: two legs and their bookkeeping.
+#[derive(Debug)]
+pub struct Call {
+    pub id: u64,
+    pub a: Leg,
+    pub b: Leg,
+    pub state: CallState,
+    pub key_id: String,
+    pub route: usize,
+    pub created: Instant,
+    pub answered: Option<Instant>,
+    a_invite: TxnKey,
+    b_invite_msg: Option<Message>,
+    b_provisional: bool,
+    cancel_pending: bool,
+    pending_ack: Option<PendingAck>,
+    /// ACK last sent on each side, resent when that side's 2xx is retransmitted.
+    last_ack: [Option<(u32, Bytes)>; 2],
+    invite_deadline: Option<Instant>,
+}
+
+impl Call {
+    fn leg(&self, side: Side) -> &Leg {
+        match side {
+            Side::A => &self.a,
+            Side::B => &self.b,
+        }
+    }
+    fn leg_mut(&mut self, side: Side) -> &mut Leg {
+        match side {
+            Side::A => &mut self.a,
+            Side::B => &mut self.b,
+        }
+    }
+}
+
+/// Things the binary wants to know about (CDRs, trunks, media, webhooks).
+#[derive(Debug, Clone)]
+pub enum CallEvent {
+    Started {
+        call: u64,
+        key_id: String,
+        from: String,
+        to: String,
+    },
+    Answered {
+        call: u64,
+    },
+    Ended {
+        call: u64,
+        cause: EndCause,
+    },
+}
+
+/// The whole signaling core: transactions, calls, credential checks.
+pub struct B2bua {
+    cfg: Config,
+    pub txn: TxnLayer,
+    auth: Authenticator<dyn KeyStore, dyn ReplayCache>,
+    calls: HashMap<u64, Call>,
+    next_id: u64,
+    by_a: HashMap<(String, String), u64>,
+    by_b: HashMap<String, u64>,
+    by_client: HashMap<TxnKey, (u64, Purpose)>,
+    deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
+    rng: ring::rand::SystemRandom,
+    pub events: Vec<CallEvent>,
+    draining: bool,
+}
+
+fn method_label(m: &str) -> &'static str {
+    match m {
+        "INVITE" => "INVITE",
+        "ACK" => "ACK",
+        "BYE" => "BYE",
+        "CANCEL" => "CANCEL",
+        "OPTIONS" => "OPTIONS",
+        "UPDATE" => "UPDATE",
+        "INFO" => "INFO",
+        "PRACK" => "PRACK",
+        "REGISTER" => "REGISTER",
+        "SUBSCRIBE" => "SUBSCRIBE",
+        "NOTIFY" => "NOTIFY",
+        "MESSAGE" => "MESSAGE",
+        "REFER" => "REFER",
+        "PUBLISH" => "PUBLISH",
+        _ => "other",
+    }
+}
+
+fn code_label(code: u16) -> String {
+    code.to_string()
+}
+
+impl B2bua {
+    pub fn new(
+        cfg: Config,
+        keys: Arc<dyn KeyStore>,
+        replay: Arc<dyn ReplayCache>,
+        nonce_secret: [u8; 32],
+    ) -> Self {
+        Self {
+            txn: TxnLayer::new(cfg.timers),
+            cfg,
+            auth: Authenticator::new(keys, replay, nonce_secret),
+            calls: HashMap::new(),
+            next_id: 1,
+            by_a: HashMap::new(),
+            by_b: HashMap::new(),
+            by_client: HashMap::new(),
+            deadlines: BinaryHeap::new(),
+            rng: ring::rand::SystemRandom::new(),
+            events: Vec::new(),
+            draining: false,
+        }
+    }
+
+    pub fn calls_active(&self) -> usize {
+        self.calls.len()
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Refuse new calls from now on (SIGTERM drain).
+    pub fn set_draining(&mut self, on: bool) {
+        self.draining = on;
+    }
+
+    fn token(&self, bytes: usize) -> String {
+        let mut buf = [0u8; 16];
+        let n = bytes.min(16);
+        // SystemRandom only fails when the OS has no entropy source at all.
+        if self.rng.fill(&mut buf[..n]).is_err() {
+            buf[..8].copy_from_slice(&(self.next_id ^ 0x9e37_79b9_7f4a_7c15).to_le_bytes());
+        }
+        hex::encode(&buf[..n])
+    }
+
+    fn branch(&self) -> String {
+        format!("z9hG4bK{}", self.token(12))
+    }
+
+    fn local(&self, t: Transport) -> SocketAddr {
+        self.cfg
+            .local
+            .get(&t)
+            .or_else(|| self.cfg.local.values().next())
+            .copied()
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5060)))
+    }
+
+    fn via(&self, t: Transport, branch: &str) -> Header {
+        let l = self.local(t);
+        Header {
+            name: "Via".into(),
+            value: format!("SIP/2.0/{} {};branch={branch};rport", t.via_name(), l),
+        }
+    }
+
+    fn contact(&self, t: Transport) -> Header {
+        let l = self.local(t);
+        let tp = match t {
+            Transport::Udp => "",
+            Transport::Tcp => ";transport=tcp",
+            Transport::Tls => ";transport=tls",
+        };
+        Header {
+            name: "Contact".into(),
+            value: format!("<sip:tollgate@{l}{tp}>"),
+        }
+    }
+
+    fn send_stateless(&mut self, peer: &Peer, resp: Message) {
+        if let Some(code) = resp.status() {
+            metrics::counter!("tollgate_sip_responses_total", "code" => code_label(code))
+                .increment(1);
+        }
+        self.txn.out.push_back(Transmit {
+            peer: peer.clone(),
+            data: resp.to_bytes(),
+        });
+    }
+
+    fn respond_txn(&mut self, now: Instant, key: &TxnKey, resp: &Message) {
+        if let Some(code) = resp.status() {
+            metrics::counter!("tollgate_sip_responses_total", "code" => code_label(code))
+                .increment(1);
+        }
+        self.txn.respond(now, key, resp);
+    }
+
+    fn reply(
+        &mut self,
+        now: Instant,
+        key: &TxnKey,
+        code: u16,
+        extra: Vec<Header>,
+        to_tag: Option<&str>,
+    ) {
+        let Some(req) = self.txn.server_request(key) else {
+            return;
+        };
+        let mut resp = response_to(req, code, reason_phrase(code), to_tag);
+        resp.headers.extend(extra);
+        self.respond_txn(now, key, &resp);
+    }
+
+    /// A message from the network. `unix` is the wall clock in seconds (for
+    /// token and nonce expiry).
+    pub fn handle_datagram(&mut self, now: Instant, unix: i64, data: &[u8], peer: Peer) {
+        match message::parse(data) {
+            Ok(msg) => self.handle_message(now, unix, msg, peer),
+            Err(err) => {
+                metrics::counter!("tollgate_sip_parse_errors_total").increment(1);
+                tracing::debug!(%err, from = %peer.addr, "unreadable SIP message");
+                self.bad_request(data, &peer, &err.to_string());
+            }
+        }
+    }
+
+    /// A stateless 400 for a request we cannot read, when enough of it is
+    /// there to address a response (RFC 3261 §8.1.3.3 / §21.4.1).
+    fn bad_request(&mut self, data: &[u8], peer: &Peer, why: &str) {
+        if data.starts_with(b"SIP/") || data.iter().all(|b| b.is_ascii_whitespace()) {
+            return; // a response, or a keep-alive: nothing to answer
+        }
+        let Some(text) =
+            std::str::from_utf8(&data[..data.len().min(message::MAX_MESSAGE_LEN)]).ok()
+        else {
+            return;
+        };
+        let mut headers = Vec::new();
+        let mut via_seen = false;
+        for line in text.lines().skip(1) {
+            if line.trim().is_empty() {
+                break;
+            }
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            let name = name.trim();
+            let canon = match name.to_ascii_lowercase().as_str() {
+                "via" | "v" => "Via",
+                "from" | "f" => "From",
+                "to" | "t" => "To",
+                "call-id" | "i" => "Call-ID",
+                "cseq" => "CSeq",
+                _ => continue,
+            };
+            let value = value.trim();
+            if value.len() > 1024 || value.bytes().any(|b| b < 0x20 && b != b'\t') {
+                continue;
+            }
+            if canon == "Via" {
+                if via_seen {
+                    continue;
+                }
+                via_seen = true;
+            } else if headers.iter().any(|h: &Header| h.name == canon) {
+                continue;
+            }
+            headers.push(Header {
+                name: canon.into(),
+                value: value.to_string(),
+            });
+        }
+        if !via_seen {
+            return;
+        }
+        if text.starts_with("ACK ") {
+            return;
+        }
+        let reason: String = why
+            .chars()
+            .filter(|c| c.is_ascii_graphic() || *c == ' ')
+            .collect();
+        let resp = Message {
+            start: StartLine::Response {
+                code: 400,
+                reason: format!("Bad Request ({reason})"),
+            },
+            headers,
+            body: Bytes::new(),
+        };
+        let dest = response_peer_raw(&resp, peer);
+        self.send_stateless(&dest, resp);
+    }
+
+    /// A stream message whose length cannot be known: answered 400 where it
+    /// is a request, then the driver closes the connection.
+    pub fn handle_unframeable(&mut self, head: &[u8], peer: &Peer) {
+        self.bad_request(head, peer, "Content-Length required on streams");
+    }
+
+    pub fn handle_message(&mut self, now: Instant, unix: i64, mut msg: Message, peer: Peer) {
+        match &msg.start {
+            StartLine::Response { .. } => {
+                self.txn.on_response(now, msg);
+                self.drain_txn_events(now);
+            }
+            StartLine::Request { method, .. } => {
+                let method = method.clone();
+                metrics::counter!("tollgate_sip_requests_total", "method" => method_label(&method))
+                    .increment(1);
+                mark_received(&mut msg, &peer);
+                let Some(via) = msg.top_via() else { return };
+                if via.branch.is_none() {
+                    if method != "ACK" {
+                        let resp = response_to(&msg, 400, "Bad Request (Via branch)", None);
+                        let dest = response_peer(&msg, &peer);
+                        self.send_stateless(&dest, resp);
+                    }
+                    return;
+                }
+                match self.txn.match_request(now, &msg, &peer) {
+                    RequestMatch::Absorbed => {}
+                    RequestMatch::Ack2xx => self.on_ack(now, msg),
+                    RequestMatch::Cancel(invite) => self.on_cancel(now, msg, peer, invite),
+                    RequestMatch::New => self.on_new_request(now, unix, msg, peer, &method),
+                }
+            }
+        }
+        self.drain_txn_events(now);
+    }
+
+    fn on_new_request(&mut self, now: Instant, unix: i64, msg: Message, peer: Peer, method: &str) {
+        if msg.to_tag().is_some() {
+            return self.on_in_dialog(now, msg, peer, method);
+        }
+        let dest = response_peer(&msg, &peer);
+        match method {
+            "INVITE" => self.on_invite(now, unix, msg, peer),
+            "OPTIONS" => {
+                let mut resp = response_to(&msg, 200, "OK", Some(&self.token(8)));
+                resp.headers.push(Header {
+                    name: "Allow".into(),
+                    value: ALLOW.into(),
+                });
+                resp.headers.push(Header {
+                    name: "Accept".into(),
+                    value: "application/sdp".into(),
+                });
+                self.send_stateless(&dest, resp);
+            }
+            "CANCEL" | "BYE" | "UPDATE" | "INFO" | "PRACK" => {
+                let resp = response_to(&msg, 481, reason_phrase(481), Some(&self.token(8)));
+                self.send_stateless(&dest, resp);
+            }
+            "REGISTER" | "SUBSCRIBE" | "NOTIFY" | "MESSAGE" | "REFER" | "PUBLISH" => {
+                let mut resp = response_to(&msg, 405, reason_phrase(405), Some(&self.token(8)));
+                resp.headers.push(Header {
+                    name: "Allow".into(),
+                    value: ALLOW.into(),
+                });
+                self.send_stateless(&dest, resp);
+            }
+            _ => {
+                let resp = response_to(&msg, 501, reason_phrase(501), Some(&self.token(8)));
+                self.send_stateless(&dest, resp);
+            }
+        }
+    }
+
+    fn on_invite(&mut self, now: Instant, unix: i64, msg: Message, peer: Peer) {
+        let dest = response_peer(&msg, &peer);
+        let mf = msg
+            .header("Max-Forwards")
+            .and_then(|v| v.parse::<u8>().ok())
+            .unwrap_or(70);
+        if mf == 0 {
+            let resp = response_to(&msg, 483, reason_phrase(483), Some(&self.token(8)));
+            return self.send_stateless(&dest, resp);
+        }
+        if self.draining {
+            let mut resp = response_to(&msg, 503, reason_phrase(503), Some(&self.token(8)));
+            resp.headers.push(Header {
+                name: "Retry-After".into(),
+                value: "30".into(),
+            });
+            return self.send_stateless(&dest, resp);
+        }
+        let ruri = msg.request_uri().unwrap_or("");
+        let request_user = SipUri::parse(ruri)
+            .ok()
+            .and_then(|u| u.user)
+            .unwrap_or_default();
+        let from_user = msg.header("From").and_then(header_user).unwrap_or_default();
+        let pai_user = msg.header("P-Asserted-Identity").and_then(header_user);
+        let authz: Vec<&str> = msg.headers_named("Authorization").collect();
+        let view = InviteView {
+            method: "INVITE",
+            request_uri: ruri,
+            request_user: &request_user,
+            from_user: &from_user,
+            asserted_user: pai_user.as_deref(),
+            authorization: &authz,
+            source_ip: peer.addr.ip(),
+        };
+        let acfg = AuthConfig {
+            realm: self.cfg.realm.clone(),
+            digest_algorithms: self.cfg.digest_algorithms.clone(),
+            nonce_lifetime_secs: self.cfg.nonce_lifetime_secs,
+            now: unix,
+        };
+        let principal = match self.auth.check(&view, &acfg) {
+            Outcome::Accepted(p) => p,
+            Outcome::Challenge { headers } => {
+                metrics::counter!("tollgate_auth_failures_total", "reason" => "no_credential")
+                    .increment(1);
+                return self.challenge(&msg, &dest, headers);
+            }
+            Outcome::InvalidToken { header, reason } => {
+                metrics::counter!("tollgate_auth_failures_total", "reason" => reason).increment(1);
+                return self.challenge(&msg, &dest, vec![header]);
+            }
+            Outcome::InvalidDigest { headers, reason } => {
+                metrics::counter!("tollgate_auth_failures_total", "reason" => reason).increment(1);
+                return self.challenge(&msg, &dest, headers);
+            }
+            Outcome::Forbidden { reason } => {
+                metrics::counter!("tollgate_auth_failures_total", "reason" => reason).increment(1);
+                let resp = response_to(&msg, 403, reason_phrase(403), Some(&self.token(8)));
+                return self.send_stateless(&dest, resp);
+            }
+        };
+        self.start_call(now, msg, peer, principal, request_user, from_user, mf);
+    }
+
+    fn challenge(&mut self, msg: &Message, dest: &Peer, values: Vec<String>) {
+        let mut resp = response_to(msg, 401, reason_phrase(401), Some(&self.token(8)));
+        for v in values {
+            resp.headers.push(Header {
+                name: "WWW-Authenticate".into(),
+                value: v,
+            });
+        }
+        self.send_stateless(dest, resp);
+    }
+
+    fn pick_route(&self, principal: &Principal) -> Option<usize> {
+        let model = principal.claims.as_ref().and_then(|c| c.model.as_deref());
+        if let Some(model) = model {
+            if let Some(i) = self
+                .cfg
+                .routes
+                .iter()
+                .position(|r| r.model.as_deref() == Some(model))
+            {
+                return Some(i);
+            }
+        }
+        self.cfg.routes.iter().position(|r| r.model.is_none())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_call(
+        &mut self,
+        now: Instant,
+        msg: Message,
+        peer: Peer,
+        principal: Principal,
+        called: String,
+        caller: String,
+        max_forwards: u8,
+    ) {
+        let Some(a_key) = self.txn.create_server(msg.clone(), peer.clone()) else {
+            return;
+        };
+        let a_tag = self.token(8);
+        self.reply(now, &a_key, 100, Vec::new(), None);
+        let Some(route_ix) = self.pick_route(&principal) else {
+            self.reply(now, &a_key, 404, Vec::new(), Some(&a_tag));
+            return;
+        };
+        let route = self.cfg.routes[route_ix].clone();
+        let id = self.next_id;
+        self.next_id += 1;
+
+        // Leg A: we are its UAS.
+        let a_call_id = msg.call_id().unwrap_or_default().to_string();
+        let a_remote_tag = msg.from_tag().map(str::to_string);
+        let a_leg = Leg {
+            call_id: a_call_id.clone(),
+            local_tag: a_tag,
+            remote_tag: a_remote_tag.clone(),
+            local_uri: msg.header("To").map(strip_tag).unwrap_or_default(),
+            remote_uri: msg.header("From").map(strip_tag).unwrap_or_default(),
+            remote_target: msg
+                .header("Contact")
+                .and_then(name_addr_uri)
+                .unwrap_or_else(|| msg.header("From").and_then(name_addr_uri).unwrap_or(""))
+                .to_string(),
+            route_set: msg
+                .headers_named("Record-Route")
+                .map(str::to_string)
+                .collect(),
+            peer: peer.clone(),
+            local_cseq: 0,
+        };
+
+        // Leg B: we are its UAC.
+        let t = route.peer.transport;
+        let host = match route.target.port {
+            Some(p) => format!("{}:{p}", bracket(&route.target.host)),
+            None => bracket(&route.target.host),
+        };
+        let b_ruri = match &route.target.user {
+            Some(_) => route.target_text.clone(),
+            None => format!("sip:{}@{host}", uri_user(&called)),
+        };
+        let local = self.local(t);
+        let b_leg = Leg {
+            call_id: format!("{}@tollgate", self.token(12)),
+            local_tag: self.token(8),
+            remote_tag: None,
+            local_uri: format!("<sip:{}@{}>", uri_user(&caller), local.ip()),
+            remote_uri: format!("<{b_ruri}>"),
+            remote_target: b_ruri.clone(),
+            route_set: Vec::new(),
+            peer: route.peer.clone(),
+            local_cseq: 1,
+        };
+        let branch = self.branch();
+        let mut headers = vec![
+            self.via(t, &branch),
+            Header {
+                name: "Max-Forwards".into(),
+                value: max_forwards.saturating_sub(1).min(69).to_string(),
+            },
+            Header {
+                name: "From".into(),
+                value: format!("{};tag={}", b_leg.local_uri, b_leg.local_tag),
+            },
+            Header {
+                name: "To".into(),
+                value: b_leg.remote_uri.clone(),
+            },
+            Header {
+                name: "Call-ID".into(),
+                value: b_leg.call_id.clone(),
+            },
+            Header {
+                name: "CSeq".into(),
+                value: "1 INVITE".into(),
+            },
+            self.contact(t),
+            Header {
+                name: "Allow".into(),
+                value: ALLOW.into(),
+            },
+            Header {
+                name: "X-Tollgate-Key".into(),
+                value: principal.key.id.clone(),
+            },
+        ];
+        if let Some(c) = &principal.claims {
+            let mut add = |name: &str, v: String| {
+                if !v.is_empty() && v.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+                    headers.push(Header {
+                        name: name.into(),
+                        value: v,
+                    });
+                }
+            };
+            if let Some(m) = &c.model {
+                add("X-Tollgate-Model", m.clone());
+            }
+            if let Some(w) = &c.webhook {
+                add("X-Tollgate-Webhook", w.clone());
+            }
+            if let Some(r) = c.record {
+                add("X-Tollgate-Record", r.to_string());
+            }
+            if let Some(d) = c.max_duration {
+                add("X-Tollgate-Max-Duration", d.to_string());
+            }
+        }
+        for h in &msg.headers {
+            if h.name.eq_ignore_ascii_case("Content-Type")
+                || h.name.eq_ignore_ascii_case("Content-Disposition")
+            {
+                headers.push(h.clone());
+            }
+        }
+        let b_invite = Message {
+            start: StartLine::Request {
+                method: "INVITE".into(),
+                uri: b_ruri,
+            },
+            headers,
+            body: msg.body.clone(),
+        };
+        let Some(b_key) = self.txn.request(now, b_invite.clone(), route.peer.clone()) else {
+            return;
+        };
+        metrics::counter!("tollgate_sip_requests_sent_total", "method" => "INVITE").increment(1);
+        let deadline = now + self.cfg.invite_timeout;
+        self.deadlines.push(Reverse((deadline, id)));
+        self.by_client.insert(b_key.clone(), (id, Purpose::InviteB));
+        if let Some(tag) = a_remote_tag {
+            self.by_a.insert((a_call_id, tag), id);
+        }
+        self.by_b.insert(b_leg.call_id.clone(), id);
+        self.events.push(CallEvent::Started {
+            call: id,
+            key_id: principal.key.id.clone(),
+            from: caller,
+            to: called,
+        });
+        metrics::gauge!("tollgate_calls_active").increment(1.0);
+        self.calls.insert(
+            id,
+            Call {
+                id,
+                a: a_leg,
+                b: b_leg,
+                state: CallState::Setup,
+                key_id: principal.key.id.clone(),
+                route: route_ix,
+                created: now,
+                answered: None,
+                a_invite: a_key,
+                b_invite_msg: Some(b_invite),
+                b_provisional: false,
+                cancel_pending: false,
+                pending_ack: None,
+                last_ack: [None, None],
+                invite_deadline: Some(deadline),
+            },
+        );
+    }
+
+    fn end_call(&mut self, id: u64, cause: EndCause) {
+        let Some(call) = self.calls.remove(&id) else {
+            return;
+        };
+        if let Some(tag) = &call.a.remote_tag {
+            self.by_a.remove(&(call.a.call_id.clone(), tag.clone()));
+        }
+        self.by_b.remove(&call.b.call_id);
+        self.by_client.retain(|_, (c, _)| *c != id);
+        metrics::gauge!("tollgate_calls_active").decrement(1.0);
+        let result = match (cause, call.answered) {
+            (EndCause::Completed, _) => "answered",
+            (EndCause::Rejected(_), _) => "rejected",
+            (EndCause::Cancelled, _) => "cancelled",
+            (EndCause::Timeout, None) => "timeout",
+            (_, Some(_)) => "answered",
+            (_, None) => "failed",
+        };
+        metrics::counter!("tollgate_calls_total", "result" => result).increment(1);
+        self.events.push(CallEvent::Ended { call: id, cause });
+    }
+
+    /// An in-dialog request towards `side`.
+    fn leg_request(
+        &mut self,
+        id: u64,
+        side: Side,
+        method: &str,
+        cseq: Option<u32>,
+    ) -> Option<(Message, Peer)> {
+        let branch = self.branch();
+        let call = self.calls.get_mut(&id)?;
+        let leg = call.leg_mut(side);
+        let seq = match cseq {
+            Some(s) => s,
+            None => {
+                leg.local_cseq += 1;
+                leg.local_cseq
+            }
+        };
+        let leg = leg.clone();
+        let t = leg.peer.transport;
+        let mut headers = vec![self.via(t, &branch)];
+        headers.push(Header {
+            name: "Max-Forwards".into(),
+            value: "70".into(),
+        });
+        for r in &leg.route_set {
+            headers.push(Header {
+                name: "Route".into(),
+                value: r.clone(),
+            });
+        }
+        headers.push(Header {
+            name: "From".into(),
+            value: format!("{};tag={}", leg.local_uri, leg.local_tag),
+        });
+        let to = match &leg.remote_tag {
+            Some(t) => format!("{};tag={t}", leg.remote_uri),
+            None => leg.remote_uri.clone(),
+        };
+        headers.push(Header {
+            name: "To".into(),
+            value: to,
+        });
+        headers.push(Header {
+            name: "Call-ID".into(),
+            value: leg.call_id.clone(),
+        });
+        headers.push(Header {
+            name: "CSeq".into(),
+            value: format!("{seq} {method}"),
+        });
+        if method != "ACK" && method != "BYE" {
+            headers.push(self.contact(t));
+        }
+        let msg = Message {
+            start: StartLine::Request {
+                method: method.into(),
+                uri: leg.remote_target.clone(),
+            },
+            headers,
+            body: Bytes::new(),
+        };
+        Some((msg, leg.peer))
+    }
+
+    fn send_bye(&mut self, now: Instant, id: u64, side: Side) {
+        if let Some((bye, peer)) = self.leg_request(id, side, "BYE", None) {
+            metrics::counter!("tollgate_sip_requests_sent_total", "method" => "BYE").increment(1);
+            if let Some(k) = self.txn.request(now, bye, peer) {
+                self.by_client.insert(k, (id, Purpose::Bye));
+            }
+        }
+    }
+
+    /// ACK for the other side's 2xx to an INVITE with CSeq `cseq`.
+    fn send_ack(&mut self, id: u64, side: Side, cseq: u32, body: Option<(Bytes, Option<String>)>) {
+        let Some((mut ack, peer)) = self.leg_request(id, side, "ACK", Some(cseq)) else {
+            return;
+        };
+        if let Some((b, ct)) = body {
+            if let Some(ct) = ct {
+                ack.headers.push(Header {
+                    name: "Content-Type".into(),
+                    value: ct,
+                });
+            }
+            ack.body = b;
+        }
+        let data = ack.to_bytes();
+        if let Some(call) = self.calls.get_mut(&id) {
+            call.last_ack[side as usize] = Some((cseq, data.clone()));
+        }
+        self.txn.out.push_back(Transmit { peer, data });
+    }
+
+    fn on_ack(&mut self, now: Instant, msg: Message) {
+        let Some((id, side)) = self.find_dialog(&msg) else {
+            return;
+        };
+        let Some(call) = self.calls.get_mut(&id) else {
+            return;
+        };
+        let Some(pa) = call.pending_ack.as_ref() else {
+            return;
+        };
+        if pa.from != side {
+            return;
+        }
+        let Some(pa) = call.pending_ack.take() else {
+            return;
+        };
+        let _ = now;
+        self.txn.ack_received(&pa.server);
+        let body = (!msg.body.is_empty()).then(|| {
+            (
+                msg.body.clone(),
+                msg.header("Content-Type").map(str::to_string),
+            )
+        });
+        if pa.other_answered {
+            self.send_ack(id, side.other(), pa.other_cseq, body);
+        }
+    }
+
+    fn on_cancel(&mut self, now: Instant, msg: Message, peer: Peer, invite: TxnKey) {
+        let Some(ck) = self.txn.create_server(msg, peer) else {
+            return;
+        };
+        let id = self
+            .calls
+            .values()
+            .find(|c| c.a_invite == invite)
+            .map(|c| c.id);
+        self.reply(now, &ck, 200, Vec::new(), None);
+        let Some(id) = id else {
+            return;
+        };
+        let Some(call) = self.calls.get_mut(&id) else {
+            return;
+        };
+        if call.state != CallState::Setup {
+            return;
+        }
+        call.state = CallState::Cancelled;
+        let a_tag = call.a.local_tag.clone();
+        let provisional = call.b_provisional;
+        self.reply(now, &invite, 487, Vec::new(), Some(&a_tag));
+        if provisional {
+            self.cancel_b(now, id);
+        } else if let Some(call) = self.calls.get_mut(&id) {
+            call.cancel_pending = true;
+        }
+    }
+
+    fn cancel_b(&mut self, now: Instant, id: u64) {
+        let Some(call) = self.calls.get_mut(&id) else {
+            return;
+        };
+        call.cancel_pending = false;
+        let Some(inv) = call.b_invite_msg.clone() else {
+            return;
+        };
+        let peer = call.b.peer.clone();
+        let mut headers = Vec::new();
+        for h in &inv.headers {
+            match h.name.as_str() {
+                "Via" | "From" | "To" | "Call-ID" | "Max-Forwards" | "Route" => {
+                    headers.push(h.clone())
+                }
+                _ => {}
+            }
+        }
+        headers.push(Header {
+            name: "CSeq".into(),
+            value: format!("{} CANCEL", inv.cseq().map_or(1, |c| c.seq)),
+        });
+        let cancel = Message {
+            start: StartLine::Request {
+                method: "CANCEL".into(),
+                uri: inv.request_uri().unwrap_or_default().to_string(),
+            },
+            headers,
+            body: Bytes::new(),
+        };
+        metrics::counter!("tollgate_sip_requests_sent_total", "method" => "CANCEL").increment(1);
+        if let Some(k) = self.txn.request(now, cancel, peer) {
+            self.by_client.insert(k, (id, Purpose::CancelB));
+        }
+    }
+
+    /// Which call and side an in-dialog request belongs to.
+    fn find_dialog(&self, msg: &Message) -> Option<(u64, Side)> {
+        let cid = msg.call_id()?;
+        if let Some(id) = self.by_b.get(cid) {
+            return Some((*id, Side::B));
+        }
+        let tag = msg.from_tag()?;
+        self.by_a
+            .get(&(cid.to_string(), tag.to_string()))
+            .map(|id| (*id, Side::A))
+    }
+
+    fn on_in_dialog(&mut self, now: Instant, msg: Message, peer: Peer, method: &str) {
+        let Some((id, side)) = self.find_dialog(&msg) else {
+            let dest = response_peer(&msg, &peer);
+            let resp = response_to(&msg, 481, reason_phrase(481), None);
+            return self.send_stateless(&dest, resp);
+        };
+        let Some(sk) = self.txn.create_server(msg.clone(), peer) else {
+            return;
+        };
+        let state = self.calls.get(&id).map(|c| c.state);
+        if method == "BYE" {
+            self.reply(now, &sk, 200, Vec::new(), None);
+            if state == Some(CallState::Terminating) {
+                return;
+            }
+            if let Some(call) = self.calls.get_mut(&id) {
+                call.state = CallState::Terminating;
+                call.pending_ack = None;
+            }
+            self.send_bye(now, id, side.other());
+            return;
+        }
+        if state != Some(CallState::Confirmed) {
+            let code = if state == Some(CallState::Terminating) {
+                481
+            } else {
+                491
+            };
+            return self.reply(now, &sk, code, Vec::new(), None);
+        }
+        if method == "INVITE" {
+            if self.calls.get(&id).is_some_and(|c| c.pending_ack.is_some()) {
+                return self.reply(now, &sk, 491, Vec::new(), None);
+            }
+            self.reply(now, &sk, 100, Vec::new(), None);
+        }
+        let Some((mut req, peer)) = self.leg_request(id, side.other(), method, None) else {
+            return;
+        };
+        for h in &msg.headers {
+            if h.name.eq_ignore_ascii_case("Content-Type")
+                || h.name.eq_ignore_ascii_case("Content-Disposition")
+                || h.name.eq_ignore_ascii_case("Event")
+                || h.name.eq_ignore_ascii_case("Info-Package")
+            {
+                req.headers.push(h.clone());
+            }
+        }
+        req.body = msg.body.clone();
+        let cseq = req.cseq().map_or(0, |c| c.seq);
+        metrics::counter!("tollgate_sip_requests_sent_total", "method" => method_label(method))
+            .increment(1);
+        if let Some(k) = self.txn.request(now, req, peer) {
+            self.by_client.insert(
+                k,
+                (
+                    id,
+                    Purpose::Relay {
+                        from: side,
+                        server: sk.clone(),
+                    },
+                ),
+            );
+        }
+        if method == "INVITE" {
+            if let Some(call) = self.calls.get_mut(&id) {
+                call.pending_ack = Some(PendingAck {
+                    from: side,
+                    server: sk,
+                    other_cseq: cseq,
+                    other_answered: false,
+                });
+            }
+        }
+    }
+
+    fn drain_txn_events(&mut self, now: Instant) {
+        while let Some(ev) = self.txn.events.pop_front() {
+            match ev {
+                TxnEvent::Response { key, msg } => self.on_client_response(now, key, msg),
+                TxnEvent::Timeout { key } => self.on_client_timeout(now, key),
+                TxnEvent::NoAck { key } => {
+                    let found = self
+                        .calls
+                        .values()
+                        .find(|c| c.pending_ack.as_ref().is_some_and(|p| p.server == key));
+                    if let Some(id) = found.map(|c| c.id) {
+                        let (side, cseq, answered) =
+                            match self.calls.get_mut(&id).and_then(|c| c.pending_ack.take()) {
+                                Some(p) => (p.from, p.other_cseq, p.other_answered),
+                                None => continue,
+                            };
+                        if answered {
+                            self.send_ack(id, side.other(), cseq, None);
+                        }
+                        if let Some(call) = self.calls.get_mut(&id) {
+                            call.state = CallState::Terminating;
+                        }
+                        self.send_bye(now, id, Side::A);
+                        self.send_bye(now, id, Side::B);
+                        self.end_call(id, EndCause::NoAck);
+                    }
+                }
+            }
+        }
+    }
+
+    fn relay_response(&mut self, now: Instant, id: u64, to: Side, server: &TxnKey, from: &Message) {
+        let Some(code) = from.status() else { return };
+        let Some(call) = self.calls.get(&id) else {
+            return;
+        };
+        let tag = call.leg(to).local_tag.clone();
+        let t = call.leg(to).peer.transport;
+        let Some(req) = self.txn.server_request(server) else {
+            return;
+        };
+        let reason = match &from.start {
+            StartLine::Response { reason, .. } if !reason.is_empty() => reason.clone(),
+            _ => reason_phrase(code).to_string(),
+        };
+        let mut resp = response_to(req, code, &reason, Some(&tag));
+        if (101..300).contains(&code) {
+            resp.headers.push(self.contact(t));
+        }
+        for h in &from.headers {
+            match h.name.as_str() {
+                "Content-Type" | "Content-Disposition" | "Retry-After" | "Allow" | "Warning" => {
+                    resp.headers.push(h.clone())
+                }
+                _ => {}
+            }
+        }
+        resp.body = from.body.clone();
+        self.respond_txn(now, server, &resp);
+    }
+
+    fn on_client_response(&mut self, now: Instant, key: TxnKey, msg: Message) {
+        let Some((id, purpose)) = self.by_client.get(&key).cloned() else {
+            return;
+        };
+        let Some(code) = msg.status() else { return };
+        if code >= 200 && !matches!(purpose, Purpose::InviteB) {
+            self.by_client.remove(&key);
+        }
+        match purpose {
+            Purpose::InviteB => self.on_b_invite_response(now, id, key, msg, code),
+            Purpose::CancelB => {}
+            Purpose::Bye => {
+                if code >= 200 {
+                    self.end_call(id, EndCause::Completed);
+                }
+            }
+            Purpose::Relay { from, server } => {
+                if code == 100 {
+                    return;
+                }
+                if (200..300).contains(&code) && msg.cseq().is_some_and(|c| c.method == "INVITE") {
+                    let retrans = self.calls.get(&id).is_some_and(|c| {
+                        c.last_ack[from.other() as usize]
+                            .as_ref()
+                            .is_some_and(|(s, _)| Some(*s) == msg.cseq().map(|c| c.seq))
+                    });
+                    if retrans {
+                        return self.resend_ack(id, from.other());
+                    }
+                    if let Some(call) = self.calls.get_mut(&id) {
+                        if let Some(pa) = call.pending_ack.as_mut() {
+                            pa.other_answered = true;
+                        }
+                        update_target(call.leg_mut(from.other()), &msg);
+                    }
+                    // keep the mapping for 2xx retransmissions
+                    self.by_client.insert(
+                        key,
+                        (
+                            id,
+                            Purpose::Relay {
+                                from,
+                                server: server.clone(),
+                            },
+                        ),
+                    );
+                } else if code >= 300 {
+                    if let Some(call) = self.calls.get_mut(&id) {
+                        if call
+                            .pending_ack
+                            .as_ref()
+                            .is_some_and(|p| p.server == server)
+                        {
+                            call.pending_ack = None;
+                        }
+                    }
+                }
+                self.relay_response(now, id, from, &server, &msg);
+            }
+        }
+    }
+
+    fn resend_ack(&mut self, id: u64, side: Side) {
+        let Some(call) = self.calls.get(&id) else {
+            return;
+        };
+        if let Some((_, data)) = &call.last_ack[side as usize] {
+            let peer = call.leg(side).peer.clone();
+            self.txn.out.push_back(Transmit {
+                peer,
+                data: data.clone(),
+            });
+        }
+    }
+
+    fn on_b_invite_response(
+        &mut self,
+        now: Instant,
+        id: u64,
+        key: TxnKey,
+        msg: Message,
+        code: u16,
+    ) {
+        let Some(call) = self.calls.get_mut(&id) else {
+            // Call gone (e.g. ended by a timeout) but B answers late: ACK+BYE it.
+            return;
+        };
+        let state = call.state;
+        let a_invite = call.a_invite.clone();
+        if code == 100 {
+            return;
+        }
+        if code < 200 {
+            call.b_provisional = true;
+            if call.b.remote_tag.is_none() {
+                call.b.remote_tag = msg.to_tag().map(str::to_string);
+            }
+            if call.cancel_pending {
+                return self.cancel_b(now, id);
+            }
+            if state == CallState::Setup {
+                self.relay_response(now, id, Side::A, &a_invite, &msg);
+            }
+            return;
+        }
+        if code < 300 {
+            if call.answered.is_some() {
+                // 2xx retransmission: our ACK was lost.
+                return self.resend_ack(id, Side::B);
+            }
+            call.answered = Some(now);
+            call.invite_deadline = None;
+            call.b.remote_tag = msg.to_tag().map(str::to_string);
+            update_target(&mut call.b, &msg);
+            call.b.route_set = msg
+                .headers_named("Record-Route")
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            let setup = now.duration_since(call.created).as_secs_f64();
+            metrics::histogram!("tollgate_call_setup_seconds").record(setup);
+            if state == CallState::Cancelled {
+                // A gave up before B answered: confirm and hang up B.
+                call.state = CallState::Terminating;
+                self.send_ack(id, Side::B, 1, None);
+                self.send_bye(now, id, Side::B);
+                return;
+            }
+            call.state = CallState::Confirmed;
+            call.pending_ack = Some(PendingAck {
+                from: Side::A,
+                server: a_invite.clone(),
+                other_cseq: 1,
+                other_answered: true,
+            });
+            self.events.push(CallEvent::Answered { call: id });
+            return self.relay_response(now, id, Side::A, &a_invite, &msg);
+        }
+        // 3xx-6xx: the transaction layer ACKed it.
+        self.by_client.remove(&key);
+        if state == CallState::Setup {
+            self.relay_response(now, id, Side::A, &a_invite, &msg);
+            self.end_call(id, EndCause::Rejected(code));
+        } else {
+            self.end_call(id, EndCause::Cancelled);
+        }
+    }
+
+    fn on_client_timeout(&mut self, now: Instant, key: TxnKey) {
+        let Some((id, purpose)) = self.by_client.remove(&key) else {
+            return;
+        };
+        match purpose {
+            Purpose::InviteB => {
+                let Some(call) = self.calls.get(&id) else {
+                    return;
+                };
+                let (state, a_invite, tag) =
+                    (call.state, call.a_invite.clone(), call.a.local_tag.clone());
+                if state == CallState::Setup {
+                    self.reply(now, &a_invite, 408, Vec::new(), Some(&tag));
+                    self.end_call(id, EndCause::Timeout);
+                } else {
+                    self.end_call(id, EndCause::Cancelled);
+                }
+            }
+            Purpose::CancelB => {}
+            Purpose::Bye => self.end_call(id, EndCause::Completed),
+            Purpose::Relay { from, server } => {
+                let tag = self.calls.get(&id).map(|c| c.leg(from).local_tag.clone());
+                self.reply(now, &server, 408, Vec::new(), tag.as_deref());
+                if let Some(call) = self.calls.get_mut(&id) {
+                    if call
+                        .pending_ack
+                        .as_ref()
+                        .is_some_and(|p| p.server == server)
+                    {
+                        call.pending_ack = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// When [`B2bua::handle_timeout`] next wants to run.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let a = self.txn.poll_timeout();
+        let b = self.deadlines.peek().map(|Reverse((t, _))| *t);
+        match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.txn.handle_timeout(now);
+        self.drain_txn_events(now);
+        while let Some(Reverse((at, id))) = self.deadlines.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop();
+            let Some(call) = self.calls.get_mut(&id) else {
+                continue;
+            };
+            if call.invite_deadline != Some(at) || call.state != CallState::Setup {
+                continue;
+            }
+            call.invite_deadline = None;
+            call.state = CallState::Cancelled;
+            let (a_invite, tag, prov) = (
+                call.a_invite.clone(),
+                call.a.local_tag.clone(),
+                call.b_provisional,
+            );
+            self.reply(now, &a_invite, 408, Vec::new(), Some(&tag));
+            if prov {
+                self.cancel_b(now, id);
+            } else if let Some(call) = self.calls.get_mut(&id) {
+                call.cancel_pending = true;
+            }
+        }
+        self.drain_txn_events(now);
+    }
+
+    /// Hangs up a call (admin API, budget, media timeout, shutdown).
+    pub fn hangup(&mut self, now: Instant, id: u64, cause: EndCause) {
+        let Some(call) = self.calls.get_mut(&id) else {
+            return;
+        };
+        match call.state {
+            CallState::Confirmed => {
+                call.state = CallState::Terminating;
+                self.send_bye(now, id, Side::A);
+                self.send_bye(now, id, Side::B);
+                self.end_call(id, cause);
+            }
+            CallState::Setup => {
+                call.state = CallState::Cancelled;
+                let (a_invite, tag, prov) = (
+                    call.a_invite.clone(),
+                    call.a.local_tag.clone(),
+                    call.b_provisional,
+                );
+                self.reply(now, &a_invite, 503, Vec::new(), Some(&tag));
+                if prov {
+                    self.cancel_b(now, id);
+                }
+                self.end_call(id, cause);
+            }
+            _ => {}
+        }
+        self.drain_txn_events(now);
+    }
+
+    pub fn call_ids(&self) -> Vec<u64> {
+        self.calls.keys().copied().collect()
+    }
+}
+
+fn update_target(leg: &mut Leg, resp: &Message) {
+    if let Some(c) = resp.header("Contact").and_then(name_addr_uri) {
+        if SipUri::parse(c).is_ok() {
+            leg.remote_target = c.to_string();
+        }
+    }
+}
+
+fn strip_tag(v: &str) -> String {
+    // Keep the header value without its tag parameter.
+    let cut = match v.rfind('>') {
+        Some(i) => i + 1,
+        None => v.find(';').unwrap_or(v.len()),
+    };
+    let (head, params) = v.split_at(cut);
+    let rest: Vec<&str> = params
+        .split(';')
+        .filter(|p| !p.is_empty() && !p.trim().to_ascii_lowercase().starts_with("tag="))
+        .collect();
+    if rest.is_empty() {
+        head.to_string()
+    } else {
+        format!("{head};{}", rest.join(";"))
+    }
+}
+
+fn bracket(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+/// A user part safe to put back into a URI.
+fn uri_user(u: &str) -> String {
+    let clean: String = u
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "+-_.!~*'()&=$,;?/".contains(*c))
+        .take(64)
+        .collect();
+    if clean.is_empty() {
+        "anonymous".into()
+    } else {
+        clean
+    }
+}
+
+/// RFC 3261 §18.2.1 / RFC 3581: note the real source in the top Via.
+fn mark_received(msg: &mut Message, peer: &Peer) {
+    let Some(h) = msg.headers.iter_mut().find(|h| h.name == "Via") else {
+        return;
+    };
+    let Some(via) = crate::message::Via::parse(&h.value) else {
+        return;
+    };
+    let ip = peer.addr.ip().to_string();
+    let mut value = String::with_capacity(h.value.len() + 32);
+    for (i, part) in h.value.split(';').enumerate() {
+        let p = part.trim();
+        let lower = p.to_ascii_lowercase();
+        if i > 0
+            && (lower == "rport" || lower.starts_with("rport=") || lower.starts_with("received="))
+        {
+            continue;
+        }
+        if i > 0 {
+            value.push(';');
+        }
+        value.push_str(part);
+    }
+    if via.host != ip {
+        value.push_str(";received=");
+        value.push_str(&ip);
+    }
+    if via.rport {
+        value.push_str(&format!(";rport={}", peer.addr.port()));
+    }
+    h.value = value;
+}
+
+/// Where a response to `req` goes: the flow it came on (streams), else the
+/// source IP and, with `rport`, the source port (RFC 3581), else the Via port.
+fn response_peer(req: &Message, peer: &Peer) -> Peer {
+    if peer.transport.reliable() {
+        return peer.clone();
+    }
+    let port = match req.top_via() {
+        Some(v) if !v.rport => v.port.unwrap_or(5060),
+        _ => peer.addr.port(),
+    };
+    Peer {
+        transport: peer.transport,
+        addr: SocketAddr::new(peer.addr.ip(), port),
+        flow: peer.flow,
+    }
+}
+
+fn response_peer_raw(resp: &Message, peer: &Peer) -> Peer {
+    response_peer(resp, peer)
+}

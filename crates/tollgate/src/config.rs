@@ -1,0 +1,218 @@
+//! The TOML configuration file (`deploy/tollgate.toml` is the annotated
+//! example) merged with command-line flags: a flag overrides the file.
+//! Every error names the field it concerns.
+
+use serde::Deserialize;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use tollgate_keys::Algorithm;
+use tollgate_sip::{MediaProfile, SipUri, Transport};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub sip: SipSection,
+    #[serde(default)]
+    pub media: MediaSection,
+    #[serde(default)]
+    pub metrics: ListenSection,
+    #[serde(default)]
+    pub admin: ListenSection,
+    #[serde(default)]
+    pub routes: Vec<RouteSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SipSection {
+    pub listen: Option<Vec<String>>,
+    pub realm: Option<String>,
+    pub digest_algorithms: Option<Vec<String>>,
+    pub t1_ms: Option<u64>,
+    pub invite_timeout_s: Option<u64>,
+    pub nonce_lifetime_s: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MediaSection {
+    pub ip: Option<String>,
+    pub ports: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenSection {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    pub model: Option<String>,
+    pub target: String,
+    #[serde(default)]
+    pub media: Option<String>,
+}
+
+/// A configuration error: exit code 2, message names the field.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("config {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| ConfigError(format!("config {}: {e}", path.display())))
+}
+
+/// A listening address: `udp:IP:PORT`, `tcp:...`, `tls:...`.
+pub fn parse_listen(field: &str, s: &str) -> Result<(Transport, SocketAddr), ConfigError> {
+    let (t, addr) = s
+        .split_once(':')
+        .ok_or_else(|| ConfigError(format!("{field}: {s:?} is not udp:|tcp:|tls:IP:PORT")))?;
+    let t = match t.to_ascii_lowercase().as_str() {
+        "udp" => Transport::Udp,
+        "tcp" => Transport::Tcp,
+        "tls" => Transport::Tls,
+        other => {
+            return Err(ConfigError(format!(
+                "{field}: unknown transport {other:?} (udp, tcp or tls)"
+            )))
+        }
+    };
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|_| ConfigError(format!("{field}: {addr:?} is not IP:PORT")))?;
+    Ok((t, addr))
+}
+
+pub fn parse_algorithms(field: &str, v: &[String]) -> Result<Vec<Algorithm>, ConfigError> {
+    if v.is_empty() {
+        return Err(ConfigError(format!("{field}: at least one algorithm")));
+    }
+    v.iter()
+        .map(|s| {
+            Algorithm::from_name(s).ok_or_else(|| {
+                ConfigError(format!("{field}: unknown algorithm {s:?} (MD5, SHA-256)"))
+            })
+        })
+        .collect()
+}
+
+pub fn parse_media_profile(field: &str, s: Option<&str>) -> Result<MediaProfile, ConfigError> {
+    match s.unwrap_or("auto") {
+        "rtp" => Ok(MediaProfile::Rtp),
+        "srtp" => Ok(MediaProfile::Srtp),
+        "auto" => Ok(MediaProfile::Auto),
+        other => Err(ConfigError(format!(
+            "{field}: {other:?} is not rtp, srtp or auto"
+        ))),
+    }
+}
+
+pub fn parse_port_range(field: &str, s: &str) -> Result<(u16, u16), ConfigError> {
+    let err = || ConfigError(format!("{field}: {s:?} is not LO-HI (e.g. 20000-29999)"));
+    let (lo, hi) = s.split_once('-').ok_or_else(err)?;
+    let lo: u16 = lo.trim().parse().map_err(|_| err())?;
+    let hi: u16 = hi.trim().parse().map_err(|_| err())?;
+    if lo == 0 || lo > hi {
+        return Err(err());
+    }
+    Ok((lo, hi))
+}
+
+pub fn parse_ip(field: &str, s: &str) -> Result<IpAddr, ConfigError> {
+    s.parse()
+        .map_err(|_| ConfigError(format!("{field}: {s:?} is not an IP address")))
+}
+
+/// A route target: a sip/sips URI whose host is an IP literal or `localhost`.
+pub fn parse_target(field: &str, s: &str) -> Result<(SipUri, Transport, SocketAddr), ConfigError> {
+    let uri =
+        SipUri::parse(s).map_err(|_| ConfigError(format!("{field}: {s:?} is not a SIP URI")))?;
+    if uri.scheme == "tel" {
+        return Err(ConfigError(format!(
+            "{field}: {s:?} needs a host (sip:user@IP:PORT)"
+        )));
+    }
+    let ip: IpAddr = if uri.host.eq_ignore_ascii_case("localhost") {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        uri.host.parse().map_err(|_| {
+            ConfigError(format!(
+                "{field}: host {:?} must be an IP address (names are not resolved)",
+                uri.host
+            ))
+        })?
+    };
+    let transport = match uri.transport.as_deref() {
+        None | Some("udp") => Transport::Udp,
+        Some("tcp") => Transport::Tcp,
+        Some(t) => {
+            return Err(ConfigError(format!(
+                "{field}: transport {t:?} not supported for routes (udp, tcp)"
+            )))
+        }
+    };
+    let port = uri.port.unwrap_or(5060);
+    Ok((uri, transport, SocketAddr::new(ip, port)))
+}
+
+/// `30s`, `10m`, `1h`, `2d` or plain seconds.
+pub fn parse_duration(field: &str, s: &str) -> Result<u64, ConfigError> {
+    let err = || {
+        ConfigError(format!(
+            "{field}: {s:?} is not a duration (e.g. 30s, 10m, 1h, 2d)"
+        ))
+    };
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3600),
+        Some((i, 'd')) => (&s[..i], 86_400),
+        Some(_) => (s, 1),
+        None => return Err(err()),
+    };
+    let n: u64 = num.parse().map_err(|_| err())?;
+    n.checked_mul(mult).ok_or_else(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_fields_and_names_them_in_errors() {
+        assert_eq!(parse_duration("--ttl", "10m").unwrap(), 600);
+        assert_eq!(parse_duration("--ttl", "45").unwrap(), 45);
+        assert!(parse_duration("--ttl", "x")
+            .unwrap_err()
+            .0
+            .contains("--ttl"));
+        let (t, a) = parse_listen("--sip-listen", "tcp:127.0.0.1:5070").unwrap();
+        assert_eq!((t, a.port()), (Transport::Tcp, 5070));
+        assert!(parse_listen("--sip-listen", "sctp:1.2.3.4:5")
+            .unwrap_err()
+            .0
+            .contains("--sip-listen"));
+        assert_eq!(
+            parse_port_range("media.ports", "20000-20010").unwrap(),
+            (20000, 20010)
+        );
+        assert!(parse_port_range("media.ports", "5-1").is_err());
+        let (_, t, a) =
+            parse_target("routes[0].target", "sip:agent@127.0.0.1:5080;transport=tcp").unwrap();
+        assert_eq!((t, a.port()), (Transport::Tcp, 5080));
+        assert!(parse_target("routes[0].target", "sip:agent@example.com").is_err());
+        let e = toml::from_str::<FileConfig>("[sip]\nlisten_on = []\n").unwrap_err();
+        assert!(e.to_string().contains("listen_on"));
+    }
+}

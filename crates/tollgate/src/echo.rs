@@ -1,0 +1,173 @@
+//! The built-in echo destination (SPEC §6): with no route configured, leg B
+//! goes here over real SIP on loopback. It answers every INVITE (180, 200
+//! with an SDP answer naming its RTP socket) and sends back every RTP packet
+//! it receives to where it came from, so a fresh install completes a call end
+//! to end.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::UdpSocket;
+use tollgate_sip::message::{self, reason_phrase, response_to, Header, Message};
+
+/// Binds the echo's SIP and RTP sockets on loopback and runs it.
+pub async fn start() -> std::io::Result<SocketAddr> {
+    let sip = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
+    let rtp = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
+    let sip_addr = sip.local_addr()?;
+    let rtp_addr = rtp.local_addr()?;
+    tokio::spawn(rtp_echo(rtp));
+    tokio::spawn(sip_loop(sip, rtp_addr));
+    Ok(sip_addr)
+}
+
+async fn rtp_echo(sock: Arc<UdpSocket>) {
+    let mut buf = vec![0u8; 2048];
+    loop {
+        match sock.recv_from(&mut buf).await {
+            Ok((n, from)) => {
+                let _ = sock.send_to(&buf[..n], from).await;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// The answer to an SDP offer: same media line and attributes, our address
+/// and port.
+pub fn answer_sdp(offer: &[u8], rtp: SocketAddr) -> Option<String> {
+    let offer = std::str::from_utf8(offer).ok()?;
+    let mut media = None;
+    let mut attrs = Vec::new();
+    for line in offer.lines() {
+        let line = line.trim_end();
+        if let Some(m) = line.strip_prefix("m=audio ") {
+            let mut it = m.splitn(3, ' ');
+            let (_port, proto, fmts) = (it.next()?, it.next()?, it.next()?);
+            media = Some(format!("m=audio {} {proto} {fmts}", rtp.port()));
+        } else if media.is_some() && line.starts_with("m=") {
+            break;
+        } else if media.is_some()
+            && (line.starts_with("a=rtpmap:")
+                || line.starts_with("a=fmtp:")
+                || line.starts_with("a=crypto:")
+                || line.starts_with("a=ptime:"))
+        {
+            attrs.push(line.to_string());
+        }
+    }
+    let media = media?;
+    let ip = rtp.ip();
+    let mut sdp = format!(
+        "v=0\r\no=tollgate-echo 1 1 IN IP4 {ip}\r\ns=echo\r\nc=IN IP4 {ip}\r\nt=0 0\r\n{media}\r\n"
+    );
+    for a in attrs {
+        sdp.push_str(&a);
+        sdp.push_str("\r\n");
+    }
+    sdp.push_str("a=sendrecv\r\n");
+    Some(sdp)
+}
+
+struct Dialog {
+    answer: bytes::Bytes,
+    at: Instant,
+}
+
+async fn sip_loop(sock: Arc<UdpSocket>, rtp: SocketAddr) {
+    let mut buf = vec![0u8; 65_536];
+    let mut dialogs: HashMap<String, Dialog> = HashMap::new();
+    let mut counter: u64 = 0;
+    loop {
+        let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+            continue;
+        };
+        let Ok(msg) = message::parse(&buf[..n]) else {
+            continue;
+        };
+        let Some(method) = msg.method().map(str::to_string) else {
+            continue;
+        };
+        let call_id = msg.call_id().unwrap_or_default().to_string();
+        let send = |m: &Message| {
+            let data = m.to_bytes();
+            let sock = sock.clone();
+            async move {
+                let _ = sock.send_to(&data, from).await;
+            }
+        };
+        match method.as_str() {
+            "INVITE" => {
+                if let Some(d) = dialogs.get(&call_id) {
+                    let _ = sock.send_to(&d.answer, from).await;
+                    continue;
+                }
+                counter += 1;
+                let tag = format!("echo{counter}");
+                let contact = Header {
+                    name: "Contact".into(),
+                    value: format!(
+                        "<sip:echo@{}>",
+                        sock.local_addr().map(|a| a.to_string()).unwrap_or_default()
+                    ),
+                };
+                let mut ringing = response_to(&msg, 180, reason_phrase(180), Some(&tag));
+                ringing.headers.push(contact.clone());
+                send(&ringing).await;
+                let Some(sdp) = answer_sdp(&msg.body, rtp) else {
+                    let resp = response_to(&msg, 488, reason_phrase(488), Some(&tag));
+                    send(&resp).await;
+                    continue;
+                };
+                let mut ok = response_to(&msg, 200, "OK", Some(&tag));
+                ok.headers.push(contact);
+                ok.headers.push(Header {
+                    name: "Content-Type".into(),
+                    value: "application/sdp".into(),
+                });
+                ok.body = sdp.into_bytes().into();
+                let data = ok.to_bytes();
+                let _ = sock.send_to(&data, from).await;
+                dialogs.insert(
+                    call_id,
+                    Dialog {
+                        answer: data,
+                        at: Instant::now(),
+                    },
+                );
+            }
+            "ACK" => {}
+            "BYE" | "CANCEL" | "OPTIONS" | "UPDATE" | "INFO" => {
+                let code = if method == "BYE" && dialogs.remove(&call_id).is_none() {
+                    481
+                } else {
+                    200
+                };
+                send(&response_to(&msg, code, reason_phrase(code), None)).await;
+            }
+            _ => send(&response_to(&msg, 501, reason_phrase(501), None)).await,
+        }
+        // Forget dialogs whose BYE never came (bounded memory).
+        if dialogs.len() > 10_000 {
+            let cutoff = Instant::now() - Duration::from_secs(4 * 3600);
+            dialogs.retain(|_, d| d.at > cutoff);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_with_its_own_address_and_the_offered_formats() {
+        let offer = b"v=0\r\no=- 1 1 IN IP4 10.1.1.1\r\ns=-\r\nc=IN IP4 10.1.1.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\nm=video 4002 RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\n";
+        let ans = answer_sdp(offer, "127.0.0.1:7000".parse().unwrap()).unwrap();
+        assert!(ans.contains("c=IN IP4 127.0.0.1\r\n"));
+        assert!(ans.contains("m=audio 7000 RTP/AVP 0 101\r\n"));
+        assert!(ans.contains("telephone-event"));
+        assert!(!ans.contains("H264"));
+        assert!(answer_sdp(b"garbage", "127.0.0.1:7000".parse().unwrap()).is_none());
+    }
+}

@@ -1,0 +1,370 @@
+//! `tollgate serve`: wires the key store, the signaling core, the echo
+//! destination and the metrics endpoint together.
+
+use crate::config::{self, ConfigError, FileConfig};
+use crate::{Failure, ServeArgs};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::mpsc;
+use tollgate_keys::{FileKeyStore, KeyKind, KeyStore, Limits, MemoryReplayCache, ReplayCache};
+use tollgate_sip::driver::{self, Control, Sockets};
+use tollgate_sip::{b2bua, Peer, Route, TimerConfig, Transport};
+
+/// Everything `serve` needs, resolved from defaults, the file and the flags.
+pub struct Settings {
+    pub listen: Vec<(Transport, SocketAddr)>,
+    pub realm: String,
+    pub digest_algorithms: Vec<tollgate_keys::Algorithm>,
+    pub t1: Duration,
+    pub invite_timeout: Duration,
+    pub nonce_lifetime_secs: u64,
+    pub media_ip: std::net::IpAddr,
+    pub media_ports: (u16, u16),
+    pub metrics_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// `None` target means the built-in echo destination.
+    pub routes: Vec<(Option<String>, Option<String>, tollgate_sip::MediaProfile)>,
+}
+
+pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
+    let file = match &args.config {
+        Some(p) => config::load(p)?,
+        None => FileConfig::default(),
+    };
+    let (listen_field, listen_raw) = if !args.sip_listen.is_empty() {
+        ("--sip-listen", args.sip_listen.clone())
+    } else if let Some(l) = &file.sip.listen {
+        ("sip.listen", l.clone())
+    } else {
+        (
+            "sip.listen",
+            vec!["udp:127.0.0.1:5060".into(), "tcp:127.0.0.1:5060".into()],
+        )
+    };
+    let mut listen = Vec::new();
+    for l in &listen_raw {
+        let (t, a) = config::parse_listen(listen_field, l)?;
+        if t == Transport::Tls {
+            return Err(ConfigError(format!(
+                "{listen_field}: {l:?}: SIP over TLS is not available in this build yet"
+            )));
+        }
+        if listen.iter().any(|(t2, _)| *t2 == t) {
+            return Err(ConfigError(format!(
+                "{listen_field}: more than one {} listener",
+                t.label()
+            )));
+        }
+        listen.push((t, a));
+    }
+    if listen.is_empty() {
+        return Err(ConfigError(format!("{listen_field}: no listener")));
+    }
+    let digest_algorithms = match &file.sip.digest_algorithms {
+        Some(v) => config::parse_algorithms("sip.digest_algorithms", v)?,
+        None => vec![
+            tollgate_keys::Algorithm::Sha256,
+            tollgate_keys::Algorithm::Md5,
+        ],
+    };
+    let t1_ms = file.sip.t1_ms.unwrap_or(500);
+    if !(10..=10_000).contains(&t1_ms) {
+        return Err(ConfigError("sip.t1_ms: must be 10..=10000".into()));
+    }
+    let invite_timeout_s = file.sip.invite_timeout_s.unwrap_or(180);
+    if !(1..=3600).contains(&invite_timeout_s) {
+        return Err(ConfigError("sip.invite_timeout_s: must be 1..=3600".into()));
+    }
+    let nonce_lifetime_secs = file.sip.nonce_lifetime_s.unwrap_or(300);
+    if !(10..=3600).contains(&nonce_lifetime_secs) {
+        return Err(ConfigError(
+            "sip.nonce_lifetime_s: must be 10..=3600".into(),
+        ));
+    }
+    let realm = file.sip.realm.clone().unwrap_or_else(|| "tollgate".into());
+    if realm.is_empty() || realm.contains(['"', '\\']) || !realm.is_ascii() {
+        return Err(ConfigError(
+            "sip.realm: must be non-empty ASCII without quotes".into(),
+        ));
+    }
+    let media_ip = match (&args.media_ip, &file.media.ip) {
+        (Some(ip), _) => config::parse_ip("--media-ip", ip)?,
+        (None, Some(ip)) => config::parse_ip("media.ip", ip)?,
+        (None, None) => std::net::IpAddr::from([127, 0, 0, 1]),
+    };
+    let media_ports = match (&args.media_ports, &file.media.ports) {
+        (Some(p), _) => config::parse_port_range("--media-ports", p)?,
+        (None, Some(p)) => config::parse_port_range("media.ports", p)?,
+        (None, None) => (20_000, 29_999),
+    };
+    let addr = |flag: &str, field: &str, a: &Option<String>, f: &Option<String>, d: &str| {
+        let (name, v) = match (a, f) {
+            (Some(v), _) => (flag, v.as_str()),
+            (None, Some(v)) => (field, v.as_str()),
+            (None, None) => (field, d),
+        };
+        v.parse::<SocketAddr>()
+            .map_err(|_| ConfigError(format!("{name}: {v:?} is not IP:PORT")))
+    };
+    let metrics_listen = addr(
+        "--metrics-listen",
+        "metrics.listen",
+        &args.metrics_listen,
+        &file.metrics.listen,
+        "127.0.0.1:9090",
+    )?;
+    let admin_listen = addr(
+        "--admin-listen",
+        "admin.listen",
+        &args.admin_listen,
+        &file.admin.listen,
+        "127.0.0.1:8080",
+    )?;
+    let mut routes = Vec::new();
+    for (i, r) in file.routes.iter().enumerate() {
+        let field = format!("routes[{i}]");
+        config::parse_target(&format!("{field}.target"), &r.target)?;
+        let media = config::parse_media_profile(&format!("{field}.media"), r.media.as_deref())?;
+        routes.push((r.model.clone(), Some(r.target.clone()), media));
+    }
+    if let Some(t) = &args.route_default {
+        config::parse_target("--route-default", t)?;
+        match routes.iter_mut().find(|r| r.0.is_none()) {
+            Some(r) => r.1 = Some(t.clone()),
+            None => routes.push((None, Some(t.clone()), tollgate_sip::MediaProfile::Auto)),
+        }
+    }
+    if !routes.iter().any(|r| r.0.is_none()) {
+        routes.push((None, None, tollgate_sip::MediaProfile::Auto));
+    }
+    Ok(Settings {
+        listen,
+        realm,
+        digest_algorithms,
+        t1: Duration::from_millis(t1_ms),
+        invite_timeout: Duration::from_secs(invite_timeout_s),
+        nonce_lifetime_secs,
+        media_ip,
+        media_ports,
+        metrics_listen,
+        admin_listen,
+        routes,
+    })
+}
+
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "tollgate_sip_requests_total",
+        "SIP requests received, by method"
+    );
+    describe_counter!(
+        "tollgate_sip_requests_sent_total",
+        "SIP requests originated by the edge, by method"
+    );
+    describe_counter!(
+        "tollgate_sip_responses_total",
+        "SIP responses sent by the edge, by status code"
+    );
+    describe_counter!(
+        "tollgate_sip_parse_errors_total",
+        "SIP messages that could not be read"
+    );
+    describe_counter!(
+        "tollgate_auth_failures_total",
+        "INVITEs refused by the credential check, by reason"
+    );
+    describe_gauge!(
+        "tollgate_calls_active",
+        "Calls in progress (setup or confirmed)"
+    );
+    describe_counter!("tollgate_calls_total", "Calls ended, by result");
+    describe_histogram!(
+        "tollgate_call_setup_seconds",
+        Unit::Seconds,
+        "Time from an admitted INVITE to leg B's answer"
+    );
+}
+
+pub fn run(data_dir: &Path, args: ServeArgs) -> Result<(), Failure> {
+    let s = settings(&args)?;
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
+    let store = Arc::new(FileKeyStore::open(data_dir)?);
+    if store.list().is_empty() {
+        let (_, key) = store.create(
+            "default",
+            KeyKind::Secret,
+            None,
+            Limits::default(),
+            None,
+            crate::unix_now(),
+        )?;
+        println!("tollgate: first secret key (shown once): {}", key.expose());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Other(format!("runtime: {e}")))?;
+    rt.block_on(serve(s, store))
+}
+
+async fn serve(s: Settings, store: Arc<FileKeyStore>) -> Result<(), Failure> {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("tollgate_call_setup_seconds".into()),
+            &[
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ],
+        )
+        .map_err(|e| Failure::Other(format!("metrics: {e}")))?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).map_err(|e| Failure::Other(format!("metrics: {e}")))?;
+    describe_metrics();
+
+    let mut udp = None;
+    let mut tcp = None;
+    let mut local = HashMap::new();
+    let bind_err =
+        |a: &SocketAddr, e: std::io::Error| Failure::Other(format!("cannot listen on {a}: {e}"));
+    for (t, a) in &s.listen {
+        match t {
+            Transport::Udp => {
+                let sock = UdpSocket::bind(a).await.map_err(|e| bind_err(a, e))?;
+                let bound = sock.local_addr().map_err(|e| bind_err(a, e))?;
+                local.insert(Transport::Udp, bound);
+                println!("tollgate: listening sip udp {bound}");
+                udp = Some(Arc::new(sock));
+            }
+            Transport::Tcp => {
+                let l = TcpListener::bind(a).await.map_err(|e| bind_err(a, e))?;
+                let bound = l.local_addr().map_err(|e| bind_err(a, e))?;
+                local.insert(Transport::Tcp, bound);
+                println!("tollgate: listening sip tcp {bound}");
+                tcp = Some(l);
+            }
+            Transport::Tls => {}
+        }
+    }
+    let metrics_l = TcpListener::bind(s.metrics_listen)
+        .await
+        .map_err(|e| bind_err(&s.metrics_listen, e))?;
+    let metrics_addr = metrics_l
+        .local_addr()
+        .map_err(|e| bind_err(&s.metrics_listen, e))?;
+    println!("tollgate: listening metrics {metrics_addr}");
+    tokio::spawn(crate::metrics_http::serve(metrics_l, handle.clone()));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            handle.run_upkeep();
+        }
+    });
+
+    let mut routes = Vec::new();
+    for (model, target, media) in &s.routes {
+        let text = match target {
+            Some(t) => t.clone(),
+            None => {
+                let echo = crate::echo::start()
+                    .await
+                    .map_err(|e| Failure::Other(format!("echo destination: {e}")))?;
+                tracing::info!(%echo, "no default route configured: calls go to the built-in echo");
+                format!("sip:echo@{echo}")
+            }
+        };
+        let (uri, transport, addr) = config::parse_target("route target", &text)?;
+        routes.push(Route {
+            model: model.clone(),
+            target: uri,
+            target_text: text,
+            peer: Peer {
+                transport,
+                addr,
+                flow: None,
+            },
+            media: *media,
+        });
+    }
+
+    // Key changes made by `tollgate keys` in another process are seen within 1 s.
+    let refresh = store.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            if let Err(e) = refresh.refresh_if_changed() {
+                tracing::warn!(error = %e, "key store refresh failed; keeping the last good keys");
+            }
+        }
+    });
+
+    let mut nonce_secret = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce_secret)
+        .map_err(|_| Failure::Other("no system randomness".into()))?;
+    let replay: Arc<dyn ReplayCache> = Arc::new(MemoryReplayCache::new());
+    let keys: Arc<dyn KeyStore> = store;
+    let cfg = b2bua::Config {
+        realm: s.realm.clone(),
+        digest_algorithms: s.digest_algorithms.clone(),
+        nonce_lifetime_secs: s.nonce_lifetime_secs,
+        timers: TimerConfig {
+            t1: s.t1,
+            ..TimerConfig::default()
+        },
+        invite_timeout: s.invite_timeout,
+        local,
+        routes,
+    };
+    let _ = (s.media_ip, s.media_ports, s.admin_listen);
+    let core = tollgate_sip::B2bua::new(cfg, keys, replay, nonce_secret);
+    let (ctl_tx, ctl_rx) = mpsc::channel(64);
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(ev) = ev_rx.recv().await {
+            tracing::debug!(?ev, "call event");
+        }
+    });
+    let sip = tokio::spawn(driver::run(core, Sockets { udp, tcp }, ctl_rx, ev_tx));
+    println!("tollgate: ready");
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: hanging up calls");
+    let _ = ctl_tx.send(Control::Drain).await;
+    drop(ctl_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), sip).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
