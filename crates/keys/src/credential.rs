@@ -291,7 +291,7 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
             Ok(issued) => issued.saturating_add(cfg.nonce_lifetime_secs),
             Err(e) => return invalid(e.reason(), false),
         };
-        if resp.uri != inv.request_uri {
+        if !digest_uri_matches(&resp.uri, inv.request_uri) {
             return invalid("uri_mismatch", false);
         }
         let now = Self::now_u64(cfg);
@@ -384,6 +384,27 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
 /// non-empty allow-list must contain the destination; a public key with an
 /// empty allow-list may call nothing. Source CIDRs are not checked here: they
 /// only grant trust to credential-less traffic.
+/// Whether the digest `uri` names the Request-URI (RFC 2617 §3.2.2.5). Exact
+/// text, or the same host and port with the user part left out: SIPp 3.6 and
+/// several PBXs send `sip:host:port` for `sip:user@host:port`. The response
+/// hash covers the `uri` and the nonce is single use, so the looser form
+/// does not open a replay.
+pub fn digest_uri_matches(digest_uri: &str, request_uri: &str) -> bool {
+    if digest_uri == request_uri {
+        return true;
+    }
+    fn host_port(u: &str) -> Option<(String, String)> {
+        let (scheme, rest) = u.split_once(':')?;
+        let rest = rest.split([';', '?']).next()?;
+        let hp = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+        Some((scheme.to_ascii_lowercase(), hp.to_ascii_lowercase()))
+    }
+    let (Some(d), Some(r)) = (host_port(digest_uri), host_port(request_uri)) else {
+        return false;
+    };
+    !digest_uri.contains('@') && d == r
+}
+
 pub fn policy(key: &KeyRecord, destination: &str) -> Result<(), &'static str> {
     if !key.has_scope(Scope::Calls) {
         return Err("scope");
@@ -835,6 +856,18 @@ mod tests {
             "uri_mismatch",
             false,
         );
+        assert!(digest_uri_matches(
+            "sip:127.0.0.1:5060",
+            "sip:service@127.0.0.1:5060"
+        ));
+        assert!(!digest_uri_matches(
+            "sip:127.0.0.1:5061",
+            "sip:service@127.0.0.1:5060"
+        ));
+        assert!(!digest_uri_matches(
+            "sip:other@127.0.0.1:5060",
+            "sip:service@127.0.0.1:5060"
+        ));
         // Nonce not ours / tampered.
         let foreign = NonceIssuer::new([1; 32], 300).issue(NOW);
         assert_invalid_digest(
