@@ -378,12 +378,6 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
     }
 }
 
-/// The key's call policy for `destination` (a Request-URI user part).
-///
-/// The key needs the `calls` scope; a deny prefix beats the allow-list; a
-/// non-empty allow-list must contain the destination; a public key with an
-/// empty allow-list may call nothing. Source CIDRs are not checked here: they
-/// only grant trust to credential-less traffic.
 /// Whether the digest `uri` names the Request-URI (RFC 2617 §3.2.2.5). Exact
 /// text, or the same host and port with the user part left out: SIPp 3.6 and
 /// several PBXs send `sip:host:port` for `sip:user@host:port`. The response
@@ -405,6 +399,12 @@ pub fn digest_uri_matches(digest_uri: &str, request_uri: &str) -> bool {
     !digest_uri.contains('@') && d == r
 }
 
+/// The key's call policy for `destination` (a Request-URI user part).
+///
+/// The key needs the `calls` scope; a deny prefix beats the allow-list; a
+/// non-empty allow-list must contain the destination; a public key with an
+/// empty allow-list may call nothing. Source CIDRs are not checked here: they
+/// only grant trust to credential-less traffic.
 pub fn policy(key: &KeyRecord, destination: &str) -> Result<(), &'static str> {
     if !key.has_scope(Scope::Calls) {
         return Err("scope");

@@ -170,7 +170,11 @@ pub struct Call {
     pending_ack: Option<PendingAck>,
     /// ACK last sent on each side, resent when that side's 2xx is retransmitted.
     last_ack: [Option<(u32, Bytes)>; 2],
-    invite_deadline: Option<Instant>,
+    /// In `Setup`: the INVITE timeout; in `Cancelled`: when to give up on
+    /// leg B's final answer (RFC 3261 §9.1, 64*T1 after the CANCEL).
+    deadline: Option<Instant>,
+    /// Client transactions of this call (to forget them when it ends).
+    clients: Vec<TxnKey>,
 }
 
 impl Call {
@@ -781,9 +785,24 @@ impl B2bua {
                 cancel_pending: false,
                 pending_ack: None,
                 last_ack: [None, None],
-                invite_deadline: Some(deadline),
+                deadline: Some(deadline),
+                clients: vec![b_key.clone()],
             },
         );
+    }
+
+    fn track(&mut self, id: u64, key: TxnKey, purpose: Purpose) {
+        if let Some(call) = self.calls.get_mut(&id) {
+            call.clients.push(key.clone());
+            self.by_client.insert(key, (id, purpose));
+        }
+    }
+
+    fn set_deadline(&mut self, id: u64, at: Instant) {
+        if let Some(call) = self.calls.get_mut(&id) {
+            call.deadline = Some(at);
+            self.deadlines.push(Reverse((at, id)));
+        }
     }
 
     fn end_call(&mut self, id: u64, cause: EndCause) {
@@ -794,7 +813,9 @@ impl B2bua {
             self.by_a.remove(&(call.a.call_id.clone(), tag.clone()));
         }
         self.by_b.remove(&call.b.call_id);
-        self.by_client.retain(|_, (c, _)| *c != id);
+        for k in &call.clients {
+            self.by_client.remove(k);
+        }
         metrics::gauge!("tollgate_calls_active").decrement(1.0);
         let result = match (cause, call.answered) {
             (EndCause::Completed, _) => "answered",
@@ -877,7 +898,7 @@ impl B2bua {
         if let Some((bye, peer)) = self.leg_request(id, side, "BYE", None) {
             metrics::counter!("tollgate_sip_requests_sent_total", "method" => "BYE").increment(1);
             if let Some(k) = self.txn.request(now, bye, peer) {
-                self.by_client.insert(k, (id, Purpose::Bye));
+                self.track(id, k, Purpose::Bye);
             }
         }
     }
@@ -937,10 +958,10 @@ impl B2bua {
             return;
         };
         let id = self
-            .calls
-            .values()
-            .find(|c| c.a_invite == invite)
-            .map(|c| c.id);
+            .txn
+            .server_request(&invite)
+            .and_then(|m| Some((m.call_id()?.to_string(), m.from_tag()?.to_string())))
+            .and_then(|k| self.by_a.get(&k).copied());
         self.reply(now, &ck, 200, Vec::new(), None);
         let Some(id) = id else {
             return;
@@ -957,12 +978,17 @@ impl B2bua {
         self.reply(now, &invite, 487, Vec::new(), Some(&a_tag));
         if provisional {
             self.cancel_b(now, id);
-        } else if let Some(call) = self.calls.get_mut(&id) {
-            call.cancel_pending = true;
+        } else {
+            if let Some(call) = self.calls.get_mut(&id) {
+                call.cancel_pending = true;
+            }
+            self.set_deadline(id, now + self.cfg.timers.t1 * 64);
         }
     }
 
     fn cancel_b(&mut self, now: Instant, id: u64) {
+        let give_up = now + self.cfg.timers.t1 * 64;
+        self.set_deadline(id, give_up);
         let Some(call) = self.calls.get_mut(&id) else {
             return;
         };
@@ -994,7 +1020,7 @@ impl B2bua {
         };
         metrics::counter!("tollgate_sip_requests_sent_total", "method" => "CANCEL").increment(1);
         if let Some(k) = self.txn.request(now, cancel, peer) {
-            self.by_client.insert(k, (id, Purpose::CancelB));
+            self.track(id, k, Purpose::CancelB);
         }
     }
 
@@ -1063,15 +1089,13 @@ impl B2bua {
         metrics::counter!("tollgate_sip_requests_sent_total", "method" => method_label(method))
             .increment(1);
         if let Some(k) = self.txn.request(now, req, peer) {
-            self.by_client.insert(
+            self.track(
+                id,
                 k,
-                (
-                    id,
-                    Purpose::Relay {
-                        from: side,
-                        server: sk.clone(),
-                    },
-                ),
+                Purpose::Relay {
+                    from: side,
+                    server: sk.clone(),
+                },
             );
         }
         if method == "INVITE" {
@@ -1258,7 +1282,7 @@ impl B2bua {
                 return self.resend_ack(id, Side::B);
             }
             call.answered = Some(now);
-            call.invite_deadline = None;
+            call.deadline = None;
             call.b.remote_tag = msg.to_tag().map(str::to_string);
             update_target(&mut call.b, &msg);
             call.b.route_set = msg
@@ -1354,21 +1378,38 @@ impl B2bua {
             let Some(call) = self.calls.get_mut(&id) else {
                 continue;
             };
-            if call.invite_deadline != Some(at) || call.state != CallState::Setup {
+            if call.deadline != Some(at) {
                 continue;
             }
-            call.invite_deadline = None;
-            call.state = CallState::Cancelled;
-            let (a_invite, tag, prov) = (
-                call.a_invite.clone(),
-                call.a.local_tag.clone(),
-                call.b_provisional,
-            );
-            self.reply(now, &a_invite, 408, Vec::new(), Some(&tag));
-            if prov {
-                self.cancel_b(now, id);
-            } else if let Some(call) = self.calls.get_mut(&id) {
-                call.cancel_pending = true;
+            call.deadline = None;
+            match call.state {
+                CallState::Setup => {
+                    // Leg B gave no final answer in time: 408 to A, CANCEL B.
+                    call.state = CallState::Cancelled;
+                    let (a_invite, tag, prov) = (
+                        call.a_invite.clone(),
+                        call.a.local_tag.clone(),
+                        call.b_provisional,
+                    );
+                    self.reply(now, &a_invite, 408, Vec::new(), Some(&tag));
+                    if prov {
+                        self.cancel_b(now, id);
+                    } else {
+                        if let Some(call) = self.calls.get_mut(&id) {
+                            call.cancel_pending = true;
+                        }
+                        self.set_deadline(id, now + self.cfg.timers.t1 * 64);
+                    }
+                }
+                CallState::Cancelled => {
+                    // Leg B never answered the CANCEL (RFC 3261 §9.1).
+                    let keys = call.clients.clone();
+                    for k in &keys {
+                        self.txn.forget_client(k);
+                    }
+                    self.end_call(id, EndCause::Cancelled);
+                }
+                _ => {}
             }
         }
         self.drain_txn_events(now);
@@ -1509,4 +1550,386 @@ fn response_peer(req: &Message, peer: &Peer) -> Peer {
 
 fn response_peer_raw(resp: &Message, peer: &Peer) -> Peer {
     response_peer(resp, peer)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The B2BUA driven in memory on a simulated clock: leg A and leg B are
+    //! scripted peers, every message goes through the real parser.
+    use super::*;
+    use crate::message::parse;
+    use tollgate_keys::{jwt, Claims, KeyKind, Limits, MemoryKeyStore, MemoryReplayCache};
+
+    const NOW: i64 = 1_800_000_000;
+
+    struct Rig {
+        b2b: B2bua,
+        t: Instant,
+        key: tollgate_keys::ApiKey,
+        a: Peer,
+        b: Peer,
+    }
+
+    fn udp(port: u16) -> Peer {
+        Peer {
+            transport: Transport::Udp,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            flow: None,
+        }
+    }
+
+    fn rig() -> Rig {
+        let store = Arc::new(MemoryKeyStore::new());
+        let (_, key) = store
+            .create(
+                "t",
+                KeyKind::Secret,
+                None,
+                Limits::default(),
+                None,
+                NOW as u64,
+            )
+            .unwrap();
+        let b = udp(5080);
+        let target = SipUri::parse("sip:agent@127.0.0.1:5080").unwrap();
+        let cfg = Config {
+            realm: "tollgate".into(),
+            digest_algorithms: vec![Algorithm::Sha256, Algorithm::Md5],
+            nonce_lifetime_secs: 300,
+            timers: TimerConfig::default(),
+            invite_timeout: Duration::from_secs(60),
+            local: HashMap::from([(Transport::Udp, SocketAddr::from(([127, 0, 0, 1], 5060)))]),
+            routes: vec![Route {
+                model: None,
+                target,
+                target_text: "sip:agent@127.0.0.1:5080".into(),
+                peer: b.clone(),
+                media: MediaProfile::Auto,
+            }],
+        };
+        Rig {
+            b2b: B2bua::new(cfg, store, Arc::new(MemoryReplayCache::new()), [7; 32]),
+            t: Instant::now(),
+            key,
+            a: udp(5070),
+            b,
+        }
+    }
+
+    impl Rig {
+        fn token(&self, jti: &str) -> String {
+            jwt::mint(
+                &self.key,
+                &Claims {
+                    iat: NOW,
+                    exp: NOW + 300,
+                    jti: jti.into(),
+                    to: "+15550100".into(),
+                    from: "+15550199".into(),
+                    model: Some("m1".into()),
+                    webhook: None,
+                    record: None,
+                    max_duration: None,
+                },
+            )
+        }
+        fn from_a(&mut self, text: &str) {
+            let p = self.a.clone();
+            self.b2b.handle_datagram(self.t, NOW, text.as_bytes(), p);
+        }
+        fn from_b(&mut self, text: String) {
+            let p = self.b.clone();
+            self.b2b.handle_datagram(self.t, NOW, text.as_bytes(), p);
+        }
+        /// Messages sent to `peer` since the last call, parsed.
+        fn sent_to(&mut self, peer: &Peer) -> Vec<Message> {
+            let (mine, rest): (Vec<_>, Vec<_>) = self
+                .b2b
+                .txn
+                .out
+                .drain(..)
+                .partition(|t| t.peer.addr == peer.addr);
+            self.b2b.txn.out.extend(rest);
+            mine.iter().map(|t| parse(&t.data).unwrap()).collect()
+        }
+        fn advance(&mut self, d: Duration) {
+            let end = self.t + d;
+            while self.t < end {
+                self.t += Duration::from_millis(100);
+                self.b2b.handle_timeout(self.t);
+            }
+        }
+    }
+
+    fn invite(auth: &str, branch: &str) -> String {
+        format!(
+            "INVITE sip:+15550100@127.0.0.1:5060 SIP/2.0\r\n\
+Via: SIP/2.0/UDP 127.0.0.1:5070;branch={branch};rport\r\n\
+From: <sip:+15550199@127.0.0.1>;tag=a1\r\n\
+To: <sip:+15550100@127.0.0.1>\r\n\
+Call-ID: call-a\r\n\
+CSeq: 1 INVITE\r\n\
+Contact: <sip:a@127.0.0.1:5070>\r\n\
+X-Tollgate-Model: spoofed\r\n\
+{auth}Content-Type: application/sdp\r\n\
+Content-Length: 4\r\n\r\nv=0\n"
+        )
+    }
+
+    /// A response from B to a request B received.
+    fn reply_from_b(req: &Message, code: u16, tag: &str) -> String {
+        let mut r = response_to(req, code, reason_phrase(code), Some(tag));
+        if code == 200 && req.method() == Some("INVITE") {
+            r.headers.push(Header {
+                name: "Contact".into(),
+                value: "<sip:agent@127.0.0.1:5080>".into(),
+            });
+        }
+        String::from_utf8(r.to_bytes().to_vec()).unwrap()
+    }
+
+    fn in_dialog(
+        method: &str,
+        from: &str,
+        to: &str,
+        call_id: &str,
+        cseq: u32,
+        port: u16,
+    ) -> String {
+        format!(
+            "{method} sip:tollgate@127.0.0.1:5060 SIP/2.0\r\n\
+Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK{method}{cseq}{port}\r\n\
+From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
+        )
+    }
+
+    /// Sets up an answered call; returns B's INVITE as B saw it.
+    fn answered_call(r: &mut Rig) -> Message {
+        let tok = r.token("j1");
+        r.from_a(&invite(
+            &format!("Authorization: Bearer {tok}\r\n"),
+            "z9hG4bKa1",
+        ));
+        let to_a = r.sent_to(&r.a.clone());
+        assert_eq!(to_a[0].status(), Some(100));
+        let to_b = r.sent_to(&r.b.clone());
+        assert_eq!(to_b.len(), 1);
+        let inv = to_b[0].clone();
+        r.from_b(reply_from_b(&inv, 180, "b1"));
+        r.from_b(reply_from_b(&inv, 200, "b1"));
+        let to_a = r.sent_to(&r.a.clone());
+        assert_eq!(
+            to_a.iter().map(|m| m.status().unwrap()).collect::<Vec<_>>(),
+            vec![180, 200]
+        );
+        // A's ACK becomes B's ACK.
+        let a_tag = to_a[1].to_tag().unwrap().to_string();
+        r.from_a(&in_dialog(
+            "ACK",
+            "<sip:+15550199@127.0.0.1>;tag=a1",
+            &format!("<sip:+15550100@127.0.0.1>;tag={a_tag}"),
+            "call-a",
+            1,
+            5070,
+        ));
+        let to_b = r.sent_to(&r.b.clone());
+        assert_eq!(to_b.len(), 1);
+        assert_eq!(to_b[0].method(), Some("ACK"));
+        assert_eq!(to_b[0].request_uri(), Some("sip:agent@127.0.0.1:5080"));
+        inv
+    }
+
+    #[test]
+    fn leg_b_is_a_fresh_dialog_with_runtime_headers_and_no_credentials() {
+        let mut r = rig();
+        let inv = answered_call(&mut r);
+        assert_ne!(inv.call_id(), Some("call-a"));
+        assert!(inv.header("Authorization").is_none());
+        assert_eq!(
+            inv.header("X-Tollgate-Model"),
+            Some("m1"),
+            "from the token, not from A"
+        );
+        assert_eq!(inv.headers_named("X-Tollgate-Model").count(), 1);
+        assert_eq!(inv.header("X-Tollgate-Key"), Some(r.key.id()));
+        assert_eq!(&inv.body[..], b"v=0\n");
+        assert_eq!(inv.header("Max-Forwards"), Some("69"));
+        assert_eq!(r.b2b.calls_active(), 1);
+    }
+
+    #[test]
+    fn bye_from_either_side_ends_both_legs() {
+        for from_b in [false, true] {
+            let mut r = rig();
+            let inv = answered_call(&mut r);
+            if from_b {
+                let from = format!("<sip:agent@127.0.0.1>;tag=b1");
+                let to = inv.header("From").unwrap().to_string();
+                r.from_b(in_dialog(
+                    "BYE",
+                    &from,
+                    &to,
+                    inv.call_id().unwrap(),
+                    2,
+                    5080,
+                ));
+                assert_eq!(r.sent_to(&r.b.clone())[0].status(), Some(200));
+                let bye = r.sent_to(&r.a.clone());
+                assert_eq!(bye[0].method(), Some("BYE"));
+                assert_eq!(bye[0].call_id(), Some("call-a"));
+                assert_eq!(bye[0].request_uri(), Some("sip:a@127.0.0.1:5070"));
+                let ok =
+                    String::from_utf8(response_to(&bye[0], 200, "OK", None).to_bytes().to_vec())
+                        .unwrap();
+                r.from_a(&ok);
+            } else {
+                let to = r.b2b.calls.values().next().unwrap().a.local_tag.clone();
+                r.from_a(&in_dialog(
+                    "BYE",
+                    "<sip:+15550199@127.0.0.1>;tag=a1",
+                    &format!("<sip:+15550100@127.0.0.1>;tag={to}"),
+                    "call-a",
+                    2,
+                    5070,
+                ));
+                assert_eq!(r.sent_to(&r.a.clone())[0].status(), Some(200));
+                let bye = r.sent_to(&r.b.clone());
+                assert_eq!(bye[0].method(), Some("BYE"));
+                assert_eq!(bye[0].to_tag(), Some("b1"));
+                r.from_b(reply_from_b(&bye[0], 200, "b1"));
+            }
+            assert_eq!(r.b2b.calls_active(), 0, "from_b={from_b}");
+            assert!(r.b2b.by_client.is_empty());
+        }
+    }
+
+    #[test]
+    fn cancel_before_answer_gives_487_and_cancels_leg_b() {
+        let mut r = rig();
+        let tok = r.token("j2");
+        let text = invite(&format!("Authorization: Bearer {tok}\r\n"), "z9hG4bKc1");
+        r.from_a(&text);
+        let inv = r.sent_to(&r.b.clone()).remove(0);
+        r.from_b(reply_from_b(&inv, 180, "b1"));
+        r.sent_to(&r.a.clone());
+        let cancel = text
+            .replacen("INVITE sip", "CANCEL sip", 1)
+            .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
+        r.from_a(&cancel);
+        let to_a: Vec<_> = r
+            .sent_to(&r.a.clone())
+            .iter()
+            .map(|m| m.status().unwrap())
+            .collect();
+        assert_eq!(to_a, vec![200, 487]);
+        let c = r.sent_to(&r.b.clone()).remove(0);
+        assert_eq!(c.method(), Some("CANCEL"));
+        assert_eq!(c.top_via().unwrap().branch, inv.top_via().unwrap().branch);
+        r.from_b(reply_from_b(&c, 200, "b1"));
+        r.from_b(reply_from_b(&inv, 487, "b1"));
+        assert_eq!(r.sent_to(&r.b.clone())[0].method(), Some("ACK"));
+        assert_eq!(r.b2b.calls_active(), 0);
+    }
+
+    #[test]
+    fn silent_leg_b_gives_408_after_timer_b_and_busy_is_relayed() {
+        let mut r = rig();
+        let tok = r.token("j3");
+        r.from_a(&invite(
+            &format!("Authorization: Bearer {tok}\r\n"),
+            "z9hG4bKt1",
+        ));
+        r.sent_to(&r.a.clone());
+        r.advance(Duration::from_secs(33));
+        let retrans = r.sent_to(&r.b.clone());
+        assert_eq!(retrans.len(), 7, "INVITE + 6 Timer A retransmissions");
+        let to_a = r.sent_to(&r.a.clone());
+        assert_eq!(to_a[0].status(), Some(408));
+        assert_eq!(r.b2b.calls_active(), 0);
+
+        let tok = r.token("j4");
+        r.from_a(&invite(
+            &format!("Authorization: Bearer {tok}\r\n"),
+            "z9hG4bKt2",
+        ));
+        let inv = r.sent_to(&r.b.clone()).remove(0);
+        r.from_b(reply_from_b(&inv, 486, "b2"));
+        assert_eq!(r.sent_to(&r.b.clone())[0].method(), Some("ACK"));
+        let to_a: Vec<_> = r
+            .sent_to(&r.a.clone())
+            .iter()
+            .map(|m| m.status().unwrap())
+            .collect();
+        assert_eq!(to_a, vec![100, 486]);
+        assert_eq!(r.b2b.calls_active(), 0);
+    }
+
+    #[test]
+    fn ringing_forever_is_cancelled_at_the_invite_timeout_and_given_up_later() {
+        let mut r = rig();
+        let tok = r.token("j5");
+        r.from_a(&invite(
+            &format!("Authorization: Bearer {tok}\r\n"),
+            "z9hG4bKr1",
+        ));
+        let inv = r.sent_to(&r.b.clone()).remove(0);
+        r.from_b(reply_from_b(&inv, 180, "b1"));
+        r.advance(Duration::from_secs(61));
+        let statuses: Vec<_> = r
+            .sent_to(&r.a.clone())
+            .iter()
+            .map(|m| m.status().unwrap())
+            .collect();
+        assert!(statuses.contains(&408), "{statuses:?}");
+        assert!(r
+            .sent_to(&r.b.clone())
+            .iter()
+            .any(|m| m.method() == Some("CANCEL")));
+        // B ignores the CANCEL too: the call is dropped 64*T1 later.
+        r.advance(Duration::from_secs(40));
+        assert_eq!(r.b2b.calls_active(), 0);
+    }
+
+    #[test]
+    fn credentials_are_checked_before_any_state_is_kept() {
+        let mut r = rig();
+        r.from_a(&invite("", "z9hG4bKn1"));
+        let resp = r.sent_to(&r.a.clone()).remove(0);
+        assert_eq!(resp.status(), Some(401));
+        let ch: Vec<_> = resp.headers_named("WWW-Authenticate").collect();
+        assert!(ch[0].starts_with("Bearer realm=\"tollgate\""));
+        assert!(ch.iter().any(|c| c.starts_with("Digest ")));
+        r.from_a(&invite(
+            "Authorization: Bearer abc.def.ghi\r\n",
+            "z9hG4bKn2",
+        ));
+        let resp = r.sent_to(&r.a.clone()).remove(0);
+        assert_eq!(
+            resp.header("WWW-Authenticate"),
+            Some("Bearer realm=\"tollgate\", error=\"invalid_token\"")
+        );
+        assert_eq!(r.b2b.txn.len(), (0, 0));
+        assert_eq!(r.b2b.calls_active(), 0);
+        assert!(r.sent_to(&r.b.clone()).is_empty());
+    }
+
+    #[test]
+    fn retransmitted_invite_is_absorbed_not_rechecked() {
+        let mut r = rig();
+        let tok = r.token("j6");
+        let text = invite(&format!("Authorization: Bearer {tok}\r\n"), "z9hG4bKx1");
+        r.from_a(&text);
+        r.from_a(&text);
+        let to_a: Vec<_> = r
+            .sent_to(&r.a.clone())
+            .iter()
+            .map(|m| m.status().unwrap())
+            .collect();
+        assert_eq!(
+            to_a,
+            vec![100, 100],
+            "the retransmission gets the 100 again, not a 401"
+        );
+        assert_eq!(r.sent_to(&r.b.clone()).len(), 1);
+    }
 }
