@@ -1633,11 +1633,11 @@ mod tests {
                 },
             )
         }
-        fn from_a(&mut self, text: &str) {
+        fn a_sends(&mut self, text: &str) {
             let p = self.a.clone();
             self.b2b.handle_datagram(self.t, NOW, text.as_bytes(), p);
         }
-        fn from_b(&mut self, text: String) {
+        fn b_sends(&mut self, text: String) {
             let p = self.b.clone();
             self.b2b.handle_datagram(self.t, NOW, text.as_bytes(), p);
         }
@@ -1706,7 +1706,7 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
     /// Sets up an answered call; returns B's INVITE as B saw it.
     fn answered_call(r: &mut Rig) -> Message {
         let tok = r.token("j1");
-        r.from_a(&invite(
+        r.a_sends(&invite(
             &format!("Authorization: Bearer {tok}\r\n"),
             "z9hG4bKa1",
         ));
@@ -1715,8 +1715,8 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
         let to_b = r.sent_to(&r.b.clone());
         assert_eq!(to_b.len(), 1);
         let inv = to_b[0].clone();
-        r.from_b(reply_from_b(&inv, 180, "b1"));
-        r.from_b(reply_from_b(&inv, 200, "b1"));
+        r.b_sends(reply_from_b(&inv, 180, "b1"));
+        r.b_sends(reply_from_b(&inv, 200, "b1"));
         let to_a = r.sent_to(&r.a.clone());
         assert_eq!(
             to_a.iter().map(|m| m.status().unwrap()).collect::<Vec<_>>(),
@@ -1724,7 +1724,7 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
         );
         // A's ACK becomes B's ACK.
         let a_tag = to_a[1].to_tag().unwrap().to_string();
-        r.from_a(&in_dialog(
+        r.a_sends(&in_dialog(
             "ACK",
             "<sip:+15550199@127.0.0.1>;tag=a1",
             &format!("<sip:+15550100@127.0.0.1>;tag={a_tag}"),
@@ -1763,9 +1763,9 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
             let mut r = rig();
             let inv = answered_call(&mut r);
             if from_b {
-                let from = format!("<sip:agent@127.0.0.1>;tag=b1");
+                let from = "<sip:agent@127.0.0.1>;tag=b1";
                 let to = inv.header("From").unwrap().to_string();
-                r.from_b(in_dialog(
+                r.b_sends(in_dialog(
                     "BYE",
                     &from,
                     &to,
@@ -1781,10 +1781,10 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
                 let ok =
                     String::from_utf8(response_to(&bye[0], 200, "OK", None).to_bytes().to_vec())
                         .unwrap();
-                r.from_a(&ok);
+                r.a_sends(&ok);
             } else {
                 let to = r.b2b.calls.values().next().unwrap().a.local_tag.clone();
-                r.from_a(&in_dialog(
+                r.a_sends(&in_dialog(
                     "BYE",
                     "<sip:+15550199@127.0.0.1>;tag=a1",
                     &format!("<sip:+15550100@127.0.0.1>;tag={to}"),
@@ -1796,7 +1796,7 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
                 let bye = r.sent_to(&r.b.clone());
                 assert_eq!(bye[0].method(), Some("BYE"));
                 assert_eq!(bye[0].to_tag(), Some("b1"));
-                r.from_b(reply_from_b(&bye[0], 200, "b1"));
+                r.b_sends(reply_from_b(&bye[0], 200, "b1"));
             }
             assert_eq!(r.b2b.calls_active(), 0, "from_b={from_b}");
             assert!(r.b2b.by_client.is_empty());
@@ -1808,14 +1808,14 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
         let mut r = rig();
         let tok = r.token("j2");
         let text = invite(&format!("Authorization: Bearer {tok}\r\n"), "z9hG4bKc1");
-        r.from_a(&text);
+        r.a_sends(&text);
         let inv = r.sent_to(&r.b.clone()).remove(0);
-        r.from_b(reply_from_b(&inv, 180, "b1"));
+        r.b_sends(reply_from_b(&inv, 180, "b1"));
         r.sent_to(&r.a.clone());
         let cancel = text
             .replacen("INVITE sip", "CANCEL sip", 1)
             .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
-        r.from_a(&cancel);
+        r.a_sends(&cancel);
         let to_a: Vec<_> = r
             .sent_to(&r.a.clone())
             .iter()
@@ -1825,8 +1825,8 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
         let c = r.sent_to(&r.b.clone()).remove(0);
         assert_eq!(c.method(), Some("CANCEL"));
         assert_eq!(c.top_via().unwrap().branch, inv.top_via().unwrap().branch);
-        r.from_b(reply_from_b(&c, 200, "b1"));
-        r.from_b(reply_from_b(&inv, 487, "b1"));
+        r.b_sends(reply_from_b(&c, 200, "b1"));
+        r.b_sends(reply_from_b(&inv, 487, "b1"));
         assert_eq!(r.sent_to(&r.b.clone())[0].method(), Some("ACK"));
         assert_eq!(r.b2b.calls_active(), 0);
     }
@@ -1835,7 +1835,7 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
     fn silent_leg_b_gives_408_after_timer_b_and_busy_is_relayed() {
         let mut r = rig();
         let tok = r.token("j3");
-        r.from_a(&invite(
+        r.a_sends(&invite(
             &format!("Authorization: Bearer {tok}\r\n"),
             "z9hG4bKt1",
         ));
@@ -1848,12 +1848,12 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
         assert_eq!(r.b2b.calls_active(), 0);
 
         let tok = r.token("j4");
-        r.from_a(&invite(
+        r.a_sends(&invite(
             &format!("Authorization: Bearer {tok}\r\n"),
             "z9hG4bKt2",
         ));
         let inv = r.sent_to(&r.b.clone()).remove(0);
-        r.from_b(reply_from_b(&inv, 486, "b2"));
+        r.b_sends(reply_from_b(&inv, 486, "b2"));
         assert_eq!(r.sent_to(&r.b.clone())[0].method(), Some("ACK"));
         let to_a: Vec<_> = r
             .sent_to(&r.a.clone())
@@ -1868,12 +1868,12 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
     fn ringing_forever_is_cancelled_at_the_invite_timeout_and_given_up_later() {
         let mut r = rig();
         let tok = r.token("j5");
-        r.from_a(&invite(
+        r.a_sends(&invite(
             &format!("Authorization: Bearer {tok}\r\n"),
             "z9hG4bKr1",
         ));
         let inv = r.sent_to(&r.b.clone()).remove(0);
-        r.from_b(reply_from_b(&inv, 180, "b1"));
+        r.b_sends(reply_from_b(&inv, 180, "b1"));
         r.advance(Duration::from_secs(61));
         let statuses: Vec<_> = r
             .sent_to(&r.a.clone())
@@ -1893,13 +1893,13 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
     #[test]
     fn credentials_are_checked_before_any_state_is_kept() {
         let mut r = rig();
-        r.from_a(&invite("", "z9hG4bKn1"));
+        r.a_sends(&invite("", "z9hG4bKn1"));
         let resp = r.sent_to(&r.a.clone()).remove(0);
         assert_eq!(resp.status(), Some(401));
         let ch: Vec<_> = resp.headers_named("WWW-Authenticate").collect();
         assert!(ch[0].starts_with("Bearer realm=\"tollgate\""));
         assert!(ch.iter().any(|c| c.starts_with("Digest ")));
-        r.from_a(&invite(
+        r.a_sends(&invite(
             "Authorization: Bearer abc.def.ghi\r\n",
             "z9hG4bKn2",
         ));
@@ -1918,8 +1918,8 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
         let mut r = rig();
         let tok = r.token("j6");
         let text = invite(&format!("Authorization: Bearer {tok}\r\n"), "z9hG4bKx1");
-        r.from_a(&text);
-        r.from_a(&text);
+        r.a_sends(&text);
+        r.a_sends(&text);
         let to_a: Vec<_> = r
             .sent_to(&r.a.clone())
             .iter()
