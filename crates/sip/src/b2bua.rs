@@ -1767,7 +1767,7 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
                 let to = inv.header("From").unwrap().to_string();
                 r.b_sends(in_dialog(
                     "BYE",
-                    &from,
+                    from,
                     &to,
                     inv.call_id().unwrap(),
                     2,
