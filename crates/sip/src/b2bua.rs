@@ -113,6 +113,10 @@ pub enum EndCause {
     Timeout,
     NoAck,
     Shutdown,
+    /// The key's daily budget or the token's `max_duration` ran out.
+    LimitReached,
+    /// Hung up through the admin API.
+    Admin,
 }
 
 impl EndCause {
@@ -124,6 +128,8 @@ impl EndCause {
             EndCause::Timeout => "timeout",
             EndCause::NoAck => "no_ack",
             EndCause::Shutdown => "shutdown",
+            EndCause::LimitReached => "limit_reached",
+            EndCause::Admin => "admin",
         }
     }
 }
@@ -162,7 +168,13 @@ pub struct Call {
     pub key_id: String,
     pub route: usize,
     pub created: Instant,
+    pub created_unix: i64,
     pub answered: Option<Instant>,
+    pub caller: String,
+    pub called: String,
+    /// The token's `max_duration`, if any.
+    max_duration: Option<u64>,
+
     a_invite: TxnKey,
     b_invite_msg: Option<Message>,
     b_provisional: bool,
@@ -190,6 +202,72 @@ impl Call {
             Side::B => &mut self.b,
         }
     }
+}
+
+/// A refusal from the call policy: the status to answer leg A with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    pub code: u16,
+    pub retry_after: Option<u32>,
+}
+
+/// What is known of a call when it ends (the CDR's raw material).
+#[derive(Debug, Clone)]
+pub struct CallRecord {
+    /// Unique across restarts: leg B's Call-ID.
+    pub call_id: String,
+    pub call: u64,
+    pub key_id: String,
+    pub from: String,
+    pub to: String,
+    pub start: i64,
+    pub answer: Option<i64>,
+    pub end: i64,
+    /// Whole seconds from answer to end, rounded up.
+    pub billable_secs: u64,
+    pub cause: EndCause,
+    /// The final status leg A got when the call was not answered.
+    pub sip_code: Option<u16>,
+}
+
+/// Admission and accounting of calls, supplied by the binary (the trunk
+/// allocator and the CDR store). Called synchronously on the signaling path,
+/// so implementations must not block.
+pub trait CallPolicy: Send {
+    /// An authenticated INVITE, before leg B is tried.
+    fn admit(
+        &mut self,
+        call: u64,
+        key: &tollgate_keys::KeyRecord,
+        destination: &str,
+        now: Instant,
+        unix: i64,
+    ) -> Result<(), Refused>;
+    /// Leg B answered; returns how many seconds the call may last (budget).
+    fn answered(&mut self, call: u64, unix: i64) -> Option<u64>;
+    /// The call ended, however it ended; every admitted call gets exactly one.
+    fn ended(&mut self, record: &CallRecord);
+}
+
+/// Admits everything and records nothing.
+#[derive(Debug, Default)]
+pub struct OpenPolicy;
+
+impl CallPolicy for OpenPolicy {
+    fn admit(
+        &mut self,
+        _: u64,
+        _: &tollgate_keys::KeyRecord,
+        _: &str,
+        _: Instant,
+        _: i64,
+    ) -> Result<(), Refused> {
+        Ok(())
+    }
+    fn answered(&mut self, _: u64, _: i64) -> Option<u64> {
+        None
+    }
+    fn ended(&mut self, _: &CallRecord) {}
 }
 
 /// Things the binary wants to know about (CDRs, trunks, media, webhooks).
@@ -224,6 +302,9 @@ pub struct B2bua {
     rng: ring::rand::SystemRandom,
     pub events: Vec<CallEvent>,
     draining: bool,
+    policy: Box<dyn CallPolicy>,
+    /// The latest `now` seen, for bookkeeping in places that have no `now`.
+    clock: Instant,
 }
 
 fn method_label(m: &str) -> &'static str {
@@ -270,7 +351,15 @@ impl B2bua {
             rng: ring::rand::SystemRandom::new(),
             events: Vec::new(),
             draining: false,
+            policy: Box::new(OpenPolicy),
+            clock: Instant::now(),
         }
+    }
+
+    /// Puts admission and accounting in the hands of `policy`.
+    pub fn with_policy(mut self, policy: Box<dyn CallPolicy>) -> Self {
+        self.policy = policy;
+        self
     }
 
     pub fn calls_active(&self) -> usize {
@@ -453,6 +542,7 @@ impl B2bua {
     }
 
     pub fn handle_message(&mut self, now: Instant, unix: i64, mut msg: Message, peer: Peer) {
+        self.clock = self.clock.max(now);
         match &msg.start {
             StartLine::Response { .. } => {
                 self.txn.on_response(now, msg);
@@ -583,7 +673,7 @@ impl B2bua {
                 return self.send_stateless(&dest, resp);
             }
         };
-        self.start_call(now, msg, peer, principal, request_user, from_user, mf);
+        self.start_call(now, unix, msg, peer, principal, request_user, from_user, mf);
     }
 
     fn challenge(&mut self, msg: &Message, dest: &Peer, values: Vec<String>) {
@@ -616,6 +706,7 @@ impl B2bua {
     fn start_call(
         &mut self,
         now: Instant,
+        unix: i64,
         msg: Message,
         peer: Peer,
         principal: Principal,
@@ -623,18 +714,59 @@ impl B2bua {
         caller: String,
         max_forwards: u8,
     ) {
+        let id = self.next_id;
+        let called = tollgate_keys::number::normalize(&called);
+        let caller = tollgate_keys::number::normalize(&caller);
+        if let Err(r) = self.policy.admit(id, &principal.key, &called, now, unix) {
+            let dest = response_peer(&msg, &peer);
+            let mut resp = response_to(&msg, r.code, reason_phrase(r.code), Some(&self.token(8)));
+            if let Some(secs) = r.retry_after {
+                resp.headers.push(Header {
+                    name: "Retry-After".into(),
+                    value: secs.to_string(),
+                });
+            }
+            metrics::counter!("tollgate_admission_refusals_total", "code" => code_label(r.code))
+                .increment(1);
+            return self.send_stateless(&dest, resp);
+        }
+        self.next_id += 1;
         let Some(a_key) = self.txn.create_server(msg.clone(), peer.clone()) else {
+            self.policy.ended(&CallRecord {
+                call_id: String::new(),
+                call: id,
+                key_id: principal.key.id.clone(),
+                from: caller,
+                to: called,
+                start: unix,
+                answer: None,
+                end: unix,
+                billable_secs: 0,
+                cause: EndCause::Rejected(400),
+                sip_code: Some(400),
+            });
             return;
         };
         let a_tag = self.token(8);
         self.reply(now, &a_key, 100, Vec::new(), None);
         let Some(route_ix) = self.pick_route(&principal) else {
             self.reply(now, &a_key, 404, Vec::new(), Some(&a_tag));
+            self.policy.ended(&CallRecord {
+                call_id: String::new(),
+                call: id,
+                key_id: principal.key.id.clone(),
+                from: caller,
+                to: called,
+                start: unix,
+                answer: None,
+                end: unix,
+                billable_secs: 0,
+                cause: EndCause::Rejected(404),
+                sip_code: Some(404),
+            });
             return;
         };
         let route = self.cfg.routes[route_ix].clone();
-        let id = self.next_id;
-        self.next_id += 1;
 
         // Leg A: we are its UAS.
         let a_call_id = msg.call_id().unwrap_or_default().to_string();
@@ -751,7 +883,7 @@ impl B2bua {
             body: msg.body.clone(),
         };
         let Some(b_key) = self.txn.request(now, b_invite.clone(), route.peer.clone()) else {
-            return;
+            return; // unreachable: the Via we built has a branch
         };
         metrics::counter!("tollgate_sip_requests_sent_total", "method" => "INVITE").increment(1);
         let deadline = now + self.cfg.invite_timeout;
@@ -764,8 +896,8 @@ impl B2bua {
         self.events.push(CallEvent::Started {
             call: id,
             key_id: principal.key.id.clone(),
-            from: caller,
-            to: called,
+            from: caller.clone(),
+            to: called.clone(),
         });
         metrics::gauge!("tollgate_calls_active").increment(1.0);
         self.calls.insert(
@@ -778,7 +910,12 @@ impl B2bua {
                 key_id: principal.key.id.clone(),
                 route: route_ix,
                 created: now,
+                created_unix: unix,
                 answered: None,
+                caller: caller.clone(),
+                called: called.clone(),
+                max_duration: principal.claims.as_ref().and_then(|c| c.max_duration),
+
                 a_invite: a_key,
                 b_invite_msg: Some(b_invite),
                 b_provisional: false,
@@ -826,6 +963,35 @@ impl B2bua {
             (_, None) => "failed",
         };
         metrics::counter!("tollgate_calls_total", "result" => result).increment(1);
+        let now = self.clock;
+        let elapsed = |t: Instant| now.saturating_duration_since(t);
+        let end = call.created_unix + elapsed(call.created).as_secs() as i64;
+        let answer = call.answered.map(|a| {
+            call.created_unix + a.saturating_duration_since(call.created).as_secs() as i64
+        });
+        let billable_secs = call.answered.map_or(0, |a| {
+            let d = elapsed(a);
+            d.as_secs() + u64::from(d.subsec_nanos() > 0)
+        });
+        self.policy.ended(&CallRecord {
+            call_id: call.b.call_id.clone(),
+            call: id,
+            key_id: call.key_id.clone(),
+            from: call.caller.clone(),
+            to: call.called.clone(),
+            start: call.created_unix,
+            answer,
+            end,
+            billable_secs,
+            cause,
+            sip_code: match (call.answered, cause) {
+                (Some(_), _) => Some(200),
+                (None, EndCause::Rejected(c)) => Some(c),
+                (None, EndCause::Timeout) => Some(408),
+                (None, EndCause::Cancelled) => Some(487),
+                (None, _) => None,
+            },
+        });
         self.events.push(CallEvent::Ended { call: id, cause });
     }
 
@@ -1309,6 +1475,18 @@ impl B2bua {
                 other_answered: true,
             });
             self.events.push(CallEvent::Answered { call: id });
+            let unix = self.calls.get(&id).map_or(0, |c| {
+                c.created_unix + now.saturating_duration_since(c.created).as_secs() as i64
+            });
+            let budget = self.policy.answered(id, unix);
+            let max = self.calls.get(&id).and_then(|c| c.max_duration);
+            let limit = match (budget, max) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if let Some(secs) = limit {
+                self.set_deadline(id, now + Duration::from_secs(secs));
+            }
             return self.relay_response(now, id, Side::A, &a_invite, &msg);
         }
         // 3xx-6xx: the transaction layer ACKed it.
@@ -1368,6 +1546,7 @@ impl B2bua {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.clock = self.clock.max(now);
         self.txn.handle_timeout(now);
         self.drain_txn_events(now);
         while let Some(Reverse((at, id))) = self.deadlines.peek().copied() {
@@ -1401,6 +1580,10 @@ impl B2bua {
                         self.set_deadline(id, now + self.cfg.timers.t1 * 64);
                     }
                 }
+                CallState::Confirmed => {
+                    // Budget or max_duration spent: BYE both legs.
+                    self.hangup(now, id, EndCause::LimitReached);
+                }
                 CallState::Cancelled => {
                     // Leg B never answered the CANCEL (RFC 3261 §9.1).
                     let keys = call.clients.clone();
@@ -1417,6 +1600,7 @@ impl B2bua {
 
     /// Hangs up a call (admin API, budget, media timeout, shutdown).
     pub fn hangup(&mut self, now: Instant, id: u64, cause: EndCause) {
+        self.clock = self.clock.max(now);
         let Some(call) = self.calls.get_mut(&id) else {
             return;
         };
@@ -1765,14 +1949,7 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
             if from_b {
                 let from = "<sip:agent@127.0.0.1>;tag=b1";
                 let to = inv.header("From").unwrap().to_string();
-                r.b_sends(in_dialog(
-                    "BYE",
-                    from,
-                    &to,
-                    inv.call_id().unwrap(),
-                    2,
-                    5080,
-                ));
+                r.b_sends(in_dialog("BYE", from, &to, inv.call_id().unwrap(), 2, 5080));
                 assert_eq!(r.sent_to(&r.b.clone())[0].status(), Some(200));
                 let bye = r.sent_to(&r.a.clone());
                 assert_eq!(bye[0].method(), Some("BYE"));

@@ -4,6 +4,7 @@
 mod config;
 mod echo;
 mod metrics_http;
+mod policy;
 mod serve;
 
 use clap::{Args, Parser, Subcommand};
@@ -190,9 +191,9 @@ fn main() -> ExitCode {
             record,
             max_duration,
         })) => mint(&key, &to, &from, &ttl, model, webhook, record, max_duration),
-        Some(Command::Usage { .. }) => Err(Failure::Other(
-            "usage: no call records are kept yet (the trunk allocator records them)".into(),
-        )),
+        Some(Command::Usage { key, since }) => {
+            usage(&cli.data_dir, key.as_deref(), since.as_deref())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -294,6 +295,50 @@ fn keys(dir: &std::path::Path, cmd: KeysCmd) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `--since`: Unix seconds, `YYYY-MM-DD` (UTC midnight), or a duration ago (`24h`).
+fn parse_since(s: &str) -> Result<i64, Failure> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<i64>() {
+        return Ok(n);
+    }
+    let parts: Vec<&str> = s.split('-').collect();
+    if let [y, m, d] = parts[..] {
+        if let (Ok(y), Ok(m), Ok(d)) = (y.parse::<i64>(), m.parse::<u32>(), d.parse::<u32>()) {
+            if (1..=12).contains(&m) && (1..=31).contains(&d) {
+                return Ok(days_from_civil(y, m, d) * 86_400);
+            }
+        }
+    }
+    match parse_duration("--since", s) {
+        Ok(ago) => Ok(unix_now() as i64 - ago as i64),
+        Err(_) => Err(Failure::Usage(format!(
+            "--since: {s:?} is not Unix seconds, YYYY-MM-DD or a duration ago (24h)"
+        ))),
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (i64::from(m) + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn usage(dir: &std::path::Path, key: Option<&str>, since: Option<&str>) -> Result<(), Failure> {
+    let since = since.map(parse_since).transpose()?;
+    let store = tollgate_trunk::FileCdrStore::open_read_only(dir)
+        .map_err(|e| Failure::Other(format!("CDR store in {}: {e}", dir.display())))?;
+    let totals = store
+        .totals(key, since)
+        .map_err(|e| Failure::Other(format!("CDR store in {}: {e}", dir.display())))?;
+    print!("{}", tollgate_trunk::format_usage(&totals));
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn mint(
     key: &str,
@@ -335,4 +380,19 @@ fn mint(
     };
     println!("{}", tollgate_keys::jwt::mint(&key, &claims));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates_match_python_calendar_timegm() {
+        // python3 -c "import calendar; print(calendar.timegm((2026,11,27,0,0,0))//86400)"
+        assert_eq!(days_from_civil(2026, 11, 27), 20_784);
+        assert_eq!(days_from_civil(1969, 12, 31), -1);
+        assert_eq!(days_from_civil(2000, 2, 29), 11_016);
+        assert_eq!(parse_since("2026-11-27").ok(), Some(20_784 * 86_400));
+        assert!(matches!(parse_since("yesterday"), Err(Failure::Usage(_))));
+    }
 }

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tollgate_keys::{FileKeyStore, KeyKind, KeyStore, Limits, MemoryReplayCache, ReplayCache};
 use tollgate_sip::driver::{self, Control, Sockets};
 use tollgate_sip::{b2bua, Peer, Route, TimerConfig, Transport};
+use tollgate_trunk::{Allocator, CdrSink, FileCdrStore, TrunkConfig};
 
 /// Everything `serve` needs, resolved from defaults, the file and the flags.
 pub struct Settings {
@@ -216,10 +217,14 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<(), Failure> {
         .enable_all()
         .build()
         .map_err(|e| Failure::Other(format!("runtime: {e}")))?;
-    rt.block_on(serve(s, store))
+    rt.block_on(serve(s, store, data_dir.to_path_buf()))
 }
 
-async fn serve(s: Settings, store: Arc<FileKeyStore>) -> Result<(), Failure> {
+async fn serve(
+    s: Settings,
+    store: Arc<FileKeyStore>,
+    data_dir: std::path::PathBuf,
+) -> Result<(), Failure> {
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full("tollgate_call_setup_seconds".into()),
@@ -328,7 +333,34 @@ async fn serve(s: Settings, store: Arc<FileKeyStore>) -> Result<(), Failure> {
         routes,
     };
     let _ = (s.media_ip, s.media_ports, s.admin_listen);
-    let core = tollgate_sip::B2bua::new(cfg, keys, replay, nonce_secret);
+    // Trunks and CDRs: budgets survive a restart through the CDR store.
+    let cdrs = Arc::new(
+        FileCdrStore::open(&data_dir)
+            .map_err(|e| Failure::Other(format!("CDR store in {}: {e}", data_dir.display())))?,
+    );
+    let alloc = Arc::new(Allocator::new(TrunkConfig::default()));
+    let now_unix = crate::unix_now() as i64;
+    let day = tollgate_trunk::utc_day(now_unix);
+    match cdrs.spent_on_day(day) {
+        Ok(spent) => {
+            for (key, secs) in spent {
+                alloc.seed_spent(&key, day, secs);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not read today's usage from the CDR store"),
+    }
+    let reclaim = alloc.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tick.tick().await;
+            reclaim.reclaim_idle(crate::unix_now() as i64);
+        }
+    });
+    let sink: Arc<dyn CdrSink> = cdrs.clone();
+    let policy = crate::policy::TrunkPolicy::new(alloc, sink);
+    let core =
+        tollgate_sip::B2bua::new(cfg, keys, replay, nonce_secret).with_policy(Box::new(policy));
     let (ctl_tx, ctl_rx) = mpsc::channel(64);
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -344,6 +376,9 @@ async fn serve(s: Settings, store: Arc<FileKeyStore>) -> Result<(), Failure> {
     let _ = ctl_tx.send(Control::Drain).await;
     drop(ctl_tx);
     let _ = tokio::time::timeout(Duration::from_secs(5), sip).await;
+    if let Err(e) = tokio::task::spawn_blocking(move || cdrs.flush()).await {
+        tracing::error!(error = %e, "CDR flush at shutdown failed");
+    }
     Ok(())
 }
 
