@@ -5,7 +5,7 @@
 use crate::b2bua::{B2bua, CallEvent, EndCause};
 use crate::framing::{FramingError, StreamFramer};
 use crate::transaction::{FlowId, Peer, Transmit, Transport};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -66,7 +66,9 @@ pub async fn run(
     let udp = sockets.udp;
     let mut conns: HashMap<FlowId, mpsc::UnboundedSender<Bytes>> = HashMap::new();
     let mut outbound: HashMap<SocketAddr, FlowId> = HashMap::new();
-    let mut buf = BytesMut::with_capacity(65_536);
+    // One receive buffer for the life of the task: datagrams are parsed from
+    // it in place (the parser copies what it keeps).
+    let mut buf = vec![0u8; 65_536];
     loop {
         let deadline = core
             .poll_timeout()
@@ -74,18 +76,17 @@ pub async fn run(
             .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             r = recv_udp(udp.as_deref(), &mut buf) => {
-                if let Some((data, from)) = r {
+                if let Some((n, from)) = r {
                     let peer = Peer { transport: Transport::Udp, addr: from, flow: None };
-                    core.handle_datagram(now(), unix_now(), &data, peer);
+                    let (t, unix) = (now(), unix_now());
+                    core.handle_datagram(t, unix, &buf[..n], peer);
                     // Drain what else is queued without going back to select.
                     if let Some(sock) = udp.as_deref() {
                         for _ in 0..64 {
-                            buf.clear();
-                            match sock.try_recv_buf_from(&mut buf) {
-                                Ok((_, from)) => {
+                            match sock.try_recv_from(&mut buf) {
+                                Ok((n, from)) => {
                                     let peer = Peer { transport: Transport::Udp, addr: from, flow: None };
-                                    let data = buf.split().freeze();
-                                    core.handle_datagram(now(), unix_now(), &data, peer);
+                                    core.handle_datagram(t, unix, &buf[..n], peer);
                                 }
                                 Err(_) => break,
                             }
@@ -152,14 +153,12 @@ fn handle_inbound(
     }
 }
 
-async fn recv_udp(sock: Option<&UdpSocket>, buf: &mut BytesMut) -> Option<(Bytes, SocketAddr)> {
+async fn recv_udp(sock: Option<&UdpSocket>, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
     let Some(sock) = sock else {
         return std::future::pending().await;
     };
-    buf.clear();
-    buf.reserve(65_536);
-    match sock.recv_buf_from(buf).await {
-        Ok((_, from)) => Some((buf.split().freeze(), from)),
+    match sock.recv_from(buf).await {
+        Ok((n, from)) => Some((n, from)),
         Err(e) => {
             // ICMP port unreachable shows up here on some systems: not fatal.
             tracing::debug!(error = %e, "udp receive error");
