@@ -1981,6 +1981,58 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
     }
 
     #[test]
+    fn reinvite_and_update_pass_through_in_both_directions() {
+        let mut r = rig();
+        let inv = answered_call(&mut r);
+        let a_tag = r.b2b.calls.values().next().unwrap().a.local_tag.clone();
+        let a_from = "<sip:+15550199@127.0.0.1>;tag=a1";
+        let a_to = format!("<sip:+15550100@127.0.0.1>;tag={a_tag}");
+        // re-INVITE from A with a new offer.
+        let reinvite = in_dialog("INVITE", a_from, &a_to, "call-a", 2, 5070).replace(
+            "\r\n\r\n",
+            "\r\nContent-Type: application/sdp\r\nContent-Length: 4\r\n\r\nv=1\n",
+        );
+        r.a_sends(&reinvite);
+        assert_eq!(r.sent_to(&r.a.clone())[0].status(), Some(100));
+        let to_b = r.sent_to(&r.b.clone()).remove(0);
+        assert_eq!(to_b.method(), Some("INVITE"));
+        assert_eq!(to_b.call_id(), inv.call_id());
+        assert_eq!(to_b.to_tag(), Some("b1"));
+        assert_eq!(to_b.cseq().unwrap().seq, 2);
+        assert_eq!(&to_b.body[..], b"v=1\n");
+        r.b_sends(reply_from_b(&to_b, 200, "b1"));
+        let ok = r.sent_to(&r.a.clone()).remove(0);
+        assert_eq!(
+            (ok.status(), ok.to_tag()),
+            (Some(200), Some(a_tag.as_str()))
+        );
+        r.a_sends(&in_dialog("ACK", a_from, &a_to, "call-a", 2, 5070));
+        let ack = r.sent_to(&r.b.clone()).remove(0);
+        assert_eq!((ack.method(), ack.cseq().unwrap().seq), (Some("ACK"), 2));
+        // UPDATE from B.
+        let b_from = "<sip:agent@127.0.0.1>;tag=b1";
+        let b_to = inv.header("From").unwrap().to_string();
+        r.b_sends(in_dialog(
+            "UPDATE",
+            b_from,
+            &b_to,
+            inv.call_id().unwrap(),
+            3,
+            5080,
+        ));
+        let upd = r.sent_to(&r.a.clone()).remove(0);
+        assert_eq!(upd.method(), Some("UPDATE"));
+        assert_eq!(upd.call_id(), Some("call-a"));
+        assert_eq!(upd.from_tag(), Some(a_tag.as_str()));
+        assert_eq!(upd.to_tag(), Some("a1"));
+        let ok = String::from_utf8(response_to(&upd, 200, "OK", None).to_bytes().to_vec()).unwrap();
+        r.a_sends(&ok);
+        let ok_b = r.sent_to(&r.b.clone()).remove(0);
+        assert_eq!((ok_b.status(), ok_b.cseq().unwrap().seq), (Some(200), 3));
+        assert_eq!(r.b2b.calls_active(), 1);
+    }
+
+    #[test]
     fn cancel_before_answer_gives_487_and_cancels_leg_b() {
         let mut r = rig();
         let tok = r.token("j2");
