@@ -846,7 +846,7 @@ impl B2bua {
             },
         ];
         if let Some(c) = &principal.claims {
-            let mut add = |name: &str, v: String| {
+            let mut add = |name: &'static str, v: String| {
                 if !v.is_empty() && v.bytes().all(|b| (0x20..0x7f).contains(&b)) {
                     headers.push(Header {
                         name: name.into(),
@@ -1165,7 +1165,7 @@ impl B2bua {
         let peer = call.b.peer.clone();
         let mut headers = Vec::new();
         for h in &inv.headers {
-            match h.name.as_str() {
+            match &*h.name {
                 "Via" | "From" | "To" | "Call-ID" | "Max-Forwards" | "Route" => {
                     headers.push(h.clone())
                 }
@@ -1326,7 +1326,7 @@ impl B2bua {
             resp.headers.push(self.contact(t));
         }
         for h in &from.headers {
-            match h.name.as_str() {
+            match &*h.name {
                 "Content-Type" | "Content-Disposition" | "Retry-After" | "Allow" | "Warning" => {
                     resp.headers.push(h.clone())
                 }

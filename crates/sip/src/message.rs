@@ -10,6 +10,7 @@
 //! refusal is a [`ParseError`] that never embeds the raw input.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use std::borrow::Cow;
 use std::fmt;
 
 /// Largest message accepted on any transport (datagram or framed stream).
@@ -51,7 +52,7 @@ pub enum ParseError {
 /// A header: its canonical name (long form) and its trimmed value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
-    pub name: String,
+    pub name: Cow<'static, str>,
     pub value: String,
 }
 
@@ -119,7 +120,7 @@ fn expand_compact(name: &str) -> &str {
 
 /// Canonical spelling of the headers this edge reads or writes, so that
 /// lookups and output are uniform whatever case the peer used.
-fn canonical(name: &str) -> String {
+fn canonical(name: &str) -> Cow<'static, str> {
     const KNOWN: &[&str] = &[
         "Via",
         "Call-ID",
@@ -146,10 +147,10 @@ fn canonical(name: &str) -> String {
     let name = expand_compact(name);
     for k in KNOWN {
         if k.eq_ignore_ascii_case(name) {
-            return (*k).to_string();
+            return Cow::Borrowed(k);
         }
     }
-    name.to_string()
+    Cow::Owned(name.to_string())
 }
 
 fn is_token_char(b: u8) -> bool {
@@ -194,27 +195,31 @@ pub fn parse(data: &[u8]) -> Result<Message, ParseError> {
     let first = lines.next().ok_or(ParseError::Empty)?;
     let start = parse_start_line(first)?;
 
-    // Unfold and split header lines.
-    let mut raw: Vec<String> = Vec::new();
-    for line in lines {
-        if line.starts_with(' ') || line.starts_with('\t') {
-            let last = raw.last_mut().ok_or(ParseError::HeaderLine)?;
-            last.push(' ');
-            last.push_str(line.trim());
-        } else if line.is_empty() {
+    // Unfold and split header lines in one pass; only a folded header
+    // allocates for its joined line.
+    let mut headers = Vec::with_capacity(16);
+    let mut lines = lines.peekable();
+    while let Some(line) = lines.next() {
+        if line.is_empty() {
             continue;
-        } else {
-            raw.push(line.to_string());
         }
-        if raw.len() > MAX_HEADERS {
+        if line.starts_with([' ', '\t']) {
+            return Err(ParseError::HeaderLine);
+        }
+        let mut folded: Option<String> = None;
+        while let Some(next) = lines.peek() {
+            if !next.starts_with([' ', '\t']) {
+                break;
+            }
+            let f = folded.get_or_insert_with(|| line.to_string());
+            f.push(' ');
+            f.push_str(next.trim());
+            lines.next();
+        }
+        let line = folded.as_deref().unwrap_or(line);
+        if line.len() > MAX_HEADER_LEN {
             return Err(ParseError::HeaderLimit);
         }
-        if raw.last().is_some_and(|l| l.len() > MAX_HEADER_LEN) {
-            return Err(ParseError::HeaderLimit);
-        }
-    }
-    let mut headers = Vec::with_capacity(raw.len() + 2);
-    for line in raw {
         let (name, value) = line.split_once(':').ok_or(ParseError::HeaderLine)?;
         let name = name.trim_end_matches([' ', '\t']);
         if name.is_empty() || !name.bytes().all(is_token_char) {
@@ -421,7 +426,7 @@ impl Message {
         {
             Some(h) => h.value = value,
             None => self.headers.push(Header {
-                name: name.to_string(),
+                name: name.to_string().into(),
                 value,
             }),
         }
@@ -653,7 +658,7 @@ impl Via {
 pub fn response_to(req: &Message, code: u16, reason: &str, to_tag: Option<&str>) -> Message {
     let mut headers = Vec::with_capacity(8);
     for h in &req.headers {
-        match h.name.as_str() {
+        match &*h.name {
             "Via" | "From" | "Call-ID" | "CSeq" => headers.push(h.clone()),
             "To" => {
                 let mut v = h.value.clone();

@@ -567,7 +567,7 @@ pub fn build_ack(invite: &Message, resp: &Message) -> Message {
         headers.push(v.clone());
     }
     for h in &invite.headers {
-        match h.name.as_str() {
+        match &*h.name {
             "From" | "Call-ID" | "Route" | "Max-Forwards" => headers.push(h.clone()),
             _ => {}
         }
