@@ -16,6 +16,8 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
 fi
 command -v sipp >/dev/null || { echo "test.sh: sipp is still missing" >&2; exit 1; }
+# pylibsrtp: the independent SRTP implementation the media tests compare with.
+crates/media/scripts/install-test-deps.sh
 
 cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads=4

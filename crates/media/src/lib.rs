@@ -1,1 +1,21 @@
+//! Tollgate's media relay (SPEC §5): anchors both legs of every call, converts
+//! between RTP and SRTP in place, rewrites SDP, allocates ports.
+//!
+//! Knows nothing of SIP: the B2BUA hands it SDP bodies and call ids.
+//!
+//! | module | RFC concept |
+//! | --- | --- |
+//! | [`srtp`] | RFC 3711 SRTP/SRTCP, RFC 7714 AES-GCM, behind a provider trait |
+//! | [`sdp`] | RFC 4566 SDP, RFC 3264 offer/answer, RFC 4568 SDES `a=crypto` |
+//! | [`ports`] | RFC 3550 §11 even/odd RTP/RTCP port pairs |
+//! | [`relay`] | the per-call packet path, latching, RFC 5761 rtcp-mux demux |
+//! | [`engine`] | the B2BUA-facing API ([`MediaEngine`]) |
 #![forbid(unsafe_code)]
+
+pub mod engine;
+pub mod ports;
+pub mod relay;
+pub mod sdp;
+pub mod srtp;
+
+pub use engine::{MediaConfig, MediaEngine, MediaError, Profile};

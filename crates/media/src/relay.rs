@@ -1,0 +1,412 @@
+//! The per-call relay: two legs, each a pair of UDP sockets on the media IP;
+//! what leg A's peer sends goes, transformed (RTP->SRTP, SRTP->RTP, SRTP->SRTP
+//! with new keys, or as is), to leg B's peer, and the reverse.
+//!
+//! The packet path ([`Relay::on_packet`]) is sans-IO: bytes, source and `now`
+//! in, an action out. The tokio driver ([`run`]) is one task per call that
+//! waits on the four sockets and drains each with `try_recv_buf_from` into one
+//! reused `BytesMut`: no allocation per packet.
+//!
+//! Latching (SPEC §5): a leg's peer is the address its SDP named; a packet
+//! from another address is taken (NAT) only while the leg has not latched yet
+//! and within [`LEARN_WINDOW`] of the relay starting, and only once it
+//! authenticated when the leg is SRTP. After that the latch is fixed; only the
+//! SDP-named address may take it back. Everything else is dropped and counted.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use metrics::Counter;
+use tokio::net::UdpSocket;
+
+use crate::srtp::{SrtpError, SrtpTransform};
+
+/// How long after the relay starts a leg may latch onto an address that its
+/// SDP did not name.
+pub const LEARN_WINDOW: Duration = Duration::from_secs(5);
+
+/// Receive buffer size; larger datagrams are dropped.
+pub(crate) const BUF_SIZE: usize = 2048;
+/// Largest packet we relay (room left for the SRTP tag and SRTCP index).
+const MAX_PACKET: usize = BUF_SIZE - 64;
+
+/// Which way a packet goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    AtoB = 0,
+    BtoA = 1,
+}
+
+/// Cached metric handles (looked up once per process, not per packet).
+pub(crate) struct Metrics {
+    packets: [[Counter; 2]; 2], // [way][rtp, rtcp]
+    bytes: [[Counter; 2]; 2],
+    auth_failures: Counter,
+    dropped_source: Counter,
+    dropped_replay: Counter,
+    dropped_malformed: Counter,
+    dropped_send: Counter,
+    latched_late: Counter,
+}
+
+pub(crate) fn metrics() -> &'static Metrics {
+    static M: OnceLock<Metrics> = OnceLock::new();
+    M.get_or_init(|| {
+        let pair = |name: &'static str, dir: &'static str| {
+            [
+                metrics::counter!(name, "direction" => dir, "proto" => "rtp"),
+                metrics::counter!(name, "direction" => dir, "proto" => "rtcp"),
+            ]
+        };
+        let dropped = |reason: &'static str| metrics::counter!("tollgate_media_dropped_total", "reason" => reason);
+        Metrics {
+            packets: [
+                pair("tollgate_media_packets_total", "a_to_b"),
+                pair("tollgate_media_packets_total", "b_to_a"),
+            ],
+            bytes: [
+                pair("tollgate_media_bytes_total", "a_to_b"),
+                pair("tollgate_media_bytes_total", "b_to_a"),
+            ],
+            auth_failures: metrics::counter!("tollgate_srtp_auth_failures_total"),
+            dropped_source: dropped("source"),
+            dropped_replay: dropped("replay"),
+            dropped_malformed: dropped("malformed"),
+            dropped_send: dropped("send"),
+            latched_late: metrics::counter!("tollgate_media_latched_late_total"),
+        }
+    })
+}
+
+/// Per-call counters, readable while the call runs (and for the CDR).
+#[derive(Debug, Default)]
+pub struct CallStats {
+    /// Packets relayed A->B and B->A.
+    pub relayed: [AtomicU64; 2],
+    /// Packets that failed SRTP/SRTCP authentication.
+    pub auth_failures: AtomicU64,
+    /// Replayed SRTP/SRTCP packets.
+    pub replayed: AtomicU64,
+    /// Packets from an address the leg may not take.
+    pub strangers: AtomicU64,
+    /// Packets that were not RTP/RTCP, or too large.
+    pub malformed: AtomicU64,
+    /// Latches onto an address the SDP did not name.
+    pub latched_late: AtomicU64,
+    /// When the last packet was accepted, in ms since `epoch` (+1; 0 = never).
+    last_packet_ms: AtomicU64,
+    epoch: OnceLock<Instant>,
+}
+
+/// A snapshot of [`CallStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub relayed_a_to_b: u64,
+    pub relayed_b_to_a: u64,
+    pub auth_failures: u64,
+    pub replayed: u64,
+    pub strangers: u64,
+    pub malformed: u64,
+    pub latched_late: u64,
+}
+
+impl CallStats {
+    pub(crate) fn new(epoch: Instant) -> CallStats {
+        let s = CallStats::default();
+        let _ = s.epoch.set(epoch);
+        s
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            relayed_a_to_b: l(&self.relayed[0]),
+            relayed_b_to_a: l(&self.relayed[1]),
+            auth_failures: l(&self.auth_failures),
+            replayed: l(&self.replayed),
+            strangers: l(&self.strangers),
+            malformed: l(&self.malformed),
+            latched_late: l(&self.latched_late),
+        }
+    }
+
+    fn epoch(&self) -> Instant {
+        *self.epoch.get_or_init(Instant::now)
+    }
+
+    pub(crate) fn touch(&self, now: Instant) {
+        let ms = now.saturating_duration_since(self.epoch()).as_millis() as u64 + 1;
+        self.last_packet_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// When media was last accepted from either side (the relay start if never).
+    pub fn last_packet(&self) -> Instant {
+        match self.last_packet_ms.load(Ordering::Relaxed) {
+            0 => self.epoch(),
+            ms => self.epoch() + Duration::from_millis(ms - 1),
+        }
+    }
+}
+
+/// Where one socket of a leg sends to and whom it accepts.
+#[derive(Debug, Clone)]
+pub struct Latch {
+    named: Option<SocketAddr>,
+    peer: Option<SocketAddr>,
+    learned: bool,
+    learn_until: Instant,
+}
+
+impl Latch {
+    /// `named` is the address the SDP gave (None for 0.0.0.0 / port 0).
+    pub fn new(named: Option<SocketAddr>, started: Instant) -> Latch {
+        Latch {
+            named,
+            peer: named,
+            learned: false,
+            learn_until: started + LEARN_WINDOW,
+        }
+    }
+
+    /// Whether a packet from `src` may be processed at all.
+    pub fn allows(&self, src: SocketAddr, now: Instant) -> bool {
+        Some(src) == self.peer
+            || Some(src) == self.named
+            || (!self.learned && now < self.learn_until)
+    }
+
+    /// After the packet from `src` was accepted (authenticated for SRTP):
+    /// latch onto it. Returns true when that is an address the SDP did not name.
+    pub fn confirm(&mut self, src: SocketAddr) -> bool {
+        if Some(src) == self.peer && self.learned {
+            return false;
+        }
+        let late = Some(src) != self.named && Some(src) != self.peer;
+        self.peer = Some(src);
+        self.learned = true;
+        late
+    }
+
+    /// Where to send.
+    pub fn target(&self) -> Option<SocketAddr> {
+        self.peer
+    }
+}
+
+/// One leg's relay state.
+pub struct Side {
+    pub rtp_latch: Latch,
+    pub rtcp_latch: Latch,
+    /// RTCP shares the RTP port (RFC 5761) toward this peer.
+    pub mux: bool,
+    /// Unprotects what this leg's peer sends (None: plain RTP).
+    pub rx: Option<Box<dyn SrtpTransform>>,
+    /// Protects what we send this leg's peer (None: plain RTP).
+    pub tx: Option<Box<dyn SrtpTransform>>,
+}
+
+/// What to do with a packet after [`Relay::on_packet`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Send the (transformed) buffer to `dst` from the other leg's RTP
+    /// (`rtcp == false`) or RTCP socket.
+    Send {
+        dst: SocketAddr,
+        rtcp_socket: bool,
+    },
+    Drop,
+}
+
+/// Both legs of a call (the sans-IO part of the relay).
+pub struct Relay {
+    pub sides: [Side; 2],
+    pub stats: Arc<CallStats>,
+}
+
+/// RFC 5761 §4: RTCP packet types 192..=223 on a muxed port.
+fn looks_like_rtcp(buf: &[u8]) -> bool {
+    buf.len() >= 2 && (192..=223).contains(&buf[1])
+}
+
+impl Relay {
+    /// Handles a datagram that arrived from `src` on leg `from`'s RTP or RTCP
+    /// socket; transforms `buf` in place for the other leg.
+    pub fn on_packet(
+        &mut self,
+        from: Way,
+        on_rtcp_socket: bool,
+        src: SocketAddr,
+        buf: &mut BytesMut,
+        now: Instant,
+    ) -> Action {
+        let m = metrics();
+        let rtcp = on_rtcp_socket || looks_like_rtcp(buf);
+        if buf.len() > MAX_PACKET || buf.len() < if rtcp { 8 } else { 12 } || buf[0] >> 6 != 2 {
+            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            m.dropped_malformed.increment(1);
+            return Action::Drop;
+        }
+        let (a, b) = self.sides.split_at_mut(1);
+        let (inbound, outbound) = match from {
+            Way::AtoB => (&mut a[0], &mut b[0]),
+            Way::BtoA => (&mut b[0], &mut a[0]),
+        };
+        let latch = if on_rtcp_socket {
+            &mut inbound.rtcp_latch
+        } else {
+            &mut inbound.rtp_latch
+        };
+        if !latch.allows(src, now) {
+            self.stats.strangers.fetch_add(1, Ordering::Relaxed);
+            m.dropped_source.increment(1);
+            return Action::Drop;
+        }
+        if let Some(rx) = &mut inbound.rx {
+            let r = if rtcp {
+                rx.unprotect_rtcp(buf)
+            } else {
+                rx.unprotect_rtp(buf)
+            };
+            if let Err(e) = r {
+                match e {
+                    SrtpError::AuthFailed => {
+                        self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                        m.auth_failures.increment(1);
+                    }
+                    SrtpError::Replayed => {
+                        self.stats.replayed.fetch_add(1, Ordering::Relaxed);
+                        m.dropped_replay.increment(1);
+                    }
+                    _ => {
+                        self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                        m.dropped_malformed.increment(1);
+                    }
+                }
+                return Action::Drop;
+            }
+        }
+        if latch.confirm(src) {
+            self.stats.latched_late.fetch_add(1, Ordering::Relaxed);
+            m.latched_late.increment(1);
+        }
+        self.stats.touch(now);
+        if let Some(tx) = &mut outbound.tx {
+            let r = if rtcp {
+                tx.protect_rtcp(buf)
+            } else {
+                tx.protect_rtp(buf)
+            };
+            if r.is_err() {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                m.dropped_malformed.increment(1);
+                return Action::Drop;
+            }
+        }
+        let (dst, rtcp_socket) = if rtcp && !outbound.mux {
+            (outbound.rtcp_latch.target(), true)
+        } else {
+            (outbound.rtp_latch.target(), false)
+        };
+        let Some(dst) = dst else {
+            m.dropped_send.increment(1);
+            return Action::Drop;
+        };
+        let way = from as usize;
+        self.stats.relayed[way].fetch_add(1, Ordering::Relaxed);
+        m.packets[way][rtcp as usize].increment(1);
+        m.bytes[way][rtcp as usize].increment(buf.len() as u64);
+        Action::Send { dst, rtcp_socket }
+    }
+}
+
+/// A leg's two sockets, and the ports they hold: the pair goes back to the
+/// pool only after the sockets are closed (fields drop in order).
+pub struct Sockets {
+    pub rtp: UdpSocket,
+    pub rtcp: UdpSocket,
+    pub ports: Option<crate::ports::PortPair>,
+}
+
+/// Drains one socket: every datagram waiting is handled and sent on.
+fn drain(relay: &mut Relay, socks: &[Sockets; 2], from: Way, rtcp: bool, buf: &mut BytesMut) {
+    let (inbound, outbound) = match from {
+        Way::AtoB => (&socks[0], &socks[1]),
+        Way::BtoA => (&socks[1], &socks[0]),
+    };
+    let sock = if rtcp { &inbound.rtcp } else { &inbound.rtp };
+    // One clock read per burst, not per packet.
+    let now = Instant::now();
+    loop {
+        buf.clear();
+        let src = match sock.try_recv_buf_from(buf) {
+            Ok((_, src)) => src,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            // ICMP port unreachable and the like surface here: keep going.
+            Err(_) => continue,
+        };
+        if let Action::Send { dst, rtcp_socket } = relay.on_packet(from, rtcp, src, buf, now) {
+            let out = if rtcp_socket {
+                &outbound.rtcp
+            } else {
+                &outbound.rtp
+            };
+            if out.try_send_to(buf, dst).is_err() {
+                metrics().dropped_send.increment(1);
+            }
+        }
+    }
+}
+
+/// The relay task of one call: runs until aborted.
+pub async fn run(mut relay: Relay, socks: [Sockets; 2]) {
+    let mut buf = BytesMut::with_capacity(BUF_SIZE);
+    loop {
+        let (from, rtcp) = tokio::select! {
+            r = socks[0].rtp.readable() => { if r.is_err() { return; } (Way::AtoB, false) }
+            r = socks[0].rtcp.readable() => { if r.is_err() { return; } (Way::AtoB, true) }
+            r = socks[1].rtp.readable() => { if r.is_err() { return; } (Way::BtoA, false) }
+            r = socks[1].rtcp.readable() => { if r.is_err() { return; } (Way::BtoA, true) }
+        };
+        drain(&mut relay, &socks, from, rtcp, &mut buf);
+        if buf.capacity() < BUF_SIZE {
+            buf = BytesMut::with_capacity(BUF_SIZE);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn latch_rules() {
+        let t0 = Instant::now();
+        let named = addr("10.0.0.1:4000");
+        let mut l = Latch::new(Some(named), t0);
+        // A NAT address may be learned early, once.
+        let nat = addr("198.51.100.9:61000");
+        assert!(l.allows(nat, t0));
+        assert!(l.confirm(nat));
+        assert_eq!(l.target(), Some(nat));
+        assert!(!l.confirm(nat));
+        // Then a stranger may not take it.
+        let stranger = addr("203.0.113.66:5000");
+        assert!(!l.allows(stranger, t0));
+        // The SDP-named address may.
+        assert!(l.allows(named, t0));
+        assert!(!l.confirm(named));
+        assert_eq!(l.target(), Some(named));
+
+        // No learning after the window.
+        let l = Latch::new(Some(named), t0);
+        assert!(!l.allows(stranger, t0 + LEARN_WINDOW));
+        assert!(l.allows(named, t0 + LEARN_WINDOW * 10));
+    }
+}
