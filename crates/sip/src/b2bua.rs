@@ -117,6 +117,8 @@ pub enum EndCause {
     LimitReached,
     /// Hung up through the admin API.
     Admin,
+    /// No media for the configured time (SPEC §5).
+    MediaTimeout,
 }
 
 impl EndCause {
@@ -130,6 +132,7 @@ impl EndCause {
             EndCause::Shutdown => "shutdown",
             EndCause::LimitReached => "limit_reached",
             EndCause::Admin => "admin",
+            EndCause::MediaTimeout => "media_timeout",
         }
     }
 }
@@ -270,6 +273,46 @@ impl CallPolicy for OpenPolicy {
     fn ended(&mut self, _: &CallRecord) {}
 }
 
+/// Media anchoring, supplied by the binary (the media relay). The B2BUA hands
+/// it SDP bodies; it knows nothing of SIP. Errors are the SIP status to
+/// answer with (488 for SDP the relay cannot serve).
+pub trait MediaHooks: Send {
+    /// Leg A's offer; returns the offer for leg B (in `profile_b`).
+    fn offer(&mut self, call: u64, sdp: &[u8], profile_b: MediaProfile) -> Result<Bytes, u16>;
+    /// Leg B's answer (18x or 2xx); returns the answer for leg A.
+    fn answer(&mut self, call: u64, sdp: &[u8]) -> Result<Bytes, u16>;
+    /// The call ended: every port back.
+    fn release(&mut self, call: u64);
+    /// Whether media is anchored (then in-dialog SDP cannot pass unchanged).
+    fn anchors(&self) -> bool;
+}
+
+/// No anchoring: SDP passes through unchanged (tests of the signaling core).
+#[derive(Debug, Default)]
+pub struct PassThroughMedia;
+
+impl MediaHooks for PassThroughMedia {
+    fn offer(&mut self, _: u64, sdp: &[u8], _: MediaProfile) -> Result<Bytes, u16> {
+        Ok(Bytes::copy_from_slice(sdp))
+    }
+    fn answer(&mut self, _: u64, sdp: &[u8]) -> Result<Bytes, u16> {
+        Ok(Bytes::copy_from_slice(sdp))
+    }
+    fn release(&mut self, _: u64) {}
+    fn anchors(&self) -> bool {
+        false
+    }
+}
+
+fn is_sdp(msg: &Message) -> bool {
+    !msg.body.is_empty()
+        && msg.header("Content-Type").is_some_and(|ct| {
+            ct.trim()
+                .get(..15)
+                .is_some_and(|p| p.eq_ignore_ascii_case("application/sdp"))
+        })
+}
+
 /// Things the binary wants to know about (CDRs, trunks, media, webhooks).
 #[derive(Debug, Clone)]
 pub enum CallEvent {
@@ -303,6 +346,7 @@ pub struct B2bua {
     pub events: Vec<CallEvent>,
     draining: bool,
     policy: Box<dyn CallPolicy>,
+    media: Box<dyn MediaHooks>,
     /// The latest `now` seen, for bookkeeping in places that have no `now`.
     clock: Instant,
 }
@@ -352,8 +396,15 @@ impl B2bua {
             events: Vec::new(),
             draining: false,
             policy: Box::new(OpenPolicy),
+            media: Box::new(PassThroughMedia),
             clock: Instant::now(),
         }
+    }
+
+    /// Anchors every call's media through `media`.
+    pub fn with_media(mut self, media: Box<dyn MediaHooks>) -> Self {
+        self.media = media;
+        self
     }
 
     /// Puts admission and accounting in the hands of `policy`.
@@ -874,13 +925,39 @@ impl B2bua {
                 headers.push(h.clone());
             }
         }
+        let body = if is_sdp(&msg) {
+            match self.media.offer(id, &msg.body, route.media) {
+                Ok(b) => b,
+                Err(code) => {
+                    self.reply(now, &a_key, code, Vec::new(), Some(&a_leg.local_tag));
+                    self.media.release(id);
+                    self.policy.ended(&CallRecord {
+                        call_id: b_leg.call_id.clone(),
+                        call: id,
+                        key_id: principal.key.id.clone(),
+                        from: caller,
+                        to: called,
+                        start: unix,
+                        answer: None,
+                        end: unix,
+                        billable_secs: 0,
+                        cause: EndCause::Rejected(code),
+                        sip_code: Some(code),
+                    });
+                    return;
+                }
+            }
+        } else {
+            // Late offer (no SDP in the INVITE): passes unanchored for now.
+            msg.body.clone()
+        };
         let b_invite = Message {
             start: StartLine::Request {
                 method: "INVITE".into(),
                 uri: b_ruri,
             },
             headers,
-            body: msg.body.clone(),
+            body,
         };
         let Some(b_key) = self.txn.request(now, b_invite.clone(), route.peer.clone()) else {
             return; // unreachable: the Via we built has a branch
@@ -954,6 +1031,7 @@ impl B2bua {
             self.by_client.remove(k);
         }
         metrics::gauge!("tollgate_calls_active").decrement(1.0);
+        self.media.release(id);
         let result = match (cause, call.answered) {
             (EndCause::Completed, _) => "answered",
             (EndCause::Rejected(_), _) => "rejected",
@@ -1232,6 +1310,12 @@ impl B2bua {
             };
             return self.reply(now, &sk, code, Vec::new(), None);
         }
+        if is_sdp(&msg) && self.media.anchors() {
+            // The relay cannot re-anchor a session mid-call yet: refuse the
+            // new offer; the call goes on with the session it has (RFC 3261 §14.2).
+            metrics::counter!("tollgate_sip_reoffers_refused_total").increment(1);
+            return self.reply(now, &sk, 488, Vec::new(), None);
+        }
         if method == "INVITE" {
             if self.calls.get(&id).is_some_and(|c| c.pending_ack.is_some()) {
                 return self.reply(now, &sk, 491, Vec::new(), None);
@@ -1308,6 +1392,20 @@ impl B2bua {
     }
 
     fn relay_response(&mut self, now: Instant, id: u64, to: Side, server: &TxnKey, from: &Message) {
+        self.relay_response_with(now, id, to, server, from, None);
+    }
+
+    /// Relays `from` on `server`, with `body` (an SDP rewritten by the media
+    /// relay) in place of its own when given.
+    fn relay_response_with(
+        &mut self,
+        now: Instant,
+        id: u64,
+        to: Side,
+        server: &TxnKey,
+        from: &Message,
+        body: Option<Bytes>,
+    ) {
         let Some(code) = from.status() else { return };
         let Some(call) = self.calls.get(&id) else {
             return;
@@ -1333,7 +1431,7 @@ impl B2bua {
                 _ => {}
             }
         }
-        resp.body = from.body.clone();
+        resp.body = body.unwrap_or_else(|| from.body.clone());
         self.respond_txn(now, server, &resp);
     }
 
@@ -1438,7 +1536,22 @@ impl B2bua {
                 return self.cancel_b(now, id);
             }
             if state == CallState::Setup {
-                self.relay_response(now, id, Side::A, &a_invite, &msg);
+                if is_sdp(&msg) {
+                    match self.media.answer(id, &msg.body) {
+                        Ok(b) => {
+                            self.relay_response_with(now, id, Side::A, &a_invite, &msg, Some(b))
+                        }
+                        // Early media the relay cannot serve: ring without it.
+                        Err(_) => {
+                            let mut bare = msg.clone();
+                            bare.body = Bytes::new();
+                            bare.remove_headers("Content-Type");
+                            self.relay_response(now, id, Side::A, &a_invite, &bare);
+                        }
+                    }
+                } else {
+                    self.relay_response(now, id, Side::A, &a_invite, &msg);
+                }
             }
             return;
         }
@@ -1467,6 +1580,28 @@ impl B2bua {
                 self.send_bye(now, id, Side::B);
                 return;
             }
+            let a_tag = call.a.local_tag.clone();
+            let answer_body = if is_sdp(&msg) {
+                match self.media.answer(id, &msg.body) {
+                    Ok(b) => Some(b),
+                    Err(code) => {
+                        // B answered with media we cannot relay: end B, refuse A.
+                        if let Some(call) = self.calls.get_mut(&id) {
+                            call.state = CallState::Terminating;
+                        }
+                        self.send_ack(id, Side::B, 1, None);
+                        self.send_bye(now, id, Side::B);
+                        self.reply(now, &a_invite, code, Vec::new(), Some(&a_tag));
+                        self.end_call(id, EndCause::Rejected(code));
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
+            let Some(call) = self.calls.get_mut(&id) else {
+                return;
+            };
             call.state = CallState::Confirmed;
             call.pending_ack = Some(PendingAck {
                 from: Side::A,
@@ -1487,7 +1622,7 @@ impl B2bua {
             if let Some(secs) = limit {
                 self.set_deadline(id, now + Duration::from_secs(secs));
             }
-            return self.relay_response(now, id, Side::A, &a_invite, &msg);
+            return self.relay_response_with(now, id, Side::A, &a_invite, &msg, answer_body);
         }
         // 3xx-6xx: the transaction layer ACKed it.
         self.by_client.remove(&key);
@@ -1601,6 +1736,14 @@ impl B2bua {
     /// Hangs up a call (admin API, budget, media timeout, shutdown).
     pub fn hangup(&mut self, now: Instant, id: u64, cause: EndCause) {
         self.clock = self.clock.max(now);
+        if cause == EndCause::MediaTimeout
+            && self
+                .calls
+                .get(&id)
+                .is_some_and(|c| c.state != CallState::Confirmed)
+        {
+            return; // ringing calls have no media yet; the INVITE timeout bounds them
+        }
         let Some(call) = self.calls.get_mut(&id) else {
             return;
         };

@@ -25,6 +25,8 @@ pub enum Control {
     Hangup(u64, EndCause),
     /// Stop admitting calls (SIGTERM drain).
     Drain,
+    /// Hang up every call and stop.
+    Shutdown,
 }
 
 enum Inbound {
@@ -108,7 +110,7 @@ pub async fn run(
                 match c {
                     Some(Control::Hangup(id, cause)) => core.hangup(now(), id, cause),
                     Some(Control::Drain) => core.set_draining(true),
-                    None => {
+                    Some(Control::Shutdown) | None => {
                         for id in core.call_ids() {
                             core.hangup(now(), id, EndCause::Shutdown);
                         }

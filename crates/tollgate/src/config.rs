@@ -39,6 +39,7 @@ pub struct SipSection {
 pub struct MediaSection {
     pub ip: Option<String>,
     pub ports: Option<String>,
+    pub timeout_s: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -8,6 +8,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod config;
 mod echo;
+mod media;
 mod metrics_http;
 mod policy;
 mod serve;

@@ -65,6 +65,7 @@ fn cause_label(c: EndCause) -> &'static str {
         EndCause::Shutdown => "shutdown",
         EndCause::LimitReached => "limit_reached",
         EndCause::Admin => "admin_hangup",
+        EndCause::MediaTimeout => "media_timeout",
         #[allow(unreachable_patterns)]
         _ => "other",
     }

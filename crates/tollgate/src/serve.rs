@@ -25,6 +25,7 @@ pub struct Settings {
     pub nonce_lifetime_secs: u64,
     pub media_ip: std::net::IpAddr,
     pub media_ports: (u16, u16),
+    pub media_timeout: Duration,
     pub metrics_listen: SocketAddr,
     pub admin_listen: SocketAddr,
     /// `None` target means the built-in echo destination.
@@ -102,6 +103,10 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         (None, Some(p)) => config::parse_port_range("media.ports", p)?,
         (None, None) => (20_000, 29_999),
     };
+    let media_timeout_s = file.media.timeout_s.unwrap_or(60);
+    if !(5..=86_400).contains(&media_timeout_s) {
+        return Err(ConfigError("media.timeout_s: must be 5..=86400".into()));
+    }
     let addr = |flag: &str, field: &str, a: &Option<String>, f: &Option<String>, d: &str| {
         let (name, v) = match (a, f) {
             (Some(v), _) => (flag, v.as_str()),
@@ -151,6 +156,7 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         nonce_lifetime_secs,
         media_ip,
         media_ports,
+        media_timeout: Duration::from_secs(media_timeout_s),
         metrics_listen,
         admin_listen,
         routes,
@@ -332,7 +338,14 @@ async fn serve(
         local,
         routes,
     };
-    let _ = (s.media_ip, s.media_ports, s.admin_listen);
+    let _ = s.admin_listen;
+    let engine = Arc::new(tollgate_media::MediaEngine::new(
+        tollgate_media::MediaConfig {
+            ip: s.media_ip,
+            ports: s.media_ports,
+            timeout: s.media_timeout,
+        },
+    ));
     // Trunks and CDRs: budgets survive a restart through the CDR store.
     let cdrs = Arc::new(
         FileCdrStore::open(&data_dir)
@@ -359,8 +372,9 @@ async fn serve(
     });
     let sink: Arc<dyn CdrSink> = cdrs.clone();
     let policy = crate::policy::TrunkPolicy::new(alloc, sink);
-    let core =
-        tollgate_sip::B2bua::new(cfg, keys, replay, nonce_secret).with_policy(Box::new(policy));
+    let core = tollgate_sip::B2bua::new(cfg, keys, replay, nonce_secret)
+        .with_policy(Box::new(policy))
+        .with_media(Box::new(crate::media::EngineHooks(engine.clone())));
     let (ctl_tx, ctl_rx) = mpsc::channel(64);
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -369,12 +383,29 @@ async fn serve(
         }
     });
     let sip = tokio::spawn(driver::run(core, Sockets { udp, tcp }, ctl_rx, ev_tx));
+    // Media silent past the timeout: BYE both legs (SPEC §5).
+    let silent_ctl = ctl_tx.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            for call in engine.silent_calls(std::time::Instant::now()) {
+                if silent_ctl
+                    .send(Control::Hangup(call, tollgate_sip::EndCause::MediaTimeout))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    });
     println!("tollgate: ready");
 
     shutdown_signal().await;
     tracing::info!("shutting down: hanging up calls");
     let _ = ctl_tx.send(Control::Drain).await;
-    drop(ctl_tx);
+    let _ = ctl_tx.send(Control::Shutdown).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), sip).await;
     if let Err(e) = tokio::task::spawn_blocking(move || cdrs.flush()).await {
         tracing::error!(error = %e, "CDR flush at shutdown failed");

@@ -1,0 +1,55 @@
+//! The B2BUA's media hooks, backed by the media relay (crates/media): SDP in,
+//! rewritten SDP out, and the one place where a media refusal becomes a SIP
+//! status.
+
+use bytes::Bytes;
+use std::sync::Arc;
+use tollgate_media::{MediaEngine, MediaError, Profile};
+use tollgate_sip::b2bua::MediaHooks;
+use tollgate_sip::MediaProfile;
+
+pub struct EngineHooks(pub Arc<MediaEngine>);
+
+/// 488 for SDP we cannot serve; 503 when we are out of ports; 500 otherwise.
+fn status_of(e: &MediaError) -> u16 {
+    match e {
+        MediaError::Ports => 503,
+        e if e.is_not_acceptable() => 488,
+        _ => 500,
+    }
+}
+
+fn profile(p: MediaProfile) -> Profile {
+    match p {
+        MediaProfile::Rtp => Profile::Rtp,
+        MediaProfile::Srtp => Profile::Srtp,
+        MediaProfile::Auto => Profile::Auto,
+    }
+}
+
+impl MediaHooks for EngineHooks {
+    fn offer(&mut self, call: u64, sdp: &[u8], profile_b: MediaProfile) -> Result<Bytes, u16> {
+        self.0
+            .offer(call, sdp, profile(profile_b))
+            .map(Bytes::from)
+            .map_err(|e| {
+                tracing::debug!(call, error = %e, "offer refused by the media relay");
+                status_of(&e)
+            })
+    }
+
+    fn answer(&mut self, call: u64, sdp: &[u8]) -> Result<Bytes, u16> {
+        self.0.answer(call, sdp).map(Bytes::from).map_err(|e| {
+            tracing::debug!(call, error = %e, "answer refused by the media relay");
+            status_of(&e)
+        })
+    }
+
+    fn release(&mut self, call: u64) {
+        self.0.release(call);
+    }
+
+    fn anchors(&self) -> bool {
+        true
+    }
+}
