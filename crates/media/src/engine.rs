@@ -185,8 +185,10 @@ impl MediaEngine {
     fn bind_leg(&self) -> Result<LegPorts, MediaError> {
         // A pair whose ports are still held by someone else is skipped (it
         // goes back to the end of the free list).
+        // Another process (a second edge, an RTP tool) may hold ports of our
+        // range: try well past a few such pairs before calling it exhaustion.
         let mut last = None;
-        for _ in 0..8 {
+        for _ in 0..64 {
             let pair = self.ports.allocate().ok_or(MediaError::Ports)?;
             let bind = |port| {
                 let s = StdUdpSocket::bind(SocketAddr::new(self.cfg.ip, port))?;
@@ -198,7 +200,7 @@ impl MediaEngine {
                 (Err(e), _) | (_, Err(e)) => last = Some(e),
             }
         }
-        Err(MediaError::Bind(last.expect("tried at least once")))
+        Err(last.map_or(MediaError::Ports, MediaError::Bind))
     }
 
     /// Leg A's offer: allocates both legs' ports and returns the SDP to send

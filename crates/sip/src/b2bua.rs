@@ -382,6 +382,8 @@ impl B2bua {
         replay: Arc<dyn ReplayCache>,
         nonce_secret: [u8; 32],
     ) -> Self {
+        // Present in /metrics from the start, not only after the first call.
+        metrics::gauge!("tollgate_calls_active").set(0.0);
         Self {
             txn: TxnLayer::new(cfg.timers),
             cfg,

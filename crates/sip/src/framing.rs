@@ -102,6 +102,7 @@ fn head_end(data: &[u8]) -> Option<(usize, usize)> {
 /// Content-Length (or compact `l`) from a header section. On streams it is
 /// mandatory (RFC 3261 §18.3).
 fn content_length(head: &[u8]) -> Result<usize, FramingError> {
+    let mut found = None;
     for line in head.split(|b| *b == b'\n') {
         let Some(colon) = line.iter().position(|b| *b == b':') else {
             continue;
@@ -110,10 +111,15 @@ fn content_length(head: &[u8]) -> Result<usize, FramingError> {
         if name.eq_ignore_ascii_case(b"content-length") || name.eq_ignore_ascii_case(b"l") {
             let value = trim(&line[colon + 1..]);
             let text = std::str::from_utf8(value).map_err(|_| FramingError::ContentLength)?;
-            return text.parse().map_err(|_| FramingError::ContentLength);
+            let n: usize = text.parse().map_err(|_| FramingError::ContentLength)?;
+            if found.is_some() {
+                // Two lengths: no safe way to frame (request smuggling).
+                return Err(FramingError::ContentLength);
+            }
+            found = Some(n);
         }
     }
-    Err(FramingError::ContentLength)
+    found.ok_or(FramingError::ContentLength)
 }
 
 fn trim(s: &[u8]) -> &[u8] {

@@ -249,7 +249,14 @@ pub fn parse(data: &[u8]) -> Result<Message, ParseError> {
     }
 
     let rest = &data[body_start.min(data.len())..];
-    let body = match headers.iter().find(|h| h.name == "Content-Length") {
+    let mut lengths = headers.iter().filter(|h| h.name == "Content-Length");
+    let length = lengths.next();
+    if lengths.next().is_some() {
+        // RFC 4475 §3.1.2.12: which one frames the body is ambiguous
+        // (request smuggling on streams).
+        return Err(ParseError::ContentLength);
+    }
+    let body = match length {
         Some(h) => {
             let n: usize = h.value.parse().map_err(|_| ParseError::ContentLength)?;
             if n > rest.len() {
@@ -330,13 +337,31 @@ fn parse_start_line(line: &str) -> Result<StartLine, ParseError> {
 impl Message {
     /// Mandatory headers (RFC 3261 §8.1.1) and their syntax.
     fn validate(&self) -> Result<(), ParseError> {
+        for name in ["Call-ID", "CSeq", "From", "To", "Max-Forwards"] {
+            if self.headers_named(name).nth(1).is_some() {
+                return Err(ParseError::Header(name));
+            }
+        }
         self.call_id().ok_or(ParseError::Header("Call-ID"))?;
         let cseq = self.cseq().ok_or(ParseError::Header("CSeq"))?;
         self.top_via().ok_or(ParseError::Header("Via"))?;
         let from = self.header("From").ok_or(ParseError::Header("From"))?;
         let to = self.header("To").ok_or(ParseError::Header("To"))?;
-        name_addr_uri(from).ok_or(ParseError::Header("From"))?;
-        name_addr_uri(to).ok_or(ParseError::Header("To"))?;
+        let has_scheme = |u: &str| {
+            u.split_once(':').is_some_and(|(scheme, rest)| {
+                !scheme.is_empty()
+                    && scheme
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+                    && !rest.is_empty()
+            })
+        };
+        name_addr_uri(from)
+            .filter(|u| has_scheme(u))
+            .ok_or(ParseError::Header("From"))?;
+        name_addr_uri(to)
+            .filter(|u| has_scheme(u))
+            .ok_or(ParseError::Header("To"))?;
         if let StartLine::Request { method, .. } = &self.start {
             if *method != cseq.method && !(method == "ACK" && cseq.method == "INVITE") {
                 return Err(ParseError::CSeqMethod);
@@ -498,6 +523,9 @@ fn tag_of(value: &str) -> Option<&str> {
 /// The URI of a name-addr or addr-spec header value (From, To, Contact, Route).
 pub fn name_addr_uri(value: &str) -> Option<&str> {
     let value = value.trim();
+    if !quotes_balanced(value) {
+        return None;
+    }
     if let Some(open) = find_unquoted(value, '<') {
         let close = value[open..].find('>')? + open;
         Some(&value[open + 1..close])
@@ -506,6 +534,20 @@ pub fn name_addr_uri(value: &str) -> Option<&str> {
         let uri = value.split(';').next()?.trim();
         (!uri.is_empty()).then_some(uri)
     }
+}
+
+/// Every quoted string is closed (backslash escapes honoured).
+fn quotes_balanced(s: &str) -> bool {
+    let (mut quoted, mut escaped) = (false, false);
+    for c in s.chars() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            _ => {}
+        }
+    }
+    !quoted
 }
 
 fn find_unquoted(s: &str, needle: char) -> Option<usize> {
@@ -806,6 +848,24 @@ l: 0\n\n";
         for (text, err) in cases {
             assert_eq!(parse(text.as_bytes()).unwrap_err(), *err, "{text:?}");
         }
+    }
+
+    #[test]
+    fn ambiguous_messages_are_refused() {
+        let base = "OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:a@b>\r\nCall-ID: 1\r\nCSeq: 1 OPTIONS\r\n";
+        let two_lengths = format!("{base}Content-Length: 0\r\nContent-Length: 5\r\n\r\nhello");
+        assert_eq!(
+            parse(two_lengths.as_bytes()),
+            Err(ParseError::ContentLength)
+        );
+        let two_to = format!("{base}To: <sip:c@d>\r\n\r\n");
+        assert_eq!(parse(two_to.as_bytes()), Err(ParseError::Header("To")));
+        let open_quote = base.replace("From: <sip:a@b>;tag=1", "From: \"Alice <sip:a@b>;tag=1");
+        assert_eq!(
+            parse(open_quote.as_bytes()),
+            Err(ParseError::Header("From"))
+        );
+        assert!(parse(format!("{base}\r\n").as_bytes()).is_ok());
     }
 
     #[test]

@@ -21,6 +21,16 @@ pub struct FileConfig {
     pub admin: ListenSection,
     #[serde(default)]
     pub routes: Vec<RouteSection>,
+    #[serde(default)]
+    pub trunk: TrunkSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrunkSection {
+    pub edge_max_calls: Option<u32>,
+    pub premium_deny_prefixes: Option<Vec<String>>,
+    pub idle_reclaim_s: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tollgate_keys::{FileKeyStore, KeyKind, KeyStore, Limits, MemoryReplayCache, ReplayCache};
 use tollgate_sip::driver::{self, Control, Sockets};
 use tollgate_sip::{b2bua, Peer, Route, TimerConfig, Transport};
-use tollgate_trunk::{Allocator, CdrSink, FileCdrStore, TrunkConfig};
+use tollgate_trunk::{Allocator, CdrSink, FileCdrStore};
 
 /// Everything `serve` needs, resolved from defaults, the file and the flags.
 pub struct Settings {
@@ -26,6 +26,7 @@ pub struct Settings {
     pub media_ip: std::net::IpAddr,
     pub media_ports: (u16, u16),
     pub media_timeout: Duration,
+    pub trunk: tollgate_trunk::TrunkConfig,
     pub metrics_listen: SocketAddr,
     pub admin_listen: SocketAddr,
     /// `None` target means the built-in echo destination.
@@ -103,6 +104,32 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         (None, Some(p)) => config::parse_port_range("media.ports", p)?,
         (None, None) => (20_000, 29_999),
     };
+    let mut trunk = tollgate_trunk::TrunkConfig::default();
+    if let Some(n) = file.trunk.edge_max_calls {
+        if n == 0 {
+            return Err(ConfigError(
+                "trunk.edge_max_calls: must be at least 1".into(),
+            ));
+        }
+        trunk.edge_max_calls = n;
+    }
+    if let Some(p) = &file.trunk.premium_deny_prefixes {
+        if let Some(bad) = p.iter().find(|p| {
+            p.is_empty()
+                || !p
+                    .trim_start_matches('+')
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+        }) {
+            return Err(ConfigError(format!(
+                "trunk.premium_deny_prefixes: {bad:?} is not a number prefix like \"+1900\""
+            )));
+        }
+        trunk.premium_deny_prefixes = p.clone();
+    }
+    if let Some(s) = file.trunk.idle_reclaim_s {
+        trunk.idle_reclaim_secs = s;
+    }
     let media_timeout_s = file.media.timeout_s.unwrap_or(60);
     if !(5..=86_400).contains(&media_timeout_s) {
         return Err(ConfigError("media.timeout_s: must be 5..=86400".into()));
@@ -157,6 +184,7 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         media_ip,
         media_ports,
         media_timeout: Duration::from_secs(media_timeout_s),
+        trunk,
         metrics_listen,
         admin_listen,
         routes,
@@ -351,7 +379,7 @@ async fn serve(
         FileCdrStore::open(&data_dir)
             .map_err(|e| Failure::Other(format!("CDR store in {}: {e}", data_dir.display())))?,
     );
-    let alloc = Arc::new(Allocator::new(TrunkConfig::default()));
+    let alloc = Arc::new(Allocator::new(s.trunk.clone()));
     let now_unix = crate::unix_now() as i64;
     let day = tollgate_trunk::utc_day(now_unix);
     match cdrs.spent_on_day(day) {
