@@ -338,6 +338,9 @@ pub struct B2bua {
     auth: Authenticator<dyn KeyStore, dyn ReplayCache>,
     calls: HashMap<u64, Call>,
     next_id: u64,
+    /// This core's shard index and the number of shards (call ids are
+    /// `k * count + index`; leg B Call-IDs carry the index).
+    shard: (u64, u64),
     by_a: HashMap<(String, String), u64>,
     by_b: HashMap<String, u64>,
     by_client: HashMap<TxnKey, (u64, Purpose)>,
@@ -390,6 +393,7 @@ impl B2bua {
             auth: Authenticator::new(keys, replay, nonce_secret),
             calls: HashMap::new(),
             next_id: 1,
+            shard: (0, 1),
             by_a: HashMap::new(),
             by_b: HashMap::new(),
             by_client: HashMap::new(),
@@ -401,6 +405,15 @@ impl B2bua {
             media: Box::new(PassThroughMedia),
             clock: Instant::now(),
         }
+    }
+
+    /// Makes this core shard `index` of `count`: its call ids are
+    /// `k * count + index` and its leg B Call-IDs end in `.<index>@tollgate`,
+    /// which is how the driver routes a call's messages back to it.
+    pub fn set_shard(&mut self, index: u64, count: u64) {
+        let count = count.max(1);
+        self.shard = (index % count, count);
+        self.next_id = count + index % count;
     }
 
     /// Anchors every call's media through `media`.
@@ -783,7 +796,7 @@ impl B2bua {
                 .increment(1);
             return self.send_stateless(&dest, resp);
         }
-        self.next_id += 1;
+        self.next_id += self.shard.1;
         let Some(a_key) = self.txn.create_server(msg.clone(), peer.clone()) else {
             self.policy.ended(&CallRecord {
                 call_id: String::new(),
@@ -855,7 +868,7 @@ impl B2bua {
         };
         let local = self.local(t);
         let b_leg = Leg {
-            call_id: format!("{}@tollgate", self.token(12)),
+            call_id: format!("{}.{}@tollgate", self.token(12), self.shard.0),
             local_tag: self.token(8),
             remote_tag: None,
             local_uri: format!("<sip:{}@{}>", uri_user(&caller), local.ip()),

@@ -1,13 +1,20 @@
-//! The tokio driver around the sans-IO [`B2bua`]: one task owns the core and
-//! the UDP socket (the hot path, no channel hop); stream connections run in
-//! their own tasks and hand framed messages to the core over a channel.
+//! The tokio driver around the sans-IO [`B2bua`], sharded by call: one
+//! receiver task reads the UDP socket and hands each datagram to the shard
+//! that owns its Call-ID; each shard is a task owning one `B2bua` (its calls,
+//! transactions and timers) and writes to the shared sockets itself. Stream
+//! connections run in their own tasks and route framed messages the same way.
+//!
+//! Leg A's Call-ID is hashed; leg B's Call-ID is minted by the shard with its
+//! index in it (`<random>.<shard>@tollgate`), so every message of a call, from
+//! either side, reaches the shard that holds the call.
 
 use crate::b2bua::{B2bua, CallEvent, EndCause};
 use crate::framing::{FramingError, StreamFramer};
 use crate::transaction::{FlowId, Peer, Transmit, Transport};
 use bytes::Bytes;
-use std::collections::HashMap;
+use dashmap::DashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -18,6 +25,8 @@ use tokio::sync::mpsc;
 pub const MAX_CONNECTIONS: usize = 8192;
 /// A stream connection with nothing to say for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Messages queued for one shard before the receiver drops (and counts) more.
+pub const SHARD_QUEUE: usize = 16_384;
 
 /// Commands from the rest of the edge.
 #[derive(Debug)]
@@ -32,14 +41,29 @@ pub enum Control {
 enum Inbound {
     Message(Bytes, Peer),
     Unframeable(Bytes, Peer),
-    Closed(FlowId),
-    Opened(FlowId, mpsc::UnboundedSender<Bytes>),
+    Control(ControlMsg),
 }
 
-/// Sockets the core serves.
+#[derive(Debug, Clone, Copy)]
+enum ControlMsg {
+    Hangup(u64, EndCause),
+    Drain,
+    Shutdown,
+}
+
+/// Sockets the cores serve.
 pub struct Sockets {
     pub udp: Option<Arc<UdpSocket>>,
     pub tcp: Option<TcpListener>,
+}
+
+/// What the shards share: the sockets' write sides.
+struct Shared {
+    udp: Option<Arc<UdpSocket>>,
+    conns: DashMap<FlowId, mpsc::UnboundedSender<Bytes>>,
+    outbound: DashMap<SocketAddr, FlowId>,
+    next_flow: AtomicU64,
+    shards: Vec<mpsc::Sender<Inbound>>,
 }
 
 fn unix_now() -> i64 {
@@ -53,134 +77,213 @@ fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
 }
 
-/// Runs the signaling core until `ctl` closes.
+/// The Call-ID of a raw message, found without parsing it.
+fn raw_call_id(data: &[u8]) -> Option<&[u8]> {
+    let end = data
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(data.len());
+    for line in data[..end].split(|b| *b == b'\n') {
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            continue;
+        };
+        let name = line[..colon].trim_ascii();
+        if name.eq_ignore_ascii_case(b"call-id") || name.eq_ignore_ascii_case(b"i") {
+            return Some(line[colon + 1..].trim_ascii());
+        }
+    }
+    None
+}
+
+/// Which shard owns the message: the index a shard minted into its own
+/// Call-IDs, else a hash of the Call-ID (FNV-1a), else shard 0.
+pub fn shard_of(data: &[u8], shards: usize) -> usize {
+    if shards <= 1 {
+        return 0;
+    }
+    let Some(cid) = raw_call_id(data) else {
+        return 0;
+    };
+    if let Some(local) = cid.strip_suffix(b"@tollgate") {
+        if let Some(dot) = local.iter().rposition(|b| *b == b'.') {
+            if let Some(i) = std::str::from_utf8(&local[dot + 1..])
+                .ok()
+                .and_then(|s| s.parse::<usize>().ok())
+            {
+                if i < shards {
+                    return i;
+                }
+            }
+        }
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in cid {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % shards as u64) as usize
+}
+
+/// Runs the signaling cores (one per shard; call ids must be unique across
+/// them, see [`B2bua::set_shard`]) until a `Shutdown` arrives or `ctl` closes.
 pub async fn run(
-    mut core: B2bua,
+    cores: Vec<B2bua>,
     sockets: Sockets,
     mut ctl: mpsc::Receiver<Control>,
     events: mpsc::UnboundedSender<CallEvent>,
 ) {
-    let (in_tx, mut in_rx) = mpsc::channel::<Inbound>(4096);
-    let next_flow = Arc::new(std::sync::atomic::AtomicU64::new(1));
-    if let Some(listener) = sockets.tcp {
-        tokio::spawn(accept_loop(listener, in_tx.clone(), next_flow.clone()));
+    let n = cores.len().max(1);
+    let mut receivers = Vec::with_capacity(n);
+    let mut senders = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (tx, rx) = mpsc::channel::<Inbound>(SHARD_QUEUE);
+        senders.push(tx);
+        receivers.push(rx);
     }
-    let udp = sockets.udp;
-    let mut conns: HashMap<FlowId, mpsc::UnboundedSender<Bytes>> = HashMap::new();
-    let mut outbound: HashMap<SocketAddr, FlowId> = HashMap::new();
-    // One receive buffer for the life of the task: datagrams are parsed from
-    // it in place (the parser copies what it keeps).
+    let shared = Arc::new(Shared {
+        udp: sockets.udp.clone(),
+        conns: DashMap::new(),
+        outbound: DashMap::new(),
+        next_flow: AtomicU64::new(1),
+        shards: senders,
+    });
+    let mut tasks = Vec::with_capacity(n);
+    for (core, rx) in cores.into_iter().zip(receivers) {
+        tasks.push(tokio::spawn(shard_loop(
+            core,
+            rx,
+            shared.clone(),
+            events.clone(),
+        )));
+    }
+    if let Some(listener) = sockets.tcp {
+        tokio::spawn(accept_loop(listener, shared.clone()));
+    }
+    let recv = sockets
+        .udp
+        .map(|udp| tokio::spawn(udp_receiver(udp, shared.clone())));
+    loop {
+        let msg = match ctl.recv().await {
+            Some(Control::Hangup(id, cause)) => {
+                let i = (id % n as u64) as usize;
+                let _ = shared.shards[i]
+                    .send(Inbound::Control(ControlMsg::Hangup(id, cause)))
+                    .await;
+                continue;
+            }
+            Some(Control::Drain) => ControlMsg::Drain,
+            Some(Control::Shutdown) | None => ControlMsg::Shutdown,
+        };
+        for s in &shared.shards {
+            let _ = s.send(Inbound::Control(msg)).await;
+        }
+        if matches!(msg, ControlMsg::Shutdown) {
+            break;
+        }
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    if let Some(r) = recv {
+        r.abort();
+    }
+}
+
+async fn udp_receiver(udp: Arc<UdpSocket>, shared: Arc<Shared>) {
+    let n = shared.shards.len();
+    let dropped = metrics::counter!("tollgate_sip_queue_drops_total");
     let mut buf = vec![0u8; 65_536];
+    loop {
+        let (len, from) = match udp.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                // ICMP port unreachable shows up here on some systems.
+                tracing::debug!(error = %e, "udp receive error");
+                continue;
+            }
+        };
+        let mut batch = Some((len, from));
+        // Drain what is queued before going back to the reactor.
+        for _ in 0..64 {
+            let Some((len, from)) = batch.take() else {
+                break;
+            };
+            let data = &buf[..len];
+            let i = shard_of(data, n);
+            let peer = Peer {
+                transport: Transport::Udp,
+                addr: from,
+                flow: None,
+            };
+            let msg = Inbound::Message(Bytes::copy_from_slice(data), peer);
+            if shared.shards[i].try_send(msg).is_err() {
+                dropped.increment(1);
+            }
+            batch = udp.try_recv_from(&mut buf).ok();
+        }
+    }
+}
+
+async fn shard_loop(
+    mut core: B2bua,
+    mut rx: mpsc::Receiver<Inbound>,
+    shared: Arc<Shared>,
+    events: mpsc::UnboundedSender<CallEvent>,
+) {
     loop {
         let deadline = core
             .poll_timeout()
             .map(tokio::time::Instant::from_std)
             .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        let mut stop = false;
         tokio::select! {
-            r = recv_udp(udp.as_deref(), &mut buf) => {
-                if let Some((n, from)) = r {
-                    let peer = Peer { transport: Transport::Udp, addr: from, flow: None };
-                    let (t, unix) = (now(), unix_now());
-                    core.handle_datagram(t, unix, &buf[..n], peer);
-                    // Drain what else is queued without going back to select.
-                    if let Some(sock) = udp.as_deref() {
-                        for _ in 0..64 {
-                            match sock.try_recv_from(&mut buf) {
-                                Ok((n, from)) => {
-                                    let peer = Peer { transport: Transport::Udp, addr: from, flow: None };
-                                    core.handle_datagram(t, unix, &buf[..n], peer);
-                                }
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                }
-            }
-            m = in_rx.recv() => {
+            m = rx.recv() => {
                 let Some(m) = m else { break };
-                handle_inbound(&mut core, &mut conns, m);
-                while let Ok(m) = in_rx.try_recv() {
-                    handle_inbound(&mut core, &mut conns, m);
-                }
-            }
-            _ = tokio::time::sleep_until(deadline) => {
-                core.handle_timeout(now());
-            }
-            c = ctl.recv() => {
-                match c {
-                    Some(Control::Hangup(id, cause)) => core.hangup(now(), id, cause),
-                    Some(Control::Drain) => core.set_draining(true),
-                    Some(Control::Shutdown) | None => {
-                        for id in core.call_ids() {
-                            core.hangup(now(), id, EndCause::Shutdown);
-                        }
-                        flush(&mut core, udp.as_deref(), &mut conns, &mut outbound, &in_tx, &next_flow).await;
-                        for ev in core.events.drain(..) {
-                            let _ = events.send(ev);
-                        }
-                        break;
+                let (t, unix) = (now(), unix_now());
+                stop |= handle_inbound(&mut core, m, t, unix);
+                for _ in 0..256 {
+                    match rx.try_recv() {
+                        Ok(m) => stop |= handle_inbound(&mut core, m, t, unix),
+                        Err(_) => break,
                     }
                 }
             }
+            _ = tokio::time::sleep_until(deadline) => core.handle_timeout(now()),
         }
-        flush(
-            &mut core,
-            udp.as_deref(),
-            &mut conns,
-            &mut outbound,
-            &in_tx,
-            &next_flow,
-        )
-        .await;
+        flush(&mut core, &shared).await;
         for ev in core.events.drain(..) {
             let _ = events.send(ev);
         }
+        if stop {
+            break;
+        }
     }
 }
 
-fn handle_inbound(
-    core: &mut B2bua,
-    conns: &mut HashMap<FlowId, mpsc::UnboundedSender<Bytes>>,
-    m: Inbound,
-) {
+/// Handles one inbound item; true when the shard must stop.
+fn handle_inbound(core: &mut B2bua, m: Inbound, t: std::time::Instant, unix: i64) -> bool {
     match m {
-        Inbound::Message(data, peer) => core.handle_datagram(now(), unix_now(), &data, peer),
+        Inbound::Message(data, peer) => core.handle_datagram(t, unix, &data, peer),
         Inbound::Unframeable(head, peer) => core.handle_unframeable(&head, &peer),
-        Inbound::Closed(flow) => {
-            conns.remove(&flow);
-        }
-        Inbound::Opened(flow, tx) => {
-            conns.insert(flow, tx);
-        }
-    }
-}
-
-async fn recv_udp(sock: Option<&UdpSocket>, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
-    let Some(sock) = sock else {
-        return std::future::pending().await;
-    };
-    match sock.recv_from(buf).await {
-        Ok((n, from)) => Some((n, from)),
-        Err(e) => {
-            // ICMP port unreachable shows up here on some systems: not fatal.
-            tracing::debug!(error = %e, "udp receive error");
-            None
+        Inbound::Control(ControlMsg::Hangup(id, cause)) => core.hangup(t, id, cause),
+        Inbound::Control(ControlMsg::Drain) => core.set_draining(true),
+        Inbound::Control(ControlMsg::Shutdown) => {
+            for id in core.call_ids() {
+                core.hangup(t, id, EndCause::Shutdown);
+            }
+            return true;
         }
     }
+    false
 }
 
-async fn flush(
-    core: &mut B2bua,
-    udp: Option<&UdpSocket>,
-    conns: &mut HashMap<FlowId, mpsc::UnboundedSender<Bytes>>,
-    outbound: &mut HashMap<SocketAddr, FlowId>,
-    in_tx: &mpsc::Sender<Inbound>,
-    next_flow: &Arc<std::sync::atomic::AtomicU64>,
-) {
+async fn flush(core: &mut B2bua, shared: &Arc<Shared>) {
     while let Some(Transmit { peer, data }) = core.txn.out.pop_front() {
         match peer.transport {
             Transport::Udp => {
-                let Some(sock) = udp else { continue };
+                let Some(sock) = shared.udp.as_deref() else {
+                    continue;
+                };
                 match sock.try_send_to(&data, peer.addr) {
                     Ok(_) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -190,26 +293,24 @@ async fn flush(
                 }
             }
             Transport::Tcp | Transport::Tls => {
-                let flow = peer.flow.filter(|f| conns.contains_key(f)).or_else(|| {
-                    outbound
-                        .get(&peer.addr)
-                        .copied()
-                        .filter(|f| conns.contains_key(f))
-                });
+                let live = |f: &FlowId| shared.conns.contains_key(f);
+                let flow = peer
+                    .flow
+                    .filter(live)
+                    .or_else(|| shared.outbound.get(&peer.addr).map(|f| *f).filter(live));
                 let flow = match flow {
                     Some(f) => f,
                     None if peer.transport == Transport::Tcp => {
-                        let id =
-                            FlowId(next_flow.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+                        let id = FlowId(shared.next_flow.fetch_add(1, Ordering::Relaxed));
                         let (tx, rx) = mpsc::unbounded_channel();
-                        conns.insert(id, tx);
-                        outbound.insert(peer.addr, id);
-                        tokio::spawn(connect_out(peer.addr, id, in_tx.clone(), rx));
+                        shared.conns.insert(id, tx);
+                        shared.outbound.insert(peer.addr, id);
+                        tokio::spawn(connect_out(peer.addr, id, shared.clone(), rx));
                         id
                     }
                     None => continue,
                 };
-                if let Some(tx) = conns.get(&flow) {
+                if let Some(tx) = shared.conns.get(&flow) {
                     let _ = tx.send(data);
                 }
             }
@@ -217,12 +318,8 @@ async fn flush(
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    in_tx: mpsc::Sender<Inbound>,
-    next_flow: Arc<std::sync::atomic::AtomicU64>,
-) {
-    let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let live = Arc::new(AtomicUsize::new(0));
     loop {
         let (stream, addr) = match listener.accept().await {
             Ok(x) => x,
@@ -232,21 +329,19 @@ async fn accept_loop(
                 continue;
             }
         };
-        if live.load(std::sync::atomic::Ordering::Relaxed) >= MAX_CONNECTIONS {
+        if live.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
             drop(stream);
             continue;
         }
-        let id = FlowId(next_flow.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let id = FlowId(shared.next_flow.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = mpsc::unbounded_channel();
-        if in_tx.send(Inbound::Opened(id, tx)).await.is_err() {
-            return;
-        }
+        shared.conns.insert(id, tx);
         let live = live.clone();
-        live.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let in_tx = in_tx.clone();
+        live.fetch_add(1, Ordering::Relaxed);
+        let shared = shared.clone();
         tokio::spawn(async move {
-            serve_stream(stream, addr, id, in_tx, rx).await;
-            live.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            serve_stream(stream, addr, id, &shared, rx).await;
+            live.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
@@ -254,14 +349,15 @@ async fn accept_loop(
 async fn connect_out(
     addr: SocketAddr,
     id: FlowId,
-    in_tx: mpsc::Sender<Inbound>,
+    shared: Arc<Shared>,
     rx: mpsc::UnboundedReceiver<Bytes>,
 ) {
     match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await {
-        Ok(Ok(stream)) => serve_stream(stream, addr, id, in_tx, rx).await,
+        Ok(Ok(stream)) => serve_stream(stream, addr, id, &shared, rx).await,
         _ => {
             tracing::warn!(to = %addr, "tcp connect failed");
-            let _ = in_tx.send(Inbound::Closed(id)).await;
+            shared.conns.remove(&id);
+            shared.outbound.remove_if(&addr, |_, f| *f == id);
         }
     }
 }
@@ -270,7 +366,7 @@ async fn serve_stream(
     stream: TcpStream,
     addr: SocketAddr,
     id: FlowId,
-    in_tx: mpsc::Sender<Inbound>,
+    shared: &Arc<Shared>,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
 ) {
     let _ = stream.set_nodelay(true);
@@ -288,19 +384,19 @@ async fn serve_stream(
         addr,
         flow: Some(id),
     };
+    let n = shared.shards.len();
     let mut framer = StreamFramer::default();
     'read: loop {
-        let n = match tokio::time::timeout(IDLE_TIMEOUT, rd.read_buf(framer.buffer_mut())).await {
-            Ok(Ok(n)) => n,
+        let read = tokio::time::timeout(IDLE_TIMEOUT, rd.read_buf(framer.buffer_mut())).await;
+        match read {
+            Ok(Ok(len)) if len > 0 => {}
             _ => break,
-        };
-        if n == 0 {
-            break;
         }
         loop {
             match framer.next_message() {
                 Ok(Some(msg)) => {
-                    if in_tx
+                    let i = shard_of(&msg, n);
+                    if shared.shards[i]
                         .send(Inbound::Message(msg, peer.clone()))
                         .await
                         .is_err()
@@ -311,8 +407,11 @@ async fn serve_stream(
                 Ok(None) => break,
                 Err(FramingError::ContentLength) => {
                     let head = framer.buffer_mut().split().freeze();
-                    let _ = in_tx.send(Inbound::Unframeable(head, peer.clone())).await;
-                    // Give the core a moment to answer before the close.
+                    let i = shard_of(&head, n);
+                    let _ = shared.shards[i]
+                        .send(Inbound::Unframeable(head, peer.clone()))
+                        .await;
+                    // Give the shard a moment to answer before the close.
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     break 'read;
                 }
@@ -320,6 +419,28 @@ async fn serve_stream(
             }
         }
     }
-    let _ = in_tx.send(Inbound::Closed(id)).await;
+    shared.conns.remove(&id);
+    shared.outbound.remove_if(&addr, |_, f| *f == id);
     writer.abort();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_stays_on_one_shard() {
+        let a = b"INVITE sip:x@y SIP/2.0\r\nCall-ID: abc@host\r\n\r\n";
+        let a_again = b"BYE sip:x@y SIP/2.0\r\ni: abc@host\r\n\r\n";
+        for n in 1..5 {
+            assert_eq!(shard_of(a, n), shard_of(a_again, n));
+            for i in 0..n {
+                let b = format!("SIP/2.0 200 OK\r\nCall-ID: 0f3a.{i}@tollgate\r\n\r\n");
+                assert_eq!(shard_of(b.as_bytes(), n), i);
+            }
+        }
+        assert_eq!(shard_of(b"garbage", 3), 0);
+        let out_of_range = b"SIP/2.0 200 OK\r\nCall-ID: 0f3a.9@tollgate\r\n\r\n";
+        assert!(shard_of(out_of_range, 2) < 2);
+    }
 }

@@ -42,6 +42,7 @@ pub struct SipSection {
     pub t1_ms: Option<u64>,
     pub invite_timeout_s: Option<u64>,
     pub nonce_lifetime_s: Option<u64>,
+    pub workers: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -27,6 +27,8 @@ pub struct Settings {
     pub media_ports: (u16, u16),
     pub media_timeout: Duration,
     pub trunk: tollgate_trunk::TrunkConfig,
+    /// Signaling cores (shards); default: the machine's cores.
+    pub sip_workers: usize,
     pub metrics_listen: SocketAddr,
     pub admin_listen: SocketAddr,
     /// `None` target means the built-in echo destination.
@@ -130,6 +132,11 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
     if let Some(s) = file.trunk.idle_reclaim_s {
         trunk.idle_reclaim_secs = s;
     }
+    let sip_workers = match file.sip.workers {
+        Some(0) => return Err(ConfigError("sip.workers: must be at least 1".into())),
+        Some(n) => n.min(64),
+        None => std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
+    };
     let media_timeout_s = file.media.timeout_s.unwrap_or(60);
     if !(5..=86_400).contains(&media_timeout_s) {
         return Err(ConfigError("media.timeout_s: must be 5..=86400".into()));
@@ -185,6 +192,7 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         media_ports,
         media_timeout: Duration::from_secs(media_timeout_s),
         trunk,
+        sip_workers,
         metrics_listen,
         admin_listen,
         routes,
@@ -247,7 +255,7 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<(), Failure> {
         println!("tollgate: first secret key (shown once): {}", key.expose());
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(s.sip_workers.max(2))
         .enable_all()
         .build()
         .map_err(|e| Failure::Other(format!("runtime: {e}")))?;
@@ -398,11 +406,19 @@ async fn serve(
             reclaim.reclaim_idle(crate::unix_now() as i64);
         }
     });
-    let sink: Arc<dyn CdrSink> = cdrs.clone();
-    let policy = crate::policy::TrunkPolicy::new(alloc, sink);
-    let core = tollgate_sip::B2bua::new(cfg, keys, replay, nonce_secret)
-        .with_policy(Box::new(policy))
-        .with_media(Box::new(crate::media::EngineHooks(engine.clone())));
+    // One signaling core per worker thread, sharded by call (driver.rs).
+    let shards = s.sip_workers;
+    let mut cores = Vec::with_capacity(shards);
+    for index in 0..shards {
+        let sink: Arc<dyn CdrSink> = cdrs.clone();
+        let policy = crate::policy::TrunkPolicy::new(alloc.clone(), sink);
+        let mut core =
+            tollgate_sip::B2bua::new(cfg.clone(), keys.clone(), replay.clone(), nonce_secret)
+                .with_policy(Box::new(policy))
+                .with_media(Box::new(crate::media::EngineHooks(engine.clone())));
+        core.set_shard(index as u64, shards as u64);
+        cores.push(core);
+    }
     let (ctl_tx, ctl_rx) = mpsc::channel(64);
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -410,7 +426,7 @@ async fn serve(
             tracing::debug!(?ev, "call event");
         }
     });
-    let sip = tokio::spawn(driver::run(core, Sockets { udp, tcp }, ctl_rx, ev_tx));
+    let sip = tokio::spawn(driver::run(cores, Sockets { udp, tcp }, ctl_rx, ev_tx));
     // Media silent past the timeout: BYE both legs (SPEC §5).
     let silent_ctl = ctl_tx.clone();
     tokio::spawn(async move {
