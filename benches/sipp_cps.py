@@ -240,6 +240,10 @@ digest_algorithms = ["MD5", "SHA-256"]
 [metrics]
 listen = "127.0.0.1:0"
 
+[media]
+# Every call is anchored (4 ports a call): room for ~10k calls in flight.
+ports = "20000-59999"
+
 [admin]
 listen = "127.0.0.1:0"
 
