@@ -159,9 +159,22 @@ pub async fn run(
     if let Some(listener) = sockets.tcp {
         tokio::spawn(accept_loop(listener, shared.clone()));
     }
-    let recv = sockets
-        .udp
-        .map(|udp| tokio::spawn(udp_receiver(udp, shared.clone())));
+    // The receive side runs on its own thread (the shards keep sending on
+    // the tokio socket).
+    if let Some(udp) = &sockets.udp {
+        match udp_receive_handle(udp) {
+            Ok(std_sock) => {
+                let shared = shared.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("tollgate-sip-rx".into())
+                    .spawn(move || udp_receiver_thread(std_sock, shared));
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start the SIP receive thread");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot clone the SIP UDP socket"),
+        }
+    }
     loop {
         let msg = match ctl.recv().await {
             Some(Control::Hangup(id, cause)) => {
@@ -184,17 +197,42 @@ pub async fn run(
     for t in tasks {
         let _ = t.await;
     }
-    if let Some(r) = recv {
-        r.abort();
-    }
 }
 
-async fn udp_receiver(udp: Arc<UdpSocket>, shared: Arc<Shared>) {
+/// A second descriptor on the same UDP socket (dup), for the receive thread's
+/// own reactor; it shares the socket's non-blocking mode.
+fn udp_receive_handle(udp: &UdpSocket) -> std::io::Result<std::net::UdpSocket> {
+    Ok(socket2::SockRef::from(udp).try_clone()?.into())
+}
+
+/// The UDP receive loop, on its own OS thread with its own small reactor: it
+/// must keep draining the socket even while every tokio worker is busy in a
+/// shard, or the kernel queue overflows and retransmission storms follow.
+fn udp_receiver_thread(std_sock: std::net::UdpSocket, shared: Arc<Shared>) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the SIP receive reactor");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        match UdpSocket::from_std(std_sock) {
+            Ok(udp) => udp_receiver(udp, shared).await,
+            Err(e) => tracing::error!(error = %e, "cannot register the SIP receive socket"),
+        }
+    });
+}
+
+async fn udp_receiver(udp: UdpSocket, shared: Arc<Shared>) {
     let n = shared.shards.len();
     let dropped = metrics::counter!("tollgate_sip_queue_drops_total");
     let mut buf = vec![0u8; 65_536];
     loop {
-        let (len, from) = match udp.recv_from(&mut buf).await {
+        let first = match udp.recv_from(&mut buf).await {
             Ok(x) => x,
             Err(e) => {
                 // ICMP port unreachable shows up here on some systems.
@@ -202,12 +240,9 @@ async fn udp_receiver(udp: Arc<UdpSocket>, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let mut batch = Some((len, from));
+        let mut next = Some(first);
         // Drain what is queued before going back to the reactor.
-        for _ in 0..64 {
-            let Some((len, from)) = batch.take() else {
-                break;
-            };
+        while let Some((len, from)) = next.take() {
             let data = &buf[..len];
             let i = shard_of(data, n);
             let peer = Peer {
@@ -216,10 +251,12 @@ async fn udp_receiver(udp: Arc<UdpSocket>, shared: Arc<Shared>) {
                 flow: None,
             };
             let msg = Inbound::Message(Bytes::copy_from_slice(data), peer);
-            if shared.shards[i].try_send(msg).is_err() {
-                dropped.increment(1);
+            match shared.shards[i].try_send(msg) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => dropped.increment(1),
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
             }
-            batch = udp.try_recv_from(&mut buf).ok();
+            next = udp.try_recv_from(&mut buf).ok();
         }
     }
 }
