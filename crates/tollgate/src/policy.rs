@@ -99,6 +99,15 @@ impl CallPolicy for TrunkPolicy {
         if let Some(ch) = self.channels.remove(&r.call) {
             self.alloc.release(ch, r.billable_secs, r.end);
         }
+        // Per-key outcome counters (attempts and billable seconds are counted
+        // by the allocator): bounded labels, a key id and a fixed cause set.
+        let cause = cause_label(r.cause);
+        metrics::counter!("tollgate_key_calls_ended_total", "key" => r.key_id.clone(), "cause" => cause)
+            .increment(1);
+        if r.answer.is_some() {
+            metrics::counter!("tollgate_key_calls_answered_total", "key" => r.key_id.clone())
+                .increment(1);
+        }
         let cdr = Cdr {
             call_id: if r.call_id.is_empty() {
                 format!("{}-{}", r.start, r.call)
@@ -113,7 +122,7 @@ impl CallPolicy for TrunkPolicy {
             answer: r.answer,
             end: r.end,
             billable_secs: r.billable_secs,
-            cause: cause_label(r.cause).to_string(),
+            cause: cause.to_string(),
             sip_code: r.sip_code,
         };
         if let Err(e) = self.cdrs.record(&cdr) {
