@@ -221,6 +221,22 @@ fn describe_metrics() {
         "tollgate_auth_failures_total",
         "INVITEs refused by the credential check, by reason"
     );
+    describe_counter!(
+        "tollgate_key_calls_ended_total",
+        "Admitted calls ended, by key and cause (normal, cancel, busy, rejected, timeout, limit_reached, media_timeout, ...)"
+    );
+    describe_counter!(
+        "tollgate_key_calls_answered_total",
+        "Answered calls, by key"
+    );
+    describe_counter!(
+        "tollgate_admission_refusals_total",
+        "Authenticated INVITEs refused by the trunk (503 rate, 486 busy, 402 budget, 403 destination), by status"
+    );
+    describe_counter!(
+        "tollgate_sip_queue_drops_total",
+        "Datagrams dropped because a signaling shard's queue was full"
+    );
     describe_gauge!(
         "tollgate_calls_active",
         "Calls in progress (setup or confirmed)"
