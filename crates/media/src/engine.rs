@@ -144,11 +144,18 @@ enum State {
 struct Call {
     state: State,
     stats: Arc<CallStats>,
+    /// The relay that keeps the media flowing while a re-offer (re-INVITE,
+    /// UPDATE) is pending; dropped when the new answer starts the new relay,
+    /// restored by [`MediaEngine::cancel_offer`] when the re-offer fails.
+    previous: Option<Running>,
 }
 
 impl Drop for Call {
     fn drop(&mut self) {
         if let State::Running(r) = &self.state {
+            r.task.abort();
+        }
+        if let Some(r) = &self.previous {
             r.task.abort();
         }
     }
@@ -238,9 +245,31 @@ impl MediaEngine {
         };
         let a_peer = peer_media(&a_sdp, index);
 
-        // Drop a previous offer/relay of this call first, so its ports return.
-        self.calls().remove(&call);
-        let legs = [self.bind_leg()?, self.bind_leg()?];
+        // A running relay keeps serving until the new answer (a re-offer may
+        // still fail); a pending offer is replaced and its ports return.
+        let previous = self.calls().remove(&call).and_then(|mut c| {
+            match std::mem::replace(&mut c.state, State::Rejected) {
+                State::Running(r) => Some(r),
+                _ => c.previous.take(),
+            }
+        });
+        let legs = match (self.bind_leg(), self.bind_leg()) {
+            (Ok(a), Ok(b)) => [a, b],
+            (Err(e), _) | (_, Err(e)) => {
+                if let Some(r) = previous {
+                    // Keep the call's media as it was.
+                    self.calls().insert(
+                        call,
+                        Call {
+                            state: State::Running(r),
+                            stats: Arc::new(CallStats::new(Instant::now())),
+                            previous: None,
+                        },
+                    );
+                }
+                return Err(e);
+            }
+        };
 
         let mut b_sdp = a_sdp.clone();
         b_sdp.set_address(self.cfg.ip);
@@ -289,6 +318,7 @@ impl MediaEngine {
                     legs,
                 })),
                 stats,
+                previous,
             },
         );
         Ok(out)
@@ -336,6 +366,9 @@ impl MediaEngine {
         }
         if b_media.port == 0 {
             entry.state = State::Rejected; // drops the pending legs' sockets and ports
+            if let Some(r) = entry.previous.take() {
+                r.task.abort();
+            }
             return Ok(a_answer.to_bytes());
         }
 
@@ -438,6 +471,9 @@ impl MediaEngine {
             sides,
             stats: entry.stats.clone(),
         };
+        if let Some(r) = entry.previous.take() {
+            r.task.abort(); // the new relay takes over
+        }
         let task = runtime.spawn(relay::run(relay, [sa, sb]));
         let a_answer = a_answer.to_bytes();
         entry.state = State::Running(Running {
@@ -446,6 +482,22 @@ impl MediaEngine {
             a_answer: a_answer.clone(),
         });
         Ok(a_answer)
+    }
+
+    /// A re-offer failed (leg B refused the re-INVITE): the relay that ran
+    /// before it goes on, the re-offer's ports return. Without a previous
+    /// relay (an initial offer) this does nothing; `release` ends the call.
+    pub fn cancel_offer(&self, call: u64) {
+        let mut calls = self.calls();
+        let Some(entry) = calls.get_mut(&call) else {
+            return;
+        };
+        if !matches!(entry.state, State::Offered(_)) {
+            return;
+        }
+        if let Some(r) = entry.previous.take() {
+            entry.state = State::Running(r); // drops the pending legs
+        }
     }
 
     /// Stops the call's relay and returns every port it held: at once for a

@@ -147,6 +147,9 @@ enum Purpose {
     Relay {
         from: Side,
         server: TxnKey,
+        /// The request carried a new SDP offer that the media relay rewrote:
+        /// the answer must go through it too.
+        reoffer: bool,
     },
 }
 
@@ -285,6 +288,8 @@ pub trait MediaHooks: Send {
     fn release(&mut self, call: u64);
     /// Whether media is anchored (then in-dialog SDP cannot pass unchanged).
     fn anchors(&self) -> bool;
+    /// A re-offer failed: the media as it was before it goes on.
+    fn cancel_offer(&mut self, _call: u64) {}
 }
 
 /// No anchoring: SDP passes through unchanged (tests of the signaling core).
@@ -1325,11 +1330,29 @@ impl B2bua {
             };
             return self.reply(now, &sk, code, Vec::new(), None);
         }
-        if is_sdp(&msg) && self.media.anchors() {
-            // The relay cannot re-anchor a session mid-call yet: refuse the
-            // new offer; the call goes on with the session it has (RFC 3261 §14.2).
-            metrics::counter!("tollgate_sip_reoffers_refused_total").increment(1);
-            return self.reply(now, &sk, 488, Vec::new(), None);
+        let reoffer = is_sdp(&msg) && self.media.anchors();
+        let mut body = msg.body.clone();
+        if reoffer {
+            let offer_ok = side == Side::A && (method == "INVITE" || method == "UPDATE");
+            let profile = self
+                .calls
+                .get(&id)
+                .and_then(|c| self.cfg.routes.get(c.route))
+                .map_or(MediaProfile::Auto, |r| r.media);
+            let rewritten = if offer_ok {
+                self.media.offer(id, &msg.body, profile).ok()
+            } else {
+                None
+            };
+            match rewritten {
+                Some(b) => body = b,
+                None => {
+                    // Offers from leg B cannot be re-anchored yet: refuse; the
+                    // call goes on with the session it has (RFC 3261 §14.2).
+                    metrics::counter!("tollgate_sip_reoffers_refused_total").increment(1);
+                    return self.reply(now, &sk, 488, Vec::new(), None);
+                }
+            }
         }
         if method == "INVITE" {
             if self.calls.get(&id).is_some_and(|c| c.pending_ack.is_some()) {
@@ -1349,7 +1372,7 @@ impl B2bua {
                 req.headers.push(h.clone());
             }
         }
-        req.body = msg.body.clone();
+        req.body = body;
         let cseq = req.cseq().map_or(0, |c| c.seq);
         metrics::counter!("tollgate_sip_requests_sent_total", "method" => method_label(method))
             .increment(1);
@@ -1360,6 +1383,7 @@ impl B2bua {
                 Purpose::Relay {
                     from: side,
                     server: sk.clone(),
+                    reoffer,
                 },
             );
         }
@@ -1466,9 +1490,16 @@ impl B2bua {
                     self.end_call(id, EndCause::Completed);
                 }
             }
-            Purpose::Relay { from, server } => {
+            Purpose::Relay {
+                from,
+                server,
+                reoffer,
+            } => {
                 if code == 100 {
                     return;
+                }
+                if reoffer && code >= 300 {
+                    self.media.cancel_offer(id);
                 }
                 if (200..300).contains(&code) && msg.cseq().is_some_and(|c| c.method == "INVITE") {
                     let retrans = self.calls.get(&id).is_some_and(|c| {
@@ -1493,6 +1524,7 @@ impl B2bua {
                             Purpose::Relay {
                                 from,
                                 server: server.clone(),
+                                reoffer: false,
                             },
                         ),
                     );
@@ -1504,6 +1536,26 @@ impl B2bua {
                             .is_some_and(|p| p.server == server)
                         {
                             call.pending_ack = None;
+                        }
+                    }
+                }
+                if reoffer && (200..300).contains(&code) {
+                    let answer = if is_sdp(&msg) {
+                        self.media.answer(id, &msg.body)
+                    } else {
+                        Err(488)
+                    };
+                    match answer {
+                        Ok(b) => {
+                            return self.relay_response_with(now, id, from, &server, &msg, Some(b))
+                        }
+                        Err(code) => {
+                            // B accepted an offer the relay cannot serve: keep
+                            // the old media, tell A its offer was not taken.
+                            tracing::warn!(call = id, code, "unusable answer to a re-offer");
+                            self.media.cancel_offer(id);
+                            let tag = self.calls.get(&id).map(|c| c.leg(from).local_tag.clone());
+                            return self.reply(now, &server, code, Vec::new(), tag.as_deref());
                         }
                     }
                 }
@@ -1669,7 +1721,14 @@ impl B2bua {
             }
             Purpose::CancelB => {}
             Purpose::Bye => self.end_call(id, EndCause::Completed),
-            Purpose::Relay { from, server } => {
+            Purpose::Relay {
+                from,
+                server,
+                reoffer,
+            } => {
+                if reoffer {
+                    self.media.cancel_offer(id);
+                }
                 let tag = self.calls.get(&id).map(|c| c.leg(from).local_tag.clone());
                 self.reply(now, &server, 408, Vec::new(), tag.as_deref());
                 if let Some(call) = self.calls.get_mut(&id) {

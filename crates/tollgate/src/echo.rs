@@ -98,6 +98,20 @@ async fn sip_loop(sock: Arc<UdpSocket>, rtp: SocketAddr) {
             }
         };
         match method.as_str() {
+            "INVITE" if msg.to_tag().is_some() => {
+                // A re-INVITE: answer its offer in the same dialog.
+                let Some(sdp) = answer_sdp(&msg.body, rtp) else {
+                    send(&response_to(&msg, 488, reason_phrase(488), None)).await;
+                    continue;
+                };
+                let mut ok = response_to(&msg, 200, "OK", None);
+                ok.headers.push(Header {
+                    name: "Content-Type".into(),
+                    value: "application/sdp".into(),
+                });
+                ok.body = sdp.into_bytes().into();
+                send(&ok).await;
+            }
             "INVITE" => {
                 if let Some(d) = dialogs.get(&call_id) {
                     let _ = sock.send_to(&d.answer, from).await;

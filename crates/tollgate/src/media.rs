@@ -52,4 +52,8 @@ impl MediaHooks for EngineHooks {
     fn anchors(&self) -> bool {
         true
     }
+
+    fn cancel_offer(&mut self, call: u64) {
+        self.0.cancel_offer(call);
+    }
 }
