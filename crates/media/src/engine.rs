@@ -562,6 +562,48 @@ mod tests {
         assert::<MediaEngine>();
     }
 
+    async fn ports_settle(e: &MediaEngine, want: usize) {
+        for _ in 0..100 {
+            if e.ports_in_use() == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(e.ports_in_use(), want);
+    }
+
+    #[tokio::test]
+    async fn a_failed_re_offer_keeps_the_running_relay() {
+        let e = MediaEngine::new(MediaConfig {
+            ip: "127.0.0.1".parse().unwrap(),
+            ports: (41820, 41859),
+            timeout: Duration::from_secs(30),
+        });
+        let offer = b"v=0\r\nc=IN IP4 127.0.0.1\r\nm=audio 5000 RTP/AVP 0\r\n";
+        let answer = b"v=0\r\nc=IN IP4 127.0.0.1\r\nm=audio 6000 RTP/AVP 0\r\n";
+        e.offer(7, offer, Profile::Auto).unwrap();
+        let first = e.answer(7, answer).unwrap();
+        assert_eq!(e.ports_in_use(), 4);
+        // Re-offer: the old relay keeps its ports while the new ones wait.
+        let re = b"v=0\r\nc=IN IP4 127.0.0.1\r\nm=audio 5100 RTP/AVP 0\r\n";
+        e.offer(7, re, Profile::Auto).unwrap();
+        assert_eq!(e.ports_in_use(), 8);
+        e.cancel_offer(7);
+        assert_eq!(e.ports_in_use(), 4, "the re-offer's ports return at once");
+        // The restored relay still answers a repeated answer the same way.
+        assert_eq!(e.answer(7, answer).unwrap(), first);
+        // A re-offer that is answered replaces the relay.
+        e.offer(7, re, Profile::Auto).unwrap();
+        let second = e.answer(
+            7,
+            b"v=0\r\nc=IN IP4 127.0.0.1\r\nm=audio 6100 RTP/AVP 0\r\n",
+        );
+        assert_ne!(second.unwrap(), first, "new ports in the new answer");
+        ports_settle(&e, 4).await;
+        e.release(7);
+        ports_settle(&e, 0).await;
+    }
+
     #[test]
     fn answer_needs_a_runtime() {
         let e = MediaEngine::new(MediaConfig {
