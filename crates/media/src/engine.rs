@@ -576,7 +576,7 @@ mod tests {
     async fn a_failed_re_offer_keeps_the_running_relay() {
         let e = MediaEngine::new(MediaConfig {
             ip: "127.0.0.1".parse().unwrap(),
-            ports: (41820, 41859),
+            ports: (31820, 31859),
             timeout: Duration::from_secs(30),
         });
         let offer = b"v=0\r\nc=IN IP4 127.0.0.1\r\nm=audio 5000 RTP/AVP 0\r\n";
@@ -608,7 +608,7 @@ mod tests {
     fn answer_needs_a_runtime() {
         let e = MediaEngine::new(MediaConfig {
             ip: "127.0.0.1".parse().unwrap(),
-            ports: (41800, 41809),
+            ports: (31800, 31809),
             timeout: Duration::from_secs(1),
         });
         let offer = b"v=0\r\nc=IN IP4 127.0.0.1\r\nm=audio 5000 RTP/AVP 0\r\n";

@@ -13,6 +13,8 @@ use tollgate_media::sdp::{Crypto, SessionDescription};
 use tollgate_media::srtp::{reference, Direction, SrtpKeys, SrtpTransform, Suite};
 use tollgate_media::{MediaConfig, MediaEngine, MediaError, Profile};
 
+/// Each test's own port range, below the kernel's ephemeral range (32768+)
+/// so that no client socket of another test can sit in it.
 fn engine(first_port: u16) -> MediaEngine {
     MediaEngine::new(MediaConfig {
         ip: "127.0.0.1".parse().unwrap(),
@@ -81,7 +83,7 @@ fn relay_addr(sdp: &SessionDescription) -> (SocketAddr, SocketAddr) {
 
 #[tokio::test]
 async fn rtp_to_srtp_every_suite_with_attacks() {
-    let engine = engine(41000);
+    let engine = engine(31000);
     for (call, suite) in (1u64..).zip(Suite::ALL) {
         let (a, a_rtcp, b, b_rtcp, stranger) = (
             bind().await,
@@ -226,7 +228,7 @@ async fn ports_return(engine: &MediaEngine, expected: usize) {
 /// peer sits behind a NAT, so its SDP address is not where it sends from.
 #[tokio::test]
 async fn srtp_to_rtp_with_mux_and_nat() {
-    let engine = engine(41200);
+    let engine = engine(31200);
     let (a, b, b_rtcp) = (bind().await, bind().await, bind().await);
     let suite = Suite::AeadAes128Gcm;
     let a_keys = SrtpKeys::generate(suite).unwrap();
@@ -308,7 +310,7 @@ async fn srtp_to_rtp_with_mux_and_nat() {
 /// learning window.
 #[tokio::test]
 async fn failed_auth_never_latches() {
-    let engine = engine(41400);
+    let engine = engine(31400);
     let (b, attacker) = (bind().await, bind().await);
     let offer = engine
         .offer(3, &offer_sdp("RTP/AVP", 9, 10, ""), Profile::Srtp)
@@ -358,7 +360,7 @@ async fn failed_auth_never_latches() {
 
 #[tokio::test]
 async fn refusals_and_port_accounting() {
-    let engine = engine(41600);
+    let engine = engine(31600);
     for bad in [&b"not sdp"[..], b"v=0\r\nm=audio x RTP/AVP 0\r\n", b""] {
         assert!(matches!(
             engine.offer(1, bad, Profile::Auto),
