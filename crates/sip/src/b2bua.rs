@@ -236,6 +236,33 @@ pub struct CallRecord {
     pub sip_code: Option<u16>,
 }
 
+impl CallRecord {
+    /// A call admitted by the policy but refused before leg B was tried.
+    fn refused(
+        call_id: String,
+        call: u64,
+        key_id: &str,
+        from: String,
+        to: String,
+        unix: i64,
+        code: u16,
+    ) -> CallRecord {
+        CallRecord {
+            call_id,
+            call,
+            key_id: key_id.to_string(),
+            from,
+            to,
+            start: unix,
+            answer: None,
+            end: unix,
+            billable_secs: 0,
+            cause: EndCause::Rejected(code),
+            sip_code: Some(code),
+        }
+    }
+}
+
 /// Admission and accounting of calls, supplied by the binary (the trunk
 /// allocator and the CDR store). Called synchronously on the signaling path,
 /// so implementations must not block.
@@ -803,38 +830,30 @@ impl B2bua {
         }
         self.next_id += self.shard.1;
         let Some(a_key) = self.txn.create_server(msg.clone(), peer.clone()) else {
-            self.policy.ended(&CallRecord {
-                call_id: String::new(),
-                call: id,
-                key_id: principal.key.id.clone(),
-                from: caller,
-                to: called,
-                start: unix,
-                answer: None,
-                end: unix,
-                billable_secs: 0,
-                cause: EndCause::Rejected(400),
-                sip_code: Some(400),
-            });
+            self.policy.ended(&CallRecord::refused(
+                String::new(),
+                id,
+                &principal.key.id,
+                caller,
+                called,
+                unix,
+                400,
+            ));
             return;
         };
         let a_tag = self.token(8);
         self.reply(now, &a_key, 100, Vec::new(), None);
         let Some(route_ix) = self.pick_route(&principal) else {
             self.reply(now, &a_key, 404, Vec::new(), Some(&a_tag));
-            self.policy.ended(&CallRecord {
-                call_id: String::new(),
-                call: id,
-                key_id: principal.key.id.clone(),
-                from: caller,
-                to: called,
-                start: unix,
-                answer: None,
-                end: unix,
-                billable_secs: 0,
-                cause: EndCause::Rejected(404),
-                sip_code: Some(404),
-            });
+            self.policy.ended(&CallRecord::refused(
+                String::new(),
+                id,
+                &principal.key.id,
+                caller,
+                called,
+                unix,
+                404,
+            ));
             return;
         };
         let route = self.cfg.routes[route_ix].clone();
@@ -951,19 +970,15 @@ impl B2bua {
                 Err(code) => {
                     self.reply(now, &a_key, code, Vec::new(), Some(&a_leg.local_tag));
                     self.media.release(id);
-                    self.policy.ended(&CallRecord {
-                        call_id: b_leg.call_id.clone(),
-                        call: id,
-                        key_id: principal.key.id.clone(),
-                        from: caller,
-                        to: called,
-                        start: unix,
-                        answer: None,
-                        end: unix,
-                        billable_secs: 0,
-                        cause: EndCause::Rejected(code),
-                        sip_code: Some(code),
-                    });
+                    self.policy.ended(&CallRecord::refused(
+                        b_leg.call_id.clone(),
+                        id,
+                        &principal.key.id,
+                        caller,
+                        called,
+                        unix,
+                        code,
+                    ));
                     return;
                 }
             }
