@@ -222,6 +222,8 @@ pub struct Refused {
 pub struct CallRecord {
     /// Unique across restarts: leg B's Call-ID.
     pub call_id: String,
+    /// Leg A's Call-ID, as the caller knows the call.
+    pub a_call_id: String,
     pub call: u64,
     pub key_id: String,
     pub from: String,
@@ -238,8 +240,10 @@ pub struct CallRecord {
 
 impl CallRecord {
     /// A call admitted by the policy but refused before leg B was tried.
+    #[allow(clippy::too_many_arguments)]
     fn refused(
         call_id: String,
+        a_call_id: &str,
         call: u64,
         key_id: &str,
         from: String,
@@ -249,6 +253,7 @@ impl CallRecord {
     ) -> CallRecord {
         CallRecord {
             call_id,
+            a_call_id: a_call_id.to_string(),
             call,
             key_id: key_id.to_string(),
             from,
@@ -832,6 +837,7 @@ impl B2bua {
         let Some(a_key) = self.txn.create_server(msg.clone(), peer.clone()) else {
             self.policy.ended(&CallRecord::refused(
                 String::new(),
+                msg.call_id().unwrap_or_default(),
                 id,
                 &principal.key.id,
                 caller,
@@ -847,6 +853,7 @@ impl B2bua {
             self.reply(now, &a_key, 404, Vec::new(), Some(&a_tag));
             self.policy.ended(&CallRecord::refused(
                 String::new(),
+                msg.call_id().unwrap_or_default(),
                 id,
                 &principal.key.id,
                 caller,
@@ -972,6 +979,7 @@ impl B2bua {
                     self.media.release(id);
                     self.policy.ended(&CallRecord::refused(
                         b_leg.call_id.clone(),
+                        msg.call_id().unwrap_or_default(),
                         id,
                         &principal.key.id,
                         caller,
@@ -1088,6 +1096,7 @@ impl B2bua {
         });
         self.policy.ended(&CallRecord {
             call_id: call.b.call_id.clone(),
+            a_call_id: call.a.call_id.clone(),
             call: id,
             key_id: call.key_id.clone(),
             from: call.caller.clone(),

@@ -124,6 +124,7 @@ impl CallPolicy for TrunkPolicy {
             billable_secs: r.billable_secs,
             cause: cause.to_string(),
             sip_code: r.sip_code,
+            sip_call_id: (!r.a_call_id.is_empty()).then(|| r.a_call_id.clone()),
         };
         if let Err(e) = self.cdrs.record(&cdr) {
             tracing::error!(error = %e, call = %cdr.call_id, "CDR not recorded");

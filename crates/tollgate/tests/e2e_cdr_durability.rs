@@ -157,6 +157,12 @@ fn kill_9_under_load_keeps_every_ended_call_once_and_restart_reports_same_usage(
             "CDR line {i} lacks answer: {c:?}"
         );
         assert_eq!(c.str("key_id"), Some(id.as_str()), "CDR line {i}: {c:?}");
+        // The caller's own Call-ID (SIPp's "<n>-<pid>@<ip>") rides along.
+        assert!(
+            c.str("sip_call_id")
+                .is_some_and(|v| v.contains('@') && !v.ends_with("@tollgate")),
+            "CDR line {i} lacks the caller's Call-ID: {c:?}"
+        );
         if let Some(prev) = seen.insert(c.str("call_id").unwrap().to_string(), i) {
             panic!("call_id twice in the CDR store: lines {prev} and {i}: {c:?}");
         }

@@ -74,6 +74,10 @@ pub struct Cdr {
     pub cause: String,
     /// The final SIP status, if one was sent or received.
     pub sip_code: Option<u16>,
+    /// The caller's own Call-ID (leg A), so a customer can match the record
+    /// to their call; absent in records written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sip_call_id: Option<String>,
 }
 
 /// Where CDRs go. The embedded implementation is [`FileCdrStore`].
@@ -654,6 +658,7 @@ mod tests {
             billable_secs: secs,
             cause: if answered { "normal" } else { "busy" }.into(),
             sip_code: Some(if answered { 200 } else { 486 }),
+            sip_call_id: Some(format!("{call_id}@caller")),
         }
     }
 
