@@ -1254,16 +1254,29 @@ impl B2bua {
         let Some(id) = id else {
             return;
         };
+        if self
+            .calls
+            .get(&id)
+            .is_some_and(|c| c.state == CallState::Setup)
+        {
+            self.abandon_setup(now, id, 487);
+        }
+    }
+
+    /// Gives up on a call still in setup: `code` to leg A's INVITE, and leg
+    /// B cancelled (at once after a provisional, else as soon as one comes,
+    /// RFC 3261 §9.1), with a give-up deadline 64*T1 later.
+    fn abandon_setup(&mut self, now: Instant, id: u64, code: u16) {
         let Some(call) = self.calls.get_mut(&id) else {
             return;
         };
-        if call.state != CallState::Setup {
-            return;
-        }
         call.state = CallState::Cancelled;
-        let a_tag = call.a.local_tag.clone();
-        let provisional = call.b_provisional;
-        self.reply(now, &invite, 487, Vec::new(), Some(&a_tag));
+        let (a_invite, tag, provisional) = (
+            call.a_invite.clone(),
+            call.a.local_tag.clone(),
+            call.b_provisional,
+        );
+        self.reply(now, &a_invite, code, Vec::new(), Some(&tag));
         if provisional {
             self.cancel_b(now, id);
         } else {
@@ -1795,24 +1808,8 @@ impl B2bua {
             }
             call.deadline = None;
             match call.state {
-                CallState::Setup => {
-                    // Leg B gave no final answer in time: 408 to A, CANCEL B.
-                    call.state = CallState::Cancelled;
-                    let (a_invite, tag, prov) = (
-                        call.a_invite.clone(),
-                        call.a.local_tag.clone(),
-                        call.b_provisional,
-                    );
-                    self.reply(now, &a_invite, 408, Vec::new(), Some(&tag));
-                    if prov {
-                        self.cancel_b(now, id);
-                    } else {
-                        if let Some(call) = self.calls.get_mut(&id) {
-                            call.cancel_pending = true;
-                        }
-                        self.set_deadline(id, now + self.cfg.timers.t1 * 64);
-                    }
-                }
+                // Leg B gave no final answer in time: 408 to A, CANCEL B.
+                CallState::Setup => self.abandon_setup(now, id, 408),
                 CallState::Confirmed => {
                     // Budget or max_duration spent: BYE both legs.
                     self.hangup(now, id, EndCause::LimitReached);
@@ -1853,16 +1850,7 @@ impl B2bua {
                 self.end_call(id, cause);
             }
             CallState::Setup => {
-                call.state = CallState::Cancelled;
-                let (a_invite, tag, prov) = (
-                    call.a_invite.clone(),
-                    call.a.local_tag.clone(),
-                    call.b_provisional,
-                );
-                self.reply(now, &a_invite, 503, Vec::new(), Some(&tag));
-                if prov {
-                    self.cancel_b(now, id);
-                }
+                self.abandon_setup(now, id, 503);
                 self.end_call(id, cause);
             }
             _ => {}
