@@ -373,6 +373,8 @@ pub struct B2bua {
     cfg: Config,
     pub txn: TxnLayer,
     auth: Authenticator<dyn KeyStore, dyn ReplayCache>,
+    /// Realm and digest settings, built once; only `now` changes per INVITE.
+    auth_cfg: AuthConfig,
     calls: HashMap<u64, Call>,
     next_id: u64,
     /// This core's shard index and the number of shards (call ids are
@@ -424,10 +426,17 @@ impl B2bua {
     ) -> Self {
         // Present in /metrics from the start, not only after the first call.
         metrics::gauge!("tollgate_calls_active").set(0.0);
+        let auth_cfg = AuthConfig {
+            realm: cfg.realm.clone(),
+            digest_algorithms: cfg.digest_algorithms.clone(),
+            nonce_lifetime_secs: cfg.nonce_lifetime_secs,
+            now: 0,
+        };
         Self {
             txn: TxnLayer::new(cfg.timers),
             cfg,
             auth: Authenticator::new(keys, replay, nonce_secret),
+            auth_cfg,
             calls: HashMap::new(),
             next_id: 1,
             shard: (0, 1),
@@ -749,13 +758,8 @@ impl B2bua {
             authorization: &authz,
             source_ip: peer.addr.ip(),
         };
-        let acfg = AuthConfig {
-            realm: self.cfg.realm.clone(),
-            digest_algorithms: self.cfg.digest_algorithms.clone(),
-            nonce_lifetime_secs: self.cfg.nonce_lifetime_secs,
-            now: unix,
-        };
-        let principal = match self.auth.check(&view, &acfg) {
+        self.auth_cfg.now = unix;
+        let principal = match self.auth.check(&view, &self.auth_cfg) {
             Outcome::Accepted(p) => p,
             Outcome::Challenge { headers } => {
                 metrics::counter!("tollgate_auth_failures_total", "reason" => "no_credential")
