@@ -465,6 +465,17 @@ impl Edge {
         edge
     }
 
+    /// The address of a `tollgate: listening <what...> ADDR` line printed
+    /// before `ready`, e.g. `listening("admin")` or `listening("sip tls")`.
+    pub fn listening(&self, what: &str) -> Option<SocketAddr> {
+        let prefix = format!("tollgate: listening {what} ");
+        self.stdout_lines
+            .lock()
+            .unwrap()
+            .iter()
+            .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+    }
+
     pub fn first_key(&self) -> String {
         self.first_key.clone().unwrap_or_else(|| {
             panic!(
