@@ -172,7 +172,9 @@ pub struct Call {
     pub b: Leg,
     pub state: CallState,
     pub key_id: String,
-    pub route: usize,
+    /// Leg B's media profile, from the route the call took (kept with the
+    /// call: a SIGHUP may replace the routes while it is up).
+    pub route_media: MediaProfile,
     pub created: Instant,
     pub created_unix: i64,
     pub answered: Option<Instant>,
@@ -480,6 +482,12 @@ impl B2bua {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Replaces the routes (SIGHUP reload). Calls already up keep the route
+    /// they took; new INVITEs use the new list.
+    pub fn set_routes(&mut self, routes: Vec<Route>) {
+        self.cfg.routes = routes;
     }
 
     /// Refuse new calls from now on (SIGTERM drain).
@@ -1032,7 +1040,7 @@ impl B2bua {
                 b: b_leg,
                 state: CallState::Setup,
                 key_id: principal.key.id.clone(),
-                route: route_ix,
+                route_media: route.media,
                 created: now,
                 created_unix: unix,
                 answered: None,
@@ -1378,8 +1386,7 @@ impl B2bua {
             let profile = self
                 .calls
                 .get(&id)
-                .and_then(|c| self.cfg.routes.get(c.route))
-                .map_or(MediaProfile::Auto, |r| r.media);
+                .map_or(MediaProfile::Auto, |c| c.route_media);
             let rewritten = if offer_ok {
                 self.media.offer(id, &msg.body, profile).ok()
             } else {

@@ -36,6 +36,8 @@ pub enum Control {
     Drain,
     /// Hang up every call and stop.
     Shutdown,
+    /// New routes for new INVITEs (SIGHUP reload); calls up keep theirs.
+    SetRoutes(Vec<crate::Route>),
 }
 
 enum Inbound {
@@ -44,11 +46,12 @@ enum Inbound {
     Control(ControlMsg),
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum ControlMsg {
     Hangup(u64, EndCause),
     Drain,
     Shutdown,
+    SetRoutes(Arc<Vec<crate::Route>>),
 }
 
 /// Sockets the cores serve.
@@ -185,10 +188,11 @@ pub async fn run(
                 continue;
             }
             Some(Control::Drain) => ControlMsg::Drain,
+            Some(Control::SetRoutes(r)) => ControlMsg::SetRoutes(Arc::new(r)),
             Some(Control::Shutdown) | None => ControlMsg::Shutdown,
         };
         for s in &shared.shards {
-            let _ = s.send(Inbound::Control(msg)).await;
+            let _ = s.send(Inbound::Control(msg.clone())).await;
         }
         if matches!(msg, ControlMsg::Shutdown) {
             break;
@@ -304,6 +308,7 @@ fn handle_inbound(core: &mut B2bua, m: Inbound, t: std::time::Instant, unix: i64
         Inbound::Unframeable(head, peer) => core.handle_unframeable(&head, &peer),
         Inbound::Control(ControlMsg::Hangup(id, cause)) => core.hangup(t, id, cause),
         Inbound::Control(ControlMsg::Drain) => core.set_draining(true),
+        Inbound::Control(ControlMsg::SetRoutes(r)) => core.set_routes(r.to_vec()),
         Inbound::Control(ControlMsg::Shutdown) => {
             for id in core.call_ids() {
                 core.hangup(t, id, EndCause::Shutdown);

@@ -43,6 +43,8 @@ pub struct SipSection {
     pub invite_timeout_s: Option<u64>,
     pub nonce_lifetime_s: Option<u64>,
     pub workers: Option<usize>,
+    /// SIGTERM: how long calls in progress may go on before the edge BYEs them.
+    pub drain_timeout_s: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -26,6 +26,8 @@ pub struct Settings {
     pub media_ip: std::net::IpAddr,
     pub media_ports: (u16, u16),
     pub media_timeout: Duration,
+    /// SIGTERM drain: calls in progress may go on this long, then BYE.
+    pub drain_timeout: Duration,
     pub trunk: tollgate_trunk::TrunkConfig,
     /// Signaling cores (shards); default: the machine's cores.
     pub sip_workers: usize,
@@ -137,6 +139,10 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         Some(n) => n.min(64),
         None => std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
     };
+    let drain_timeout_s = file.sip.drain_timeout_s.unwrap_or(60);
+    if drain_timeout_s > 86_400 {
+        return Err(ConfigError("sip.drain_timeout_s: must be 0..=86400".into()));
+    }
     let media_timeout_s = file.media.timeout_s.unwrap_or(60);
     if !(5..=86_400).contains(&media_timeout_s) {
         return Err(ConfigError("media.timeout_s: must be 5..=86400".into()));
@@ -191,6 +197,7 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         media_ip,
         media_ports,
         media_timeout: Duration::from_secs(media_timeout_s),
+        drain_timeout: Duration::from_secs(drain_timeout_s),
         trunk,
         sip_workers,
         metrics_listen,
@@ -275,11 +282,12 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<(), Failure> {
         .enable_all()
         .build()
         .map_err(|e| Failure::Other(format!("runtime: {e}")))?;
-    rt.block_on(serve(s, store, data_dir.to_path_buf()))
+    rt.block_on(serve(s, args, store, data_dir.to_path_buf()))
 }
 
 async fn serve(
     s: Settings,
+    args: ServeArgs,
     store: Arc<FileKeyStore>,
     data_dir: std::path::PathBuf,
 ) -> Result<(), Failure> {
@@ -327,7 +335,12 @@ async fn serve(
         .local_addr()
         .map_err(|e| bind_err(&s.metrics_listen, e))?;
     println!("tollgate: listening metrics {metrics_addr}");
-    tokio::spawn(crate::metrics_http::serve(metrics_l, handle.clone()));
+    let health = crate::metrics_http::Health::default();
+    tokio::spawn(crate::metrics_http::serve(
+        metrics_l,
+        handle.clone(),
+        health.clone(),
+    ));
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(5)).await;
@@ -335,31 +348,8 @@ async fn serve(
         }
     });
 
-    let mut routes = Vec::new();
-    for (model, target, media) in &s.routes {
-        let text = match target {
-            Some(t) => t.clone(),
-            None => {
-                let echo = crate::echo::start()
-                    .await
-                    .map_err(|e| Failure::Other(format!("echo destination: {e}")))?;
-                tracing::info!(%echo, "no default route configured: calls go to the built-in echo");
-                format!("sip:echo@{echo}")
-            }
-        };
-        let (uri, transport, addr) = config::parse_target("route target", &text)?;
-        routes.push(Route {
-            model: model.clone(),
-            target: uri,
-            target_text: text,
-            peer: Peer {
-                transport,
-                addr,
-                flow: None,
-            },
-            media: *media,
-        });
-    }
+    let mut echo = None;
+    let routes = build_routes(&s, &mut echo).await?;
 
     // Key changes made by `tollgate keys` in another process are seen within 1 s.
     let refresh = store.clone();
@@ -462,15 +452,124 @@ async fn serve(
     });
     println!("tollgate: ready");
 
-    shutdown_signal().await;
-    tracing::info!("shutting down: hanging up calls");
+    let mut signals = Signals::new();
+    let mut s = s;
+    while signals.next().await == Signal::Reload {
+        // SIGHUP: routes, trunk limits (key limits are live already)
+        // and certificates; calls in progress keep what they have.
+        match settings(&args) {
+            Ok(new) => {
+                let mut changed = Vec::new();
+                if new.listen != s.listen {
+                    changed.push("sip.listen");
+                }
+                if new.media_ip != s.media_ip || new.media_ports != s.media_ports {
+                    changed.push("media");
+                }
+                if new.metrics_listen != s.metrics_listen {
+                    changed.push("metrics.listen");
+                }
+                if new.admin_listen != s.admin_listen {
+                    changed.push("admin.listen");
+                }
+                match build_routes(&new, &mut echo).await {
+                    Ok(routes) => {
+                        let _ = ctl_tx.send(Control::SetRoutes(routes)).await;
+                        alloc.reconfigure(new.trunk.clone());
+                        if !changed.is_empty() {
+                            tracing::warn!(
+                                fields = changed.join(", "),
+                                "reload: these settings take effect at the next restart"
+                            );
+                        }
+                        println!("tollgate: reloaded");
+                        s = new;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reload refused; keeping the running configuration");
+                        println!("tollgate: reload refused: {e}");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused; keeping the running configuration");
+                println!("tollgate: reload refused: {e}");
+            }
+        }
+    }
+
+    // SIGTERM: drain. New INVITEs get 503 + Retry-After (and /healthz says
+    // 503, so a load balancer stops sending); calls in progress go on up to
+    // the drain timeout; a second SIGTERM/SIGINT cuts it short.
+    health.set_draining();
     let _ = ctl_tx.send(Control::Drain).await;
+    let deadline = tokio::time::Instant::now() + s.drain_timeout;
+    println!(
+        "tollgate: draining {} calls, up to {} s",
+        alloc.channels_in_use(),
+        s.drain_timeout.as_secs()
+    );
+    loop {
+        if alloc.channels_in_use() == 0 {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            sig = signals.next() => if sig == Signal::Stop { break },
+        }
+    }
+    tracing::info!(
+        left = alloc.channels_in_use(),
+        "drain over: hanging up the calls left"
+    );
     let _ = ctl_tx.send(Control::Shutdown).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), sip).await;
-    if let Err(e) = tokio::task::spawn_blocking(move || cdrs.flush()).await {
-        tracing::error!(error = %e, "CDR flush at shutdown failed");
+    match tokio::task::spawn_blocking(move || cdrs.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "CDR flush at shutdown failed"),
+        Err(e) => tracing::error!(error = %e, "CDR flush at shutdown failed"),
     }
+    println!("tollgate: stopped");
     Ok(())
+}
+
+/// Leg-B routes from the settings; a route without a target goes to the
+/// built-in echo destination, started on first need and kept across reloads.
+async fn build_routes(s: &Settings, echo: &mut Option<SocketAddr>) -> Result<Vec<Route>, Failure> {
+    let mut routes = Vec::new();
+    for (model, target, media) in &s.routes {
+        let text = match target {
+            Some(t) => t.clone(),
+            None => {
+                let addr = match *echo {
+                    Some(a) => a,
+                    None => {
+                        let a = crate::echo::start()
+                            .await
+                            .map_err(|e| Failure::Other(format!("echo destination: {e}")))?;
+                        tracing::info!(echo = %a, "no default route configured: calls go to the built-in echo");
+                        *echo = Some(a);
+                        a
+                    }
+                };
+                format!("sip:echo@{addr}")
+            }
+        };
+        let (uri, transport, addr) = config::parse_target("route target", &text)?;
+        routes.push(Route {
+            model: model.clone(),
+            target: uri,
+            target_text: text,
+            peer: Peer {
+                transport,
+                addr,
+                flow: None,
+            },
+            media: *media,
+        });
+    }
+    Ok(routes)
 }
 
 /// Socket buffer asked for the SIP UDP socket: a burst of thousands of
@@ -489,24 +588,65 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     UdpSocket::from_std(sock.into())
 }
 
-async fn shutdown_signal() {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    /// SIGHUP.
+    Reload,
+    /// SIGTERM or SIGINT.
+    Stop,
+}
+
+/// The process signals `serve` acts on.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Signals {
+                term: signal(SignalKind::terminate()).ok(),
+                hup: signal(SignalKind::hangup()).ok(),
             }
         }
+        #[cfg(not(unix))]
+        Signals {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    async fn next(&mut self) -> Signal {
+        #[cfg(unix)]
+        {
+            let term = async {
+                match self.term.as_mut() {
+                    Some(t) => {
+                        t.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let hup = async {
+                match self.hup.as_mut() {
+                    Some(h) => {
+                        h.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = term => Signal::Stop,
+                _ = hup => Signal::Reload,
+                _ = tokio::signal::ctrl_c() => Signal::Stop,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            Signal::Stop
+        }
     }
 }

@@ -237,13 +237,27 @@ impl Metrics {
     }
 }
 
+struct EdgeSettings {
+    cfg: TrunkConfig,
+    deny: DenyList,
+}
+
+impl EdgeSettings {
+    fn new(cfg: TrunkConfig) -> Self {
+        EdgeSettings {
+            deny: DenyList::new(&cfg.premium_deny_prefixes),
+            cfg,
+        }
+    }
+}
+
 /// The trunk allocator: admits calls onto per-key elastic trunks.
 ///
 /// `Send + Sync`; share it behind an `Arc`. Metric handles are created on
 /// first use, so install the metrics recorder before the first call.
 pub struct Allocator {
-    cfg: TrunkConfig,
-    deny: DenyList,
+    /// Edge-wide settings; replaced whole on a reload (SIGHUP).
+    edge: std::sync::RwLock<Arc<EdgeSettings>>,
     trunks: DashMap<Arc<str>, Trunk>,
     channels: DashMap<u64, Channel>,
     /// Today's spent seconds of keys whose trunk was reclaimed.
@@ -257,8 +271,7 @@ impl Allocator {
     /// An allocator with no trunks.
     pub fn new(cfg: TrunkConfig) -> Self {
         Allocator {
-            deny: DenyList::new(&cfg.premium_deny_prefixes),
-            cfg,
+            edge: std::sync::RwLock::new(Arc::new(EdgeSettings::new(cfg))),
             trunks: DashMap::new(),
             channels: DashMap::new(),
             parked: DashMap::new(),
@@ -268,9 +281,26 @@ impl Allocator {
         }
     }
 
-    /// The configuration this allocator was built with.
-    pub fn config(&self) -> &TrunkConfig {
-        &self.cfg
+    /// The configuration in force.
+    pub fn config(&self) -> TrunkConfig {
+        self.edge().cfg.clone()
+    }
+
+    /// Replaces the edge-wide settings (SIGHUP reload). Channels taken stay;
+    /// the next admit sees the new cap and deny list.
+    pub fn reconfigure(&self, cfg: TrunkConfig) {
+        let new = Arc::new(EdgeSettings::new(cfg));
+        match self.edge.write() {
+            Ok(mut g) => *g = new,
+            Err(poisoned) => *poisoned.into_inner() = new,
+        }
+    }
+
+    fn edge(&self) -> Arc<EdgeSettings> {
+        match self.edge.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
     fn metrics(&self) -> &Metrics {
@@ -290,7 +320,7 @@ impl Allocator {
 
     /// True if `destination` is on the edge-wide premium-rate deny list.
     pub fn destination_denied(&self, destination: &str) -> bool {
-        self.deny.denies(destination)
+        self.edge().deny.denies(destination)
     }
 
     /// Takes a channel on the key's elastic trunk (created on first use).
@@ -307,7 +337,8 @@ impl Allocator {
         now: Instant,
         unix: i64,
     ) -> Result<ChannelId, Refusal> {
-        if self.deny.denies(destination) {
+        let edge = self.edge();
+        if edge.deny.denies(destination) {
             return self.refuse(Refusal::DestinationDenied);
         }
         let mut trunk = match self.trunks.get_mut(key_id) {
@@ -328,7 +359,7 @@ impl Allocator {
         if limits.max_calls.is_some_and(|max| t.in_use >= max) {
             return self.refuse(Refusal::Busy);
         }
-        let cap = self.cfg.edge_max_calls as usize;
+        let cap = edge.cfg.edge_max_calls as usize;
         match limits.cps {
             Some(cps) => {
                 let bucket = t.bucket.get_or_insert_with(|| TokenBucket::new(cps, now));
@@ -482,7 +513,7 @@ impl Allocator {
     /// again; those of earlier days are forgotten.
     pub fn reclaim_idle(&self, unix: i64) {
         let today = utc_day(unix);
-        let idle_for = i64::try_from(self.cfg.idle_reclaim_secs).unwrap_or(i64::MAX);
+        let idle_for = i64::try_from(self.edge().cfg.idle_reclaim_secs).unwrap_or(i64::MAX);
         self.trunks.retain(|key, t| {
             let idle = t.in_use == 0
                 && t.idle_since
@@ -645,6 +676,35 @@ mod tests {
         a.release(c1, 0, DAY0);
         assert!(a.admit("d", &l, OK_DEST, t0, DAY0).is_ok());
         assert_eq!(a.channels_in_use(), 3);
+    }
+
+    #[test]
+    fn reconfigure_takes_effect_on_the_next_admit_and_keeps_channels() {
+        let a = Allocator::new(TrunkConfig {
+            edge_max_calls: 2,
+            ..TrunkConfig::default()
+        });
+        let l = KeyLimits::default();
+        let t0 = Instant::now();
+        let c1 = a.admit("a", &l, OK_DEST, t0, DAY0).unwrap();
+        a.admit("b", &l, OK_DEST, t0, DAY0).unwrap();
+        assert_eq!(a.admit("c", &l, OK_DEST, t0, DAY0), Err(Refusal::Busy));
+        a.reconfigure(TrunkConfig {
+            edge_max_calls: 3,
+            premium_deny_prefixes: vec!["+4420".into()],
+            ..TrunkConfig::default()
+        });
+        assert_eq!(a.config().edge_max_calls, 3);
+        // The two channels taken before the reload are still counted.
+        assert_eq!(a.channels_in_use(), 2);
+        assert_eq!(
+            a.admit("c", &l, "+442071234567", t0, DAY0),
+            Err(Refusal::DestinationDenied)
+        );
+        assert!(a.admit("c", &l, OK_DEST, t0, DAY0).is_ok());
+        assert_eq!(a.admit("d", &l, OK_DEST, t0, DAY0), Err(Refusal::Busy));
+        a.release(c1, 0, DAY0);
+        assert!(a.admit("d", &l, OK_DEST, t0, DAY0).is_ok());
     }
 
     #[test]

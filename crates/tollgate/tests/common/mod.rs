@@ -266,6 +266,8 @@ pub struct EdgeConfig {
     pub t1_ms: Option<u64>,
     pub invite_timeout_s: Option<u64>,
     pub tcp: bool,
+    /// Lines added to the `[sip]` table (e.g. `drain_timeout_s = 5`).
+    pub sip_extra: String,
     /// Appended verbatim to the TOML file.
     pub extra_toml: String,
     /// Extra CLI args after `serve`.
@@ -281,6 +283,7 @@ impl Default for EdgeConfig {
             t1_ms: None,
             invite_timeout_s: None,
             tcp: true,
+            sip_extra: String::new(),
             extra_toml: String::new(),
             extra_args: vec![],
         }
@@ -312,6 +315,10 @@ impl EdgeConfig {
         }
         if let Some(t) = self.invite_timeout_s {
             s.push_str(&format!("invite_timeout_s = {t}\n"));
+        }
+        if !self.sip_extra.is_empty() {
+            s.push_str(self.sip_extra.trim_end());
+            s.push('\n');
         }
         s.push_str("\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
         // the admin API defaults to 127.0.0.1:8080: parallel edges must not share it
