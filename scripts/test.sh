@@ -1,21 +1,44 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace, installing what the tests need first
-# (SIPp from Debian's sip-tester). Tests that need SIPp fail, never skip,
-# when it is missing.
+# (SIPp from Debian's sip-tester; promtool and prometheus from Debian's
+# prometheus; PyYAML from python3-yaml for the deploy-kit checks). Tests that
+# need one of them fail, never skip, when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+has_yaml() {
+    python3 -c 'import yaml' >/dev/null 2>&1 || /usr/bin/python3 -c 'import yaml' >/dev/null 2>&1
+}
 
 need_pkgs=()
 command -v sipp >/dev/null 2>&1 || need_pkgs+=(sip-tester)
 command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
+has_yaml || need_pkgs+=(python3-yaml)
+had_prometheus=1
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+    need_pkgs+=(prometheus)
+    had_prometheus=0
+fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "test.sh: installing ${need_pkgs[*]}"
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+    # --no-install-recommends: prometheus would pull in node-exporter & co.
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+        "${need_pkgs[@]}" >/dev/null
+    # The package starts a Prometheus service on :9090, Tollgate's default
+    # metrics port; the tests run their own server on a free port.
+    if [ "$had_prometheus" -eq 0 ] && command -v systemctl >/dev/null 2>&1 \
+        && systemctl is-active --quiet prometheus 2>/dev/null; then
+        echo "test.sh: stopping and disabling the prometheus service the package started"
+        $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
 fi
 command -v sipp >/dev/null || { echo "test.sh: sipp is still missing" >&2; exit 1; }
+command -v promtool >/dev/null || { echo "test.sh: promtool is still missing" >&2; exit 1; }
+command -v prometheus >/dev/null || { echo "test.sh: prometheus is still missing" >&2; exit 1; }
+has_yaml || { echo "test.sh: python3 cannot import yaml (python3-yaml)" >&2; exit 1; }
 # pylibsrtp: the independent SRTP implementation the media tests compare with.
 crates/media/scripts/install-test-deps.sh
 

@@ -169,6 +169,11 @@ pub struct SecretMaterial {
     /// SHA-256 of the full key, for the admin API; hex in JSON.
     #[serde(with = "hex32")]
     pub key_hash: [u8; 32],
+    /// Webhook signing secret ([`crate::apikey::webhook_secret`], lowercase
+    /// hex). `None` in records written before webhooks existed: such a key
+    /// sends no webhooks until it is rolled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<String>,
     /// `None` for the current secret; for an old secret kept after a roll
     /// with grace, the Unix time it stops working.
     #[serde(default)]
@@ -182,6 +187,7 @@ impl SecretMaterial {
             signing_key: key.signing_key(),
             digest_password: key.digest_password(),
             key_hash: key.key_hash(),
+            webhook_secret: Some(key.webhook_secret()),
             not_after,
         }
     }
@@ -236,6 +242,12 @@ impl KeyRecord {
     /// Does not look at revocation or expiry: check [`KeyRecord::is_usable`] too.
     pub fn live_secrets(&self, now: u64) -> impl Iterator<Item = &SecretMaterial> + '_ {
         self.secrets.iter().filter(move |s| s.is_live(now))
+    }
+
+    /// The webhook secret of the current secret (SPEC §7), if the record has
+    /// one (records from before webhooks do not).
+    pub fn webhook_secret(&self) -> Option<&str> {
+        self.secrets.first()?.webhook_secret.as_deref()
     }
 
     /// Signing keys of the live secrets, or nothing if the key is not usable.
@@ -1192,6 +1204,42 @@ mod tests {
         assert!(!dbg.contains("signing_key: ["));
         assert_eq!("Calls".parse::<Scope>().unwrap(), Scope::Calls);
         assert!("admin".parse::<Scope>().is_err());
+    }
+
+    #[test]
+    fn webhook_secret_stored_on_create_and_roll_and_old_records_load() {
+        let tmp = TempDir::new();
+        let s = FileKeyStore::open(&tmp.0).unwrap();
+        let (rec, key) = s
+            .create("w", KeyKind::Secret, None, Limits::default(), None, NOW)
+            .unwrap();
+        let want = key.webhook_secret();
+        assert_eq!(rec.webhook_secret(), Some(want.as_str()));
+        assert!(
+            !format!("{rec:?}").contains(&want),
+            "Debug shows the secret"
+        );
+        let rolled = s.roll(key.id(), Some(60), NOW + 1).unwrap();
+        let rec = s.get(key.id()).unwrap();
+        assert_eq!(rec.webhook_secret(), Some(rolled.webhook_secret().as_str()));
+        assert_eq!(
+            rec.secrets[1].webhook_secret.as_deref(),
+            Some(want.as_str())
+        );
+        // Persisted, and read back by another instance.
+        let s2 = FileKeyStore::open(&tmp.0).unwrap();
+        assert_eq!(
+            s2.get(key.id()).unwrap().webhook_secret(),
+            Some(rolled.webhook_secret().as_str())
+        );
+        // A record written before webhooks existed still loads, without a secret.
+        let mut v = serde_json::to_value(&*rec).unwrap();
+        for sec in v["secrets"].as_array_mut().unwrap() {
+            sec.as_object_mut().unwrap().remove("webhook_secret");
+        }
+        let old: KeyRecord = serde_json::from_value(v).unwrap();
+        assert_eq!(old.webhook_secret(), None);
+        assert!(old.live_signing_keys(NOW + 2).len() == 2);
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub enum MediaError {
     NoCrypto,
     #[error("the answer does not match the offer: {0}")]
     Answer(&'static str),
+    #[error("the offer's profile is not the route's: {0}")]
+    Profile(&'static str),
     #[error("no offer pending for this call")]
     UnknownCall,
     #[error("media ports exhausted")]
@@ -114,30 +116,40 @@ fn peer_media(sdp: &SessionDescription, i: usize) -> PeerMedia {
 }
 
 struct Pending {
-    a_sdp: SessionDescription,
-    /// Index of the relayed audio stream in A's offer (and ours to B).
+    /// The leg that made the offer; the other leg answers.
+    offerer: Leg,
+    /// The offer as it came and as we sent it on, so that a repeated offer
+    /// (leg B's 18x, then its 2xx with the same SDP) gets the same rewrite:
+    /// the same ports and keys.
+    offer_in: Vec<u8>,
+    offer_out: Vec<u8>,
+    /// The offerer's SDP.
+    o_sdp: SessionDescription,
+    /// Index of the relayed audio stream in the offer (and in ours).
     index: usize,
-    a_peer: PeerMedia,
-    /// A's crypto (A's sending key), if leg A is SRTP.
-    a_crypto: Option<Crypto>,
-    /// What we offered B (our sending keys), if leg B is SRTP.
-    b_offer: Option<Vec<Crypto>>,
+    o_peer: PeerMedia,
+    /// The offerer's crypto (its sending key), if its side is SRTP.
+    o_crypto: Option<Crypto>,
+    /// What we offered the answering leg (our sending keys), if its side is
+    /// SRTP.
+    t_offer: Option<Vec<Crypto>>,
+    /// Leg A's and leg B's ports, in that order.
     legs: [LegPorts; 2],
 }
 
 struct Running {
     /// Owns the sockets and ports: they are returned when the task ends.
     task: tokio::task::JoinHandle<()>,
-    /// B's answer and ours to A, to answer a repeated answer (183 then 200
-    /// with the same SDP) the same way.
-    b_answer: Vec<u8>,
-    a_answer: Vec<u8>,
+    /// The answer as it came and as we sent it on, to answer a repeated
+    /// answer (183 then 200 with the same SDP) the same way.
+    answer_in: Vec<u8>,
+    answer_out: Vec<u8>,
 }
 
 enum State {
     Offered(Box<Pending>),
     Running(Running),
-    /// B rejected the audio: nothing to relay, nothing held.
+    /// The answerer rejected the audio: nothing to relay, nothing held.
     Rejected,
 }
 
@@ -148,6 +160,9 @@ struct Call {
     /// UPDATE) is pending; dropped when the new answer starts the new relay,
     /// restored by [`MediaEngine::cancel_offer`] when the re-offer fails.
     previous: Option<Running>,
+    /// Whether leg A and leg B run SRTP, once an offer/answer completed: a
+    /// re-offer from one leg keeps the other leg's profile.
+    secure: [Option<bool>; 2],
 }
 
 impl Drop for Call {
@@ -157,6 +172,23 @@ impl Drop for Call {
         }
         if let Some(r) = &self.previous {
             r.task.abort();
+        }
+    }
+}
+
+/// One leg of a call, as the engine sees it: A is the caller's side, B the
+/// route's destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leg {
+    A = 0,
+    B = 1,
+}
+
+impl Leg {
+    fn other(self) -> Leg {
+        match self {
+            Leg::A => Leg::B,
+            Leg::B => Leg::A,
         }
     }
 }
@@ -213,23 +245,70 @@ impl MediaEngine {
     /// Leg A's offer: allocates both legs' ports and returns the SDP to send
     /// to leg B (in `profile_b`; for SRTP, fresh keys for every suite we
     /// support). A second offer for the same call (re-INVITE) replaces the
-    /// first: new ports, new keys.
+    /// first: new ports, new keys. The same as
+    /// `offer_from(call, Leg::A, offer_from_a, [Profile::Auto, profile_b])`.
     pub fn offer(
         &self,
         call: u64,
         offer_from_a: &[u8],
         profile_b: Profile,
     ) -> Result<Vec<u8>, MediaError> {
-        let a_sdp = SessionDescription::parse(offer_from_a)?;
-        let index = a_sdp
+        self.offer_from(call, Leg::A, offer_from_a, [Profile::Auto, profile_b])
+    }
+
+    /// An offer from leg `from`; returns the offer for the other leg, with
+    /// the edge's address and freshly allocated ports for both legs. The
+    /// answer ([`MediaEngine::answer`]) comes from the other leg.
+    ///
+    /// Profiles (SPEC §5), `profiles = [leg A's, leg B's]`: leg B's is the
+    /// route's; leg A's is `rtp` where the SDES rule keeps keys off its
+    /// signaling (cleartext SIP without `sdes_over_cleartext`), else `auto`.
+    /// - The offerer's offer must be in its profile (`auto` takes either),
+    ///   otherwise it is not acceptable: a route that demands SRTP toward
+    ///   the destination is never served in clear, nor keys sent where the
+    ///   SDES rule forbids them.
+    /// - Leg B is offered its profile; `auto` means the profile of A's offer
+    ///   (as before: "whatever the offer used").
+    /// - Leg A is offered its profile; `auto` means the profile it already
+    ///   runs when the call has media (a re-offer from B does not switch the
+    ///   caller between RTP/AVP and RTP/SAVP), else, in a late offer, the
+    ///   profile of B's offer: the caller did not say what it wants, and
+    ///   mirroring means an RTP/SAVP destination gets an RTP/SAVP caller leg
+    ///   and a plain one a plain one. RTP/SAVP on a leg means SRTP with SDES
+    ///   keys in that leg's SDP, our own fresh keys (a leg never sees the
+    ///   other leg's key); RTP/AVP means plain RTP, which the relay
+    ///   encrypts or decrypts on the way to an SRTP leg.
+    ///
+    /// A repeated offer (the same bytes, from the same leg, still
+    /// unanswered) gets the same rewrite. A different offer replaces a
+    /// pending one (its ports return); a running relay keeps serving until
+    /// the new answer.
+    pub fn offer_from(
+        &self,
+        call: u64,
+        from: Leg,
+        offer: &[u8],
+        profiles: [Profile; 2],
+    ) -> Result<Vec<u8>, MediaError> {
+        if let Some(Call {
+            state: State::Offered(p),
+            ..
+        }) = self.calls().get(&call)
+        {
+            if p.offerer == from && p.offer_in == offer {
+                return Ok(p.offer_out.clone());
+            }
+        }
+        let o_sdp = SessionDescription::parse(offer)?;
+        let index = o_sdp
             .media
             .iter()
             .position(|m| m.is_rtp_audio() && m.port != 0)
             .ok_or(MediaError::NoAudio)?;
-        let a_media = &a_sdp.media[index];
-        let a_crypto = if a_media.is_secure() {
+        let o_media = &o_sdp.media[index];
+        let o_crypto = if o_media.is_secure() {
             Some(
-                a_media
+                o_media
                     .cryptos()
                     .into_iter()
                     .next()
@@ -238,12 +317,25 @@ impl MediaEngine {
         } else {
             None
         };
-        let b_secure = match profile_b {
-            Profile::Rtp => false,
-            Profile::Srtp => true,
-            Profile::Auto => a_crypto.is_some(),
+        let o_secure = o_crypto.is_some();
+        let known = self.calls().get(&call).map_or([None, None], |c| c.secure);
+        let to = from.other();
+        match (profiles[from as usize], o_secure) {
+            (Profile::Srtp, false) => {
+                return Err(MediaError::Profile("RTP/AVP offered on an srtp leg"))
+            }
+            (Profile::Rtp, true) => {
+                return Err(MediaError::Profile("RTP/SAVP offered on an rtp leg"))
+            }
+            _ => {}
+        }
+        let t_secure = match (profiles[to as usize], to) {
+            (Profile::Rtp, _) => false,
+            (Profile::Srtp, _) => true,
+            (Profile::Auto, Leg::B) => o_secure,
+            (Profile::Auto, Leg::A) => known[Leg::A as usize].unwrap_or(o_secure),
         };
-        let a_peer = peer_media(&a_sdp, index);
+        let o_peer = peer_media(&o_sdp, index);
 
         // A running relay keeps serving until the new answer (a re-offer may
         // still fail); a pending offer is replaced and its ports return.
@@ -264,6 +356,7 @@ impl MediaEngine {
                             state: State::Running(r),
                             stats: Arc::new(CallStats::new(Instant::now())),
                             previous: None,
+                            secure: known,
                         },
                     );
                 }
@@ -271,10 +364,10 @@ impl MediaEngine {
             }
         };
 
-        let mut b_sdp = a_sdp.clone();
-        b_sdp.set_address(self.cfg.ip);
-        strip_transport(&mut b_sdp.session);
-        let b_offer = if b_secure {
+        let mut t_sdp = o_sdp.clone();
+        t_sdp.set_address(self.cfg.ip);
+        strip_transport(&mut t_sdp.session);
+        let t_offer = if t_secure {
             let mut v = Vec::new();
             for (tag, suite) in (1..).zip(Suite::ALL) {
                 v.push(Crypto {
@@ -287,54 +380,61 @@ impl MediaEngine {
         } else {
             None
         };
-        for (i, m) in b_sdp.media.iter_mut().enumerate() {
+        let ports = &legs[to as usize].pair;
+        for (i, m) in t_sdp.media.iter_mut().enumerate() {
             if i != index {
                 m.reject();
                 continue;
             }
-            m.port = legs[1].pair.rtp();
+            m.port = ports.rtp();
             m.port_count = None;
-            m.set_secure(b_secure);
+            m.set_secure(t_secure);
             strip_transport(&mut m.lines);
-            m.push_attribute(format!("rtcp:{}", legs[1].pair.rtcp()));
-            if a_peer.mux {
+            m.push_attribute(format!("rtcp:{}", ports.rtcp()));
+            if o_peer.mux {
                 m.push_attribute("rtcp-mux");
             }
-            for c in b_offer.iter().flatten() {
+            for c in t_offer.iter().flatten() {
                 m.push_attribute(c.to_attribute());
             }
         }
-        let out = b_sdp.to_bytes();
+        let out = t_sdp.to_bytes();
         let stats = Arc::new(CallStats::new(Instant::now()));
         self.calls().insert(
             call,
             Call {
                 state: State::Offered(Box::new(Pending {
-                    a_sdp,
+                    offerer: from,
+                    offer_in: offer.to_vec(),
+                    offer_out: out.clone(),
+                    o_sdp,
                     index,
-                    a_peer,
-                    a_crypto,
-                    b_offer,
+                    o_peer,
+                    o_crypto,
+                    t_offer,
                     legs,
                 })),
                 stats,
                 previous,
+                secure: known,
             },
         );
         Ok(out)
     }
 
-    /// Leg B's answer: returns the answer for leg A (in the profile A
-    /// offered) and starts relaying. If B rejected the audio, so does the
-    /// answer to A and the call's ports are released.
-    pub fn answer(&self, call: u64, answer_from_b: &[u8]) -> Result<Vec<u8>, MediaError> {
-        let b_sdp = SessionDescription::parse(answer_from_b)?;
+    /// The answer to the pending offer, from the leg that received it
+    /// (leg B for an offer from A, leg A for an offer from B): returns the
+    /// answer for the offering leg (in the profile it offered) and starts
+    /// relaying. If the answerer rejected the audio, so does the answer we
+    /// return, and the offer's ports are released.
+    pub fn answer(&self, call: u64, answer: &[u8]) -> Result<Vec<u8>, MediaError> {
+        let t_sdp = SessionDescription::parse(answer)?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| MediaError::NoRuntime)?;
         let mut calls = self.calls();
         let entry = calls.get_mut(&call).ok_or(MediaError::UnknownCall)?;
         let pending = match &entry.state {
             State::Offered(p) => p,
-            State::Running(r) if r.b_answer == answer_from_b => return Ok(r.a_answer.clone()),
+            State::Running(r) if r.answer_in == answer => return Ok(r.answer_out.clone()),
             State::Running(_) => {
                 return Err(MediaError::Answer(
                     "a different answer for a running call: re-offer first",
@@ -343,19 +443,21 @@ impl MediaEngine {
             State::Rejected => return Err(MediaError::UnknownCall),
         };
         let index = pending.index;
-        if b_sdp.media.len() != pending.a_sdp.media.len() {
+        let (offerer, answerer) = (pending.offerer, pending.offerer.other());
+        if t_sdp.media.len() != pending.o_sdp.media.len() {
             return Err(MediaError::Answer(
                 "number of m= lines differs from the offer",
             ));
         }
-        let b_media = &b_sdp.media[index];
+        let t_media = &t_sdp.media[index];
 
-        // The answer to A: B's answer (codecs, direction) with our transport.
-        let mut a_answer = b_sdp.clone();
-        a_answer.set_address(self.cfg.ip);
-        strip_transport(&mut a_answer.session);
-        for (i, m) in a_answer.media.iter_mut().enumerate() {
-            let offered = &pending.a_sdp.media[i];
+        // The answer to the offerer: the answerer's (codecs, direction) with
+        // our transport.
+        let mut o_answer = t_sdp.clone();
+        o_answer.set_address(self.cfg.ip);
+        strip_transport(&mut o_answer.session);
+        for (i, m) in o_answer.media.iter_mut().enumerate() {
+            let offered = &pending.o_sdp.media[i];
             if i != index || m.port == 0 {
                 *m = Media {
                     lines: Vec::new(),
@@ -364,35 +466,35 @@ impl MediaEngine {
                 m.reject();
             }
         }
-        if b_media.port == 0 {
+        if t_media.port == 0 {
             entry.state = State::Rejected; // drops the pending legs' sockets and ports
             if let Some(r) = entry.previous.take() {
                 r.task.abort();
             }
-            return Ok(a_answer.to_bytes());
+            return Ok(o_answer.to_bytes());
         }
 
-        // Leg B's keys.
-        let b_keys = match (&pending.b_offer, b_media.is_secure()) {
+        // The answerer's keys: one of those we offered it, and its own.
+        let t_keys = match (&pending.t_offer, t_media.is_secure()) {
             (None, false) => None,
             (Some(offered), true) => {
-                let chosen = b_media
+                let (ours, chosen) = t_media
                     .cryptos()
                     .into_iter()
-                    .find(|c| offered.iter().any(|o| o.tag == c.tag && o.suite == c.suite))
+                    .find_map(|c| {
+                        offered
+                            .iter()
+                            .find(|o| o.tag == c.tag && o.suite == c.suite)
+                            .map(|o| (o.clone(), c))
+                    })
                     .ok_or(MediaError::Answer("no a=crypto matching one we offered"))?;
-                let ours = offered
-                    .iter()
-                    .find(|o| o.tag == chosen.tag)
-                    .expect("matched above")
-                    .clone();
                 Some((ours, chosen))
             }
             (Some(_), false) => return Err(MediaError::Answer("RTP/AVP answer to RTP/SAVP offer")),
             (None, true) => return Err(MediaError::Answer("RTP/SAVP answer to RTP/AVP offer")),
         };
-        // Leg A's keys: A's offered key, and a fresh one of ours.
-        let a_keys = match &pending.a_crypto {
+        // The offerer's keys: its offered key, and a fresh one of ours.
+        let o_keys = match &pending.o_crypto {
             Some(theirs) => Some((
                 Crypto {
                     tag: theirs.tag,
@@ -403,25 +505,32 @@ impl MediaEngine {
             )),
             None => None,
         };
-        let b_peer = PeerMedia {
-            mux: b_media.rtcp_mux() && pending.a_peer.mux,
-            ..peer_media(&b_sdp, index)
+        let secure = {
+            let mut s = [None, None];
+            s[offerer as usize] = Some(o_keys.is_some());
+            s[answerer as usize] = Some(t_keys.is_some());
+            s
+        };
+        let t_peer = PeerMedia {
+            mux: t_media.rtcp_mux() && pending.o_peer.mux,
+            ..peer_media(&t_sdp, index)
         };
         {
-            let m = &mut a_answer.media[index];
-            let offered = &pending.a_sdp.media[index];
-            m.port = pending.legs[0].pair.rtp();
+            let m = &mut o_answer.media[index];
+            let offered = &pending.o_sdp.media[index];
+            let ports = &pending.legs[offerer as usize].pair;
+            m.port = ports.rtp();
             m.port_count = None;
             m.proto = offered.proto.clone();
             strip_transport(&mut m.lines);
             // With rtcp-mux (RFC 5761 §5.1.3) RTCP goes to the RTP port.
-            if pending.a_peer.mux {
-                m.push_attribute(format!("rtcp:{}", pending.legs[0].pair.rtp()));
+            if pending.o_peer.mux {
+                m.push_attribute(format!("rtcp:{}", ports.rtp()));
                 m.push_attribute("rtcp-mux");
             } else {
-                m.push_attribute(format!("rtcp:{}", pending.legs[0].pair.rtcp()));
+                m.push_attribute(format!("rtcp:{}", ports.rtcp()));
             }
-            if let Some((ours, _)) = &a_keys {
+            if let Some((ours, _)) = &o_keys {
                 m.push_attribute(ours.to_attribute());
             }
         }
@@ -450,7 +559,12 @@ impl MediaEngine {
                 tx,
             })
         };
-        let sides = [side(pending.a_peer, a_keys)?, side(b_peer, b_keys)?];
+        let o_side = side(pending.o_peer, o_keys)?;
+        let t_side = side(t_peer, t_keys)?;
+        let sides = match offerer {
+            Leg::A => [o_side, t_side],
+            Leg::B => [t_side, o_side],
+        };
 
         let State::Offered(pending) = std::mem::replace(&mut entry.state, State::Rejected) else {
             unreachable!("checked above");
@@ -467,6 +581,7 @@ impl MediaEngine {
         };
         let (sa, sb) = (tokio_leg(a)?, tokio_leg(b)?);
         entry.stats = Arc::new(CallStats::new(started));
+        entry.secure = secure;
         let relay = Relay {
             sides,
             stats: entry.stats.clone(),
@@ -475,13 +590,13 @@ impl MediaEngine {
             r.task.abort(); // the new relay takes over
         }
         let task = runtime.spawn(relay::run(relay, [sa, sb]));
-        let a_answer = a_answer.to_bytes();
+        let o_answer = o_answer.to_bytes();
         entry.state = State::Running(Running {
             task,
-            b_answer: answer_from_b.to_vec(),
-            a_answer: a_answer.clone(),
+            answer_in: answer.to_vec(),
+            answer_out: o_answer.clone(),
         });
-        Ok(a_answer)
+        Ok(o_answer)
     }
 
     /// A re-offer failed (leg B refused the re-INVITE): the relay that ran
@@ -601,6 +716,203 @@ mod tests {
         assert_ne!(second.unwrap(), first, "new ports in the new answer");
         ports_settle(&e, 4).await;
         e.release(7);
+        ports_settle(&e, 0).await;
+    }
+
+    fn engine(lo: u16) -> MediaEngine {
+        MediaEngine::new(MediaConfig {
+            ip: "127.0.0.1".parse().unwrap(),
+            ports: (lo, lo + 39),
+            timeout: Duration::from_secs(30),
+        })
+    }
+
+    fn sdp(port: u16, proto: &str, extra: &str) -> Vec<u8> {
+        format!(
+            "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+             m=audio {port} {proto} 0\r\na=rtpmap:0 PCMU/8000\r\n{extra}"
+        )
+        .into_bytes()
+    }
+
+    const CRYPTO: &str =
+        "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz\r\n";
+
+    fn port_of(sdp: &[u8]) -> u16 {
+        let s = SessionDescription::parse(sdp).unwrap();
+        s.media[0].port
+    }
+
+    fn proto_of(sdp: &[u8]) -> String {
+        SessionDescription::parse(sdp).unwrap().media[0]
+            .proto
+            .clone()
+    }
+
+    async fn udp() -> tokio::net::UdpSocket {
+        tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap()
+    }
+
+    fn rtp(seq: u16) -> Vec<u8> {
+        let mut p = vec![0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xbe, 0xef];
+        p[2..4].copy_from_slice(&seq.to_be_bytes());
+        p.extend_from_slice(&[0xd5; 160]);
+        p
+    }
+
+    /// `from` sends an RTP packet to the edge's `port`; `to` must receive
+    /// it, from the edge's `via` port (never from `from` directly).
+    async fn relayed(
+        from: &tokio::net::UdpSocket,
+        port: u16,
+        to: &tokio::net::UdpSocket,
+        via: u16,
+        seq: u16,
+    ) {
+        let pkt = rtp(seq);
+        from.send_to(&pkt, ("127.0.0.1", port)).await.unwrap();
+        let mut buf = [0u8; 2048];
+        let (n, src) = tokio::time::timeout(Duration::from_secs(5), to.recv_from(&mut buf))
+            .await
+            .expect("relayed within 5 s")
+            .unwrap();
+        assert_eq!(&buf[..n], &pkt[..]);
+        assert_eq!(src.port(), via, "relayed from the edge's own port");
+    }
+
+    #[tokio::test]
+    async fn an_offer_from_leg_b_is_anchored_toward_a_and_answered_back() {
+        let e = engine(31860);
+        let (ua, ub) = (udp().await, udp().await);
+        let (pa, pb) = (
+            ua.local_addr().unwrap().port(),
+            ub.local_addr().unwrap().port(),
+        );
+        // Late offer: B's offer in its 18x and again in its 200.
+        let b_offer = sdp(pb, "RTP/AVP", "a=sendrecv\r\n");
+        let to_a = e
+            .offer_from(1, Leg::B, &b_offer, [Profile::Auto, Profile::Auto])
+            .unwrap();
+        assert_eq!(
+            e.offer_from(1, Leg::B, &b_offer, [Profile::Auto, Profile::Auto])
+                .unwrap(),
+            to_a
+        );
+        assert_eq!(e.ports_in_use(), 4, "the repeat took no new ports");
+        let text = String::from_utf8(to_a.clone()).unwrap();
+        assert!(text.contains("c=IN IP4 127.0.0.1"), "{text}");
+        assert!(text.contains("a=sendrecv"), "{text}");
+        assert_eq!(proto_of(&to_a), "RTP/AVP");
+        // A's answer (in its ACK) becomes the answer for B.
+        let to_b = e.answer(1, &sdp(pa, "RTP/AVP", "")).unwrap();
+        let (edge_a, edge_b) = (port_of(&to_a), port_of(&to_b));
+        assert_ne!(edge_a, edge_b);
+        assert_ne!(edge_b, pb);
+        relayed(&ua, edge_a, &ub, edge_b, 1).await;
+        relayed(&ub, edge_b, &ua, edge_a, 2).await;
+        e.release(1);
+        ports_settle(&e, 0).await;
+    }
+
+    #[tokio::test]
+    async fn a_re_offer_from_leg_b_re_anchors_and_a_failed_one_keeps_the_relay() {
+        let e = engine(31900);
+        let (ua, ub) = (udp().await, udp().await);
+        let (pa, pb) = (
+            ua.local_addr().unwrap().port(),
+            ub.local_addr().unwrap().port(),
+        );
+        // An early-offer call: A offers, B answers.
+        let to_b = e.offer(2, &sdp(pa, "RTP/AVP", ""), Profile::Auto).unwrap();
+        let to_a = e.answer(2, &sdp(pb, "RTP/AVP", "")).unwrap();
+        let (a1, b1) = (port_of(&to_a), port_of(&to_b));
+        relayed(&ua, a1, &ub, b1, 1).await;
+        // B re-offers (a new port); A refuses: the old relay goes on.
+        let ub2 = udp().await;
+        let pb2 = ub2.local_addr().unwrap().port();
+        e.offer_from(
+            2,
+            Leg::B,
+            &sdp(pb2, "RTP/AVP", ""),
+            [Profile::Auto, Profile::Auto],
+        )
+        .unwrap();
+        assert_eq!(e.ports_in_use(), 8);
+        relayed(&ub, b1, &ua, a1, 2).await;
+        e.cancel_offer(2);
+        assert_eq!(e.ports_in_use(), 4);
+        relayed(&ua, a1, &ub, b1, 3).await;
+        // B re-offers again; A answers: media moves to the new ports.
+        let to_a2 = e
+            .offer_from(
+                2,
+                Leg::B,
+                &sdp(pb2, "RTP/AVP", ""),
+                [Profile::Auto, Profile::Auto],
+            )
+            .unwrap();
+        let to_b2 = e.answer(2, &sdp(pa, "RTP/AVP", "")).unwrap();
+        let (a2, b2) = (port_of(&to_a2), port_of(&to_b2));
+        assert!(a2 != a1 && b2 != b1, "new ports for the new session");
+        relayed(&ua, a2, &ub2, b2, 4).await;
+        relayed(&ub2, b2, &ua, a2, 5).await;
+        ports_settle(&e, 4).await;
+        e.release(2);
+        ports_settle(&e, 0).await;
+    }
+
+    #[tokio::test]
+    async fn leg_b_offers_follow_the_route_profile_and_a_keeps_its_own() {
+        let e = engine(31940);
+        let avp = sdp(4000, "RTP/AVP", "");
+        let savp = sdp(4000, "RTP/SAVP", CRYPTO);
+        // The route's profile is leg B's, whoever offers.
+        let err = e
+            .offer_from(3, Leg::B, &avp, [Profile::Auto, Profile::Srtp])
+            .unwrap_err();
+        assert!(matches!(err, MediaError::Profile(_)) && err.is_not_acceptable());
+        let err = e
+            .offer_from(3, Leg::B, &savp, [Profile::Auto, Profile::Rtp])
+            .unwrap_err();
+        assert!(matches!(err, MediaError::Profile(_)));
+        assert_eq!(e.ports_in_use(), 0);
+        // A late offer: A is offered B's profile, with our own keys.
+        let to_a = e
+            .offer_from(3, Leg::B, &savp, [Profile::Auto, Profile::Srtp])
+            .unwrap();
+        assert_eq!(proto_of(&to_a), "RTP/SAVP");
+        let text = String::from_utf8(to_a.clone()).unwrap();
+        assert!(
+            !text.contains("WVNfX19zZW1jdGwg"),
+            "B's key never reaches A"
+        );
+        assert!(text.contains("a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:"));
+        // An RTP/AVP answer to it is not acceptable.
+        assert!(e.answer(3, &avp).unwrap_err().is_not_acceptable());
+        e.release(3);
+        // Where the SDES rule makes leg A `rtp`: B's SRTP offer reaches A as
+        // plain RTP (no keys in A's SDP), and A may not offer keys itself.
+        let to_a = e
+            .offer_from(5, Leg::B, &savp, [Profile::Rtp, Profile::Srtp])
+            .unwrap();
+        assert_eq!(proto_of(&to_a), "RTP/AVP");
+        assert!(!String::from_utf8(to_a).unwrap().contains("a=crypto"));
+        e.release(5);
+        let err = e
+            .offer_from(6, Leg::A, &savp, [Profile::Rtp, Profile::Auto])
+            .unwrap_err();
+        assert!(matches!(err, MediaError::Profile(_)));
+        // Once A runs RTP/AVP, a re-offer from B does not switch it.
+        e.offer(4, &avp, Profile::Srtp).unwrap();
+        let b_answer = sdp(4002, "RTP/SAVP", CRYPTO);
+        // (B answers with the tag we offered first.)
+        e.answer(4, &b_answer).unwrap();
+        let to_a = e
+            .offer_from(4, Leg::B, &savp, [Profile::Auto, Profile::Srtp])
+            .unwrap();
+        assert_eq!(proto_of(&to_a), "RTP/AVP");
+        assert!(!String::from_utf8(to_a).unwrap().contains("a=crypto"));
+        e.release(4);
         ports_settle(&e, 0).await;
     }
 

@@ -62,6 +62,10 @@ impl PortAllocator {
             .filter(|p| p.checked_add(1).is_some_and(|o| o <= last))
             .collect();
         let total = free.len();
+        // Both gauges from the start, so "ports near exhaustion" can be
+        // computed (in_use / capacity) before the first call.
+        metrics::gauge!("tollgate_media_ports_capacity").set((2 * total) as f64);
+        metrics::gauge!("tollgate_media_ports_in_use").set(0.0);
         PortAllocator {
             pool: Arc::new(Pool {
                 free: Mutex::new(free),

@@ -46,6 +46,34 @@ pub struct Route {
     pub target_text: String,
     pub peer: Peer,
     pub media: MediaProfile,
+    /// SDES keys (`a=crypto`) may cross cleartext (UDP/TCP) signaling on
+    /// this route's calls, either leg (default false; see [`sdes_allowed`]).
+    pub sdes_over_cleartext: bool,
+}
+
+/// The SDES rule: SDES keys (`a=crypto`, RFC 4568) are only exchanged with a
+/// side whose signaling is TLS, unless the route allows cleartext.
+pub fn sdes_allowed(transport: Transport, route: &Route) -> bool {
+    transport == Transport::Tls || route.sdes_over_cleartext
+}
+
+/// Leg B's media profile under the SDES rule: toward a cleartext target,
+/// `auto` becomes `rtp` (leg A's SRTP is still terminated at the edge) and
+/// `srtp` is refused with 500 (the binary refuses such a route at start).
+pub fn leg_b_profile(route: &Route) -> Result<MediaProfile, u16> {
+    if sdes_allowed(route.peer.transport, route) {
+        return Ok(route.media);
+    }
+    match route.media {
+        MediaProfile::Srtp => Err(500),
+        MediaProfile::Auto | MediaProfile::Rtp => Ok(MediaProfile::Rtp),
+    }
+}
+
+/// Whether an SDP body carries SDES keys.
+pub fn sdp_has_sdes(sdp: &[u8]) -> bool {
+    sdp.split(|b| *b == b'\n')
+        .any(|l| l.trim_ascii_start().starts_with(b"a=crypto:"))
 }
 
 /// Settings of the B2BUA.
@@ -119,6 +147,10 @@ pub enum EndCause {
     Admin,
     /// No media for the configured time (SPEC §5).
     MediaTimeout,
+    /// The SDP offer/answer exchange failed after a 2xx (RFC 3264): an ACK
+    /// without the answer to a late offer, an answer or offer the media
+    /// relay cannot serve. Both legs got a BYE.
+    OfferAnswerFailed,
 }
 
 impl EndCause {
@@ -133,6 +165,7 @@ impl EndCause {
             EndCause::LimitReached => "limit_reached",
             EndCause::Admin => "admin",
             EndCause::MediaTimeout => "media_timeout",
+            EndCause::OfferAnswerFailed => "offer_answer_failed",
         }
     }
 }
@@ -150,6 +183,9 @@ enum Purpose {
         /// The request carried a new SDP offer that the media relay rewrote:
         /// the answer must go through it too.
         reoffer: bool,
+        /// An anchored re-INVITE without SDP: the 2xx carries the other
+        /// side's offer, the ACK the answer (RFC 3261 §14.1).
+        late: bool,
     },
 }
 
@@ -162,6 +198,9 @@ struct PendingAck {
     other_cseq: u32,
     /// Set once the other side's 2xx arrived (its Contact/tag are known).
     other_answered: bool,
+    /// The 2xx we relayed carried the other side's offer (late offer): the
+    /// ACK must carry the answer, which the media relay rewrites.
+    answer_expected: bool,
 }
 
 /// A call: two legs and their bookkeeping.
@@ -182,6 +221,13 @@ pub struct Call {
     pub called: String,
     /// The token's `max_duration`, if any.
     max_duration: Option<u64>,
+    /// Leg A's INVITE had no SDP and media is anchored: leg B's offer comes
+    /// in its 18x/2xx, leg A's answer in the ACK.
+    late_offer: bool,
+    /// Leg A's media profile: `rtp` when SDES keys may not cross its
+    /// signaling (the SDES rule, [`sdes_allowed`]), else `auto` (what it
+    /// offers; in a late offer, the profile leg B offered).
+    a_profile: MediaProfile,
 
     a_invite: TxnKey,
     b_invite_msg: Option<Message>,
@@ -270,6 +316,20 @@ impl CallRecord {
     }
 }
 
+/// What the policy learns of an authenticated INVITE besides its key and
+/// destination (webhooks, CDR correlation).
+#[derive(Debug, Clone, Copy)]
+pub struct AdmitInfo<'a> {
+    /// Leg B's Call-ID: the call's id in CDRs and events.
+    pub call_id: &'a str,
+    /// Leg A's Call-ID, as the caller knows the call.
+    pub a_call_id: &'a str,
+    /// The caller, normalised.
+    pub from: &'a str,
+    /// The bearer token's `webhook` claim, if any (unchecked text).
+    pub webhook: Option<&'a str>,
+}
+
 /// Admission and accounting of calls, supplied by the binary (the trunk
 /// allocator and the CDR store). Called synchronously on the signaling path,
 /// so implementations must not block.
@@ -280,6 +340,7 @@ pub trait CallPolicy: Send {
         call: u64,
         key: &tollgate_keys::KeyRecord,
         destination: &str,
+        info: &AdmitInfo<'_>,
         now: Instant,
         unix: i64,
     ) -> Result<(), Refused>;
@@ -299,6 +360,7 @@ impl CallPolicy for OpenPolicy {
         _: u64,
         _: &tollgate_keys::KeyRecord,
         _: &str,
+        _: &AdmitInfo<'_>,
         _: Instant,
         _: i64,
     ) -> Result<(), Refused> {
@@ -316,7 +378,9 @@ impl CallPolicy for OpenPolicy {
 pub trait MediaHooks: Send {
     /// Leg A's offer; returns the offer for leg B (in `profile_b`).
     fn offer(&mut self, call: u64, sdp: &[u8], profile_b: MediaProfile) -> Result<Bytes, u16>;
-    /// Leg B's answer (18x or 2xx); returns the answer for leg A.
+    /// The answer to the pending offer, from the side that received it
+    /// (leg B's 18x/2xx to leg A's offer; leg A's 2xx or ACK to leg B's);
+    /// returns the answer for the side that offered.
     fn answer(&mut self, call: u64, sdp: &[u8]) -> Result<Bytes, u16>;
     /// The call ended: every port back.
     fn release(&mut self, call: u64);
@@ -324,6 +388,27 @@ pub trait MediaHooks: Send {
     fn anchors(&self) -> bool;
     /// A re-offer failed: the media as it was before it goes on.
     fn cancel_offer(&mut self, _call: u64) {}
+    /// An offer from either side; returns the offer for the other side.
+    /// Leg A's is [`MediaHooks::offer`]; leg B's comes in its 18x/2xx to an
+    /// INVITE sent without SDP (late offer) or in a re-INVITE/UPDATE. The
+    /// answer to it (from the other side) goes through
+    /// [`MediaHooks::answer`] too. `profile_a` is leg A's profile (`rtp`
+    /// where the SDES rule keeps keys off its signaling, else `auto`),
+    /// `profile_b` leg B's from the route. Hooks that cannot anchor leg B's
+    /// offers refuse them (488).
+    fn offer_from(
+        &mut self,
+        call: u64,
+        from: Side,
+        sdp: &[u8],
+        _profile_a: MediaProfile,
+        profile_b: MediaProfile,
+    ) -> Result<Bytes, u16> {
+        match from {
+            Side::A => self.offer(call, sdp, profile_b),
+            Side::B => Err(488),
+        }
+    }
 }
 
 /// No anchoring: SDP passes through unchanged (tests of the signaling core).
@@ -335,6 +420,16 @@ impl MediaHooks for PassThroughMedia {
         Ok(Bytes::copy_from_slice(sdp))
     }
     fn answer(&mut self, _: u64, sdp: &[u8]) -> Result<Bytes, u16> {
+        Ok(Bytes::copy_from_slice(sdp))
+    }
+    fn offer_from(
+        &mut self,
+        _: u64,
+        _: Side,
+        sdp: &[u8],
+        _: MediaProfile,
+        _: MediaProfile,
+    ) -> Result<Bytes, u16> {
         Ok(Bytes::copy_from_slice(sdp))
     }
     fn release(&mut self, _: u64) {}
@@ -528,14 +623,16 @@ impl B2bua {
 
     fn contact(&self, t: Transport) -> Header {
         let l = self.local(t);
-        let tp = match t {
-            Transport::Udp => "",
-            Transport::Tcp => ";transport=tcp",
-            Transport::Tls => ";transport=tls",
+        // TLS: a SIPS URI (RFC 5630; required in a response when the request
+        // named one, RFC 3261 §12.1.1), not the deprecated transport=tls.
+        let (scheme, tp) = match t {
+            Transport::Udp => ("sip", ""),
+            Transport::Tcp => ("sip", ";transport=tcp"),
+            Transport::Tls => ("sips", ""),
         };
         Header {
             name: "Contact".into(),
-            value: format!("<sip:tollgate@{l}{tp}>"),
+            value: format!("<{scheme}:tollgate@{l}{tp}>"),
         }
     }
 
@@ -832,7 +929,17 @@ impl B2bua {
         let id = self.next_id;
         let called = tollgate_keys::number::normalize(&called);
         let caller = tollgate_keys::number::normalize(&caller);
-        if let Err(r) = self.policy.admit(id, &principal.key, &called, now, unix) {
+        let b_call_id = format!("{}.{}@tollgate", self.token(12), self.shard.0);
+        let info = AdmitInfo {
+            call_id: &b_call_id,
+            a_call_id: msg.call_id().unwrap_or_default(),
+            from: &caller,
+            webhook: principal.claims.as_ref().and_then(|c| c.webhook.as_deref()),
+        };
+        if let Err(r) = self
+            .policy
+            .admit(id, &principal.key, &called, &info, now, unix)
+        {
             let dest = response_peer(&msg, &peer);
             let mut resp = response_to(&msg, r.code, reason_phrase(r.code), Some(&self.token(8)));
             if let Some(secs) = r.retry_after {
@@ -848,7 +955,7 @@ impl B2bua {
         self.next_id += self.shard.1;
         let Some(a_key) = self.txn.create_server(msg.clone(), peer.clone()) else {
             self.policy.ended(&CallRecord::refused(
-                String::new(),
+                b_call_id.clone(),
                 msg.call_id().unwrap_or_default(),
                 id,
                 &principal.key.id,
@@ -864,7 +971,7 @@ impl B2bua {
         let Some(route_ix) = self.pick_route(&principal) else {
             self.reply(now, &a_key, 404, Vec::new(), Some(&a_tag));
             self.policy.ended(&CallRecord::refused(
-                String::new(),
+                b_call_id.clone(),
                 msg.call_id().unwrap_or_default(),
                 id,
                 &principal.key.id,
@@ -876,6 +983,44 @@ impl B2bua {
             return;
         };
         let route = self.cfg.routes[route_ix].clone();
+        // SDES rule (ARCHITECTURE.md, media): keys only over TLS signaling
+        // unless the route allows cleartext. Leg A offering a=crypto over
+        // UDP/TCP gets 488 (answering would leak our key too); leg B's
+        // profile follows `leg_b_profile`.
+        let sdes_refusal =
+            if is_sdp(&msg) && sdp_has_sdes(&msg.body) && !sdes_allowed(peer.transport, &route) {
+                Some(488)
+            } else {
+                leg_b_profile(&route).err()
+            };
+        if let Some(code) = sdes_refusal {
+            let extra = vec![Header {
+                name: "Warning".into(),
+                value: if code == 488 {
+                    "399 tollgate \"SDES keys (a=crypto) refused over cleartext signaling: use TLS\"".into()
+                } else {
+                    "399 tollgate \"route needs sdes_over_cleartext for srtp over cleartext\""
+                        .into()
+                },
+            }];
+            metrics::counter!("tollgate_sdes_refusals_total").increment(1);
+            self.reply(now, &a_key, code, extra, Some(&a_tag));
+            self.policy.ended(&CallRecord::refused(
+                b_call_id.clone(),
+                msg.call_id().unwrap_or_default(),
+                id,
+                &principal.key.id,
+                caller,
+                called,
+                unix,
+                code,
+            ));
+            return;
+        }
+        let route = Route {
+            media: leg_b_profile(&route).unwrap_or(MediaProfile::Rtp),
+            ..route
+        };
 
         // Leg A: we are its UAS.
         let a_call_id = msg.call_id().unwrap_or_default().to_string();
@@ -911,7 +1056,7 @@ impl B2bua {
         };
         let local = self.local(t);
         let b_leg = Leg {
-            call_id: format!("{}.{}@tollgate", self.token(12), self.shard.0),
+            call_id: b_call_id,
             local_tag: self.token(8),
             remote_tag: None,
             local_uri: format!("<sip:{}@{}>", uri_user(&caller), local.ip()),
@@ -976,9 +1121,36 @@ impl B2bua {
                 add("X-Tollgate-Max-Duration", d.to_string());
             }
         }
+        let late_offer = !is_sdp(&msg) && self.media.anchors();
+        let a_profile = if sdes_allowed(peer.transport, &route) {
+            MediaProfile::Auto
+        } else {
+            MediaProfile::Rtp
+        };
+        if late_offer && !msg.body.is_empty() {
+            // A body we cannot read may carry a session description (e.g.
+            // multipart): it must not reach leg B unanchored.
+            let accept = vec![Header {
+                name: "Accept".into(),
+                value: "application/sdp".into(),
+            }];
+            self.reply(now, &a_key, 415, accept, Some(&a_leg.local_tag));
+            self.policy.ended(&CallRecord::refused(
+                b_leg.call_id.clone(),
+                msg.call_id().unwrap_or_default(),
+                id,
+                &principal.key.id,
+                caller,
+                called,
+                unix,
+                415,
+            ));
+            return;
+        }
         for h in &msg.headers {
-            if h.name.eq_ignore_ascii_case("Content-Type")
-                || h.name.eq_ignore_ascii_case("Content-Disposition")
+            if !late_offer
+                && (h.name.eq_ignore_ascii_case("Content-Type")
+                    || h.name.eq_ignore_ascii_case("Content-Disposition"))
             {
                 headers.push(h.clone());
             }
@@ -1002,8 +1174,11 @@ impl B2bua {
                     return;
                 }
             }
+        } else if late_offer {
+            // Late offer (RFC 3261 §13.2.1): leg B's offer comes in its
+            // 18x/2xx and is anchored there; leg A answers in its ACK.
+            Bytes::new()
         } else {
-            // Late offer (no SDP in the INVITE): passes unanchored for now.
             msg.body.clone()
         };
         let b_invite = Message {
@@ -1047,6 +1222,8 @@ impl B2bua {
                 caller: caller.clone(),
                 called: called.clone(),
                 max_duration: principal.claims.as_ref().and_then(|c| c.max_duration),
+                late_offer,
+                a_profile,
 
                 a_invite: a_key,
                 b_invite_msg: Some(b_invite),
@@ -1240,9 +1417,14 @@ impl B2bua {
         let Some(pa) = call.pending_ack.take() else {
             return;
         };
-        let _ = now;
         self.txn.ack_received(&pa.server);
-        let body = (!msg.body.is_empty()).then(|| {
+        if pa.answer_expected {
+            return self.on_late_answer(now, id, side, &pa, &msg);
+        }
+        // With anchored media there is no offer outstanding here (it was in
+        // the INVITE and answered in the 2xx): an SDP in this ACK must not
+        // reach the other side unanchored.
+        let body = (!msg.body.is_empty() && !self.media.anchors()).then(|| {
             (
                 msg.body.clone(),
                 msg.header("Content-Type").map(str::to_string),
@@ -1251,6 +1433,55 @@ impl B2bua {
         if pa.other_answered {
             self.send_ack(id, side.other(), pa.other_cseq, body);
         }
+    }
+
+    /// The ACK of a 2xx that carried the other side's offer (late offer):
+    /// its answer, rewritten by the media relay, goes into the other side's
+    /// ACK. An ACK without an answer, or with one the relay cannot serve,
+    /// ends the call: the other side's 2xx is ACKed (without an answer), and
+    /// both legs get a BYE (RFC 3261 §13.2.1, RFC 3264 §5).
+    fn on_late_answer(
+        &mut self,
+        now: Instant,
+        id: u64,
+        side: Side,
+        pa: &PendingAck,
+        ack: &Message,
+    ) {
+        let answer = if is_sdp(ack) {
+            self.media.answer(id, &ack.body)
+        } else {
+            Err(488)
+        };
+        match answer {
+            Ok(b) => {
+                let ct = Some("application/sdp".to_string());
+                self.send_ack(id, side.other(), pa.other_cseq, Some((b, ct)));
+            }
+            Err(code) => {
+                tracing::info!(
+                    call = id,
+                    code,
+                    "no usable SDP answer in the ACK: ending the call"
+                );
+                metrics::counter!("tollgate_sip_offer_answer_failures_total").increment(1);
+                self.send_ack(id, side.other(), pa.other_cseq, None);
+                self.fail_offer_answer(now, id);
+            }
+        }
+    }
+
+    /// The offer/answer exchange of a confirmed (or confirming) dialog
+    /// failed: BYE both legs and end the call with a cause that says so.
+    fn fail_offer_answer(&mut self, now: Instant, id: u64) {
+        let Some(call) = self.calls.get_mut(&id) else {
+            return;
+        };
+        call.state = CallState::Terminating;
+        call.pending_ack = None;
+        self.send_bye(now, id, Side::A);
+        self.send_bye(now, id, Side::B);
+        self.end_call(id, EndCause::OfferAnswerFailed);
     }
 
     fn on_cancel(&mut self, now: Instant, msg: Message, peer: Peer, invite: TxnKey) {
@@ -1337,6 +1568,22 @@ impl B2bua {
         }
     }
 
+    /// Whether an offer of this call awaits its answer: a relayed re-offer
+    /// without a final response yet, or a late offer whose ACK is due.
+    fn offer_pending(&self, id: u64) -> bool {
+        let Some(call) = self.calls.get(&id) else {
+            return false;
+        };
+        call.pending_ack.as_ref().is_some_and(|p| p.answer_expected)
+            || call.clients.iter().any(|k| {
+                matches!(
+                    self.by_client.get(k),
+                    Some((_, Purpose::Relay { reoffer: true, .. }))
+                        | Some((_, Purpose::Relay { late: true, .. }))
+                )
+            })
+    }
+
     /// Which call and side an in-dialog request belongs to.
     fn find_dialog(&self, msg: &Message) -> Option<(u64, Side)> {
         let cid = msg.call_id()?;
@@ -1379,33 +1626,53 @@ impl B2bua {
             };
             return self.reply(now, &sk, code, Vec::new(), None);
         }
+        if method == "INVITE" && self.calls.get(&id).is_some_and(|c| c.pending_ack.is_some()) {
+            return self.reply(now, &sk, 491, Vec::new(), None);
+        }
         let reoffer = is_sdp(&msg) && self.media.anchors();
+        if reoffer && self.offer_pending(id) {
+            // Glare (RFC 3261 §14.1, RFC 3311 §5.2): one offer at a time.
+            return self.reply(now, &sk, 491, Vec::new(), None);
+        }
+        // A re-INVITE without SDP asks the other side for an offer (in its
+        // 2xx), answered in the ACK: both are anchored like a late offer.
+        let late = method == "INVITE" && !is_sdp(&msg) && self.media.anchors();
         let mut body = msg.body.clone();
+        if late && !body.is_empty() {
+            let accept = vec![Header {
+                name: "Accept".into(),
+                value: "application/sdp".into(),
+            }];
+            return self.reply(now, &sk, 415, accept, None);
+        }
         if reoffer {
-            let offer_ok = side == Side::A && (method == "INVITE" || method == "UPDATE");
-            let profile = self
+            // A new offer from either leg is re-anchored: the media relay
+            // keeps the old relay until the answer, and restores it if the
+            // re-offer fails (RFC 3261 §14.2: the session goes on as it was).
+            let offer_ok = method == "INVITE" || method == "UPDATE";
+            let (profile_a, profile_b) = self
                 .calls
                 .get(&id)
-                .map_or(MediaProfile::Auto, |c| c.route_media);
+                .map_or((MediaProfile::Rtp, MediaProfile::Rtp), |c| {
+                    (c.a_profile, c.route_media)
+                });
             let rewritten = if offer_ok {
-                self.media.offer(id, &msg.body, profile).ok()
+                self.media
+                    .offer_from(id, side, &msg.body, profile_a, profile_b)
+                    .map_err(|code| (code, "refused by the media relay"))
             } else {
-                None
+                Err((488, "SDP outside an offer/answer exchange"))
             };
             match rewritten {
-                Some(b) => body = b,
-                None => {
-                    // Offers from leg B cannot be re-anchored yet: refuse; the
-                    // call goes on with the session it has (RFC 3261 §14.2).
+                Ok(b) => body = b,
+                Err((code, why)) => {
+                    tracing::debug!(call = id, ?side, code, why, "re-offer refused");
                     metrics::counter!("tollgate_sip_reoffers_refused_total").increment(1);
-                    return self.reply(now, &sk, 488, Vec::new(), None);
+                    return self.reply(now, &sk, code, Vec::new(), None);
                 }
             }
         }
         if method == "INVITE" {
-            if self.calls.get(&id).is_some_and(|c| c.pending_ack.is_some()) {
-                return self.reply(now, &sk, 491, Vec::new(), None);
-            }
             self.reply(now, &sk, 100, Vec::new(), None);
         }
         let Some((mut req, peer)) = self.leg_request(id, side.other(), method, None) else {
@@ -1432,6 +1699,7 @@ impl B2bua {
                     from: side,
                     server: sk.clone(),
                     reoffer,
+                    late,
                 },
             );
         }
@@ -1442,6 +1710,7 @@ impl B2bua {
                     server: sk,
                     other_cseq: cseq,
                     other_answered: false,
+                    answer_expected: false,
                 });
             }
         }
@@ -1542,72 +1811,140 @@ impl B2bua {
                 from,
                 server,
                 reoffer,
-            } => {
-                if code == 100 {
-                    return;
+                late,
+            } => self.on_relayed_response(now, id, key, msg, code, from, server, reoffer, late),
+        }
+    }
+
+    /// A response to an in-dialog request we relayed from `from` (answered
+    /// to it on `server`). With anchored media, the SDP it carries goes
+    /// through the media relay: the answer to a re-offer, or the other
+    /// side's offer in the 2xx to a re-INVITE without SDP (answered in the
+    /// ACK, see [`B2bua::on_late_answer`]).
+    #[allow(clippy::too_many_arguments)]
+    fn on_relayed_response(
+        &mut self,
+        now: Instant,
+        id: u64,
+        key: TxnKey,
+        msg: Message,
+        code: u16,
+        from: Side,
+        server: TxnKey,
+        reoffer: bool,
+        late: bool,
+    ) {
+        if code == 100 {
+            return;
+        }
+        if code < 200 && is_sdp(&msg) && self.media.anchors() {
+            // An early answer or offer would bypass the relay: the final
+            // response carries the SDP that counts.
+            let mut bare = msg;
+            bare.body = Bytes::new();
+            bare.remove_headers("Content-Type");
+            return self.relay_response(now, id, from, &server, &bare);
+        }
+        if reoffer && code >= 300 {
+            self.media.cancel_offer(id);
+        }
+        let invite = msg.cseq().is_some_and(|c| c.method == "INVITE");
+        if (200..300).contains(&code) && invite {
+            let seq = msg.cseq().map(|c| c.seq);
+            let Some(call) = self.calls.get_mut(&id) else {
+                return;
+            };
+            if call.last_ack[from.other() as usize]
+                .as_ref()
+                .is_some_and(|(s, _)| Some(*s) == seq)
+            {
+                return self.resend_ack(id, from.other());
+            }
+            if call
+                .pending_ack
+                .as_ref()
+                .is_some_and(|p| p.server == server && p.other_answered)
+            {
+                // A retransmission while the sender's ACK is due: our own
+                // 2xx is retransmitted by the server transaction.
+                return;
+            }
+            if let Some(pa) = call.pending_ack.as_mut() {
+                pa.other_answered = true;
+            }
+            update_target(call.leg_mut(from.other()), &msg);
+            // keep the mapping for 2xx retransmissions
+            self.by_client.insert(
+                key,
+                (
+                    id,
+                    Purpose::Relay {
+                        from,
+                        server: server.clone(),
+                        reoffer: false,
+                        late: false,
+                    },
+                ),
+            );
+        } else if code >= 300 {
+            if let Some(call) = self.calls.get_mut(&id) {
+                if call
+                    .pending_ack
+                    .as_ref()
+                    .is_some_and(|p| p.server == server)
+                {
+                    call.pending_ack = None;
                 }
-                if reoffer && code >= 300 {
+            }
+        }
+        if !(200..300).contains(&code) || !(reoffer || late) {
+            return self.relay_response(now, id, from, &server, &msg);
+        }
+        let rewritten = if !is_sdp(&msg) {
+            Err(488)
+        } else if late {
+            let (profile_a, profile_b) = self
+                .calls
+                .get(&id)
+                .map_or((MediaProfile::Rtp, MediaProfile::Rtp), |c| {
+                    (c.a_profile, c.route_media)
+                });
+            self.media
+                .offer_from(id, from.other(), &msg.body, profile_a, profile_b)
+        } else {
+            self.media.answer(id, &msg.body)
+        };
+        match rewritten {
+            Ok(b) => {
+                if late {
+                    if let Some(pa) = self.calls.get_mut(&id).and_then(|c| c.pending_ack.as_mut()) {
+                        pa.answer_expected = true;
+                    }
+                }
+                self.relay_response_with(now, id, from, &server, &msg, Some(b))
+            }
+            Err(status) => {
+                // The other side took the session somewhere the relay
+                // cannot follow (an answer it cannot serve, or no usable
+                // offer in the 2xx to a re-INVITE without SDP): the sender
+                // gets the refusal, the other side's 2xx its ACK, and both
+                // legs a BYE (RFC 3261 §14.2 leaves no way back).
+                tracing::info!(
+                    call = id,
+                    status,
+                    ?from,
+                    "unusable SDP in a 2xx: ending the call"
+                );
+                metrics::counter!("tollgate_sip_offer_answer_failures_total").increment(1);
+                if reoffer {
                     self.media.cancel_offer(id);
                 }
-                if (200..300).contains(&code) && msg.cseq().is_some_and(|c| c.method == "INVITE") {
-                    let retrans = self.calls.get(&id).is_some_and(|c| {
-                        c.last_ack[from.other() as usize]
-                            .as_ref()
-                            .is_some_and(|(s, _)| Some(*s) == msg.cseq().map(|c| c.seq))
-                    });
-                    if retrans {
-                        return self.resend_ack(id, from.other());
-                    }
-                    if let Some(call) = self.calls.get_mut(&id) {
-                        if let Some(pa) = call.pending_ack.as_mut() {
-                            pa.other_answered = true;
-                        }
-                        update_target(call.leg_mut(from.other()), &msg);
-                    }
-                    // keep the mapping for 2xx retransmissions
-                    self.by_client.insert(
-                        key,
-                        (
-                            id,
-                            Purpose::Relay {
-                                from,
-                                server: server.clone(),
-                                reoffer: false,
-                            },
-                        ),
-                    );
-                } else if code >= 300 {
-                    if let Some(call) = self.calls.get_mut(&id) {
-                        if call
-                            .pending_ack
-                            .as_ref()
-                            .is_some_and(|p| p.server == server)
-                        {
-                            call.pending_ack = None;
-                        }
-                    }
+                let tag = self.calls.get(&id).map(|c| c.leg(from).local_tag.clone());
+                self.reply(now, &server, status, Vec::new(), tag.as_deref());
+                if invite {
+                    self.send_ack(id, from.other(), msg.cseq().map_or(0, |c| c.seq), None);
                 }
-                if reoffer && (200..300).contains(&code) {
-                    let answer = if is_sdp(&msg) {
-                        self.media.answer(id, &msg.body)
-                    } else {
-                        Err(488)
-                    };
-                    match answer {
-                        Ok(b) => {
-                            return self.relay_response_with(now, id, from, &server, &msg, Some(b))
-                        }
-                        Err(code) => {
-                            // B accepted an offer the relay cannot serve: keep
-                            // the old media, tell A its offer was not taken.
-                            tracing::warn!(call = id, code, "unusable answer to a re-offer");
-                            self.media.cancel_offer(id);
-                            let tag = self.calls.get(&id).map(|c| c.leg(from).local_tag.clone());
-                            return self.reply(now, &server, code, Vec::new(), tag.as_deref());
-                        }
-                    }
-                }
-                self.relay_response(now, id, from, &server, &msg);
+                self.fail_offer_answer(now, id);
             }
         }
     }
@@ -1652,7 +1989,16 @@ impl B2bua {
             }
             if state == CallState::Setup {
                 if is_sdp(&msg) {
-                    match self.media.answer(id, &msg.body) {
+                    // Leg A's offer's (early) answer; or, for a late offer,
+                    // leg B's offer, which its 2xx must repeat (RFC 3261
+                    // §13.2.1; the same SDP gets the same rewrite).
+                    let rewritten = if call.late_offer {
+                        let (pa, pb) = (call.a_profile, call.route_media);
+                        self.media.offer_from(id, Side::B, &msg.body, pa, pb)
+                    } else {
+                        self.media.answer(id, &msg.body)
+                    };
+                    match rewritten {
                         Ok(b) => {
                             self.relay_response_with(now, id, Side::A, &a_invite, &msg, Some(b))
                         }
@@ -1696,13 +2042,42 @@ impl B2bua {
                 return;
             }
             let a_tag = call.a.local_tag.clone();
-            let answer_body = if is_sdp(&msg) {
+            let late_offer = call.late_offer;
+            let (profile_a, profile_b) = (call.a_profile, call.route_media);
+            let answer_body = if late_offer {
+                // Leg B's offer (RFC 3261 §13.2.1: a 2xx to an INVITE without
+                // SDP carries it), anchored toward leg A; A answers in its ACK.
+                let offer = if is_sdp(&msg) {
+                    self.media
+                        .offer_from(id, Side::B, &msg.body, profile_a, profile_b)
+                } else {
+                    Err(488)
+                };
+                match offer {
+                    Ok(b) => Some(b),
+                    Err(code) => {
+                        // No offer, or one we cannot relay: end B, refuse A.
+                        tracing::info!(call = id, code, "unusable late offer from leg B");
+                        metrics::counter!("tollgate_sip_offer_answer_failures_total").increment(1);
+                        if let Some(call) = self.calls.get_mut(&id) {
+                            call.state = CallState::Terminating;
+                            call.answered = None; // A is refused: not answered
+                        }
+                        self.send_ack(id, Side::B, 1, None);
+                        self.send_bye(now, id, Side::B);
+                        self.reply(now, &a_invite, code, Vec::new(), Some(&a_tag));
+                        self.end_call(id, EndCause::Rejected(code));
+                        return;
+                    }
+                }
+            } else if is_sdp(&msg) {
                 match self.media.answer(id, &msg.body) {
                     Ok(b) => Some(b),
                     Err(code) => {
                         // B answered with media we cannot relay: end B, refuse A.
                         if let Some(call) = self.calls.get_mut(&id) {
                             call.state = CallState::Terminating;
+                            call.answered = None; // A is refused: not answered
                         }
                         self.send_ack(id, Side::B, 1, None);
                         self.send_bye(now, id, Side::B);
@@ -1723,6 +2098,7 @@ impl B2bua {
                 server: a_invite.clone(),
                 other_cseq: 1,
                 other_answered: true,
+                answer_expected: late_offer,
             });
             self.events.push(CallEvent::Answered { call: id });
             let unix = self.calls.get(&id).map_or(0, |c| {
@@ -1773,6 +2149,7 @@ impl B2bua {
                 from,
                 server,
                 reoffer,
+                ..
             } => {
                 if reoffer {
                     self.media.cancel_offer(id);
@@ -2029,6 +2406,7 @@ mod tests {
                 target_text: "sip:agent@127.0.0.1:5080".into(),
                 peer: b.clone(),
                 media: MediaProfile::Auto,
+                sdes_over_cleartext: false,
             }],
         };
         Rig {
@@ -2400,5 +2778,481 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
             "the retransmission gets the 100 again, not a 401"
         );
         assert_eq!(r.sent_to(&r.b.clone()).len(), 1);
+    }
+
+    /// Offer/answer through anchoring media hooks: late offers (INVITE
+    /// without SDP), offers from leg B (re-INVITE, UPDATE), re-INVITEs
+    /// without SDP, and their failures.
+    mod offer_answer {
+        use super::*;
+        use std::sync::Mutex;
+
+        /// Anchoring hooks that log every call and rewrite a body by
+        /// prefixing who rewrote it; an SDP containing `bad` is refused.
+        #[derive(Clone, Default)]
+        struct Hooks(Arc<Mutex<Vec<String>>>);
+
+        impl Hooks {
+            fn log(&self) -> Vec<String> {
+                std::mem::take(&mut *self.0.lock().unwrap())
+            }
+            fn push(&self, s: String) {
+                self.0.lock().unwrap().push(s);
+            }
+        }
+
+        fn body(sdp: &[u8]) -> String {
+            String::from_utf8_lossy(sdp).trim().to_string()
+        }
+
+        impl MediaHooks for Hooks {
+            fn offer(&mut self, call: u64, sdp: &[u8], p: MediaProfile) -> Result<Bytes, u16> {
+                self.offer_from(call, Side::A, sdp, MediaProfile::Auto, p)
+            }
+            fn offer_from(
+                &mut self,
+                _: u64,
+                from: Side,
+                sdp: &[u8],
+                _: MediaProfile,
+                _: MediaProfile,
+            ) -> Result<Bytes, u16> {
+                self.push(format!("offer {from:?} {}", body(sdp)));
+                if body(sdp).contains("bad") {
+                    return Err(488);
+                }
+                Ok(Bytes::from(format!(
+                    "v=0 offer-from-{from:?} {}\n",
+                    body(sdp)
+                )))
+            }
+            fn answer(&mut self, _: u64, sdp: &[u8]) -> Result<Bytes, u16> {
+                self.push(format!("answer {}", body(sdp)));
+                if body(sdp).contains("bad") {
+                    return Err(488);
+                }
+                Ok(Bytes::from(format!("v=0 answer {}\n", body(sdp))))
+            }
+            fn release(&mut self, _: u64) {
+                self.push("release".into());
+            }
+            fn anchors(&self) -> bool {
+                true
+            }
+            fn cancel_offer(&mut self, _: u64) {
+                self.push("cancel".into());
+            }
+        }
+
+        fn anchored_rig() -> (Rig, Hooks) {
+            let mut r = rig();
+            let hooks = Hooks::default();
+            r.b2b = r.b2b.with_media(Box::new(hooks.clone()));
+            (r, hooks)
+        }
+
+        /// `text` (a SIP message) with `sdp` as its body.
+        fn with_sdp(text: &str, sdp: &str) -> String {
+            let mut m = parse(text.as_bytes()).unwrap();
+            m.remove_headers("Content-Type");
+            m.headers.push(Header {
+                name: "Content-Type".into(),
+                value: "application/sdp".into(),
+            });
+            m.body = Bytes::from(sdp.to_string());
+            String::from_utf8(m.to_bytes().to_vec()).unwrap()
+        }
+
+        fn text(m: &Message) -> String {
+            String::from_utf8(m.to_bytes().to_vec()).unwrap()
+        }
+
+        fn without_body(text: &str) -> String {
+            let mut m = parse(text.as_bytes()).unwrap();
+            m.remove_headers("Content-Type");
+            m.body = Bytes::new();
+            String::from_utf8(m.to_bytes().to_vec()).unwrap()
+        }
+
+        fn statuses(msgs: &[Message]) -> Vec<u16> {
+            msgs.iter().filter_map(|m| m.status()).collect()
+        }
+
+        fn ended(r: &mut Rig) -> Option<EndCause> {
+            r.b2b.events.iter().find_map(|e| match e {
+                CallEvent::Ended { cause, .. } => Some(*cause),
+                _ => None,
+            })
+        }
+
+        struct Dialogs {
+            /// B's INVITE as B saw it.
+            inv: Message,
+            a_to: String,
+        }
+
+        const A_FROM: &str = "<sip:+15550199@127.0.0.1>;tag=a1";
+        const B_FROM: &str = "<sip:agent@127.0.0.1>;tag=b1";
+
+        /// A late-offer INVITE from A; returns B's INVITE.
+        fn late_invite(r: &mut Rig, jti: &str) -> Message {
+            let tok = r.token(jti);
+            let text = without_body(&invite(
+                &format!("Authorization: Bearer {tok}\r\n"),
+                "z9hG4bKlate1",
+            ));
+            r.a_sends(&text);
+            assert_eq!(statuses(&r.sent_to(&r.a.clone())), vec![100]);
+            let mut to_b = r.sent_to(&r.b.clone());
+            assert_eq!(to_b.len(), 1);
+            to_b.remove(0)
+        }
+
+        fn a_to(r: &Rig) -> String {
+            let tag = r.b2b.calls.values().next().unwrap().a.local_tag.clone();
+            format!("<sip:+15550100@127.0.0.1>;tag={tag}")
+        }
+
+        fn a_ack(r: &mut Rig, cseq: u32, sdp: Option<&str>) {
+            let to = a_to(r);
+            let ack = in_dialog("ACK", A_FROM, &to, "call-a", cseq, 5070);
+            match sdp {
+                Some(s) => r.a_sends(&with_sdp(&ack, s)),
+                None => r.a_sends(&ack),
+            }
+        }
+
+        /// An answered early-offer call (A offers `v=0 A0`, B answers `v=0 B0`).
+        fn anchored_call(r: &mut Rig, h: &Hooks) -> Dialogs {
+            let tok = r.token("e1");
+            r.a_sends(&with_sdp(
+                &invite(&format!("Authorization: Bearer {tok}\r\n"), "z9hG4bKe1"),
+                "v=0 A0\n",
+            ));
+            r.sent_to(&r.a.clone());
+            let inv = r.sent_to(&r.b.clone()).remove(0);
+            assert_eq!(&inv.body[..], b"v=0 offer-from-A v=0 A0\n");
+            r.b_sends(with_sdp(&reply_from_b(&inv, 200, "b1"), "v=0 B0\n"));
+            let ok = r.sent_to(&r.a.clone()).remove(0);
+            assert_eq!(&ok.body[..], b"v=0 answer v=0 B0\n");
+            a_ack(r, 1, None);
+            assert_eq!(r.sent_to(&r.b.clone())[0].method(), Some("ACK"));
+            assert_eq!(h.log(), vec!["offer A v=0 A0", "answer v=0 B0"]);
+            let a_to = a_to(r);
+            Dialogs { inv, a_to }
+        }
+
+        fn b_request(d: &Dialogs, method: &str, cseq: u32) -> String {
+            let to = d.inv.header("From").unwrap().to_string();
+            in_dialog(method, B_FROM, &to, d.inv.call_id().unwrap(), cseq, 5080)
+        }
+
+        #[test]
+        fn late_offer_is_anchored_and_the_answer_rides_in_leg_b_ack() {
+            let (mut r, h) = anchored_rig();
+            let inv = late_invite(&mut r, "l1");
+            assert!(inv.body.is_empty(), "no SDP toward B");
+            assert!(inv.header("Content-Type").is_none());
+            assert!(h.log().is_empty(), "nothing to anchor yet");
+            assert_eq!(
+                r.b2b.calls.values().next().unwrap().a_profile,
+                MediaProfile::Rtp,
+                "leg A's signaling is UDP: no SDES keys may be offered to it"
+            );
+            // B's offer in its 183 and again in its 200: one rewrite.
+            let offer = "v=0 B-offer\n";
+            r.b_sends(with_sdp(&reply_from_b(&inv, 183, "b1"), offer));
+            r.b_sends(with_sdp(&reply_from_b(&inv, 200, "b1"), offer));
+            let to_a = r.sent_to(&r.a.clone());
+            assert_eq!(statuses(&to_a), vec![183, 200]);
+            for m in &to_a {
+                assert_eq!(&m.body[..], b"v=0 offer-from-B v=0 B-offer\n");
+                assert_eq!(m.header("Content-Type"), Some("application/sdp"));
+            }
+            assert!(r.sent_to(&r.b.clone()).is_empty(), "B's ACK waits for A's");
+            // A's answer in its ACK, rewritten into B's ACK.
+            a_ack(&mut r, 1, Some("v=0 A-answer\n"));
+            let ack = r.sent_to(&r.b.clone()).remove(0);
+            assert_eq!((ack.method(), ack.cseq().unwrap().seq), (Some("ACK"), 1));
+            assert_eq!(&ack.body[..], b"v=0 answer v=0 A-answer\n");
+            assert_eq!(ack.header("Content-Type"), Some("application/sdp"));
+            assert_eq!(
+                h.log(),
+                vec![
+                    "offer B v=0 B-offer",
+                    "offer B v=0 B-offer",
+                    "answer v=0 A-answer"
+                ]
+            );
+            // B's 200 again (our ACK was lost): the same ACK, answer included.
+            r.b_sends(with_sdp(&reply_from_b(&inv, 200, "b1"), offer));
+            let again = r.sent_to(&r.b.clone()).remove(0);
+            assert_eq!(again.to_bytes(), ack.to_bytes());
+            assert!(r.sent_to(&r.a.clone()).is_empty());
+            assert_eq!(r.b2b.calls_active(), 1);
+            assert!(h.log().is_empty());
+        }
+
+        #[test]
+        fn late_offer_ack_without_or_with_an_unusable_answer_ends_both_legs() {
+            for answer in [None, Some("v=0 bad answer\n")] {
+                let (mut r, h) = anchored_rig();
+                let inv = late_invite(&mut r, "l2");
+                r.b_sends(with_sdp(&reply_from_b(&inv, 200, "b1"), "v=0 B-offer\n"));
+                assert_eq!(statuses(&r.sent_to(&r.a.clone())), vec![200]);
+                a_ack(&mut r, 1, answer);
+                let to_b = r.sent_to(&r.b.clone());
+                let methods: Vec<_> = to_b.iter().filter_map(|m| m.method()).collect();
+                assert_eq!(methods, vec!["ACK", "BYE"], "{answer:?}");
+                assert!(to_b[0].body.is_empty(), "no answer to pass on");
+                let to_a = r.sent_to(&r.a.clone());
+                assert_eq!(to_a[0].method(), Some("BYE"));
+                assert_eq!(r.b2b.calls_active(), 0);
+                assert_eq!(ended(&mut r), Some(EndCause::OfferAnswerFailed));
+                assert_eq!(EndCause::OfferAnswerFailed.label(), "offer_answer_failed");
+                assert!(h.log().contains(&"release".to_string()));
+            }
+        }
+
+        #[test]
+        fn late_offer_2xx_without_an_offer_or_with_a_refused_one_fails_the_call() {
+            for b_body in [None, Some("v=0 bad offer\n")] {
+                let (mut r, _h) = anchored_rig();
+                let inv = late_invite(&mut r, "l3");
+                let ok = reply_from_b(&inv, 200, "b1");
+                r.b_sends(match b_body {
+                    Some(s) => with_sdp(&ok, s),
+                    None => ok,
+                });
+                let to_b = r.sent_to(&r.b.clone());
+                let methods: Vec<_> = to_b.iter().filter_map(|m| m.method()).collect();
+                assert_eq!(methods, vec!["ACK", "BYE"]);
+                assert_eq!(statuses(&r.sent_to(&r.a.clone())), vec![488]);
+                assert_eq!(ended(&mut r), Some(EndCause::Rejected(488)));
+                assert_eq!(r.b2b.calls_active(), 0);
+            }
+        }
+
+        #[test]
+        fn a_late_offer_that_times_out_without_ack_still_acks_and_byes_leg_b() {
+            let (mut r, _h) = anchored_rig();
+            let inv = late_invite(&mut r, "l4");
+            r.b_sends(with_sdp(&reply_from_b(&inv, 200, "b1"), "v=0 B-offer\n"));
+            r.sent_to(&r.a.clone());
+            r.advance(Duration::from_secs(40));
+            let to_b = r.sent_to(&r.b.clone());
+            let methods: Vec<_> = to_b.iter().filter_map(|m| m.method()).collect();
+            assert!(methods.starts_with(&["ACK", "BYE"]), "{methods:?}");
+            assert_eq!(ended(&mut r), Some(EndCause::NoAck));
+        }
+
+        #[test]
+        fn an_invite_with_a_body_we_cannot_read_is_refused_415() {
+            let (mut r, h) = anchored_rig();
+            let tok = r.token("l5");
+            let text = invite(&format!("Authorization: Bearer {tok}\r\n"), "z9hG4bKm1")
+                .replace("application/sdp", "multipart/mixed;boundary=x");
+            r.a_sends(&text);
+            let to_a = r.sent_to(&r.a.clone());
+            assert_eq!(statuses(&to_a), vec![100, 415]);
+            assert_eq!(to_a[1].header("Accept"), Some("application/sdp"));
+            assert!(r.sent_to(&r.b.clone()).is_empty());
+            assert!(h.log().is_empty());
+            assert_eq!(r.b2b.calls_active(), 0);
+        }
+
+        #[test]
+        fn an_sdp_in_the_ack_of_an_early_offer_call_does_not_pass_unanchored() {
+            let (mut r, h) = anchored_rig();
+            let tok = r.token("e9");
+            r.a_sends(&with_sdp(
+                &invite(&format!("Authorization: Bearer {tok}\r\n"), "z9hG4bKe9"),
+                "v=0 A0\n",
+            ));
+            let inv = r.sent_to(&r.b.clone()).remove(0);
+            r.b_sends(with_sdp(&reply_from_b(&inv, 200, "b1"), "v=0 B0\n"));
+            r.sent_to(&r.a.clone());
+            a_ack(&mut r, 1, Some("v=0 stray 10.9.9.9\n"));
+            let ack = r.sent_to(&r.b.clone()).remove(0);
+            assert_eq!(ack.method(), Some("ACK"));
+            assert!(ack.body.is_empty());
+            assert_eq!(h.log(), vec!["offer A v=0 A0", "answer v=0 B0"]);
+        }
+
+        #[test]
+        fn reinvite_and_update_offers_from_leg_b_are_re_anchored() {
+            for method in ["INVITE", "UPDATE"] {
+                let (mut r, h) = anchored_rig();
+                let d = anchored_call(&mut r, &h);
+                r.b_sends(with_sdp(&b_request(&d, method, 2), "v=0 B1\n"));
+                if method == "INVITE" {
+                    assert_eq!(statuses(&r.sent_to(&r.b.clone())), vec![100]);
+                }
+                let to_a = r.sent_to(&r.a.clone()).remove(0);
+                assert_eq!(to_a.method(), Some(method));
+                assert_eq!(to_a.call_id(), Some("call-a"));
+                assert_eq!(&to_a.body[..], b"v=0 offer-from-B v=0 B1\n");
+                assert_eq!(h.log(), vec!["offer B v=0 B1"]);
+                // A answers; the answer goes through the relay back to B.
+                let ok = response_to(&to_a, 200, "OK", None);
+                r.a_sends(&with_sdp(&text(&ok), "v=0 A1\n"));
+                let ok_b = r.sent_to(&r.b.clone()).remove(0);
+                assert_eq!((ok_b.status(), ok_b.cseq().unwrap().seq), (Some(200), 2));
+                assert_eq!(&ok_b.body[..], b"v=0 answer v=0 A1\n");
+                assert_eq!(h.log(), vec!["answer v=0 A1"]);
+                if method == "INVITE" {
+                    r.b_sends(b_request(&d, "ACK", 2));
+                    let ack = r.sent_to(&r.a.clone()).remove(0);
+                    assert_eq!((ack.method(), ack.cseq().unwrap().seq), (Some("ACK"), 1));
+                }
+                assert_eq!(r.b2b.calls_active(), 1);
+                // A's re-offer still works after B's.
+                r.a_sends(&with_sdp(
+                    &in_dialog("UPDATE", A_FROM, &d.a_to, "call-a", 3, 5070),
+                    "v=0 A2\n",
+                ));
+                let upd = r.sent_to(&r.b.clone()).remove(0);
+                assert_eq!(&upd.body[..], b"v=0 offer-from-A v=0 A2\n");
+            }
+        }
+
+        #[test]
+        fn a_refused_offer_from_leg_b_keeps_the_call_and_the_old_media() {
+            let (mut r, h) = anchored_rig();
+            let d = anchored_call(&mut r, &h);
+            // Refused by the relay: 488 to B, nothing reaches A.
+            r.b_sends(with_sdp(&b_request(&d, "INVITE", 2), "v=0 bad B1\n"));
+            assert_eq!(statuses(&r.sent_to(&r.b.clone())), vec![488]);
+            assert!(r.sent_to(&r.a.clone()).is_empty());
+            // Refused by A: B gets A's refusal, the relay restores the media.
+            r.b_sends(with_sdp(&b_request(&d, "INVITE", 3), "v=0 B2\n"));
+            let to_a = r.sent_to(&r.a.clone()).remove(0);
+            let no = response_to(&to_a, 488, "Not Acceptable Here", None);
+            r.a_sends(&text(&no));
+            let st = statuses(&r.sent_to(&r.b.clone()));
+            assert_eq!(st.last(), Some(&488));
+            let hop = r.sent_to(&r.a.clone());
+            assert_eq!(hop[0].method(), Some("ACK"), "the 488 is ACKed hop by hop");
+            assert_eq!(
+                h.log(),
+                vec!["offer B v=0 bad B1", "offer B v=0 B2", "cancel"]
+            );
+            assert_eq!(r.b2b.calls_active(), 1);
+            // A 200 whose answer the relay cannot serve ends the call.
+            r.b_sends(with_sdp(&b_request(&d, "INVITE", 4), "v=0 B3\n"));
+            let to_a = r.sent_to(&r.a.clone()).remove(0);
+            let ok = response_to(&to_a, 200, "OK", None);
+            r.a_sends(&with_sdp(&text(&ok), "v=0 bad A3\n"));
+            let to_a = r.sent_to(&r.a.clone());
+            let methods: Vec<_> = to_a.iter().filter_map(|m| m.method()).collect();
+            assert_eq!(methods, vec!["ACK", "BYE"], "A's 2xx is ACKed, then BYE");
+            let to_b = r.sent_to(&r.b.clone());
+            assert!(to_b.iter().any(|m| m.status() == Some(488)));
+            assert!(to_b.iter().any(|m| m.method() == Some("BYE")));
+            assert_eq!(ended(&mut r), Some(EndCause::OfferAnswerFailed));
+        }
+
+        #[test]
+        fn a_reinvite_without_sdp_from_leg_b_is_anchored_like_a_late_offer() {
+            let (mut r, h) = anchored_rig();
+            let d = anchored_call(&mut r, &h);
+            r.b_sends(b_request(&d, "INVITE", 2));
+            assert_eq!(statuses(&r.sent_to(&r.b.clone())), vec![100]);
+            let to_a = r.sent_to(&r.a.clone()).remove(0);
+            assert!(to_a.body.is_empty());
+            // A offers in its 200; B gets the anchored offer.
+            let ok = response_to(&to_a, 200, "OK", None);
+            let ok = with_sdp(&text(&ok), "v=0 A1\n");
+            r.a_sends(&ok);
+            let ok_b = r.sent_to(&r.b.clone()).remove(0);
+            assert_eq!(&ok_b.body[..], b"v=0 offer-from-A v=0 A1\n");
+            // A's 200 again before B's ACK: absorbed (ours is retransmitted
+            // by the transaction), never relayed raw.
+            r.a_sends(&ok);
+            assert!(r
+                .sent_to(&r.b.clone())
+                .iter()
+                .all(|m| m.body.is_empty() || &m.body[..] == b"v=0 offer-from-A v=0 A1\n"));
+            // An UPDATE offer now is glare: 491.
+            r.a_sends(&with_sdp(
+                &in_dialog("UPDATE", A_FROM, &d.a_to, "call-a", 3, 5070),
+                "v=0 A9\n",
+            ));
+            assert_eq!(statuses(&r.sent_to(&r.a.clone())), vec![491]);
+            // B's ACK carries the answer, rewritten into A's ACK.
+            r.b_sends(with_sdp(&b_request(&d, "ACK", 2), "v=0 B1\n"));
+            let ack = r.sent_to(&r.a.clone()).remove(0);
+            assert_eq!(ack.method(), Some("ACK"));
+            assert_eq!(&ack.body[..], b"v=0 answer v=0 B1\n");
+            assert_eq!(h.log(), vec!["offer A v=0 A1", "answer v=0 B1"]);
+            assert_eq!(r.b2b.calls_active(), 1);
+        }
+    }
+
+    /// The SDES rule: leg A's a=crypto over cleartext signaling gets 488
+    /// unless the route allows it; over TLS it passes; leg B's `auto` drops to
+    /// `rtp` toward a cleartext target and `srtp` there needs the route's
+    /// consent.
+    #[test]
+    fn sdes_keys_only_over_tls_unless_the_route_allows_cleartext() {
+        let savp = "v=0\r\nc=IN IP4 127.0.0.1\r\nm=audio 4000 RTP/SAVP 0\r\n\
+a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz\r\n";
+        let offer = |r: &Rig, jti: &str| {
+            invite(
+                &format!("Authorization: Bearer {}\r\n", r.token(jti)),
+                &format!("z9hG4bK{jti}"),
+            )
+            .replace(
+                "Content-Length: 4\r\n\r\nv=0\n",
+                &format!("Content-Length: {}\r\n\r\n{savp}", savp.len()),
+            )
+        };
+        assert!(sdp_has_sdes(savp.as_bytes()));
+        assert!(!sdp_has_sdes(
+            b"v=0\r\nm=audio 4000 RTP/AVP 0\r\na=cryptox\r\n"
+        ));
+
+        // Over UDP: refused with 488 and a Warning; nothing reaches B.
+        let mut r = rig();
+        let inv = offer(&r, "s1");
+        r.a_sends(&inv);
+        let to_a = r.sent_to(&r.a.clone());
+        let last = to_a.last().unwrap();
+        assert_eq!(last.status(), Some(488));
+        assert!(last.header("Warning").unwrap().contains("TLS"));
+        assert!(r.sent_to(&r.b.clone()).is_empty());
+        assert_eq!(r.b2b.calls_active(), 0);
+
+        // Over TLS: admitted.
+        let mut r = rig();
+        r.a.transport = Transport::Tls;
+        r.a.flow = Some(crate::transaction::FlowId(1));
+        let inv = offer(&r, "s2").replace("SIP/2.0/UDP", "SIP/2.0/TLS");
+        r.a_sends(&inv);
+        assert_eq!(r.sent_to(&r.b.clone()).len(), 1, "INVITE reaches B");
+
+        // Over UDP on a route that allows cleartext SDES: admitted.
+        let mut r = rig();
+        r.b2b.cfg.routes[0].sdes_over_cleartext = true;
+        let inv = offer(&r, "s3");
+        r.a_sends(&inv);
+        assert_eq!(r.sent_to(&r.b.clone()).len(), 1);
+
+        // Leg B's profile.
+        let mut route = r.b2b.cfg.routes[0].clone();
+        route.sdes_over_cleartext = false;
+        for (media, want) in [
+            (MediaProfile::Auto, Ok(MediaProfile::Rtp)),
+            (MediaProfile::Rtp, Ok(MediaProfile::Rtp)),
+            (MediaProfile::Srtp, Err(500)),
+        ] {
+            route.media = media;
+            assert_eq!(leg_b_profile(&route), want);
+        }
+        route.sdes_over_cleartext = true;
+        assert_eq!(leg_b_profile(&route), Ok(MediaProfile::Srtp));
+        route.sdes_over_cleartext = false;
+        route.peer.transport = Transport::Tls;
+        assert_eq!(leg_b_profile(&route), Ok(MediaProfile::Srtp));
     }
 }

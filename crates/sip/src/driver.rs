@@ -10,6 +10,7 @@
 
 use crate::b2bua::{B2bua, CallEvent, EndCause};
 use crate::framing::{FramingError, StreamFramer};
+use crate::tls::TlsAcceptor;
 use crate::transaction::{FlowId, Peer, Transmit, Transport};
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -17,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
@@ -58,6 +59,8 @@ enum ControlMsg {
 pub struct Sockets {
     pub udp: Option<Arc<UdpSocket>>,
     pub tcp: Option<TcpListener>,
+    /// SIP over TLS: the TCP listener and the (reloadable) TLS acceptor.
+    pub tls: Option<(TcpListener, Arc<TlsAcceptor>)>,
 }
 
 /// What the shards share: the sockets' write sides.
@@ -160,7 +163,10 @@ pub async fn run(
         )));
     }
     if let Some(listener) = sockets.tcp {
-        tokio::spawn(accept_loop(listener, shared.clone()));
+        tokio::spawn(accept_loop(listener, shared.clone(), None));
+    }
+    if let Some((listener, acceptor)) = sockets.tls {
+        tokio::spawn(accept_loop(listener, shared.clone(), Some(acceptor)));
     }
     // The receive side runs on its own thread (the shards keep sending on
     // the tokio socket).
@@ -336,10 +342,14 @@ async fn flush(core: &mut B2bua, shared: &Arc<Shared>) {
             }
             Transport::Tcp | Transport::Tls => {
                 let live = |f: &FlowId| shared.conns.contains_key(f);
-                let flow = peer
-                    .flow
-                    .filter(live)
-                    .or_else(|| shared.outbound.get(&peer.addr).map(|f| *f).filter(live));
+                // Outbound connections are plain TCP: never fall back to one
+                // for a TLS peer.
+                let flow = peer.flow.filter(live).or_else(|| {
+                    (peer.transport == Transport::Tcp)
+                        .then(|| shared.outbound.get(&peer.addr).map(|f| *f))
+                        .flatten()
+                        .filter(live)
+                });
                 let flow = match flow {
                     Some(f) => f,
                     None if peer.transport == Transport::Tcp => {
@@ -350,7 +360,12 @@ async fn flush(core: &mut B2bua, shared: &Arc<Shared>) {
                         tokio::spawn(connect_out(peer.addr, id, shared.clone(), rx));
                         id
                     }
-                    None => continue,
+                    None => {
+                        // Outbound TLS is not supported: a TLS peer is only
+                        // reached over the connection it opened.
+                        tracing::debug!(to = %peer.addr, "no TLS connection to this peer; message dropped");
+                        continue;
+                    }
                 };
                 if let Some(tx) = shared.conns.get(&flow) {
                     let _ = tx.send(data);
@@ -360,13 +375,17 @@ async fn flush(core: &mut B2bua, shared: &Arc<Shared>) {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+/// Accepts stream connections: plain TCP, or TLS when `tls` is set (the
+/// handshake runs in the connection's task, within the acceptor's timeout
+/// and concurrent-handshake cap, so a slowloris cannot stall the loop).
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<Arc<TlsAcceptor>>) {
     let live = Arc::new(AtomicUsize::new(0));
+    let what = if tls.is_some() { "tls" } else { "tcp" };
     loop {
         let (stream, addr) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(error = %e, "tcp accept failed");
+                tracing::warn!(error = %e, "{what} accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -375,14 +394,42 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             drop(stream);
             continue;
         }
-        let id = FlowId(shared.next_flow.fetch_add(1, Ordering::Relaxed));
-        let (tx, rx) = mpsc::unbounded_channel();
-        shared.conns.insert(id, tx);
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let Some(acceptor) = tls.clone() else {
+            let id = FlowId(shared.next_flow.fetch_add(1, Ordering::Relaxed));
+            let (tx, rx) = mpsc::unbounded_channel();
+            shared.conns.insert(id, tx);
+            let live = live.clone();
+            live.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                serve_stream(stream, addr, Transport::Tcp, id, &shared, rx).await;
+                live.fetch_sub(1, Ordering::Relaxed);
+            });
+            continue;
+        };
+        let Some(slot) = acceptor.slot(addr.ip()) else {
+            metrics::counter!("tollgate_sip_tls_handshake_failures_total", "reason" => "busy")
+                .increment(1);
+            drop(stream);
+            continue;
+        };
         let live = live.clone();
         live.fetch_add(1, Ordering::Relaxed);
-        let shared = shared.clone();
         tokio::spawn(async move {
-            serve_stream(stream, addr, id, &shared, rx).await;
+            match acceptor.handshake(stream, slot).await {
+                Ok(tls_stream) => {
+                    let id = FlowId(shared.next_flow.fetch_add(1, Ordering::Relaxed));
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    shared.conns.insert(id, tx);
+                    serve_stream(tls_stream, addr, Transport::Tls, id, &shared, rx).await;
+                }
+                Err(e) => {
+                    metrics::counter!("tollgate_sip_tls_handshake_failures_total", "reason" => e.label())
+                        .increment(1);
+                    tracing::debug!(from = %addr, error = %e, "tls handshake refused");
+                }
+            }
             live.fetch_sub(1, Ordering::Relaxed);
         });
     }
@@ -395,7 +442,10 @@ async fn connect_out(
     rx: mpsc::UnboundedReceiver<Bytes>,
 ) {
     match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await {
-        Ok(Ok(stream)) => serve_stream(stream, addr, id, &shared, rx).await,
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            serve_stream(stream, addr, Transport::Tcp, id, &shared, rx).await
+        }
         _ => {
             tracing::warn!(to = %addr, "tcp connect failed");
             shared.conns.remove(&id);
@@ -404,15 +454,20 @@ async fn connect_out(
     }
 }
 
-async fn serve_stream(
-    stream: TcpStream,
+/// One stream connection (TCP, or TLS after the handshake): a writer task
+/// drains the flow's queue, this task frames what arrives and routes each
+/// message to its shard.
+async fn serve_stream<S>(
+    stream: S,
     addr: SocketAddr,
+    transport: Transport,
     id: FlowId,
     shared: &Arc<Shared>,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
-) {
-    let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
     let writer = tokio::spawn(async move {
         while let Some(data) = rx.recv().await {
             if wr.write_all(&data).await.is_err() {
@@ -422,7 +477,7 @@ async fn serve_stream(
         let _ = wr.shutdown().await;
     });
     let peer = Peer {
-        transport: Transport::Tcp,
+        transport,
         addr,
         flow: Some(id),
     };

@@ -7,6 +7,7 @@ pub mod b2bua;
 pub mod driver;
 pub mod framing;
 pub mod message;
+pub mod tls;
 pub mod transaction;
 
 pub use b2bua::{B2bua, CallEvent, Config, EndCause, MediaProfile, Route};

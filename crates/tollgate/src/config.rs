@@ -18,11 +18,50 @@ pub struct FileConfig {
     #[serde(default)]
     pub metrics: ListenSection,
     #[serde(default)]
-    pub admin: ListenSection,
+    pub admin: AdminSection,
     #[serde(default)]
     pub routes: Vec<RouteSection>,
     #[serde(default)]
     pub trunk: TrunkSection,
+    #[serde(default)]
+    pub webhooks: WebhooksSection,
+    #[serde(default)]
+    pub tls: TlsSection,
+}
+
+/// `[tls]`: certificate and key for `tls:` SIP listeners (PEM files); with
+/// `client_ca_file`, mutual TLS (clients must present a certificate that
+/// chains to it). Re-read on reload.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    pub client_ca_file: Option<String>,
+}
+
+/// `[webhooks]`: call events to the token's `webhook` (webhook.rs).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhooksSection {
+    /// How long an event is retried (seconds; default 3600).
+    pub retry_for_s: Option<u64>,
+    /// Private/loopback/link-local CIDRs that may nevertheless be contacted.
+    pub allow_cidrs: Option<Vec<String>>,
+    /// PEM file of extra CAs trusted for webhook receivers.
+    pub ca_file: Option<String>,
+    /// Timeout of one attempt (milliseconds; default 5000).
+    pub timeout_ms: Option<u64>,
+    /// Events queued between the calls and the dispatcher (default 4096).
+    pub queue: Option<usize>,
+    /// Events held for delivery or retry, all calls (default 20000).
+    pub max_pending: Option<usize>,
+    /// Requests in flight at once (default 32).
+    pub concurrency: Option<usize>,
+    /// First retry delay (milliseconds; default 500), doubling up to `backoff_max_s`.
+    pub backoff_initial_ms: Option<u64>,
+    /// Longest retry delay (seconds; default 60).
+    pub backoff_max_s: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -61,6 +100,20 @@ pub struct ListenSection {
     pub listen: Option<String>,
 }
 
+/// `[admin]`: the admin HTTP API (SPEC §7).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    pub listen: Option<String>,
+    /// PEM certificate chain; with `tls_key`, the API is served over HTTPS.
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Serve plain HTTP on a non-loopback address (bearer keys in clear:
+    /// only behind a TLS-terminating proxy on a private network).
+    pub allow_plaintext: Option<bool>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteSection {
@@ -68,6 +121,10 @@ pub struct RouteSection {
     pub target: String,
     #[serde(default)]
     pub media: Option<String>,
+    /// Allow SDES keys (`a=crypto`) over cleartext (UDP/TCP) signaling on
+    /// this route's calls (both legs). Default false: see ARCHITECTURE.md.
+    #[serde(default)]
+    pub sdes_over_cleartext: Option<bool>,
 }
 
 /// A configuration error: exit code 2, message names the field.

@@ -1,8 +1,9 @@
 //! The built-in echo destination (SPEC §6): with no route configured, leg B
 //! goes here over real SIP on loopback. It answers every INVITE (180, 200
-//! with an SDP answer naming its RTP socket) and sends back every RTP packet
-//! it receives to where it came from, so a fresh install completes a call end
-//! to end.
+//! with an SDP answer naming its RTP socket; to an INVITE without SDP, a late
+//! offer, the 200 carries an offer instead and the answer comes in the ACK)
+//! and sends back every RTP packet it receives to where it came from, so a
+//! fresh install completes a call end to end.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -70,6 +71,29 @@ pub fn answer_sdp(offer: &[u8], rtp: SocketAddr) -> Option<String> {
     Some(sdp)
 }
 
+/// Our offer for an INVITE without SDP (RFC 3261 §13.2.1): plain RTP/AVP
+/// (the echo returns packets as they came, so it cannot hold SRTP keys of
+/// its own), G.711 and telephone-event, naming our RTP socket.
+pub fn offer_sdp(rtp: SocketAddr) -> String {
+    let ip = rtp.ip();
+    let port = rtp.port();
+    format!(
+        "v=0\r\no=tollgate-echo 1 1 IN IP4 {ip}\r\ns=echo\r\nc=IN IP4 {ip}\r\nt=0 0\r\n\
+         m=audio {port} RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n\
+         a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=ptime:20\r\na=sendrecv\r\n"
+    )
+}
+
+/// The SDP of a 200 to `invite`: the answer to its offer, or our offer when
+/// it has none. `None` when the offer is unusable.
+fn sdp_for(invite: &Message, rtp: SocketAddr) -> Option<String> {
+    if invite.body.is_empty() {
+        Some(offer_sdp(rtp))
+    } else {
+        answer_sdp(&invite.body, rtp)
+    }
+}
+
 struct Dialog {
     answer: bytes::Bytes,
     at: Instant,
@@ -99,8 +123,9 @@ async fn sip_loop(sock: Arc<UdpSocket>, rtp: SocketAddr) {
         };
         match method.as_str() {
             "INVITE" if msg.to_tag().is_some() => {
-                // A re-INVITE: answer its offer in the same dialog.
-                let Some(sdp) = answer_sdp(&msg.body, rtp) else {
+                // A re-INVITE: answer its offer (or offer, if it has none)
+                // in the same dialog.
+                let Some(sdp) = sdp_for(&msg, rtp) else {
                     send(&response_to(&msg, 488, reason_phrase(488), None)).await;
                     continue;
                 };
@@ -129,7 +154,7 @@ async fn sip_loop(sock: Arc<UdpSocket>, rtp: SocketAddr) {
                 let mut ringing = response_to(&msg, 180, reason_phrase(180), Some(&tag));
                 ringing.headers.push(contact.clone());
                 send(&ringing).await;
-                let Some(sdp) = answer_sdp(&msg.body, rtp) else {
+                let Some(sdp) = sdp_for(&msg, rtp) else {
                     let resp = response_to(&msg, 488, reason_phrase(488), Some(&tag));
                     send(&resp).await;
                     continue;
@@ -183,5 +208,20 @@ mod tests {
         assert!(ans.contains("telephone-event"));
         assert!(!ans.contains("H264"));
         assert!(answer_sdp(b"garbage", "127.0.0.1:7000".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn offers_plain_rtp_when_the_invite_has_no_sdp() {
+        let rtp: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let invite = message::parse(
+            b"INVITE sip:echo@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK1\r\n\
+              From: <sip:a@x>;tag=1\r\nTo: <sip:echo@x>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n\
+              Content-Length: 0\r\n\r\n",
+        )
+        .unwrap();
+        let sdp = sdp_for(&invite, rtp).unwrap();
+        assert!(sdp.contains("c=IN IP4 127.0.0.1\r\n"));
+        assert!(sdp.contains("m=audio 7000 RTP/AVP 0 8 101\r\n"));
+        assert!(sdp.contains("a=rtpmap:101 telephone-event/8000\r\n"));
     }
 }

@@ -6,12 +6,14 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod admin;
 mod config;
 mod echo;
 mod media;
 mod metrics_http;
 mod policy;
 mod serve;
+mod webhook;
 
 use clap::{Args, Parser, Subcommand};
 use config::{parse_duration, ConfigError};

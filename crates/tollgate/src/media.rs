@@ -4,8 +4,9 @@
 
 use bytes::Bytes;
 use std::sync::Arc;
+use tollgate_media::engine::Leg;
 use tollgate_media::{MediaEngine, MediaError, Profile};
-use tollgate_sip::b2bua::MediaHooks;
+use tollgate_sip::b2bua::{MediaHooks, Side};
 use tollgate_sip::MediaProfile;
 
 pub struct EngineHooks(pub Arc<MediaEngine>);
@@ -34,6 +35,29 @@ impl MediaHooks for EngineHooks {
             .map(Bytes::from)
             .map_err(|e| {
                 tracing::debug!(call, error = %e, "offer refused by the media relay");
+                status_of(&e)
+            })
+    }
+
+    /// Offers from either leg (late offers, re-offers from leg B); the
+    /// profile rules are [`MediaEngine::offer_from`]'s.
+    fn offer_from(
+        &mut self,
+        call: u64,
+        from: Side,
+        sdp: &[u8],
+        profile_a: MediaProfile,
+        profile_b: MediaProfile,
+    ) -> Result<Bytes, u16> {
+        let leg = match from {
+            Side::A => Leg::A,
+            Side::B => Leg::B,
+        };
+        self.0
+            .offer_from(call, leg, sdp, [profile(profile_a), profile(profile_b)])
+            .map(Bytes::from)
+            .map_err(|e| {
+                tracing::debug!(call, ?from, error = %e, "offer refused by the media relay");
                 status_of(&e)
             })
     }

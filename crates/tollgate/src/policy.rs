@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 use tollgate_keys::KeyRecord;
-use tollgate_sip::b2bua::{CallPolicy, CallRecord, Refused};
+use tollgate_sip::b2bua::{AdmitInfo, CallPolicy, CallRecord, Refused};
 use tollgate_sip::EndCause;
 use tollgate_trunk::{Allocator, Cdr, CdrSink, ChannelId, KeyLimits, Refusal};
 
@@ -14,7 +14,33 @@ pub struct TrunkPolicy {
     alloc: Arc<Allocator>,
     cdrs: Arc<dyn CdrSink>,
     channels: HashMap<u64, ChannelId>,
+    /// Call events to the token's webhook: only a `try_send` here (webhook.rs).
+    webhooks: Option<crate::webhook::Hooks>,
+    hooked: HashMap<u64, Arc<crate::webhook::CallCtx>>,
+    /// Admitted calls, shared by every shard and the admin API.
+    calls: CallRegistry,
 }
+
+/// An admitted call as the admin API lists it (`GET /v1/calls`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveCall {
+    /// Leg B's Call-ID: the call's id in its CDR and in the admin API.
+    pub call_id: String,
+    /// Leg A's Call-ID, as the caller knows the call.
+    pub a_call_id: String,
+    pub key_id: String,
+    pub from: String,
+    pub to: String,
+    /// Unix seconds.
+    pub start: i64,
+    /// Unix seconds, once leg B answered.
+    pub answered: Option<i64>,
+}
+
+/// Calls between admission and their CDR, keyed by the B2BUA's call handle
+/// (what `driver::Control::Hangup` takes); the admin API finds a call by its
+/// `call_id`. A sharded map: no global lock on the INVITE path.
+pub type CallRegistry = Arc<dashmap::DashMap<u64, ActiveCall>>;
 
 impl TrunkPolicy {
     pub fn new(alloc: Arc<Allocator>, cdrs: Arc<dyn CdrSink>) -> Self {
@@ -22,7 +48,22 @@ impl TrunkPolicy {
             alloc,
             cdrs,
             channels: HashMap::new(),
+            webhooks: None,
+            hooked: HashMap::new(),
+            calls: CallRegistry::default(),
         }
+    }
+
+    /// Shares `calls` (the admin API's view of active calls) with this shard.
+    pub fn with_calls(mut self, calls: CallRegistry) -> Self {
+        self.calls = calls;
+        self
+    }
+
+    /// Sends call events to the webhooks the tokens name.
+    pub fn with_webhooks(mut self, hooks: crate::webhook::Hooks) -> Self {
+        self.webhooks = Some(hooks);
+        self
     }
 }
 
@@ -66,6 +107,7 @@ fn cause_label(c: EndCause) -> &'static str {
         EndCause::LimitReached => "limit_reached",
         EndCause::Admin => "admin_hangup",
         EndCause::MediaTimeout => "media_timeout",
+        EndCause::OfferAnswerFailed => "offer_answer_failed",
         #[allow(unreachable_patterns)]
         _ => "other",
     }
@@ -77,6 +119,7 @@ impl CallPolicy for TrunkPolicy {
         call: u64,
         key: &KeyRecord,
         destination: &str,
+        info: &AdmitInfo<'_>,
         now: Instant,
         unix: i64,
     ) -> Result<(), Refused> {
@@ -84,6 +127,23 @@ impl CallPolicy for TrunkPolicy {
         match self.alloc.admit(&key.id, &limits, destination, now, unix) {
             Ok(ch) => {
                 self.channels.insert(call, ch);
+                self.calls.insert(
+                    call,
+                    ActiveCall {
+                        call_id: info.call_id.to_string(),
+                        a_call_id: info.a_call_id.to_string(),
+                        key_id: key.id.clone(),
+                        from: info.from.to_string(),
+                        to: destination.to_string(),
+                        start: unix,
+                        answered: None,
+                    },
+                );
+                if let Some(hooks) = &self.webhooks {
+                    if let Some(ctx) = hooks.initiated(key, destination, info, unix) {
+                        self.hooked.insert(call, ctx);
+                    }
+                }
                 Ok(())
             }
             Err(r) => Err(status_of(&r)),
@@ -91,17 +151,27 @@ impl CallPolicy for TrunkPolicy {
     }
 
     fn answered(&mut self, call: u64, unix: i64) -> Option<u64> {
+        if let Some(mut c) = self.calls.get_mut(&call) {
+            c.answered = Some(unix);
+        }
+        if let (Some(hooks), Some(ctx)) = (&self.webhooks, self.hooked.get(&call)) {
+            hooks.answered(ctx, unix);
+        }
         let ch = self.channels.get(&call)?;
         self.alloc.answered(*ch, unix)
     }
 
     fn ended(&mut self, r: &CallRecord) {
+        self.calls.remove(&r.call);
         if let Some(ch) = self.channels.remove(&r.call) {
             self.alloc.release(ch, r.billable_secs, r.end);
         }
         // Per-key outcome counters (attempts and billable seconds are counted
         // by the allocator): bounded labels, a key id and a fixed cause set.
         let cause = cause_label(r.cause);
+        if let (Some(hooks), Some(ctx)) = (&self.webhooks, self.hooked.remove(&r.call)) {
+            hooks.completed(&ctx, r, cause);
+        }
         metrics::counter!("tollgate_key_calls_ended_total", "key" => r.key_id.clone(), "cause" => cause)
             .increment(1);
         if r.answer.is_some() {

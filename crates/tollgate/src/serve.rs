@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tollgate_keys::{FileKeyStore, KeyKind, KeyStore, Limits, MemoryReplayCache, ReplayCache};
 use tollgate_sip::driver::{self, Control, Sockets};
+use tollgate_sip::tls::{TlsAcceptor, TlsFiles};
 use tollgate_sip::{b2bua, Peer, Route, TimerConfig, Transport};
 use tollgate_trunk::{Allocator, CdrSink, FileCdrStore};
 
@@ -33,8 +34,20 @@ pub struct Settings {
     pub sip_workers: usize,
     pub metrics_listen: SocketAddr,
     pub admin_listen: SocketAddr,
-    /// `None` target means the built-in echo destination.
-    pub routes: Vec<(Option<String>, Option<String>, tollgate_sip::MediaProfile)>,
+    /// `[admin] tls_cert` and `tls_key`: HTTPS when set.
+    pub admin_tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// `[webhooks]`: call events (webhook.rs).
+    pub webhooks: crate::webhook::WebhookConfig,
+    /// `None` target means the built-in echo destination; the flag is the
+    /// route's `sdes_over_cleartext`.
+    pub routes: Vec<(
+        Option<String>,
+        Option<String>,
+        tollgate_sip::MediaProfile,
+        bool,
+    )>,
+    /// `[tls]` files, present when a `tls:` listener is configured.
+    pub tls: Option<TlsFiles>,
 }
 
 pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
@@ -55,11 +68,6 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
     let mut listen = Vec::new();
     for l in &listen_raw {
         let (t, a) = config::parse_listen(listen_field, l)?;
-        if t == Transport::Tls {
-            return Err(ConfigError(format!(
-                "{listen_field}: {l:?}: SIP over TLS is not available in this build yet"
-            )));
-        }
         if listen.iter().any(|(t2, _)| *t2 == t) {
             return Err(ConfigError(format!(
                 "{listen_field}: more than one {} listener",
@@ -170,23 +178,88 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         &file.admin.listen,
         "127.0.0.1:8080",
     )?;
+    let admin_tls = match (&file.admin.tls_cert, &file.admin.tls_key) {
+        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ConfigError(
+                "admin.tls_key: needed with admin.tls_cert".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError(
+                "admin.tls_cert: needed with admin.tls_key".into(),
+            ))
+        }
+    };
+    crate::admin::check_plaintext(
+        if args.admin_listen.is_some() {
+            "--admin-listen"
+        } else {
+            "admin.listen"
+        },
+        admin_listen,
+        admin_tls.is_some(),
+        file.admin.allow_plaintext.unwrap_or(false),
+    )?;
     let mut routes = Vec::new();
     for (i, r) in file.routes.iter().enumerate() {
         let field = format!("routes[{i}]");
-        config::parse_target(&format!("{field}.target"), &r.target)?;
+        let (_, transport, _) = config::parse_target(&format!("{field}.target"), &r.target)?;
         let media = config::parse_media_profile(&format!("{field}.media"), r.media.as_deref())?;
-        routes.push((r.model.clone(), Some(r.target.clone()), media));
+        let sdes = r.sdes_over_cleartext.unwrap_or(false);
+        // SDES rule (ARCHITECTURE.md): SRTP keys toward a cleartext target
+        // only when the route says so.
+        if media == tollgate_sip::MediaProfile::Srtp && transport != Transport::Tls && !sdes {
+            return Err(ConfigError(format!(
+                "{field}.sdes_over_cleartext: media = \"srtp\" toward a {} target would send the SRTP keys (a=crypto) in cleartext; set sdes_over_cleartext = true to allow it",
+                transport.label()
+            )));
+        }
+        routes.push((r.model.clone(), Some(r.target.clone()), media, sdes));
     }
     if let Some(t) = &args.route_default {
         config::parse_target("--route-default", t)?;
         match routes.iter_mut().find(|r| r.0.is_none()) {
             Some(r) => r.1 = Some(t.clone()),
-            None => routes.push((None, Some(t.clone()), tollgate_sip::MediaProfile::Auto)),
+            None => routes.push((
+                None,
+                Some(t.clone()),
+                tollgate_sip::MediaProfile::Auto,
+                false,
+            )),
         }
     }
     if !routes.iter().any(|r| r.0.is_none()) {
-        routes.push((None, None, tollgate_sip::MediaProfile::Auto));
+        routes.push((None, None, tollgate_sip::MediaProfile::Auto, false));
     }
+    let tls = match (
+        listen.iter().any(|(t, _)| *t == Transport::Tls),
+        &file.tls.cert_file,
+        &file.tls.key_file,
+    ) {
+        (false, _, _) => None,
+        (true, None, _) => {
+            return Err(ConfigError(
+                "tls.cert_file: required for a tls: SIP listener".into(),
+            ))
+        }
+        (true, _, None) => {
+            return Err(ConfigError(
+                "tls.key_file: required for a tls: SIP listener".into(),
+            ))
+        }
+        (true, Some(cert), Some(key)) => {
+            let files = TlsFiles {
+                cert_file: cert.into(),
+                key_file: key.into(),
+                client_ca_file: file.tls.client_ca_file.as_ref().map(Into::into),
+            };
+            // Unreadable or mismatched files are a config error (exit 2).
+            tollgate_sip::tls::server_config(&files).map_err(|e| ConfigError(e.0))?;
+            Some(files)
+        }
+    };
     Ok(Settings {
         listen,
         realm,
@@ -202,7 +275,10 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         sip_workers,
         metrics_listen,
         admin_listen,
+        admin_tls,
+        webhooks: crate::webhook::from_section(&file.webhooks)?,
         routes,
+        tls,
     })
 }
 
@@ -248,11 +324,78 @@ fn describe_metrics() {
         "tollgate_calls_active",
         "Calls in progress (setup or confirmed)"
     );
-    describe_counter!("tollgate_calls_total", "Calls ended, by result");
+    describe_counter!(
+        "tollgate_calls_total",
+        "Admitted calls ended, by result (answered, rejected, cancelled, timeout, failed); refused INVITEs are in tollgate_auth_failures_total and tollgate_trunk_refusals_total"
+    );
     describe_histogram!(
         "tollgate_call_setup_seconds",
         Unit::Seconds,
         "Time from an admitted INVITE to leg B's answer"
+    );
+    // Families registered by the other crates (trunk, media, sip): HELP text
+    // for each lives here, next to the exporter.
+    describe_counter!(
+        "tollgate_sip_reoffers_refused_total",
+        "re-INVITE/UPDATE offers refused with 488 or 491 (unusable SDP, or an offer while one is outstanding)"
+    );
+    describe_counter!(
+        "tollgate_sip_offer_answer_failures_total",
+        "Offer/answer exchanges that failed after a 2xx (late offer without a usable answer): both legs BYE'd"
+    );
+    describe_counter!(
+        "tollgate_key_calls_total",
+        "Calls admitted onto a key's trunk, by key id"
+    );
+    describe_counter!(
+        "tollgate_key_billable_seconds_total",
+        Unit::Seconds,
+        "Billable (answered) call seconds, by key id"
+    );
+    describe_counter!(
+        "tollgate_trunk_refusals_total",
+        "Authenticated INVITEs refused by a trunk, by reason: rate (calls per second over the limit, 503), budget (daily minutes spent, 402), busy (concurrent-call cap, 486), destination (denied prefix, 403)"
+    );
+    describe_gauge!(
+        "tollgate_trunk_channels_in_use",
+        "Admitted calls holding a trunk channel, all keys together"
+    );
+    describe_gauge!(
+        "tollgate_cdr_queue_depth",
+        "Call records waiting for the CDR writer"
+    );
+    describe_counter!(
+        "tollgate_cdr_write_errors_total",
+        "Failed writes or fsyncs of the durable CDR file"
+    );
+    describe_counter!(
+        "tollgate_media_packets_total",
+        "RTP and RTCP (plain or SRTP/SRTCP) packets relayed, by direction (a_to_b, b_to_a) and proto (rtp, rtcp)"
+    );
+    describe_counter!(
+        "tollgate_media_bytes_total",
+        Unit::Bytes,
+        "RTP and RTCP (plain or SRTP/SRTCP) bytes relayed, by direction and proto"
+    );
+    describe_counter!(
+        "tollgate_media_dropped_total",
+        "Media packets dropped, by reason (source, replay, malformed, send)"
+    );
+    describe_counter!(
+        "tollgate_srtp_auth_failures_total",
+        "SRTP/SRTCP packets that failed authentication (dropped, never latched)"
+    );
+    describe_counter!(
+        "tollgate_media_latched_late_total",
+        "Media streams latched to an address other than the one the SDP named"
+    );
+    describe_gauge!(
+        "tollgate_media_ports_in_use",
+        "Media ports (RTP and RTCP) allocated to calls"
+    );
+    describe_gauge!(
+        "tollgate_media_ports_capacity",
+        "Media ports (RTP and RTCP) the configured range holds"
     );
 }
 
@@ -291,6 +434,12 @@ async fn serve(
     store: Arc<FileKeyStore>,
     data_dir: std::path::PathBuf,
 ) -> Result<(), Failure> {
+    // Admin HTTPS certificate: a bad file is a config error (exit 2) before
+    // anything listens.
+    let admin_tls = match &s.admin_tls {
+        Some((cert, key)) => Some(crate::admin::load_tls(cert, key)?),
+        None => None,
+    };
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full("tollgate_call_setup_seconds".into()),
@@ -303,9 +452,11 @@ async fn serve(
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|e| Failure::Other(format!("metrics: {e}")))?;
     describe_metrics();
+    crate::webhook::describe_metrics();
 
     let mut udp = None;
     let mut tcp = None;
+    let mut tls = None;
     let mut local = HashMap::new();
     let bind_err =
         |a: &SocketAddr, e: std::io::Error| Failure::Other(format!("cannot listen on {a}: {e}"));
@@ -325,9 +476,23 @@ async fn serve(
                 println!("tollgate: listening sip tcp {bound}");
                 tcp = Some(l);
             }
-            Transport::Tls => {}
+            Transport::Tls => {
+                let Some(files) = &s.tls else {
+                    return Err(Failure::Other("tls listener without [tls] files".into()));
+                };
+                let acceptor = TlsAcceptor::new(files.clone())
+                    .map_err(|e| Failure::Other(format!("tls: {e}")))?;
+                tollgate_sip::tls::describe_metrics();
+                let l = TcpListener::bind(a).await.map_err(|e| bind_err(a, e))?;
+                let bound = l.local_addr().map_err(|e| bind_err(a, e))?;
+                local.insert(Transport::Tls, bound);
+                println!("tollgate: listening sip tls {bound}");
+                tls = Some((l, Arc::new(acceptor)));
+            }
         }
     }
+    // The handle SIGHUP reloads certificates through (see `reload_tls`).
+    let tls_acceptor = tls.as_ref().map(|(_, a)| a.clone());
     let metrics_l = TcpListener::bind(s.metrics_listen)
         .await
         .map_err(|e| bind_err(&s.metrics_listen, e))?;
@@ -367,6 +532,7 @@ async fn serve(
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce_secret)
         .map_err(|_| Failure::Other("no system randomness".into()))?;
     let replay: Arc<dyn ReplayCache> = Arc::new(MemoryReplayCache::new());
+    let admin_keys = store.clone();
     let keys: Arc<dyn KeyStore> = store;
     let cfg = b2bua::Config {
         realm: s.realm.clone(),
@@ -380,7 +546,6 @@ async fn serve(
         local,
         routes,
     };
-    let _ = s.admin_listen;
     let engine = Arc::new(tollgate_media::MediaEngine::new(
         tollgate_media::MediaConfig {
             ip: s.media_ip,
@@ -412,12 +577,18 @@ async fn serve(
             reclaim.reclaim_idle(crate::unix_now() as i64);
         }
     });
+    // Call webhooks: the policies only queue events; a task delivers them.
+    let webhooks = crate::webhook::start(s.webhooks.clone()).map_err(Failure::Usage)?;
     // One signaling core per worker thread, sharded by call (driver.rs).
     let shards = s.sip_workers;
     let mut cores = Vec::with_capacity(shards);
+    // Admitted calls, for the admin API's GET/DELETE /v1/calls.
+    let calls = crate::policy::CallRegistry::default();
     for index in 0..shards {
         let sink: Arc<dyn CdrSink> = cdrs.clone();
-        let policy = crate::policy::TrunkPolicy::new(alloc.clone(), sink);
+        let policy = crate::policy::TrunkPolicy::new(alloc.clone(), sink)
+            .with_webhooks(webhooks.clone())
+            .with_calls(calls.clone());
         let mut core =
             tollgate_sip::B2bua::new(cfg.clone(), keys.clone(), replay.clone(), nonce_secret)
                 .with_policy(Box::new(policy))
@@ -432,7 +603,7 @@ async fn serve(
             tracing::debug!(?ev, "call event");
         }
     });
-    let sip = tokio::spawn(driver::run(cores, Sockets { udp, tcp }, ctl_rx, ev_tx));
+    let sip = tokio::spawn(driver::run(cores, Sockets { udp, tcp, tls }, ctl_rx, ev_tx));
     // Media silent past the timeout: BYE both legs (SPEC §5).
     let silent_ctl = ctl_tx.clone();
     tokio::spawn(async move {
@@ -450,9 +621,19 @@ async fn serve(
             }
         }
     });
+    // Admin API (SPEC §7).
+    let admin_state = Arc::new(crate::admin::AdminState {
+        keys: admin_keys,
+        cdrs: cdrs.clone(),
+        calls,
+        control: ctl_tx.clone(),
+    });
+    let admin = crate::admin::start(admin_state, s.admin_listen, admin_tls).await?;
+    println!("tollgate: listening admin {}", admin.addr);
+    // Handlers first: a SIGHUP right after `ready` must reload, not kill.
+    let mut signals = Signals::new();
     println!("tollgate: ready");
 
-    let mut signals = Signals::new();
     let mut s = s;
     while signals.next().await == Signal::Reload {
         // SIGHUP: routes, trunk limits (key limits are live already)
@@ -471,6 +652,13 @@ async fn serve(
                 }
                 if new.admin_listen != s.admin_listen {
                     changed.push("admin.listen");
+                }
+                if new.tls != s.tls {
+                    changed.push("tls (file paths)");
+                }
+                reload_tls(tls_acceptor.as_deref());
+                if let Err(e) = admin.reload_tls(new.admin_tls.as_ref()) {
+                    tracing::error!(error = %e, "admin API certificate not reloaded; keeping the running one");
                 }
                 match build_routes(&new, &mut echo).await {
                     Ok(routes) => {
@@ -534,11 +722,31 @@ async fn serve(
     Ok(())
 }
 
+/// Re-reads the SIP/TLS certificate, key and client CA files (SIGHUP): new
+/// handshakes use them, connections up keep theirs; on error the running
+/// certificate stays. Returns whether a reload happened and succeeded.
+pub fn reload_tls(acceptor: Option<&TlsAcceptor>) -> bool {
+    let Some(a) = acceptor else {
+        return false;
+    };
+    match a.reload() {
+        Ok(()) => {
+            tracing::info!("reload: SIP/TLS certificate files re-read");
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reload: SIP/TLS files refused; keeping the running certificate");
+            println!("tollgate: tls reload refused: {e}");
+            false
+        }
+    }
+}
+
 /// Leg-B routes from the settings; a route without a target goes to the
 /// built-in echo destination, started on first need and kept across reloads.
 async fn build_routes(s: &Settings, echo: &mut Option<SocketAddr>) -> Result<Vec<Route>, Failure> {
     let mut routes = Vec::new();
-    for (model, target, media) in &s.routes {
+    for (model, target, media, sdes) in &s.routes {
         let text = match target {
             Some(t) => t.clone(),
             None => {
@@ -567,6 +775,7 @@ async fn build_routes(s: &Settings, echo: &mut Option<SocketAddr>) -> Result<Vec
                 flow: None,
             },
             media: *media,
+            sdes_over_cleartext: *sdes,
         });
     }
     Ok(routes)

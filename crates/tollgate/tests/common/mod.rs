@@ -268,6 +268,8 @@ pub struct EdgeConfig {
     pub tcp: bool,
     /// Lines added to the `[sip]` table (e.g. `drain_timeout_s = 5`).
     pub sip_extra: String,
+    /// Lines added to the `[admin]` table (e.g. `tls_cert = "..."`).
+    pub admin_extra: String,
     /// Appended verbatim to the TOML file.
     pub extra_toml: String,
     /// Extra CLI args after `serve`.
@@ -284,6 +286,7 @@ impl Default for EdgeConfig {
             invite_timeout_s: None,
             tcp: true,
             sip_extra: String::new(),
+            admin_extra: String::new(),
             extra_toml: String::new(),
             extra_args: vec![],
         }
@@ -323,11 +326,20 @@ impl EdgeConfig {
         s.push_str("\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
         // the admin API defaults to 127.0.0.1:8080: parallel edges must not share it
         s.push_str("\n[admin]\nlisten = \"127.0.0.1:0\"\n");
+        if !self.admin_extra.is_empty() {
+            s.push_str(self.admin_extra.trim_end());
+            s.push('\n');
+        }
         if let Some(t) = &self.route_target {
             s.push_str(&format!(
                 "\n[[routes]]\ntarget = \"{t}\"\nmedia = \"{}\"\n",
                 self.route_media
             ));
+            // Test destinations are on loopback UDP: allow SDES keys there
+            // (the product refuses them over cleartext by default).
+            if self.route_media == "srtp" {
+                s.push_str("sdes_over_cleartext = true\n");
+            }
         }
         s.push('\n');
         s.push_str(&self.extra_toml);
