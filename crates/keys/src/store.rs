@@ -230,6 +230,10 @@ pub struct KeyRecord {
     pub revoked_at: Option<u64>,
     /// Current secret first, then old secrets still in their grace period.
     pub secrets: Vec<SecretMaterial>,
+    /// Where call events go when a call's token names no `webhook` (an
+    /// https URL, checked by the caller; SPEC §7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
 }
 
 impl KeyRecord {
@@ -382,9 +386,23 @@ fn create_in(
         created_at: now,
         revoked_at: None,
         secrets: vec![SecretMaterial::derive(&key, None)],
+        webhook: None,
     });
     map.insert(rec.id.clone(), rec.clone());
     Ok((rec, key))
+}
+
+fn set_webhook_in(map: &mut KeyMap, id: &str, url: Option<&str>) -> Result<()> {
+    let rec = map
+        .get_mut(id)
+        .ok_or_else(|| KeyError::NotFound(id.to_owned()))?;
+    if url.is_some_and(|u| u.len() > 2048 || u.chars().any(char::is_control)) {
+        return Err(KeyError::Invalid(
+            "webhook must be at most 2048 characters, without control characters".into(),
+        ));
+    }
+    Arc::make_mut(rec).webhook = url.map(str::to_owned);
+    Ok(())
 }
 
 fn roll_in(map: &mut KeyMap, id: &str, grace_secs: Option<u64>, now: u64) -> Result<ApiKey> {
@@ -481,6 +499,11 @@ impl MemoryKeyStore {
     /// As [`FileKeyStore::revoke`].
     pub fn revoke(&self, id: &str, now: u64) -> Result<()> {
         self.mutate(|m| revoke_in(m, id, now))
+    }
+
+    /// As [`FileKeyStore::set_webhook`].
+    pub fn set_webhook(&self, id: &str, url: Option<&str>) -> Result<()> {
+        self.mutate(|m| set_webhook_in(m, id, url))
     }
 
     fn mutate<T>(&self, f: impl FnOnce(&mut KeyMap) -> Result<T>) -> Result<T> {
@@ -668,6 +691,12 @@ impl FileKeyStore {
     /// Revokes key `id` and every key created from it, at `now`. Idempotent.
     pub fn revoke(&self, id: &str, now: u64) -> Result<()> {
         self.mutate(|m| revoke_in(m, id, now))
+    }
+
+    /// Sets (or clears) the key's default webhook: call events go there when
+    /// a call's token names none.
+    pub fn set_webhook(&self, id: &str, url: Option<&str>) -> Result<()> {
+        self.mutate(|m| set_webhook_in(m, id, url))
     }
 
     fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -902,6 +931,31 @@ mod tests {
             cli.revoke("nosuchkey000", NOW),
             Err(KeyError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn default_webhook_is_set_cleared_and_checked() {
+        let s = MemoryKeyStore::new();
+        let (_, k) = s
+            .create("k", KeyKind::Secret, None, Limits::default(), None, NOW)
+            .unwrap();
+        assert_eq!(s.get(k.id()).unwrap().webhook, None);
+        s.set_webhook(k.id(), Some("https://hooks.example.com/t"))
+            .unwrap();
+        assert_eq!(
+            s.get(k.id()).unwrap().webhook.as_deref(),
+            Some("https://hooks.example.com/t")
+        );
+        assert!(matches!(
+            s.set_webhook(k.id(), Some("https://x/\n")),
+            Err(KeyError::Invalid(_))
+        ));
+        assert!(matches!(
+            s.set_webhook("nosuchkey000", Some("https://x/")),
+            Err(KeyError::NotFound(_))
+        ));
+        s.set_webhook(k.id(), None).unwrap();
+        assert_eq!(s.get(k.id()).unwrap().webhook, None);
     }
 
     #[test]

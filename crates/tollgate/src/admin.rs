@@ -364,6 +364,9 @@ struct CreateKey {
     expires_in: Option<Dur>,
     #[serde(default)]
     expires_at: Option<u64>,
+    /// Default https URL for call events when a call's token names none.
+    #[serde(default)]
+    webhook: Option<String>,
 }
 
 /// `POST /v1/keys/{id}/roll`.
@@ -471,6 +474,7 @@ fn key_view(r: &KeyRecord, now: u64) -> Value {
         "revoked_at": r.revoked_at,
         "status": status,
         "old_secret_valid_until": grace_until,
+        "webhook": r.webhook,
     })
 }
 
@@ -564,12 +568,23 @@ async fn create_key(
             "scopes: the new key would hold no scope",
         ));
     }
+    if let Some(w) = &req.webhook {
+        crate::webhook::check_url(w).map_err(|e| ApiError::bad_request(format!("webhook: {e}")))?;
+    }
     let parent = caller.0.id.clone();
     let store = st.keys.clone();
     let (rec, key) = blocking(move || {
-        store
+        let (rec, key) = store
             .create(&req.name, kind, req.scopes, limits, Some(&parent), now)
-            .map_err(key_error)
+            .map_err(key_error)?;
+        match &req.webhook {
+            Some(w) => {
+                store.set_webhook(&rec.id, Some(w)).map_err(key_error)?;
+                let rec = store.get(&rec.id).unwrap_or(rec);
+                Ok((rec, key))
+            }
+            None => Ok((rec, key)),
+        }
     })
     .await?;
     tracing::info!(caller = %caller.0.id, key = %rec.id, kind = %rec.kind, "admin API: key created");

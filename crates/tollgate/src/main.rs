@@ -126,6 +126,9 @@ struct CreateArgs {
     source_cidr: Vec<String>,
     #[arg(long)]
     expires_in: Option<String>,
+    /// Default https URL for call events when a call's token names none.
+    #[arg(long)]
+    webhook: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -266,8 +269,14 @@ fn keys(dir: &std::path::Path, cmd: KeysCmd) -> Result<(), Failure> {
                 source_cidrs,
                 expires_at,
             };
+            if let Some(w) = &a.webhook {
+                webhook::check_url(w).map_err(|e| Failure::Usage(format!("--webhook: {e}")))?;
+            }
             let (rec, key) =
                 store.create(&a.name, kind, scopes, limits, a.parent.as_deref(), now)?;
+            if let Some(w) = &a.webhook {
+                store.set_webhook(&rec.id, Some(w))?;
+            }
             eprintln!(
                 "tollgate: created {} key {} ({}); it is shown once, store it now",
                 rec.kind.as_str(),

@@ -262,7 +262,8 @@ impl Hooks {
         info: &AdmitInfo<'_>,
         unix: i64,
     ) -> Option<Arc<CallCtx>> {
-        let url = info.webhook?;
+        // The token's `webhook`, else the key's default.
+        let url = info.webhook.or(key.webhook.as_deref())?;
         let Some(secret) = key.webhook_secret() else {
             // The dispatcher logs it once per key; nothing is sent.
             let _ = self.tx.try_send(Msg::NoSecret(key.id.clone()));
@@ -601,6 +602,26 @@ fn backoff(cfg: &WebhookConfig, attempt: u32) -> Duration {
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r);
     let frac = f64::from(u32::from_le_bytes(r)) / f64::from(u32::MAX);
     base.mul_f64(0.5 + 0.5 * frac)
+}
+
+/// Checks a webhook URL given to a key (CLI, admin API): `https`, no
+/// credentials in it, a host, at most 2048 characters. The address is checked
+/// at delivery time (it may resolve differently later).
+pub fn check_url(u: &str) -> Result<(), String> {
+    if u.len() > 2048 {
+        return Err("at most 2048 characters".into());
+    }
+    let url = reqwest::Url::parse(u).map_err(|e| format!("{u:?} is not a URL: {e}"))?;
+    if url.scheme() != "https" {
+        return Err(format!("{u:?}: webhooks must use https"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!("{u:?}: no credentials in the URL"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{u:?}: no host"));
+    }
+    Ok(())
 }
 
 async fn attempt_once(job: &Job, body: &Bytes, shared: &Shared) -> Result<(), Fail> {

@@ -731,3 +731,70 @@ fn a_key_stored_before_webhooks_sends_none_until_rolled() {
     }
     check_call_events(&by_call(&got)[&id], &id, &new_key);
 }
+
+#[test]
+fn a_keys_default_webhook_gets_events_when_the_token_names_none() {
+    let rt = rt();
+    let pki = pki();
+    let dir = TestDir::new("webhook-default");
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let rx = rt.block_on(Receiver::start(0, pki.server.clone()));
+    let edge = Edge::start(EdgeConfig {
+        extra_toml: webhook_toml(&ca, true, "backoff_initial_ms = 100\nbackoff_max_s = 1\n"),
+        ..Default::default()
+    });
+    // Refused at the CLI: not https.
+    let bad = tollgate(&[
+        "keys",
+        "create",
+        "--data-dir",
+        edge.data_dir.to_str().unwrap(),
+        "--name",
+        "plain",
+        "--webhook",
+        "http://127.0.0.1:1/x",
+    ]);
+    assert_eq!(bad.status.code(), Some(2), "{}", describe_output(&[], &bad));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--webhook"),
+        "the error must name --webhook: {}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let url = format!("https://127.0.0.1:{}/default", rx.addr.port());
+    let key = edge.create_key("with-default", &["--webhook", &url]);
+    // The running edge sees the new key within a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (id, _) = call(&edge, &key, None);
+    let got = poll(Duration::from_secs(30), || {
+        let g = rx.got();
+        (g.len() >= 3).then_some(g)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the key's default webhook got {} of 3 events: {:#?}\nedge stderr:\n{}",
+            rx.got().len(),
+            rx.got(),
+            edge.stderr_tail(40)
+        )
+    });
+    let secret = webhook_secret(&key);
+    for g in &got {
+        assert_eq!(g.path, "/default");
+        verify_signature(&secret, g.signature.as_deref().expect("signature"), &g.body);
+    }
+    check_call_events(&by_call(&got)[&id], &id, &key);
+    // A token naming its own webhook wins over the key's default.
+    let own = format!("https://127.0.0.1:{}/own", rx.addr.port());
+    call(&edge, &key, Some(&own));
+    let got = poll(Duration::from_secs(30), || {
+        let g = rx.got();
+        (g.len() >= 6).then_some(g)
+    })
+    .expect("events of the second call");
+    assert!(
+        got[3..].iter().all(|g| g.path == "/own"),
+        "{:#?}",
+        &got[3..]
+    );
+}
