@@ -760,6 +760,10 @@ impl B2bua {
 
     pub fn handle_message(&mut self, now: Instant, unix: i64, mut msg: Message, peer: Peer) {
         self.clock = self.clock.max(now);
+        // SIP-I/SIP-T (SDP + ISUP): the SDP part is what we anchor and relay.
+        if msg.reduce_multipart_to_sdp() {
+            metrics::counter!("tollgate_sip_multipart_reduced_total").increment(1);
+        }
         match &msg.start {
             StartLine::Response { .. } => {
                 self.txn.on_response(now, msg);
@@ -3044,6 +3048,25 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
             let methods: Vec<_> = to_b.iter().filter_map(|m| m.method()).collect();
             assert!(methods.starts_with(&["ACK", "BYE"]), "{methods:?}");
             assert_eq!(ended(&mut r), Some(EndCause::NoAck));
+        }
+
+        #[test]
+        fn a_sip_i_invite_is_anchored_on_its_sdp_part_and_b_gets_sdp_alone() {
+            let (mut r, h) = anchored_rig();
+            let tok = r.token("mp");
+            let mut m =
+                parse(invite(&format!("Authorization: Bearer {tok}\r\n"), "z9hG4bKmp1").as_bytes())
+                    .unwrap();
+            m.set_header("Content-Type", "multipart/mixed;boundary=unique-boundary-1");
+            m.body = Bytes::from_static(
+                b"--unique-boundary-1\r\nContent-Type: application/sdp\r\n\r\nv=0 A0\r\n--unique-boundary-1\r\nContent-Type: application/ISUP;version=itu-t92+\r\n\r\n\x01\x00\r\n--unique-boundary-1--\r\n",
+            );
+            r.a_sends(&text(&m));
+            assert_eq!(h.log(), vec!["offer A v=0 A0"]);
+            let to_b = r.sent_to(&r.b.clone());
+            assert_eq!(to_b.len(), 1, "B gets the INVITE");
+            assert_eq!(to_b[0].header("Content-Type"), Some("application/sdp"));
+            assert!(!body(&to_b[0].body).contains("ISUP"));
         }
 
         #[test]

@@ -461,6 +461,25 @@ impl Message {
         self.headers.retain(|h| !h.name.eq_ignore_ascii_case(name));
     }
 
+    /// A `multipart/mixed` (or `/alternative`, `/related`) body that carries
+    /// one `application/sdp` part, as SIP-I/SIP-T carriers send (SDP plus
+    /// ISUP, RFC 3204), becomes that SDP alone: the edge relays media, not
+    /// ISUP, and the SDP must be anchored like any other (RFC 5621 bodies).
+    /// Returns true when the body was replaced. Other bodies are left alone.
+    pub fn reduce_multipart_to_sdp(&mut self) -> bool {
+        let Some(ct) = self.header("Content-Type") else {
+            return false;
+        };
+        let Some(sdp) = multipart_sdp(ct, &self.body) else {
+            return false;
+        };
+        self.body = sdp;
+        self.set_header("Content-Type", "application/sdp");
+        self.remove_headers("Content-Disposition");
+        self.remove_headers("MIME-Version");
+        true
+    }
+
     /// Serialises the message; `Content-Length` is always recomputed.
     pub fn to_bytes(&self) -> Bytes {
         let mut out = BytesMut::with_capacity(512 + self.body.len());
@@ -728,6 +747,83 @@ pub fn response_to(req: &Message, code: u16, reason: &str, to_tag: Option<&str>)
     }
 }
 
+/// The one `application/sdp` part of a multipart body (RFC 2046 §5.1), or
+/// None: not multipart, no boundary, no SDP part, or more than one.
+fn multipart_sdp(content_type: &str, body: &[u8]) -> Option<Bytes> {
+    let (mime, params) = content_type.split_once(';')?;
+    if !mime.trim().to_ascii_lowercase().starts_with("multipart/") {
+        return None;
+    }
+    let boundary = params.split(';').find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case("boundary")
+            .then(|| v.trim().trim_matches('"').to_string())
+    })?;
+    if boundary.is_empty() || boundary.len() > 70 {
+        return None;
+    }
+    let delim = format!("--{boundary}");
+    let text = body;
+    let mut found: Option<Bytes> = None;
+    // Parts sit between delimiter lines; the last delimiter ends with "--".
+    let mut starts = Vec::new();
+    let mut i = 0;
+    while let Some(off) = find(&text[i..], delim.as_bytes()) {
+        let at = i + off;
+        // A delimiter starts a line.
+        if at == 0 || text[at - 1] == b'\n' {
+            starts.push(at);
+        }
+        i = at + delim.len();
+    }
+    for w in starts.windows(2) {
+        let (a, b) = (w[0] + delim.len(), w[1]);
+        let part = &text[a..b];
+        // Skip the rest of the delimiter line.
+        let nl = part.iter().position(|c| *c == b'\n')?;
+        let part = &part[nl + 1..];
+        // Part headers end at an empty line (CRLF CRLF or LF LF).
+        let (head_end, sep) = match find(part, b"\r\n\r\n") {
+            Some(p) => (p, 4),
+            None => match find(part, b"\n\n") {
+                Some(p) => (p, 2),
+                None if part.starts_with(b"\r\n") => (0, 2),
+                None => continue,
+            },
+        };
+        let head = std::str::from_utf8(&part[..head_end]).ok()?;
+        let is_sdp = head.lines().any(|l| {
+            l.split_once(':').is_some_and(|(n, v)| {
+                n.trim().eq_ignore_ascii_case("content-type")
+                    && v.trim().to_ascii_lowercase().starts_with("application/sdp")
+            })
+        });
+        if !is_sdp {
+            continue;
+        }
+        if found.is_some() {
+            return None; // two SDP parts: ambiguous
+        }
+        let mut content = &part[head_end + sep..];
+        // The CRLF before the next delimiter belongs to the delimiter.
+        if let Some(c) = content.strip_suffix(b"\r\n") {
+            content = c;
+        } else if let Some(c) = content.strip_suffix(b"\n") {
+            content = c;
+        }
+        found = Some(Bytes::copy_from_slice(content));
+    }
+    found
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
 /// The reason phrase RFC 3261 gives a status code.
 pub fn reason_phrase(code: u16) -> &'static str {
     match code {
@@ -764,6 +860,73 @@ pub fn reason_phrase(code: u16) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+
+    fn sipi_invite(boundary_param: &str, sdp_ct: &str, eol: &str) -> Vec<u8> {
+        let body = format!(
+            "--b1{eol}Content-Type: {sdp_ct}{eol}{eol}v=0{eol}o=- 1 1 IN IP4 192.0.2.1{eol}s=-{eol}c=IN IP4 192.0.2.1{eol}t=0 0{eol}m=audio 4000 RTP/AVP 0{eol}{eol}--b1{eol}Content-Type: application/ISUP;version=itu-t92+{eol}Content-Disposition: signal;handling=optional{eol}{eol}\x01\x00\x49{eol}--b1--{eol}"
+        );
+        format!(
+            "INVITE sip:1@example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1\r\nFrom: <sip:a@x>;tag=1\r\nTo: <sip:1@example.com>\r\nCall-ID: mp1\r\nCSeq: 1 INVITE\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed;{boundary_param}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn multipart_sipi_body_is_reduced_to_its_sdp_part() {
+        for (bp, eol) in [
+            ("boundary=b1", "\r\n"),
+            ("boundary=\"b1\"", "\r\n"),
+            (" boundary=b1", "\n"),
+        ] {
+            let mut m = parse(&sipi_invite(bp, "application/sdp", eol)).unwrap();
+            assert!(m.reduce_multipart_to_sdp(), "{bp:?} {eol:?}");
+            assert_eq!(m.header("Content-Type"), Some("application/sdp"));
+            assert!(m.header("MIME-Version").is_none());
+            let body = std::str::from_utf8(&m.body).unwrap();
+            assert!(body.starts_with("v=0"), "{body:?}");
+            assert!(body.ends_with(&format!("RTP/AVP 0{eol}")), "{body:?}");
+            assert!(!body.contains("ISUP") && !body.contains("--b1"), "{body:?}");
+            // It serialises and parses back with the new length.
+            let again = parse(&m.to_bytes()).unwrap();
+            assert_eq!(again.body, m.body);
+        }
+    }
+
+    #[test]
+    fn multipart_without_one_sdp_part_is_left_alone() {
+        // No SDP part.
+        let mut m = parse(&sipi_invite("boundary=b1", "text/plain", "\r\n")).unwrap();
+        let before = m.body.clone();
+        assert!(!m.reduce_multipart_to_sdp());
+        assert_eq!(m.body, before);
+        // Wrong boundary.
+        let mut m = parse(&sipi_invite("boundary=zz", "application/sdp", "\r\n")).unwrap();
+        assert!(!m.reduce_multipart_to_sdp());
+        // Not multipart at all.
+        let mut m = parse(
+            b"OPTIONS sip:x SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK2\r\nFrom: <sip:a@x>;tag=1\r\nTo: <sip:x>\r\nCall-ID: o\r\nCSeq: 1 OPTIONS\r\nContent-Type: application/sdp\r\nContent-Length: 3\r\n\r\nv=0",
+        )
+        .unwrap();
+        assert!(!m.reduce_multipart_to_sdp());
+        // Two SDP parts: ambiguous, left alone (the B2BUA then answers 415).
+        let two = "--b1\r\nContent-Type: application/sdp\r\n\r\nv=0\r\n--b1\r\nContent-Type: application/sdp\r\n\r\nv=0\r\n--b1--\r\n";
+        assert_eq!(
+            multipart_sdp("multipart/mixed;boundary=b1", two.as_bytes()),
+            None
+        );
+        // Garbage never panics.
+        for junk in [
+            "--b1",
+            "--b1\r\n",
+            "--b1--",
+            "x--b1\r\n--b1",
+            "--b1\r\nContent-Type: application/sdp",
+        ] {
+            let _ = multipart_sdp("multipart/mixed; boundary=b1", junk.as_bytes());
+        }
+    }
+
     use super::*;
 
     const INVITE: &str = "INVITE sip:+15551234@edge.example.com SIP/2.0\r\n\

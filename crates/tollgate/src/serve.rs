@@ -340,6 +340,10 @@ fn describe_metrics() {
         "re-INVITE/UPDATE offers refused with 488 or 491 (unusable SDP, or an offer while one is outstanding)"
     );
     describe_counter!(
+        "tollgate_sip_multipart_reduced_total",
+        "multipart bodies (SIP-I/SIP-T: SDP + ISUP) reduced to their SDP part"
+    );
+    describe_counter!(
         "tollgate_sip_offer_answer_failures_total",
         "Offer/answer exchanges that failed after a 2xx (late offer without a usable answer): both legs BYE'd"
     );
