@@ -201,6 +201,9 @@ struct PendingAck {
     /// The 2xx we relayed carried the other side's offer (late offer): the
     /// ACK must carry the answer, which the media relay rewrites.
     answer_expected: bool,
+    /// That offer as the other side sent it: if no usable answer comes, its
+    /// ACK carries one rejecting every stream before the BYE.
+    offer: Bytes,
 }
 
 /// A call: two legs and their bookkeeping.
@@ -445,6 +448,31 @@ fn is_sdp(msg: &Message) -> bool {
                 .get(..15)
                 .is_some_and(|p| p.eq_ignore_ascii_case("application/sdp"))
         })
+}
+
+/// An SDP answer rejecting every stream of `offer` (RFC 3264 §6: as many
+/// `m=` lines as the offer, each with port 0 and one of its formats), for the
+/// ACK of a 2xx whose offer cannot be served: RFC 3261 §13.2.1 wants a valid
+/// answer in that ACK before the BYE. None when the offer has no `m=` line.
+fn rejecting_answer(offer: &[u8]) -> Option<(Bytes, Option<String>)> {
+    let text = std::str::from_utf8(offer).ok()?;
+    let mut out = String::from(
+        "v=0\r\no=tollgate 0 0 IN IP4 0.0.0.0\r\ns=-\r\nc=IN IP4 0.0.0.0\r\nt=0 0\r\n",
+    );
+    let mut any = false;
+    for line in text.lines() {
+        let Some(m) = line.trim_end_matches('\r').strip_prefix("m=") else {
+            continue;
+        };
+        let mut f = m.split_ascii_whitespace();
+        let (Some(media), Some(_port), Some(proto)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let fmt = f.next().unwrap_or("0");
+        out.push_str(&format!("m={media} 0 {proto} {fmt}\r\n"));
+        any = true;
+    }
+    any.then(|| (Bytes::from(out), Some("application/sdp".to_string())))
 }
 
 /// Things the binary wants to know about (CDRs, trunks, media, webhooks).
@@ -1469,7 +1497,8 @@ impl B2bua {
                     "no usable SDP answer in the ACK: ending the call"
                 );
                 metrics::counter!("tollgate_sip_offer_answer_failures_total").increment(1);
-                self.send_ack(id, side.other(), pa.other_cseq, None);
+                let reject = rejecting_answer(&pa.offer);
+                self.send_ack(id, side.other(), pa.other_cseq, reject);
                 self.fail_offer_answer(now, id);
             }
         }
@@ -1715,6 +1744,7 @@ impl B2bua {
                     other_cseq: cseq,
                     other_answered: false,
                     answer_expected: false,
+                    offer: Bytes::new(),
                 });
             }
         }
@@ -1923,6 +1953,7 @@ impl B2bua {
                 if late {
                     if let Some(pa) = self.calls.get_mut(&id).and_then(|c| c.pending_ack.as_mut()) {
                         pa.answer_expected = true;
+                        pa.offer = msg.body.clone();
                     }
                 }
                 self.relay_response_with(now, id, from, &server, &msg, Some(b))
@@ -1946,7 +1977,13 @@ impl B2bua {
                 let tag = self.calls.get(&id).map(|c| c.leg(from).local_tag.clone());
                 self.reply(now, &server, status, Vec::new(), tag.as_deref());
                 if invite {
-                    self.send_ack(id, from.other(), msg.cseq().map_or(0, |c| c.seq), None);
+                    // An offer in the 2xx gets an answer rejecting it.
+                    let reject = if late && is_sdp(&msg) {
+                        rejecting_answer(&msg.body)
+                    } else {
+                        None
+                    };
+                    self.send_ack(id, from.other(), msg.cseq().map_or(0, |c| c.seq), reject);
                 }
                 self.fail_offer_answer(now, id);
             }
@@ -2067,7 +2104,12 @@ impl B2bua {
                             call.state = CallState::Terminating;
                             call.answered = None; // A is refused: not answered
                         }
-                        self.send_ack(id, Side::B, 1, None);
+                        let reject = if is_sdp(&msg) {
+                            rejecting_answer(&msg.body)
+                        } else {
+                            None
+                        };
+                        self.send_ack(id, Side::B, 1, reject);
                         self.send_bye(now, id, Side::B);
                         self.reply(now, &a_invite, code, Vec::new(), Some(&a_tag));
                         self.end_call(id, EndCause::Rejected(code));
@@ -2103,6 +2145,11 @@ impl B2bua {
                 other_cseq: 1,
                 other_answered: true,
                 answer_expected: late_offer,
+                offer: if late_offer {
+                    msg.body.clone()
+                } else {
+                    Bytes::new()
+                },
             });
             self.events.push(CallEvent::Answered { call: id });
             let unix = self.calls.get(&id).map_or(0, |c| {
@@ -3002,13 +3049,23 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
             for answer in [None, Some("v=0 bad answer\n")] {
                 let (mut r, h) = anchored_rig();
                 let inv = late_invite(&mut r, "l2");
-                r.b_sends(with_sdp(&reply_from_b(&inv, 200, "b1"), "v=0 B-offer\n"));
+                let offer = "v=0 B-offer\nm=audio 4000 RTP/AVP 0 8\nm=video 4002 RTP/AVP 96\n";
+                r.b_sends(with_sdp(&reply_from_b(&inv, 200, "b1"), offer));
                 assert_eq!(statuses(&r.sent_to(&r.a.clone())), vec![200]);
                 a_ack(&mut r, 1, answer);
                 let to_b = r.sent_to(&r.b.clone());
                 let methods: Vec<_> = to_b.iter().filter_map(|m| m.method()).collect();
                 assert_eq!(methods, vec!["ACK", "BYE"], "{answer:?}");
-                assert!(to_b[0].body.is_empty(), "no answer to pass on");
+                // RFC 3261 §13.2.1: B's offer gets an answer rejecting every
+                // stream (RFC 3264 §6) in the ACK, then the BYE.
+                assert_eq!(to_b[0].header("Content-Type"), Some("application/sdp"));
+                let sdp = String::from_utf8_lossy(&to_b[0].body).to_string();
+                assert!(
+                    sdp.contains("m=audio 0 RTP/AVP 0\r\n")
+                        && sdp.contains("m=video 0 RTP/AVP 96\r\n")
+                        && sdp.matches("m=").count() == 2,
+                    "{sdp:?}"
+                );
                 let to_a = r.sent_to(&r.a.clone());
                 assert_eq!(to_a[0].method(), Some("BYE"));
                 assert_eq!(r.b2b.calls_active(), 0);
@@ -3020,7 +3077,7 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
 
         #[test]
         fn late_offer_2xx_without_an_offer_or_with_a_refused_one_fails_the_call() {
-            for b_body in [None, Some("v=0 bad offer\n")] {
+            for b_body in [None, Some("v=0 bad offer\nm=audio 4000 RTP/SAVP 0\n")] {
                 let (mut r, _h) = anchored_rig();
                 let inv = late_invite(&mut r, "l3");
                 let ok = reply_from_b(&inv, 200, "b1");
@@ -3031,6 +3088,16 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
                 let to_b = r.sent_to(&r.b.clone());
                 let methods: Vec<_> = to_b.iter().filter_map(|m| m.method()).collect();
                 assert_eq!(methods, vec!["ACK", "BYE"]);
+                // An offer in the 2xx is answered (every stream rejected).
+                assert_eq!(
+                    to_b[0].body.is_empty(),
+                    b_body.is_none(),
+                    "{:?}",
+                    to_b[0].body
+                );
+                if b_body.is_some() {
+                    assert!(String::from_utf8_lossy(&to_b[0].body).contains("m=audio 0 RTP/SAVP 0"));
+                }
                 assert_eq!(statuses(&r.sent_to(&r.a.clone())), vec![488]);
                 assert_eq!(ended(&mut r), Some(EndCause::Rejected(488)));
                 assert_eq!(r.b2b.calls_active(), 0);
