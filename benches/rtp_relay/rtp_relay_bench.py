@@ -44,7 +44,7 @@ both passed. Ports (all 127.0.0.1, checked free first): rtpengine media
 Quick:  benches/rtp_relay/rtp_relay_bench.py --pps 100000,200000,300000 --secs 4
 Full:   benches/rtp_relay/rtp_relay_bench.py --repeats 3
 Needs:  gcc, rtpengine (apt-get install -y rtpengine-daemon; then
-        `systemctl disable rtpengine-daemon`), cargo build --release -p tollgate
+        `systemctl disable rtpengine-daemon`), cargo build --release --workspace
 """
 import argparse, base64, hashlib, hmac, json, os, random, re, select, signal, socket
 import shutil, statistics, subprocess, sys, threading, time
@@ -257,18 +257,20 @@ def sip_response(req, code, reason, body=""):
 
 
 class Tollgate:
-    name = "tollgate"
-
-    def __init__(self, args, variant):
+    def __init__(self, args, variant, name="tollgate", binary=None):
         self.args, self.variant, self.proc = args, variant, None
+        self.name, self.binary = name, binary or args.tollgate
         self.sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sink.bind(("127.0.0.1", 0))
         self.ua = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.ua.bind(("127.0.0.1", 0))
         self.lines = []
 
-    def start(self):
+    def start(self, sdes_flag=True):
         a = self.args
+        # SDES keys toward a UDP (cleartext) target need the route's consent
+        # in builds that have the flag; older builds refuse the unknown field
+        sdes = 'sdes_over_cleartext = true\n' if self.variant == "srtp" and sdes_flag else ""
         d = self.dir = f"{a.tmp}/tollgate-{os.getpid()}-{time.time_ns()}"
         os.makedirs(d)
         cfg = f"{d}/tollgate.toml"
@@ -277,10 +279,10 @@ class Tollgate:
                     '[admin]\nlisten = "127.0.0.1:0"\n'
                     f'[media]\nports = "{a.tg_ports}"\ntimeout_s = 600\n'
                     f'[[routes]]\ntarget = "sip:sink@127.0.0.1:{self.sink.getsockname()[1]}"\n'
-                    f'media = "{self.variant}"\n')
+                    f'media = "{self.variant}"\n{sdes}')
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "warn")
-        self.proc = subprocess.Popen([a.tollgate, "serve", "--data-dir", f"{d}/data", "--config", cfg],
+        self.proc = subprocess.Popen([self.binary, "serve", "--data-dir", f"{d}/data", "--config", cfg],
                                      stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
                                      stderr=open(f"{d}/stderr.log", "w"), env=env)
         self.key = self.sip = None
@@ -306,6 +308,11 @@ class Tollgate:
                 break
         if not (self.key and self.sip):
             self.stop()
+            with open(f"{d}/stderr.log") as f:
+                err = f.read()
+            if sdes and "unknown field" in err and "sdes_over_cleartext" in err:
+                self.lines = []
+                return self.start(sdes_flag=False)
             raise SystemExit(f"tollgate did not start ({self.lines}); see {d}/stderr.log")
         # keep draining stdout so the edge never blocks on a full pipe
         threading.Thread(target=lambda p=self.proc: [None for _ in p.stdout], daemon=True).start()
@@ -482,6 +489,9 @@ def main():
     ap.add_argument("--b-base", type=int, default=18400)
     ap.add_argument("--log-level", type=int, default=4)
     ap.add_argument("--tollgate", default=os.path.join(ROOT, "target", "release", "tollgate"))
+    ap.add_argument("--tollgate-before", default=None, metavar="BINARY",
+                    help="also measure this (older) tollgate build as relay 'tollgate-before', "
+                         "in the same steps, to compare a change before/after in one run")
     ap.add_argument("--tmp", default="/tmp/tollgate-bench/rtp")
     args = ap.parse_args()
     if not (0 < args.secs <= 60 and 0 < args.streams <= 200):
@@ -489,11 +499,16 @@ def main():
     os.makedirs(args.tmp, exist_ok=True)
     procstat.install_sigterm()
     relays = [r for r in args.relays.split(",") if r]
+    if args.tollgate_before:
+        if not os.access(args.tollgate_before, os.X_OK):
+            raise SystemExit(f"{args.tollgate_before} missing")
+        at = relays.index("tollgate") if "tollgate" in relays else len(relays)
+        relays.insert(at, "tollgate-before")
     variants = [v for v in args.variants.split(",") if v]
     if "rtpengine" in relays and not os.access(RTPENGINE, os.X_OK):
         raise SystemExit("rtpengine missing: apt-get install -y rtpengine-daemon")
     if "tollgate" in relays and not os.access(args.tollgate, os.X_OK):
-        raise SystemExit(f"{args.tollgate} missing: cargo build --release -p tollgate")
+        raise SystemExit(f"{args.tollgate} missing: cargo build --release --workspace")
     args.rtpblast = build_rtpblast(args.tmp)
     ports = [args.a_base + 2 * i for i in range(args.streams)] + \
             [args.b_base + 2 * i for i in range(args.streams)] + [args.ng_port]
@@ -513,6 +528,9 @@ def main():
             head = "?"
         print(f"# tollgate binary {args.tollgate} built {time.ctime(os.path.getmtime(args.tollgate))}; "
               f"HEAD {head}", flush=True)
+    if args.tollgate_before:
+        print(f"# tollgate-before binary {args.tollgate_before} built "
+              f"{time.ctime(os.path.getmtime(args.tollgate_before))}", flush=True)
     # best[variant][relay] = list over repeats of (pps, res at that step); steps[...] = {rate: res}
     best = {v: {r: [] for r in relays} for v in variants}
     steps = {v: {r: {} for r in relays} for v in variants}
@@ -528,7 +546,12 @@ def main():
                     if not alive[r]:
                         continue
                     for attempt in range(args.retries + 1):
-                        relay = Rtpengine(args, v) if r == "rtpengine" else Tollgate(args, v)
+                        if r == "rtpengine":
+                            relay = Rtpengine(args, v)
+                        elif r == "tollgate-before":
+                            relay = Tollgate(args, v, r, args.tollgate_before)
+                        else:
+                            relay = Tollgate(args, v)
                         ok, res = step(args, relay, pps)
                         if ok or res["other_pct"] < args.noise_pct or attempt == args.retries:
                             break
@@ -566,15 +589,15 @@ def main():
             print(f"SUMMARY {v:4s} {r:9s} max_pps(loss<{args.max_loss_pct}%) median={med[r]:.0f} "
                   f"repeats={[round(p) for p in vals]} generator_bound={bound[v][r]} cpu_at_max={statistics.median(cpu) if cpu else 0:.0f}% "
                   f"us_per_pkt_at_max={statistics.median(us) if us else float('nan'):.2f}", flush=True)
-        if "rtpengine" in relays and "tollgate" in relays:
-            ratio = med["tollgate"] / med["rtpengine"] if med["rtpengine"] else float("nan")
-            common = [p for p in rates if p in steps[v]["rtpengine"] and p in steps[v]["tollgate"]]
-            line = f"RATIO   {v:4s} tollgate/rtpengine pps = {ratio:.2f}"
+        for t in [r for r in relays if r != "rtpengine" and "rtpengine" in relays]:
+            ratio = med[t] / med["rtpengine"] if med["rtpengine"] else float("nan")
+            common = [p for p in rates if p in steps[v]["rtpengine"] and p in steps[v][t]]
+            line = f"RATIO   {v:4s} {t}/rtpengine pps = {ratio:.2f}"
             if common:
                 p = max(common)
-                te = statistics.median(x["us_per_pkt"] for x in steps[v]["tollgate"][p])
+                te = statistics.median(x["us_per_pkt"] for x in steps[v][t][p])
                 re_ = statistics.median(x["us_per_pkt"] for x in steps[v]["rtpengine"][p])
-                line += (f"; CPU per packet at {p} pps (both passed): tollgate {te:.2f} us, "
+                line += (f"; CPU per packet at {p} pps (both passed): {t} {te:.2f} us, "
                          f"rtpengine {re_:.2f} us, ratio {te / re_:.2f}")
             print(line, flush=True)
 

@@ -9,9 +9,13 @@
 //! | [`sdp`] | RFC 4566 SDP, RFC 3264 offer/answer, RFC 4568 SDES `a=crypto` |
 //! | [`ports`] | RFC 3550 §11 even/odd RTP/RTCP port pairs |
 //! | [`relay`] | the per-call packet path, latching, RFC 5761 rtcp-mux demux |
+//! | `batch` | Linux `recvmmsg`/`sendmmsg`/UDP GSO for the relay's hot path |
 //! | [`engine`] | the B2BUA-facing API ([`MediaEngine`]) |
-#![forbid(unsafe_code)]
+// Unsafe code only in `batch` (raw recvmmsg/sendmmsg), which allows it.
+#![deny(unsafe_code)]
 
+#[cfg(target_os = "linux")]
+mod batch;
 pub mod engine;
 pub mod ports;
 pub mod relay;

@@ -4,8 +4,14 @@
 //!
 //! The packet path ([`Relay::on_packet`]) is sans-IO: bytes, source and `now`
 //! in, an action out. The tokio driver ([`run`]) is one task per call that
-//! waits on the four sockets and drains each with `try_recv_buf_from` into one
-//! reused `BytesMut`: no allocation per packet.
+//! waits on the four sockets and drains the one that is readable. On Linux
+//! it drains with `recvmmsg` (up to 32 datagrams per system call, into
+//! buffers preallocated once per worker thread) and sends what goes on with
+//! one UDP GSO `sendmsg` when the batch is same-size packets to one peer,
+//! else with `sendmmsg`; elsewhere (or if the kernel says ENOSYS) with
+//! `try_recv_buf_from`/`try_send_to` into one reused `BytesMut`
+//! ([`IoMode::Single`]). Either way no allocation per packet, and the shared
+//! metrics are added to once per burst.
 //!
 //! Latching (SPEC §5): a leg's peer is the address its SDP named; a packet
 //! from another address is taken (NAT) only while the leg has not latched yet
@@ -16,6 +22,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -47,8 +54,8 @@ pub(crate) struct Metrics {
     auth_failures: Counter,
     dropped_source: Counter,
     dropped_replay: Counter,
-    dropped_malformed: Counter,
-    dropped_send: Counter,
+    pub(crate) dropped_malformed: Counter,
+    pub(crate) dropped_send: Counter,
     latched_late: Counter,
 }
 
@@ -231,6 +238,41 @@ fn looks_like_rtcp(buf: &[u8]) -> bool {
     buf.len() >= 2 && (192..=223).contains(&buf[1])
 }
 
+/// Global counters accumulated over a burst of packets and added to the
+/// shared metrics once per burst (`increment(n)`), not once per packet: the
+/// Prometheus counters are atomics shared by every worker thread.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    packets: [[u64; 2]; 2], // [way][rtp, rtcp]
+    bytes: [[u64; 2]; 2],
+    touched: Option<Instant>,
+}
+
+impl Tally {
+    /// Adds what was counted to the metrics and the call's stats, and resets.
+    pub(crate) fn flush(&mut self, stats: &CallStats) {
+        let m = metrics();
+        for way in 0..2 {
+            let mut relayed = 0;
+            for proto in 0..2 {
+                let n = self.packets[way][proto];
+                if n != 0 {
+                    m.packets[way][proto].increment(n);
+                    m.bytes[way][proto].increment(self.bytes[way][proto]);
+                    relayed += n;
+                }
+            }
+            if relayed != 0 {
+                stats.relayed[way].fetch_add(relayed, Ordering::Relaxed);
+            }
+        }
+        if let Some(now) = self.touched {
+            stats.touch(now);
+        }
+        *self = Tally::default();
+    }
+}
+
 impl Relay {
     /// Handles a datagram that arrived from `src` on leg `from`'s RTP or RTCP
     /// socket; transforms `buf` in place for the other leg.
@@ -241,6 +283,24 @@ impl Relay {
         src: SocketAddr,
         buf: &mut BytesMut,
         now: Instant,
+    ) -> Action {
+        let mut tally = Tally::default();
+        let action = self.process(from, on_rtcp_socket, src, buf, now, &mut tally);
+        tally.flush(&self.stats);
+        action
+    }
+
+    /// [`Relay::on_packet`] with the relayed-packet counters (and the
+    /// last-packet time) left in `tally` for the caller to flush once per
+    /// burst. Drops are counted at once (they are rare).
+    pub(crate) fn process(
+        &mut self,
+        from: Way,
+        on_rtcp_socket: bool,
+        src: SocketAddr,
+        buf: &mut BytesMut,
+        now: Instant,
+        tally: &mut Tally,
     ) -> Action {
         let m = metrics();
         let rtcp = on_rtcp_socket || looks_like_rtcp(buf);
@@ -292,7 +352,7 @@ impl Relay {
             self.stats.latched_late.fetch_add(1, Ordering::Relaxed);
             m.latched_late.increment(1);
         }
-        self.stats.touch(now);
+        tally.touched = Some(now);
         if let Some(tx) = &mut outbound.tx {
             let r = if rtcp {
                 tx.protect_rtcp(buf)
@@ -315,9 +375,8 @@ impl Relay {
             return Action::Drop;
         };
         let way = from as usize;
-        self.stats.relayed[way].fetch_add(1, Ordering::Relaxed);
-        m.packets[way][rtcp as usize].increment(1);
-        m.bytes[way][rtcp as usize].increment(buf.len() as u64);
+        tally.packets[way][rtcp as usize] += 1;
+        tally.bytes[way][rtcp as usize] += buf.len() as u64;
         Action::Send { dst, rtcp_socket }
     }
 }
@@ -330,8 +389,58 @@ pub struct Sockets {
     pub ports: Option<crate::ports::PortPair>,
 }
 
+/// How the relay task moves datagrams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoMode {
+    /// Batched `recvmmsg`/`sendmmsg` where the OS has them (Linux), else
+    /// one datagram per system call.
+    Auto,
+    /// One `recvfrom`/`sendto` per datagram (the portable path).
+    Single,
+}
+
+/// Whether [`IoMode::Auto`] batches on this system (false off Linux, or once
+/// the kernel refused `recvmmsg`/`sendmmsg` with ENOSYS).
+pub fn batched_io_available() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        crate::batch::available()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        false
+    }
+}
+
 /// Drains one socket: every datagram waiting is handled and sent on.
-fn drain(relay: &mut Relay, socks: &[Sockets; 2], from: Way, rtcp: bool, buf: &mut BytesMut) {
+fn drain(
+    relay: &mut Relay,
+    socks: &[Sockets; 2],
+    from: Way,
+    rtcp: bool,
+    mode: IoMode,
+    buf: &mut BytesMut,
+) {
+    #[cfg(target_os = "linux")]
+    if mode == IoMode::Auto
+        && crate::batch::available()
+        && crate::batch::drain(relay, socks, from, rtcp)
+    {
+        return;
+    }
+    let _ = mode;
+    drain_single(relay, socks, from, rtcp, buf);
+}
+
+/// The portable path: one `try_recv_buf_from` and one `try_send_to` per
+/// datagram, into one reused buffer.
+fn drain_single(
+    relay: &mut Relay,
+    socks: &[Sockets; 2],
+    from: Way,
+    rtcp: bool,
+    buf: &mut BytesMut,
+) {
     let (inbound, outbound) = match from {
         Way::AtoB => (&socks[0], &socks[1]),
         Way::BtoA => (&socks[1], &socks[0]),
@@ -339,15 +448,26 @@ fn drain(relay: &mut Relay, socks: &[Sockets; 2], from: Way, rtcp: bool, buf: &m
     let sock = if rtcp { &inbound.rtcp } else { &inbound.rtp };
     // One clock read per burst, not per packet.
     let now = Instant::now();
+    let mut tally = Tally::default();
+    let mut errors = 0u32;
     loop {
         buf.clear();
         let src = match sock.try_recv_buf_from(buf) {
             Ok((_, src)) => src,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-            // ICMP port unreachable and the like surface here: keep going.
-            Err(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            // ICMP port unreachable and the like surface here: keep going
+            // (but not forever on an error that does not clear).
+            Err(_) => {
+                errors += 1;
+                if errors > MAX_ERRORS {
+                    break;
+                }
+                continue;
+            }
         };
-        if let Action::Send { dst, rtcp_socket } = relay.on_packet(from, rtcp, src, buf, now) {
+        if let Action::Send { dst, rtcp_socket } =
+            relay.process(from, rtcp, src, buf, now, &mut tally)
+        {
             let out = if rtcp_socket {
                 &outbound.rtcp
             } else {
@@ -358,19 +478,63 @@ fn drain(relay: &mut Relay, socks: &[Sockets; 2], from: Way, rtcp: bool, buf: &m
             }
         }
     }
+    tally.flush(&relay.stats);
 }
 
+/// Consecutive receive errors (other than "would block") after which a
+/// drain gives up until the next readiness event.
+pub(crate) const MAX_ERRORS: u32 = 64;
+
 /// The relay task of one call: runs until aborted.
-pub async fn run(mut relay: Relay, socks: [Sockets; 2]) {
+pub async fn run(relay: Relay, socks: [Sockets; 2]) {
+    run_with(relay, socks, IoMode::Auto).await
+}
+
+/// [`run`] with a chosen I/O path.
+pub async fn run_with(mut relay: Relay, socks: [Sockets; 2], mode: IoMode) {
     let mut buf = BytesMut::with_capacity(BUF_SIZE);
+    // (leg, RTCP socket) by bit of the readiness mask.
+    const SOCKETS: [(Way, bool); 4] = [
+        (Way::AtoB, false),
+        (Way::AtoB, true),
+        (Way::BtoA, false),
+        (Way::BtoA, true),
+    ];
+    let socket = |i: usize| {
+        let leg = &socks[i / 2];
+        if i % 2 == 1 {
+            &leg.rtcp
+        } else {
+            &leg.rtp
+        }
+    };
     loop {
-        let (from, rtcp) = tokio::select! {
-            r = socks[0].rtp.readable() => { if r.is_err() { return; } (Way::AtoB, false) }
-            r = socks[0].rtcp.readable() => { if r.is_err() { return; } (Way::AtoB, true) }
-            r = socks[1].rtp.readable() => { if r.is_err() { return; } (Way::BtoA, false) }
-            r = socks[1].rtcp.readable() => { if r.is_err() { return; } (Way::BtoA, true) }
+        // Every socket that is readable, in one wake-up; each pending one
+        // keeps this task's waker (this task is their only reader).
+        let ready = std::future::poll_fn(|cx| {
+            let mut ready = 0u8;
+            for i in 0..SOCKETS.len() {
+                match socket(i).poll_recv_ready(cx) {
+                    Poll::Ready(Ok(())) => ready |= 1 << i,
+                    Poll::Ready(Err(_)) => return Poll::Ready(None),
+                    Poll::Pending => {}
+                }
+            }
+            if ready == 0 {
+                Poll::Pending
+            } else {
+                Poll::Ready(Some(ready))
+            }
+        })
+        .await;
+        let Some(ready) = ready else {
+            return;
         };
-        drain(&mut relay, &socks, from, rtcp, &mut buf);
+        for (i, &(from, rtcp)) in SOCKETS.iter().enumerate() {
+            if ready & (1 << i) != 0 {
+                drain(&mut relay, &socks, from, rtcp, mode, &mut buf);
+            }
+        }
         if buf.capacity() < BUF_SIZE {
             buf = BytesMut::with_capacity(BUF_SIZE);
         }

@@ -1,6 +1,6 @@
 //! No heap allocation per packet once a stream runs: a counting global
-//! allocator (this file is its own test binary, with one test, so nothing else
-//! allocates while we count).
+//! allocator that counts per thread (this file is its own test binary; each
+//! test counts only what its own thread allocates).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -179,4 +179,120 @@ fn relay_packet_path_allocates_nothing() {
     }
     let allocs = allocations() - before;
     assert_eq!(allocs, 0, "{allocs} allocations in the relay path");
+}
+
+/// The relay task over real loopback sockets, batched path (`recvmmsg`,
+/// `sendmmsg`, UDP GSO) and portable path: RTP bursts from A go out as SRTP
+/// to B, SRTP bursts from B come back as RTP to A, and once warm nothing is
+/// allocated per packet. The runtime is current-thread, so the relay task
+/// runs (and is counted) on this test's thread.
+#[test]
+fn relay_task_allocates_nothing_per_packet() {
+    use std::net::UdpSocket as StdSocket;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use tollgate_media::relay::{run_with, CallStats, IoMode, Latch, Relay, Side, Sockets};
+
+    for mode in [IoMode::Auto, IoMode::Single] {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            if mode == IoMode::Auto && cfg!(target_os = "linux") {
+                assert!(tollgate_media::relay::batched_io_available());
+            }
+            let suite = Suite::AesCm128HmacSha1_80;
+            let (k_to_b, k_from_b) = (
+                SrtpKeys::generate(suite).unwrap(),
+                SrtpKeys::generate(suite).unwrap(),
+            );
+            let peer = || {
+                let s = StdSocket::bind("127.0.0.1:0").unwrap();
+                s.set_nonblocking(true).unwrap();
+                s
+            };
+            let (a_peer, b_peer) = (peer(), peer());
+            let (a_addr, b_addr) = (a_peer.local_addr().unwrap(), b_peer.local_addr().unwrap());
+            let now = Instant::now();
+            let side = |addr, tx: Option<&SrtpKeys>, rx: Option<&SrtpKeys>| Side {
+                rtp_latch: Latch::new(Some(addr), now),
+                rtcp_latch: Latch::new(Some(addr), now),
+                mux: true,
+                tx: tx.map(|k| new_context(suite, k, Direction::Outbound).unwrap()),
+                rx: rx.map(|k| new_context(suite, k, Direction::Inbound).unwrap()),
+            };
+            let stats = Arc::new(CallStats::default());
+            let relay = Relay {
+                sides: [
+                    side(a_addr, None, None),
+                    side(b_addr, Some(&k_to_b), Some(&k_from_b)),
+                ],
+                stats: stats.clone(),
+            };
+            let leg = || Sockets {
+                rtp: tokio::net::UdpSocket::from_std(peer()).unwrap(),
+                rtcp: tokio::net::UdpSocket::from_std(peer()).unwrap(),
+                ports: None,
+            };
+            let socks = [leg(), leg()];
+            let (relay_a, relay_b) = (
+                socks[0].rtp.local_addr().unwrap(),
+                socks[1].rtp.local_addr().unwrap(),
+            );
+            let task = tokio::spawn(run_with(relay, socks, mode));
+            let mut b_tx = new_context(suite, &k_from_b, Direction::Outbound).unwrap();
+            let mut buf = BytesMut::with_capacity(2048);
+            let mut rx = [0u8; 2048];
+            let mut seq = 0u16;
+            // One round: a burst of 16 each way (same sizes, so GSO applies,
+            // or mixed sizes, so sendmmsg does), all received.
+            let mut round = async |mixed: bool| {
+                for (from, to, srtp) in [(&a_peer, relay_a, false), (&b_peer, relay_b, true)] {
+                    for i in 0..16u16 {
+                        seq = seq.wrapping_add(1);
+                        let payload = if mixed && i % 3 == 0 { 120 } else { 160 };
+                        buf.clear();
+                        buf.extend_from_slice(&[0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9]);
+                        buf[2..4].copy_from_slice(&seq.to_be_bytes());
+                        buf.resize(12 + payload, 0x55);
+                        if srtp {
+                            b_tx.protect_rtp(&mut buf).unwrap();
+                        }
+                        from.send_to(&buf, to).unwrap();
+                    }
+                    let dest = if srtp { &a_peer } else { &b_peer };
+                    let deadline = Instant::now() + Duration::from_secs(20);
+                    let mut got = 0;
+                    while got < 16 {
+                        match dest.recv_from(&mut rx) {
+                            Ok((n, _)) => {
+                                assert!(n == 132 || n == 172 || n == 142 || n == 182, "{n} bytes");
+                                got += 1;
+                            }
+                            Err(_) => {
+                                assert!(Instant::now() < deadline, "{mode:?}: {got} of 16 relayed");
+                                tokio::task::yield_now().await;
+                            }
+                        }
+                    }
+                }
+            };
+            for i in 0..20 {
+                round(i % 2 == 1).await;
+            }
+            let before = allocations();
+            for i in 0..125 {
+                round(i % 2 == 1).await;
+            }
+            let allocs = allocations() - before;
+            assert_eq!(
+                allocs, 0,
+                "{mode:?}: {allocs} allocations in 4000 relayed packets"
+            );
+            let s = stats.snapshot();
+            assert_eq!((s.relayed_a_to_b, s.relayed_b_to_a), (145 * 16, 145 * 16));
+            task.abort();
+        });
+    }
 }
