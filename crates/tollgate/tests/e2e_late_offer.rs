@@ -113,7 +113,14 @@ fn routed_call(mode: &str, cfg: impl FnOnce(u16) -> EdgeConfig) -> Outcome {
 
 #[test]
 fn late_offer_and_a_reinvite_from_leg_b_are_anchored() {
-    let r = routed_call("routed", EdgeConfig::routed_to);
+    // Each test's edge has its own media range, outside the default and the
+    // other tests' ranges: the old path is probed after the edge closed its
+    // ports, and an edge of a parallel test that reopened them would relay
+    // the probe (seen: 1 run in ~8 with shared ranges).
+    let r = routed_call("routed", |port| EdgeConfig {
+        extra_args: vec!["--media-ports".into(), "13000-13099".into()],
+        ..EdgeConfig::routed_to(port)
+    });
     assert_eq!(r.num("b_invite_body"), 0, "no SDP toward B: {}", r.0);
     for k in ["offer_to_a", "answer_to_b", "reoffer_to_a", "reanswer_to_b"] {
         assert_eq!(r.media(k).0, "127.0.0.1", "{k} names the edge: {}", r.0);
@@ -153,7 +160,10 @@ fn late_offer_and_a_reinvite_from_leg_b_are_anchored() {
 
 #[test]
 fn late_offer_to_the_builtin_echo_is_anchored() {
-    let edge = Edge::start(EdgeConfig::default());
+    let edge = Edge::start(EdgeConfig {
+        extra_args: vec!["--media-ports".into(), "13100-13199".into()],
+        ..EdgeConfig::default()
+    });
     let token = mint(&edge.first_key(), "100", "200", &[]);
     let out = Command::new("python3")
         .arg(script())
@@ -193,6 +203,7 @@ fn late_offer_with_srtp_on_both_legs_uses_the_edges_keys() {
             "[[routes]]\ntarget = \"sip:service@127.0.0.1:{port}\"\n\
              media = \"srtp\"\nsdes_over_cleartext = true\n"
         ),
+        extra_args: vec!["--media-ports".into(), "13200-13299".into()],
         ..EdgeConfig::default()
     });
     assert_eq!(r.num("b_invite_body"), 0, "no SDP toward B: {}", r.0);

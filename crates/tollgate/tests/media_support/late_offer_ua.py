@@ -253,10 +253,11 @@ def routed():
     old = 0
     for i in range(3):
         ra.sendto(rtp(400 + i), (LO, ea))
-    for s in (rb, rb2):
+    for name, s in (("rb", rb), ("rb2", rb2)):
         try:
             while True:
-                s.recvfrom(2048)
+                d, frm = s.recvfrom(2048)
+                res.setdefault("old_detail", []).append([name, frm[1], d[2:4].hex(), len(d)])
                 old += 1
         except socket.timeout:
             pass
