@@ -118,7 +118,7 @@ fn late_offer_and_a_reinvite_from_leg_b_are_anchored() {
     // ports, and an edge of a parallel test that reopened them would relay
     // the probe (seen: 1 run in ~8 with shared ranges).
     let r = routed_call("routed", |port| EdgeConfig {
-        extra_args: vec!["--media-ports".into(), "13000-13099".into()],
+        extra_args: vec!["--media-ports".into(), "14000-14099".into()],
         ..EdgeConfig::routed_to(port)
     });
     assert_eq!(r.num("b_invite_body"), 0, "no SDP toward B: {}", r.0);
@@ -161,7 +161,7 @@ fn late_offer_and_a_reinvite_from_leg_b_are_anchored() {
 #[test]
 fn late_offer_to_the_builtin_echo_is_anchored() {
     let edge = Edge::start(EdgeConfig {
-        extra_args: vec!["--media-ports".into(), "13100-13199".into()],
+        extra_args: vec!["--media-ports".into(), "14100-14199".into()],
         ..EdgeConfig::default()
     });
     let token = mint(&edge.first_key(), "100", "200", &[]);
@@ -203,7 +203,7 @@ fn late_offer_with_srtp_on_both_legs_uses_the_edges_keys() {
             "[[routes]]\ntarget = \"sip:service@127.0.0.1:{port}\"\n\
              media = \"srtp\"\nsdes_over_cleartext = true\n"
         ),
-        extra_args: vec!["--media-ports".into(), "13200-13299".into()],
+        extra_args: vec!["--media-ports".into(), "14200-14299".into()],
         ..EdgeConfig::default()
     });
     assert_eq!(r.num("b_invite_body"), 0, "no SDP toward B: {}", r.0);
