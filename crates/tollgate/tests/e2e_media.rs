@@ -1026,7 +1026,10 @@ fn load_5000_sequential_and_500_concurrent_calls_free_ports_and_memory() {
     //   leak of 1 KiB per call would already be 5.4 MiB.
     // * peak: the measured 500-call burst may not peak more than 4 MiB above
     //   the warm-up's burst (state of earlier calls is not piling up).
-    let slope = rss_half[1].saturating_sub(rss_half[0]);
+    //   Measured against the highest idle RSS seen before (the baseline or
+    //   the first half): a clean-clone CI run saw 58.8 -> 50.3 -> 56.2 MiB,
+    //   a dip below the baseline and back, still under it after 5,000 calls.
+    let slope = rss_half[1].saturating_sub(rss_half[0].max(rss0));
     assert!(
         slope <= 4 * 1024,
         "RSS grew {:.1} MiB over the second 2,500 sequential calls (> 4 MiB: a per-call leak)",
