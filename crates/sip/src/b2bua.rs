@@ -985,33 +985,29 @@ impl B2bua {
             return self.send_stateless(&dest, resp);
         }
         self.next_id += self.shard.1;
-        let Some(a_key) = self.txn.create_server(msg.clone(), peer.clone()) else {
-            self.policy.ended(&CallRecord::refused(
+        // Admitted: however the call is refused from here on, the policy gets
+        // exactly one record of it.
+        let refused = |code: u16| {
+            CallRecord::refused(
                 b_call_id.clone(),
                 msg.call_id().unwrap_or_default(),
                 id,
                 &principal.key.id,
-                caller,
-                called,
+                caller.clone(),
+                called.clone(),
                 unix,
-                400,
-            ));
+                code,
+            )
+        };
+        let Some(a_key) = self.txn.create_server(msg.clone(), peer.clone()) else {
+            self.policy.ended(&refused(400));
             return;
         };
         let a_tag = self.token(8);
         self.reply(now, &a_key, 100, Vec::new(), None);
         let Some(route_ix) = self.pick_route(&principal) else {
             self.reply(now, &a_key, 404, Vec::new(), Some(&a_tag));
-            self.policy.ended(&CallRecord::refused(
-                b_call_id.clone(),
-                msg.call_id().unwrap_or_default(),
-                id,
-                &principal.key.id,
-                caller,
-                called,
-                unix,
-                404,
-            ));
+            self.policy.ended(&refused(404));
             return;
         };
         let route = self.cfg.routes[route_ix].clone();
@@ -1037,16 +1033,7 @@ impl B2bua {
             }];
             metrics::counter!("tollgate_sdes_refusals_total").increment(1);
             self.reply(now, &a_key, code, extra, Some(&a_tag));
-            self.policy.ended(&CallRecord::refused(
-                b_call_id.clone(),
-                msg.call_id().unwrap_or_default(),
-                id,
-                &principal.key.id,
-                caller,
-                called,
-                unix,
-                code,
-            ));
+            self.policy.ended(&refused(code));
             return;
         }
         let route = Route {
@@ -1088,7 +1075,7 @@ impl B2bua {
         };
         let local = self.local(t);
         let b_leg = Leg {
-            call_id: b_call_id,
+            call_id: b_call_id.clone(),
             local_tag: self.token(8),
             remote_tag: None,
             local_uri: format!("<sip:{}@{}>", uri_user(&caller), local.ip()),
@@ -1167,16 +1154,7 @@ impl B2bua {
                 value: "application/sdp".into(),
             }];
             self.reply(now, &a_key, 415, accept, Some(&a_leg.local_tag));
-            self.policy.ended(&CallRecord::refused(
-                b_leg.call_id.clone(),
-                msg.call_id().unwrap_or_default(),
-                id,
-                &principal.key.id,
-                caller,
-                called,
-                unix,
-                415,
-            ));
+            self.policy.ended(&refused(415));
             return;
         }
         for h in &msg.headers {
@@ -1193,16 +1171,7 @@ impl B2bua {
                 Err(code) => {
                     self.reply(now, &a_key, code, Vec::new(), Some(&a_leg.local_tag));
                     self.media.release(id);
-                    self.policy.ended(&CallRecord::refused(
-                        b_leg.call_id.clone(),
-                        msg.call_id().unwrap_or_default(),
-                        id,
-                        &principal.key.id,
-                        caller,
-                        called,
-                        unix,
-                        code,
-                    ));
+                    self.policy.ended(&refused(code));
                     return;
                 }
             }
