@@ -113,11 +113,7 @@ fn drain_with(
     from: Way,
     rtcp: bool,
 ) -> bool {
-    let (inbound, outbound) = match from {
-        Way::AtoB => (&socks[0], &socks[1]),
-        Way::BtoA => (&socks[1], &socks[0]),
-    };
-    let sock = if rtcp { &inbound.rtcp } else { &inbound.rtp };
+    let (sock, outbound) = from.sockets(socks, rtcp);
     // One clock read per readiness event, not per packet.
     let now = Instant::now();
     let mut tally = Tally::default();

@@ -47,6 +47,18 @@ pub enum Way {
     BtoA = 1,
 }
 
+impl Way {
+    /// The socket a packet going this way arrives on (RTP or RTCP), and the
+    /// leg it leaves by.
+    pub(crate) fn sockets(self, socks: &[Sockets; 2], rtcp: bool) -> (&UdpSocket, &Sockets) {
+        let (inbound, outbound) = match self {
+            Way::AtoB => (&socks[0], &socks[1]),
+            Way::BtoA => (&socks[1], &socks[0]),
+        };
+        (if rtcp { &inbound.rtcp } else { &inbound.rtp }, outbound)
+    }
+}
+
 /// Cached metric handles (looked up once per process, not per packet).
 pub(crate) struct Metrics {
     packets: [[Counter; 2]; 2], // [way][rtp, rtcp]
@@ -441,11 +453,7 @@ fn drain_single(
     rtcp: bool,
     buf: &mut BytesMut,
 ) {
-    let (inbound, outbound) = match from {
-        Way::AtoB => (&socks[0], &socks[1]),
-        Way::BtoA => (&socks[1], &socks[0]),
-    };
-    let sock = if rtcp { &inbound.rtcp } else { &inbound.rtp };
+    let (sock, outbound) = from.sockets(socks, rtcp);
     // One clock read per burst, not per packet.
     let now = Instant::now();
     let mut tally = Tally::default();
