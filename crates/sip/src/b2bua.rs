@@ -1475,6 +1475,19 @@ impl B2bua {
 
     /// The offer/answer exchange of a confirmed (or confirming) dialog
     /// failed: BYE both legs and end the call with a cause that says so.
+    /// The INVITE answered through `server` failed: no ACK is awaited for it.
+    fn forget_pending_ack(&mut self, id: u64, server: &TxnKey) {
+        if let Some(call) = self.calls.get_mut(&id) {
+            if call
+                .pending_ack
+                .as_ref()
+                .is_some_and(|p| p.server == *server)
+            {
+                call.pending_ack = None;
+            }
+        }
+    }
+
     fn fail_offer_answer(&mut self, now: Instant, id: u64) {
         let Some(call) = self.calls.get_mut(&id) else {
             return;
@@ -1890,15 +1903,7 @@ impl B2bua {
                 ),
             );
         } else if code >= 300 {
-            if let Some(call) = self.calls.get_mut(&id) {
-                if call
-                    .pending_ack
-                    .as_ref()
-                    .is_some_and(|p| p.server == server)
-                {
-                    call.pending_ack = None;
-                }
-            }
+            self.forget_pending_ack(id, &server);
         }
         if !(200..300).contains(&code) || !(reoffer || late) {
             return self.relay_response(now, id, from, &server, &msg);
@@ -2176,15 +2181,7 @@ impl B2bua {
                 }
                 let tag = self.calls.get(&id).map(|c| c.leg(from).local_tag.clone());
                 self.reply(now, &server, 408, Vec::new(), tag.as_deref());
-                if let Some(call) = self.calls.get_mut(&id) {
-                    if call
-                        .pending_ack
-                        .as_ref()
-                        .is_some_and(|p| p.server == server)
-                    {
-                        call.pending_ack = None;
-                    }
-                }
+                self.forget_pending_ack(id, &server);
             }
         }
     }
