@@ -345,18 +345,50 @@ fn check_call_events(events: &[serde_json::Value], a_call_id: &str, key: &str) {
 // Tests
 // ---------------------------------------------------------------------------
 
-#[test]
-fn three_signed_events_per_call_in_order() {
+/// A receiver whose CA the edge trusts (`[webhooks] ca_file`) and an edge
+/// allowed to post to 127.0.0.1. Bind every field, the runtime first, so that
+/// it is dropped last (a `..` would drop the rest, the runtime with it, at
+/// once).
+struct Setup {
+    edge: Edge,
+    rx: Receiver,
+    pki: Pki,
+    _dir: TestDir,
+    rt: tokio::runtime::Runtime,
+}
+
+fn setup(tag: &str, backoff: &str) -> Setup {
     let rt = rt();
     let pki = pki();
-    let dir = TestDir::new("webhook-ok");
+    let dir = TestDir::new(tag);
     let ca = dir.join("ca.pem");
     std::fs::write(&ca, &pki.ca_pem).unwrap();
     let rx = rt.block_on(Receiver::start(0, pki.server.clone()));
     let edge = Edge::start(EdgeConfig {
-        extra_toml: webhook_toml(&ca, true, "backoff_initial_ms = 100\nbackoff_max_s = 1\n"),
+        extra_toml: webhook_toml(&ca, true, backoff),
         ..Default::default()
     });
+    Setup {
+        edge,
+        rx,
+        pki,
+        _dir: dir,
+        rt,
+    }
+}
+
+#[test]
+fn three_signed_events_per_call_in_order() {
+    let Setup {
+        rt: _rt,
+        _dir,
+        pki: _pki,
+        rx,
+        edge,
+    } = setup(
+        "webhook-ok",
+        "backoff_initial_ms = 100\nbackoff_max_s = 1\n",
+    );
     let key = edge.first_key();
     let secret = webhook_secret(&key);
     // By name (the edge resolves it and connects only to the allowed
@@ -453,17 +485,17 @@ fn three_signed_events_per_call_in_order() {
 
 #[test]
 fn events_arrive_after_the_receiver_was_down_for_10s() {
-    let rt = rt();
-    let pki = pki();
-    let dir = TestDir::new("webhook-down");
-    let ca = dir.join("ca.pem");
-    std::fs::write(&ca, &pki.ca_pem).unwrap();
-    let rx = rt.block_on(Receiver::start(0, pki.server.clone()));
+    let Setup {
+        rt,
+        _dir,
+        pki,
+        rx,
+        edge,
+    } = setup(
+        "webhook-down",
+        "backoff_initial_ms = 200\nbackoff_max_s = 2\n",
+    );
     let port = rx.addr.port();
-    let edge = Edge::start(EdgeConfig {
-        extra_toml: webhook_toml(&ca, true, "backoff_initial_ms = 200\nbackoff_max_s = 2\n"),
-        ..Default::default()
-    });
     let key = edge.first_key();
     let secret = webhook_secret(&key);
     let url = format!("https://localhost:{port}/down");
@@ -734,16 +766,16 @@ fn a_key_stored_before_webhooks_sends_none_until_rolled() {
 
 #[test]
 fn a_keys_default_webhook_gets_events_when_the_token_names_none() {
-    let rt = rt();
-    let pki = pki();
-    let dir = TestDir::new("webhook-default");
-    let ca = dir.join("ca.pem");
-    std::fs::write(&ca, &pki.ca_pem).unwrap();
-    let rx = rt.block_on(Receiver::start(0, pki.server.clone()));
-    let edge = Edge::start(EdgeConfig {
-        extra_toml: webhook_toml(&ca, true, "backoff_initial_ms = 100\nbackoff_max_s = 1\n"),
-        ..Default::default()
-    });
+    let Setup {
+        rt: _rt,
+        _dir,
+        pki: _pki,
+        rx,
+        edge,
+    } = setup(
+        "webhook-default",
+        "backoff_initial_ms = 100\nbackoff_max_s = 1\n",
+    );
     // Refused at the CLI: not https.
     let bad = tollgate(&[
         "keys",
