@@ -914,12 +914,19 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
+/// Wait before an idle RSS reading in the load test: 64*T1 (6.4 s) of
+/// transaction linger plus room for late timers.
+const IDLE_WAIT: Duration = Duration::from_secs(10);
+
 #[test]
 fn load_5000_sequential_and_500_concurrent_calls_free_ports_and_memory() {
     require_sipp();
     let t_start = Instant::now();
     // t1_ms = 100: completed SIP transactions linger 64*T1 = 6.4 s, not 32 s,
-    // so "after the calls" is reached quickly.
+    // so "after the calls" is reached quickly. Every idle reading waits
+    // IDLE_WAIT, well past that linger (timers fire late on a loaded 2-core
+    // machine): a reading taken while the last calls' transactions are still
+    // held measures the linger, not a leak.
     let mut cfg = EdgeConfig {
         tcp: false,
         t1_ms: Some(100),
@@ -944,7 +951,7 @@ fn load_5000_sequential_and_500_concurrent_calls_free_ports_and_memory() {
         "warm-up: 500 concurrent calls hold 4 ports each"
     );
     wait_ports_free(&edge, Duration::from_secs(15), "after warm-up");
-    thread::sleep(Duration::from_secs(7));
+    thread::sleep(IDLE_WAIT);
     let rss0 = rss_kib(pid);
     eprintln!(
         "[load] RSS cold {:.1} MiB, peak in warm-up 500 concurrent {:.1} MiB, baseline after warm-up {:.1} MiB ({:?})",
@@ -971,7 +978,7 @@ fn load_5000_sequential_and_500_concurrent_calls_free_ports_and_memory() {
         wait_ports_free(&edge, Duration::from_secs(10), half);
         // Same state as the baseline: completed transactions (64*T1 = 6.4 s)
         // gone, so the slope compares like with like.
-        thread::sleep(Duration::from_secs(7));
+        thread::sleep(IDLE_WAIT);
         rss_half[i] = rss_kib(pid);
         eprintln!(
             "[load] {half}: 2500 sequential calls in {:?}, RSS {:.1} MiB",
@@ -992,7 +999,7 @@ fn load_5000_sequential_and_500_concurrent_calls_free_ports_and_memory() {
     );
     wait_ports_free(&edge, Duration::from_secs(15), "after 500 concurrent calls");
     // completed transactions (64*T1) and dialog leftovers go
-    thread::sleep(Duration::from_secs(8));
+    thread::sleep(IDLE_WAIT);
     let rss_end = rss_kib(pid);
     eprintln!(
         "[load] RSS: baseline {:.1}, after 2500 seq {:.1}, after 5000 seq {:.1}, peak in 500 concurrent {:.1}, end {:.1} MiB (total {:?})",
