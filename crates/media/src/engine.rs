@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::ports::{PortAllocator, PortPair};
-use crate::relay::{self, CallStats, Latch, Relay, Side, Sockets, StatsSnapshot};
+use crate::relay::{self, CallStats, Latch, Relay, Side, Sockets, StatsSnapshot, StopSignal};
 use crate::sdp::{Crypto, Media, SdpError, SessionDescription};
 use crate::srtp::{Direction, NativeProvider, SrtpError, SrtpKeys, SrtpProvider, Suite};
 
@@ -140,6 +140,8 @@ struct Pending {
 struct Running {
     /// Owns the sockets and ports: they are returned when the task ends.
     task: tokio::task::JoinHandle<()>,
+    /// Stops the relay forwarding at once (the abort lands later).
+    stop: StopSignal,
     /// The answer as it came and as we sent it on, to answer a repeated
     /// answer (183 then 200 with the same SDP) the same way.
     answer_in: Vec<u8>,
@@ -165,13 +167,22 @@ struct Call {
     secure: [Option<bool>; 2],
 }
 
+impl Running {
+    /// Ends the relay: it forwards nothing from now on, and its task (with
+    /// its sockets and ports) goes when the runtime next gets to it.
+    fn stop(&self) {
+        self.stop.stop();
+        self.task.abort();
+    }
+}
+
 impl Drop for Call {
     fn drop(&mut self) {
         if let State::Running(r) = &self.state {
-            r.task.abort();
+            r.stop();
         }
         if let Some(r) = &self.previous {
-            r.task.abort();
+            r.stop();
         }
     }
 }
@@ -469,7 +480,7 @@ impl MediaEngine {
         if t_media.port == 0 {
             entry.state = State::Rejected; // drops the pending legs' sockets and ports
             if let Some(r) = entry.previous.take() {
-                r.task.abort();
+                r.stop();
             }
             return Ok(o_answer.to_bytes());
         }
@@ -582,17 +593,20 @@ impl MediaEngine {
         let (sa, sb) = (tokio_leg(a)?, tokio_leg(b)?);
         entry.stats = Arc::new(CallStats::new(started));
         entry.secure = secure;
+        let stop = StopSignal::default();
         let relay = Relay {
             sides,
             stats: entry.stats.clone(),
+            stop: stop.clone(),
         };
         if let Some(r) = entry.previous.take() {
-            r.task.abort(); // the new relay takes over
+            r.stop(); // the new relay takes over
         }
         let task = runtime.spawn(relay::run(relay, [sa, sb]));
         let o_answer = o_answer.to_bytes();
         entry.state = State::Running(Running {
             task,
+            stop,
             answer_in: answer.to_vec(),
             answer_out: o_answer.clone(),
         });

@@ -20,7 +20,7 @@
 //! SDP-named address may take it back. Everything else is dropped and counted.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -243,6 +243,29 @@ pub enum Action {
 pub struct Relay {
     pub sides: [Side; 2],
     pub stats: Arc<CallStats>,
+    /// Raised when the relay is replaced (a re-offer was answered) or its
+    /// call ends; from then on it forwards nothing.
+    pub stop: StopSignal,
+}
+
+/// Tells a relay to stop forwarding, at once.
+///
+/// Aborting the relay's task is not enough on its own: a task that is in
+/// the middle of a poll when it is aborted (its worker thread preempted, on
+/// a loaded machine) goes on until that poll returns, and would forward
+/// what arrived meanwhile on a path that signaling already closed. The
+/// relay checks this flag for every datagram it received, before it sends.
+#[derive(Debug, Clone, Default)]
+pub struct StopSignal(Arc<AtomicBool>);
+
+impl StopSignal {
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 /// RFC 5761 §4: RTCP packet types 192..=223 on a muxed port.
@@ -314,6 +337,9 @@ impl Relay {
         now: Instant,
         tally: &mut Tally,
     ) -> Action {
+        if self.stop.is_stopped() {
+            return Action::Drop;
+        }
         let m = metrics();
         let rtcp = on_rtcp_socket || looks_like_rtcp(buf);
         if buf.len() > MAX_PACKET || buf.len() < if rtcp { 8 } else { 12 } || buf[0] >> 6 != 2 {
@@ -493,7 +519,7 @@ fn drain_single(
 /// drain gives up until the next readiness event.
 pub(crate) const MAX_ERRORS: u32 = 64;
 
-/// The relay task of one call: runs until aborted.
+/// The relay task of one call: runs until aborted or stopped ([`StopSignal`]).
 pub async fn run(relay: Relay, socks: [Sockets; 2]) {
     run_with(relay, socks, IoMode::Auto).await
 }
@@ -538,6 +564,9 @@ pub async fn run_with(mut relay: Relay, socks: [Sockets; 2], mode: IoMode) {
         let Some(ready) = ready else {
             return;
         };
+        if relay.stop.is_stopped() {
+            return;
+        }
         for (i, &(from, rtcp)) in SOCKETS.iter().enumerate() {
             if ready & (1 << i) != 0 {
                 drain(&mut relay, &socks, from, rtcp, mode, &mut buf);

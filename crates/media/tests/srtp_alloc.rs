@@ -142,6 +142,7 @@ fn relay_packet_path_allocates_nothing() {
             side(b_addr, Some(&k_to_b), Some(&k_from_b)),
         ],
         stats: Arc::new(CallStats::default()),
+        stop: Default::default(),
     };
     let mut b_tx = new_context(suite, &k_from_b, Direction::Outbound).unwrap();
     let mut buf = BytesMut::with_capacity(2048);
@@ -229,6 +230,7 @@ fn relay_task_allocates_nothing_per_packet() {
                     side(b_addr, Some(&k_to_b), Some(&k_from_b)),
                 ],
                 stats: stats.clone(),
+                stop: Default::default(),
             };
             let leg = || Sockets {
                 rtp: tokio::net::UdpSocket::from_std(peer()).unwrap(),

@@ -114,9 +114,10 @@ fn routed_call(mode: &str, cfg: impl FnOnce(u16) -> EdgeConfig) -> Outcome {
 #[test]
 fn late_offer_and_a_reinvite_from_leg_b_are_anchored() {
     // Each test's edge has its own media range, outside the default and the
-    // other tests' ranges: the old path is probed after the edge closed its
-    // ports, and an edge of a parallel test that reopened them would relay
-    // the probe (seen: 1 run in ~8 with shared ranges).
+    // other tests' ranges: the probe of the old path can only reach this
+    // edge's old relay. (That relay once forwarded it about 1 run in 20 on a
+    // loaded machine: aborted mid-poll, it ran until the poll returned. The
+    // relay's StopSignal closes that; `relay_batch` tests it directly.)
     let r = routed_call("routed", |port| EdgeConfig {
         extra_args: vec!["--media-ports".into(), "14000-14099".into()],
         ..EdgeConfig::routed_to(port)
