@@ -6,10 +6,11 @@
 //! when the batch is same-size packets to one peer (the usual case: one
 //! codec, one stream per socket), else `sendmmsg`.
 //!
-//! The raw system calls run inside `tokio::net::UdpSocket::try_io`, so the
+//! The receive runs inside `tokio::net::UdpSocket::try_io`, so the
 //! reactor's readiness stays right: a receive that fills fewer than
 //! [`BATCH`] slots has emptied the queue and clears readiness (tokio's tick
-//! keeps a datagram that arrives meanwhile from being missed).
+//! keeps a datagram that arrives meanwhile from being missed). Sends do not
+//! go through the reactor (see `relay::send_now`).
 //!
 //! Fallbacks: a kernel without `recvmmsg`/`sendmmsg` (ENOSYS) switches the
 //! process to the portable one-datagram path; a kernel or route refusing GSO
@@ -310,30 +311,30 @@ fn send_run(
     let mut sent = 0;
     let mut dropped = 0u64;
     while sent < n {
-        let r = sock.try_io(Interest::WRITABLE, || {
-            // SAFETY: headers sent..n point at live iovecs over the slots'
-            // initialised bytes and at live addresses of the given lengths;
-            // the kernel only reads them.
-            let rc = unsafe {
-                libc::sendmmsg(
-                    sock.as_raw_fd(),
-                    msgs[sent..n].as_mut_ptr(),
-                    (n - sent) as _,
-                    libc::MSG_DONTWAIT as _,
-                )
-            };
-            if rc < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(rc as usize)
-            }
-        });
+        // Sent now, not through tokio's write readiness (see
+        // relay::send_now).
+        // SAFETY: headers sent..n point at live iovecs over the slots'
+        // initialised bytes and at live addresses of the given lengths; the
+        // kernel only reads them.
+        let rc = unsafe {
+            libc::sendmmsg(
+                sock.as_raw_fd(),
+                msgs[sent..n].as_mut_ptr(),
+                (n - sent) as _,
+                libc::MSG_DONTWAIT as _,
+            )
+        };
+        let r = if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc as usize)
+        };
         match r {
             Ok(m) if m > 0 => sent += m,
             Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
                 UNSUPPORTED.store(true, Ordering::Relaxed);
                 for o in &outs[sent..] {
-                    if sock.try_send_to(&slots[o.slot], o.dst).is_err() {
+                    if crate::relay::send_now(sock, &slots[o.slot], o.dst).is_err() {
                         dropped += 1;
                     }
                 }
@@ -409,17 +410,16 @@ fn send_gso(
         (*c).cmsg_len = libc::CMSG_LEN(mem::size_of::<u16>() as u32) as _;
         std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg as u16);
     }
-    sock.try_io(Interest::WRITABLE, || {
-        // SAFETY: the header points at live iovecs over initialised bytes,
-        // a live address and the control buffer above; the kernel only
-        // reads them.
-        let rc = unsafe { libc::sendmsg(sock.as_raw_fd(), &h, libc::MSG_DONTWAIT) };
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    })
+    // Sent now, not through tokio's write readiness (see relay::send_now).
+    // SAFETY: the header points at live iovecs over initialised bytes, a
+    // live address and the control buffer above; the kernel only reads
+    // them.
+    let rc = unsafe { libc::sendmsg(sock.as_raw_fd(), &h, libc::MSG_DONTWAIT) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// A kernel socket address as std's (the same values std's own receive

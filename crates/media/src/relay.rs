@@ -9,7 +9,7 @@
 //! buffers preallocated once per worker thread) and sends what goes on with
 //! one UDP GSO `sendmsg` when the batch is same-size packets to one peer,
 //! else with `sendmmsg`; elsewhere (or if the kernel says ENOSYS) with
-//! `try_recv_buf_from`/`try_send_to` into one reused `BytesMut`
+//! `try_recv_buf_from`/a plain `sendto` into one reused `BytesMut`
 //! ([`IoMode::Single`]). Either way no allocation per packet, and the shared
 //! metrics are added to once per burst.
 //!
@@ -470,7 +470,7 @@ fn drain(
     drain_single(relay, socks, from, rtcp, buf);
 }
 
-/// The portable path: one `try_recv_buf_from` and one `try_send_to` per
+/// The portable path: one `try_recv_buf_from` and one `sendto` per
 /// datagram, into one reused buffer.
 fn drain_single(
     relay: &mut Relay,
@@ -507,12 +507,26 @@ fn drain_single(
             } else {
                 &outbound.rtp
             };
-            if out.try_send_to(buf, dst).is_err() {
+            if send_now(out, buf, dst).is_err() {
                 metrics().dropped_send.increment(1);
             }
         }
     }
     tally.flush(&relay.stats);
+}
+
+/// Sends one datagram now: a non-blocking `sendto` on the socket, whatever
+/// tokio believes of its write readiness.
+///
+/// `UdpSocket::try_send_to` (and `try_io(WRITABLE)`) fail with WouldBlock
+/// without trying while the reactor has not yet reported the socket
+/// writable, which for a relay started by an answer is every send before
+/// the reactor's next turn: the first packets, already queued on the
+/// offerer's port, were lost now and then (seen on a loaded machine). The
+/// relay never waits for writability (a UDP send that would block is a
+/// drop), so readiness has nothing to add here.
+pub(crate) fn send_now(sock: &UdpSocket, buf: &[u8], dst: SocketAddr) -> std::io::Result<usize> {
+    socket2::SockRef::from(sock).send_to(buf, &dst.into())
 }
 
 /// Consecutive receive errors (other than "would block") after which a

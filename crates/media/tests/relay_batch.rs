@@ -305,3 +305,75 @@ async fn a_stopped_relay_forwards_nothing() {
         assert_eq!(c.stats.snapshot().relayed_a_to_b, 1, "{mode:?}");
     }
 }
+
+/// The first packets of a call are often queued on the offerer's port
+/// before the answer starts the relay, and the relay then sends them on
+/// from sockets the reactor has not reported writable yet (it registered
+/// them a moment before). They must go out all the same: tokio's own
+/// `try_send_to` refuses without trying then, and the first packet of a
+/// call was lost now and then on a loaded machine.
+///
+/// Made deterministic with a current-thread runtime: leg A's sockets are
+/// registered and a packet is queued on them, the reactor turns (it knows A
+/// readable), then leg B's sockets are registered and the relay polled
+/// before the reactor's next turn.
+#[test]
+fn the_first_packet_goes_out_before_the_reactor_saw_the_sending_socket() {
+    for mode in [IoMode::Auto, IoMode::Single] {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (a_peer, b_peer) = (bind().await, bind().await);
+            let (a_rtp, a_rtcp) = (bind().await, bind().await);
+            let first = rtp(1, 0xA, 160);
+            a_peer
+                .send_to(&first, a_rtp.local_addr().unwrap())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+
+            let std_bind = || {
+                let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                s.set_nonblocking(true).unwrap();
+                UdpSocket::from_std(s).unwrap()
+            };
+            let (b_rtp, b_rtcp) = (std_bind(), std_bind());
+            let now = Instant::now();
+            let side = |peer: SocketAddr| Side {
+                rtp_latch: Latch::new(Some(peer), now),
+                rtcp_latch: Latch::new(Some(peer), now),
+                mux: true,
+                tx: None,
+                rx: None,
+            };
+            let stats = Arc::new(CallStats::default());
+            let relay = Relay {
+                sides: [
+                    side(a_peer.local_addr().unwrap()),
+                    side(b_peer.local_addr().unwrap()),
+                ],
+                stats: stats.clone(),
+                stop: StopSignal::default(),
+            };
+            let socks = [
+                Sockets {
+                    rtp: a_rtp,
+                    rtcp: a_rtcp,
+                    ports: None,
+                },
+                Sockets {
+                    rtp: b_rtp,
+                    rtcp: b_rtcp,
+                    ports: None,
+                },
+            ];
+            let task = tokio::spawn(run_with(relay, socks, mode));
+            let got = recv_all(&b_peer, 1).await;
+            assert_eq!(got, vec![first.to_vec()], "{mode:?}: the first packet");
+            assert_eq!(stats.snapshot().relayed_a_to_b, 1, "{mode:?}");
+            task.abort();
+        });
+    }
+}
