@@ -59,10 +59,22 @@ impl Way {
     }
 }
 
+/// The `transform` label of the packet and byte counters: what the relay
+/// did to a packet's protection on its way through (SRTP in, SRTP out).
+pub const TRANSFORMS: [&str; 4] = ["none", "encrypt", "decrypt", "reencrypt"];
+
+/// Index into [`TRANSFORMS`].
+fn transform(decrypts: bool, encrypts: bool) -> usize {
+    usize::from(decrypts) << 1 | usize::from(encrypts)
+}
+
+/// Relayed packets (or bytes) by [way][rtp, rtcp][transform].
+type ByKind<T> = [[[T; 4]; 2]; 2];
+
 /// Cached metric handles (looked up once per process, not per packet).
 pub(crate) struct Metrics {
-    packets: [[Counter; 2]; 2], // [way][rtp, rtcp]
-    bytes: [[Counter; 2]; 2],
+    packets: ByKind<Counter>,
+    bytes: ByKind<Counter>,
     auth_failures: Counter,
     dropped_source: Counter,
     dropped_replay: Counter,
@@ -74,22 +86,24 @@ pub(crate) struct Metrics {
 pub(crate) fn metrics() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();
     M.get_or_init(|| {
-        let pair = |name: &'static str, dir: &'static str| {
-            [
-                metrics::counter!(name, "direction" => dir, "proto" => "rtp"),
-                metrics::counter!(name, "direction" => dir, "proto" => "rtcp"),
-            ]
+        let by_kind = |name: &'static str| -> ByKind<Counter> {
+            std::array::from_fn(|way| {
+                std::array::from_fn(|proto| {
+                    std::array::from_fn(|t| {
+                        metrics::counter!(
+                            name,
+                            "direction" => ["a_to_b", "b_to_a"][way],
+                            "proto" => ["rtp", "rtcp"][proto],
+                            "transform" => TRANSFORMS[t]
+                        )
+                    })
+                })
+            })
         };
         let dropped = |reason: &'static str| metrics::counter!("tollgate_media_dropped_total", "reason" => reason);
         Metrics {
-            packets: [
-                pair("tollgate_media_packets_total", "a_to_b"),
-                pair("tollgate_media_packets_total", "b_to_a"),
-            ],
-            bytes: [
-                pair("tollgate_media_bytes_total", "a_to_b"),
-                pair("tollgate_media_bytes_total", "b_to_a"),
-            ],
+            packets: by_kind("tollgate_media_packets_total"),
+            bytes: by_kind("tollgate_media_bytes_total"),
             auth_failures: metrics::counter!("tollgate_srtp_auth_failures_total"),
             dropped_source: dropped("source"),
             dropped_replay: dropped("replay"),
@@ -278,8 +292,8 @@ fn looks_like_rtcp(buf: &[u8]) -> bool {
 /// Prometheus counters are atomics shared by every worker thread.
 #[derive(Debug, Default)]
 pub(crate) struct Tally {
-    packets: [[u64; 2]; 2], // [way][rtp, rtcp]
-    bytes: [[u64; 2]; 2],
+    packets: ByKind<u64>,
+    bytes: ByKind<u64>,
     touched: Option<Instant>,
 }
 
@@ -290,11 +304,13 @@ impl Tally {
         for way in 0..2 {
             let mut relayed = 0;
             for proto in 0..2 {
-                let n = self.packets[way][proto];
-                if n != 0 {
-                    m.packets[way][proto].increment(n);
-                    m.bytes[way][proto].increment(self.bytes[way][proto]);
-                    relayed += n;
+                for t in 0..TRANSFORMS.len() {
+                    let n = self.packets[way][proto][t];
+                    if n != 0 {
+                        m.packets[way][proto][t].increment(n);
+                        m.bytes[way][proto][t].increment(self.bytes[way][proto][t]);
+                        relayed += n;
+                    }
                 }
             }
             if relayed != 0 {
@@ -412,9 +428,12 @@ impl Relay {
             m.dropped_send.increment(1);
             return Action::Drop;
         };
-        let way = from as usize;
-        tally.packets[way][rtcp as usize] += 1;
-        tally.bytes[way][rtcp as usize] += buf.len() as u64;
+        let (way, t) = (
+            from as usize,
+            transform(inbound.rx.is_some(), outbound.tx.is_some()),
+        );
+        tally.packets[way][rtcp as usize][t] += 1;
+        tally.bytes[way][rtcp as usize][t] += buf.len() as u64;
         Action::Send { dst, rtcp_socket }
     }
 }
@@ -598,6 +617,14 @@ mod tests {
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn transform_labels() {
+        assert_eq!(TRANSFORMS[transform(false, false)], "none");
+        assert_eq!(TRANSFORMS[transform(false, true)], "encrypt");
+        assert_eq!(TRANSFORMS[transform(true, false)], "decrypt");
+        assert_eq!(TRANSFORMS[transform(true, true)], "reencrypt");
     }
 
     #[test]

@@ -374,12 +374,12 @@ fn describe_metrics() {
     );
     describe_counter!(
         "tollgate_media_packets_total",
-        "RTP and RTCP (plain or SRTP/SRTCP) packets relayed, by direction (a_to_b, b_to_a) and proto (rtp, rtcp)"
+        "RTP and RTCP packets relayed, by direction (a_to_b, b_to_a), proto (rtp, rtcp) and transform (none: plain in and out, encrypt: plain to SRTP, decrypt: SRTP to plain, reencrypt: SRTP to SRTP)"
     );
     describe_counter!(
         "tollgate_media_bytes_total",
         Unit::Bytes,
-        "RTP and RTCP (plain or SRTP/SRTCP) bytes relayed, by direction and proto"
+        "RTP and RTCP bytes relayed (as sent), by direction, proto and transform"
     );
     describe_counter!(
         "tollgate_media_dropped_total",

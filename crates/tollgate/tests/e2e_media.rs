@@ -537,34 +537,43 @@ fn srtp_suite(suite: &str, tag_len: usize, range: &str) {
         "leg A's own port leaked into the offer to B:\n{offer}"
     );
 
-    let before = (
-        metric(
-            &edge,
-            "tollgate_media_packets_total",
-            &[("direction", "a_to_b"), ("proto", "rtp")],
-        ),
-        metric(
-            &edge,
-            "tollgate_media_packets_total",
-            &[("direction", "b_to_a"), ("proto", "rtp")],
-        ),
-    );
+    // Leg A plain, leg B SRTP: A->B is encrypted, B->A decrypted.
+    let counted = |e: &Edge| {
+        (
+            metric(
+                e,
+                "tollgate_media_packets_total",
+                &[
+                    ("direction", "a_to_b"),
+                    ("proto", "rtp"),
+                    ("transform", "encrypt"),
+                ],
+            ),
+            metric(
+                e,
+                "tollgate_media_packets_total",
+                &[
+                    ("direction", "b_to_a"),
+                    ("proto", "rtp"),
+                    ("transform", "decrypt"),
+                ],
+            ),
+        )
+    };
+    let before = counted(&edge);
     exchange(&mut c, &uas, tag_len, 40, 1);
     let n = 40.0 + 3.0 + 4.0;
-    let after = (
-        metric(
-            &edge,
-            "tollgate_media_packets_total",
-            &[("direction", "a_to_b"), ("proto", "rtp")],
-        ),
-        metric(
-            &edge,
-            "tollgate_media_packets_total",
-            &[("direction", "b_to_a"), ("proto", "rtp")],
-        ),
+    let after = counted(&edge);
+    assert_eq!(
+        after.0 - before.0,
+        n,
+        "a_to_b rtp packets counted as encrypted"
     );
-    assert_eq!(after.0 - before.0, n, "a_to_b rtp packets counted");
-    assert_eq!(after.1 - before.1, n, "b_to_a rtp packets counted");
+    assert_eq!(
+        after.1 - before.1,
+        n,
+        "b_to_a rtp packets counted as decrypted"
+    );
     assert_eq!(
         metric(&edge, "tollgate_srtp_auth_failures_total", &[]),
         0.0,
