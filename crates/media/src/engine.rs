@@ -232,6 +232,13 @@ impl MediaEngine {
         self.calls.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Inserts or replaces a call's entry, and updates the sessions gauge.
+    fn put(&self, call: u64, entry: Call) {
+        let mut calls = self.calls();
+        calls.insert(call, entry);
+        sessions_gauge(calls.len());
+    }
+
     fn bind_leg(&self) -> Result<LegPorts, MediaError> {
         // A pair whose ports are still held by someone else is skipped (it
         // goes back to the end of the free list).
@@ -350,7 +357,7 @@ impl MediaEngine {
 
         // A running relay keeps serving until the new answer (a re-offer may
         // still fail); a pending offer is replaced and its ports return.
-        let previous = self.calls().remove(&call).and_then(|mut c| {
+        let previous = self.take(call).and_then(|mut c| {
             match std::mem::replace(&mut c.state, State::Rejected) {
                 State::Running(r) => Some(r),
                 _ => c.previous.take(),
@@ -361,7 +368,7 @@ impl MediaEngine {
             (Err(e), _) | (_, Err(e)) => {
                 if let Some(r) = previous {
                     // Keep the call's media as it was.
-                    self.calls().insert(
+                    self.put(
                         call,
                         Call {
                             state: State::Running(r),
@@ -411,7 +418,7 @@ impl MediaEngine {
         }
         let out = t_sdp.to_bytes();
         let stats = Arc::new(CallStats::new(Instant::now()));
-        self.calls().insert(
+        self.put(
             call,
             Call {
                 state: State::Offered(Box::new(Pending {
@@ -634,8 +641,22 @@ impl MediaEngine {
     /// dropped the aborted relay task (its sockets close first, so a port is
     /// never handed out while still bound).
     pub fn release(&self, call: u64) {
-        let removed = self.calls().remove(&call);
-        drop(removed);
+        drop(self.take(call));
+    }
+
+    /// Removes a call's entry (the caller drops it after the lock is
+    /// released), and updates the sessions gauge.
+    fn take(&self, call: u64) -> Option<Call> {
+        let mut calls = self.calls();
+        let removed = calls.remove(&call);
+        sessions_gauge(calls.len());
+        removed
+    }
+
+    /// Calls the engine holds media state for (offered, running or
+    /// rejected).
+    pub fn sessions(&self) -> usize {
+        self.calls().len()
     }
 
     /// Media ports (not pairs) currently held (bound or reserved).
@@ -668,6 +689,12 @@ impl MediaEngine {
     pub fn stats(&self, call: u64) -> Option<StatsSnapshot> {
         self.calls().get(&call).map(|c| c.stats.snapshot())
     }
+}
+
+/// `tollgate_media_sessions`: calls with media state in the engine (one
+/// engine per process).
+fn sessions_gauge(n: usize) {
+    metrics::gauge!("tollgate_media_sessions").set(n as f64);
 }
 
 fn strip_transport(lines: &mut Vec<crate::sdp::Line>) {

@@ -493,6 +493,34 @@ pub enum CallEvent {
     },
 }
 
+/// Entries held by a [`B2bua`], by table ([`B2bua::census`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Census {
+    /// Calls, in any state (setting up, confirmed, tearing down).
+    pub calls: usize,
+    /// SIP transactions, server and client, including completed ones that
+    /// still absorb retransmissions.
+    pub transactions: usize,
+    /// Lookup entries pointing at calls: by leg A's dialog, by leg B's
+    /// Call-ID, by client transaction.
+    pub index: usize,
+    /// Call deadlines queued (INVITE timeout, budget, max duration, CANCEL
+    /// give-up), including those of ended calls not yet dropped.
+    pub deadlines: usize,
+}
+
+impl Census {
+    /// The tables' names, as the gauge's `table` label, with their counts.
+    pub fn tables(&self) -> [(&'static str, usize); 4] {
+        [
+            ("calls", self.calls),
+            ("transactions", self.transactions),
+            ("index", self.index),
+            ("deadlines", self.deadlines),
+        ]
+    }
+}
+
 /// The whole signaling core: transactions, calls, credential checks.
 pub struct B2bua {
     cfg: Config,
@@ -517,6 +545,9 @@ pub struct B2bua {
     /// The latest `now` seen, for bookkeeping in places that have no `now`.
     clock: Instant,
 }
+
+/// Below this many queued deadlines the heap is never compacted.
+const COMPACT_DEADLINES_ABOVE: usize = 1024;
 
 fn method_label(m: &str) -> &'static str {
     match m {
@@ -601,6 +632,19 @@ impl B2bua {
 
     pub fn calls_active(&self) -> usize {
         self.calls.len()
+    }
+
+    /// What this core holds, table by table: all of it must go back to zero
+    /// once the calls and their transactions are over (the load test's leak
+    /// check, and the `tollgate_sip_core_entries` gauge).
+    pub fn census(&self) -> Census {
+        let (servers, clients) = self.txn.len();
+        Census {
+            calls: self.calls.len(),
+            transactions: servers + clients,
+            index: self.by_a.len() + self.by_b.len() + self.by_client.len(),
+            deadlines: self.deadlines.len(),
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -1245,10 +1289,32 @@ impl B2bua {
         }
     }
 
+    /// An ended or re-scheduled call leaves its old deadline in the heap
+    /// (removing from a `BinaryHeap` is O(n)), where it stays until it is
+    /// due: a budget deadline can be a day away, so steady traffic would
+    /// keep a day of ended calls queued. Once stale entries outnumber the
+    /// live ones (each call has at most one), the heap keeps only the live:
+    /// O(n) at most once per n/2 ended calls.
+    /// With no call left, every queued deadline is stale: an idle core
+    /// holds none.
+    fn compact_deadlines(&mut self) {
+        if self.calls.is_empty() {
+            self.deadlines.clear();
+            return;
+        }
+        if self.deadlines.len() <= COMPACT_DEADLINES_ABOVE.max(2 * self.calls.len()) {
+            return;
+        }
+        let calls = &self.calls;
+        self.deadlines
+            .retain(|Reverse((at, id))| calls.get(id).is_some_and(|c| c.deadline == Some(*at)));
+    }
+
     fn set_deadline(&mut self, id: u64, at: Instant) {
         if let Some(call) = self.calls.get_mut(&id) {
             call.deadline = Some(at);
             self.deadlines.push(Reverse((at, id)));
+            self.compact_deadlines();
         }
     }
 
@@ -1256,6 +1322,7 @@ impl B2bua {
         let Some(call) = self.calls.remove(&id) else {
             return;
         };
+        self.compact_deadlines();
         if let Some(tag) = &call.a.remote_tag {
             self.by_a.remove(&(call.a.call_id.clone(), tag.clone()));
         }
@@ -2574,6 +2641,58 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
         assert_eq!(&inv.body[..], b"v=0\n");
         assert_eq!(inv.header("Max-Forwards"), Some("69"));
         assert_eq!(r.b2b.calls_active(), 1);
+    }
+
+    #[test]
+    fn ended_calls_do_not_pile_up_in_the_deadline_heap() {
+        let mut r = rig();
+        // One call stays up throughout (an idle core simply drops them all);
+        // 3,000 calls refused by B within their 60 s INVITE timeout each
+        // leave that deadline behind, still far from due.
+        answered_call(&mut r);
+        for i in 0..3000 {
+            let tok = r.token(&format!("jd{i}"));
+            let text = invite(
+                &format!("Authorization: Bearer {tok}\r\n"),
+                &format!("z9hG4bKd{i}"),
+            )
+            .replace("call-a", &format!("call-{i}"));
+            r.a_sends(&text);
+            let inv = r.sent_to(&r.b.clone()).pop().expect("the INVITE to B");
+            r.b_sends(reply_from_b(&inv, 486, "b1"));
+            let to_a = r.sent_to(&r.a.clone());
+            assert_eq!(to_a.last().and_then(|m| m.status()), Some(486), "call {i}");
+            r.sent_to(&r.b.clone());
+        }
+        let c = r.b2b.census();
+        assert_eq!(c.calls, 1);
+        assert!(
+            c.deadlines <= COMPACT_DEADLINES_ABOVE + 1,
+            "{} deadlines queued after 3,000 ended calls",
+            c.deadlines
+        );
+        // The completed transactions linger (retransmissions), then go.
+        assert!(c.transactions > 3000, "{c:?}");
+        let index = c.index;
+        r.advance(Duration::from_secs(70));
+        let c = r.b2b.census();
+        assert_eq!((c.calls, c.transactions), (1, 0), "{c:?}");
+        assert!(c.index <= index && c.index <= 3, "{c:?}");
+
+        // The last call ends: nothing is left.
+        let to = r.b2b.calls.values().next().unwrap().a.local_tag.clone();
+        r.a_sends(&in_dialog(
+            "BYE",
+            "<sip:+15550199@127.0.0.1>;tag=a1",
+            &format!("<sip:+15550100@127.0.0.1>;tag={to}"),
+            "call-a",
+            2,
+            5070,
+        ));
+        let bye = r.sent_to(&r.b.clone());
+        r.b_sends(reply_from_b(&bye[0], 200, "b1"));
+        r.advance(Duration::from_secs(70));
+        assert_eq!(r.b2b.census(), Census::default());
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! index in it (`<random>.<shard>@tollgate`), so every message of a call, from
 //! either side, reaches the shard that holds the call.
 
-use crate::b2bua::{B2bua, CallEvent, EndCause};
+use crate::b2bua::{B2bua, CallEvent, Census, EndCause};
 use crate::framing::{FramingError, StreamFramer};
 use crate::tls::TlsAcceptor;
 use crate::transaction::{FlowId, Peer, Transmit, Transport};
@@ -271,12 +271,52 @@ async fn udp_receiver(udp: UdpSocket, shared: Arc<Shared>) {
     }
 }
 
+/// A shard's share of `tollgate_sip_core_entries{table}`: what its core
+/// holds ([`B2bua::census`]), added to the shared gauge as it changes, and
+/// taken back when the shard ends.
+struct CensusGauge {
+    last: Census,
+    gauges: [metrics::Gauge; 4],
+}
+
+impl CensusGauge {
+    fn new() -> Self {
+        CensusGauge {
+            last: Census::default(),
+            gauges: Census::default()
+                .tables()
+                .map(|(table, _)| metrics::gauge!("tollgate_sip_core_entries", "table" => table)),
+        }
+    }
+
+    fn update(&mut self, now: Census) {
+        if now == self.last {
+            return;
+        }
+        for ((g, (_, new)), (_, old)) in
+            self.gauges.iter().zip(now.tables()).zip(self.last.tables())
+        {
+            if new != old {
+                g.increment(new as f64 - old as f64);
+            }
+        }
+        self.last = now;
+    }
+}
+
+impl Drop for CensusGauge {
+    fn drop(&mut self) {
+        self.update(Census::default());
+    }
+}
+
 async fn shard_loop(
     mut core: B2bua,
     mut rx: mpsc::Receiver<Inbound>,
     shared: Arc<Shared>,
     events: mpsc::UnboundedSender<CallEvent>,
 ) {
+    let mut census = CensusGauge::new();
     loop {
         let deadline = core
             .poll_timeout()
@@ -301,6 +341,7 @@ async fn shard_loop(
         for ev in core.events.drain(..) {
             let _ = events.send(ev);
         }
+        census.update(core.census());
         if stop {
             break;
         }

@@ -401,6 +401,14 @@ fn describe_metrics() {
         "tollgate_media_ports_capacity",
         "Media ports (RTP and RTCP) the configured range holds"
     );
+    describe_gauge!(
+        "tollgate_media_sessions",
+        "Calls with media state in the relay (offered, running or rejected)"
+    );
+    describe_gauge!(
+        "tollgate_sip_core_entries",
+        "Entries the signaling core holds, by table: calls (any state), transactions (incl. completed ones absorbing retransmissions), index (lookups by dialog and transaction), deadlines (queued call timers); all return to 0 when idle"
+    );
 }
 
 pub fn run(data_dir: &Path, args: ServeArgs) -> Result<(), Failure> {

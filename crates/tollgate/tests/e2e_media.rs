@@ -92,6 +92,42 @@ fn wait_ports_free(edge: &Edge, within: Duration, what: &str) {
     );
 }
 
+/// What the edge holds per call, table by table (SIP core and media relay),
+/// from /metrics: the leak check that does not depend on the allocator.
+fn census(edge: &Edge) -> Vec<(&'static str, f64)> {
+    let text = scrape(edge.metrics_addr());
+    let mut v: Vec<(&'static str, f64)> = ["calls", "transactions", "index", "deadlines"]
+        .into_iter()
+        .map(|t| {
+            let n = metric_sum(&text, "tollgate_sip_core_entries", &[("table", t)]);
+            (
+                t,
+                n.unwrap_or_else(|| panic!("no tollgate_sip_core_entries{{table={t}}}:\n{text}")),
+            )
+        })
+        .collect();
+    let sessions = metric_sum(&text, "tollgate_media_sessions", &[]);
+    v.push((
+        "media_sessions",
+        sessions.unwrap_or_else(|| panic!("no tollgate_media_sessions:\n{text}")),
+    ));
+    v
+}
+
+/// Every table of the census back to 0 (completed transactions linger
+/// 64*T1 first; the deadline is generous for a loaded machine).
+fn wait_census_empty(edge: &Edge, what: &str) {
+    let within = Duration::from_secs(40);
+    let ok = poll(within, || {
+        census(edge).iter().all(|(_, n)| *n == 0.0).then_some(())
+    });
+    assert!(
+        ok.is_some(),
+        "{what}: the edge still holds per-call state after {within:?}: {:?}",
+        census(edge)
+    );
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
     s.lines()
@@ -880,7 +916,8 @@ fn sipp_calls(
 }
 
 /// 500 calls created within ~1.7 s and held 4 s each, so all overlap;
-/// returns SIPp's result and the peaks of ports in use and RSS meanwhile.
+/// returns SIPp's result and the peaks of ports in use and RSS meanwhile
+/// (and checks that the census sees the calls).
 fn concurrent_500(edge: &Edge, key: &str, name: &str) -> (SippResult, f64, u64) {
     let now = now_unix();
     let tokens: Vec<String> = (0..500)
@@ -906,17 +943,24 @@ fn concurrent_500(edge: &Edge, key: &str, name: &str) -> (SippResult, f64, u64) 
         .timeout(Duration::from_secs(90))
         .spawn();
     let t = Instant::now();
-    let (mut peak_ports, mut peak_rss) = (0.0f64, 0u64);
+    let (mut peak_ports, mut peak_rss, mut peak) = (0.0f64, 0u64, Vec::new());
     while t.elapsed() < Duration::from_millis(4500) {
         peak_ports = peak_ports.max(ports_in_use(edge));
         peak_rss = peak_rss.max(rss_kib(edge.pid()));
+        let now = census(edge);
+        if now[0].1 > peak.first().map_or(0.0, |(_, n): &(&str, f64)| *n) {
+            peak = now;
+        }
         thread::sleep(Duration::from_millis(100));
     }
-    (
-        p.wait_at_most(Duration::from_secs(60)),
-        peak_ports,
-        peak_rss,
-    )
+    let r = p.wait_at_most(Duration::from_secs(60));
+    eprintln!("[load] {name}: census at the peak {peak:?}");
+    let get = |t: &str| peak.iter().find(|(k, _)| *k == t).map_or(0.0, |(_, n)| *n);
+    assert!(
+        get("calls") >= 490.0 && get("media_sessions") >= 490.0 && get("index") >= 490.0,
+        "{name}: the census did not see the 500 calls: {peak:?}"
+    );
+    (r, peak_ports, peak_rss)
 }
 
 fn mib(kib: u64) -> f64 {
@@ -960,6 +1004,7 @@ fn load_5000_sequential_and_500_concurrent_calls_free_ports_and_memory() {
         "warm-up: 500 concurrent calls hold 4 ports each"
     );
     wait_ports_free(&edge, Duration::from_secs(15), "after warm-up");
+    wait_census_empty(&edge, "after warm-up");
     thread::sleep(IDLE_WAIT);
     let rss0 = rss_kib(pid);
     eprintln!(
@@ -985,6 +1030,7 @@ fn load_5000_sequential_and_500_concurrent_calls_free_ports_and_memory() {
         );
         r.assert_calls_ok(2500);
         wait_ports_free(&edge, Duration::from_secs(10), half);
+        wait_census_empty(&edge, half);
         // Same state as the baseline: completed transactions (64*T1 = 6.4 s)
         // gone, so the slope compares like with like.
         thread::sleep(IDLE_WAIT);
@@ -1007,7 +1053,9 @@ fn load_5000_sequential_and_500_concurrent_calls_free_ports_and_memory() {
         "500 concurrent anchored calls hold 4 ports each (RTP+RTCP per leg)"
     );
     wait_ports_free(&edge, Duration::from_secs(15), "after 500 concurrent calls");
-    // completed transactions (64*T1) and dialog leftovers go
+    // Completed transactions (64*T1) and dialog leftovers go: every table
+    // back to 0 is the exact leak check; RSS below is the coarse one.
+    wait_census_empty(&edge, "after all the calls");
     thread::sleep(IDLE_WAIT);
     let rss_end = rss_kib(pid);
     eprintln!(
@@ -1021,6 +1069,10 @@ fn load_5000_sequential_and_500_concurrent_calls_free_ports_and_memory() {
     );
     assert_eq!(ports_in_use(&edge), 0.0);
 
+    // The exact leak check is the census above (every table of the SIP core
+    // and the media relay back to 0 each time). RSS is the coarse one, for
+    // what the census cannot see (buffers, caches, the allocator); each
+    // reading is taken IDLE_WAIT after the census emptied.
     // What "baseline" and "margin" mean here. The baseline is the RSS of the
     // warmed-up, idle edge, 7 s after the warm-up's own 500-concurrent burst;
     // the end figure is taken the same way after the measured burst, so both
