@@ -2538,6 +2538,18 @@ mod tests {
             self.b2b.txn.out.extend(rest);
             mine.iter().map(|t| parse(&t.data).unwrap()).collect()
         }
+        /// A's BYE (CSeq 2) in the one call of the rig (`call-a`).
+        fn bye_from_a(&mut self) {
+            let to = self.b2b.calls.values().next().unwrap().a.local_tag.clone();
+            self.a_sends(&in_dialog(
+                "BYE",
+                "<sip:+15550199@127.0.0.1>;tag=a1",
+                &format!("<sip:+15550100@127.0.0.1>;tag={to}"),
+                "call-a",
+                2,
+                5070,
+            ));
+        }
         fn advance(&mut self, d: Duration) {
             let end = self.t + d;
             while self.t < end {
@@ -2680,15 +2692,7 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
         assert!(c.index <= index && c.index <= 3, "{c:?}");
 
         // The last call ends: nothing is left.
-        let to = r.b2b.calls.values().next().unwrap().a.local_tag.clone();
-        r.a_sends(&in_dialog(
-            "BYE",
-            "<sip:+15550199@127.0.0.1>;tag=a1",
-            &format!("<sip:+15550100@127.0.0.1>;tag={to}"),
-            "call-a",
-            2,
-            5070,
-        ));
+        r.bye_from_a();
         let bye = r.sent_to(&r.b.clone());
         r.b_sends(reply_from_b(&bye[0], 200, "b1"));
         r.advance(Duration::from_secs(70));
@@ -2714,15 +2718,7 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
                         .unwrap();
                 r.a_sends(&ok);
             } else {
-                let to = r.b2b.calls.values().next().unwrap().a.local_tag.clone();
-                r.a_sends(&in_dialog(
-                    "BYE",
-                    "<sip:+15550199@127.0.0.1>;tag=a1",
-                    &format!("<sip:+15550100@127.0.0.1>;tag={to}"),
-                    "call-a",
-                    2,
-                    5070,
-                ));
+                r.bye_from_a();
                 assert_eq!(r.sent_to(&r.a.clone())[0].status(), Some(200));
                 let bye = r.sent_to(&r.b.clone());
                 assert_eq!(bye[0].method(), Some("BYE"));
