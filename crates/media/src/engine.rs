@@ -653,12 +653,6 @@ impl MediaEngine {
         removed
     }
 
-    /// Calls the engine holds media state for (offered, running or
-    /// rejected).
-    pub fn sessions(&self) -> usize {
-        self.calls().len()
-    }
-
     /// Media ports (not pairs) currently held (bound or reserved).
     pub fn ports_in_use(&self) -> usize {
         self.ports.in_use()

@@ -61,7 +61,7 @@ impl Way {
 
 /// The `transform` label of the packet and byte counters: what the relay
 /// did to a packet's protection on its way through (SRTP in, SRTP out).
-pub const TRANSFORMS: [&str; 4] = ["none", "encrypt", "decrypt", "reencrypt"];
+const TRANSFORMS: [&str; 4] = ["none", "encrypt", "decrypt", "reencrypt"];
 
 /// Index into [`TRANSFORMS`].
 fn transform(decrypts: bool, encrypts: bool) -> usize {

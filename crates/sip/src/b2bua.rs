@@ -1294,9 +1294,8 @@ impl B2bua {
     /// due: a budget deadline can be a day away, so steady traffic would
     /// keep a day of ended calls queued. Once stale entries outnumber the
     /// live ones (each call has at most one), the heap keeps only the live:
-    /// O(n) at most once per n/2 ended calls.
-    /// With no call left, every queued deadline is stale: an idle core
-    /// holds none.
+    /// O(n) at most once per n/2 ended calls. With no call left every
+    /// queued deadline is stale, so an idle core holds none.
     fn compact_deadlines(&mut self) {
         if self.calls.is_empty() {
             self.deadlines.clear();
