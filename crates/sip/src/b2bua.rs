@@ -224,6 +224,8 @@ pub struct Call {
     pub called: String,
     /// The token's `max_duration`, if any.
     max_duration: Option<u64>,
+    /// When `max_duration` runs out, once answered.
+    max_until: Option<Instant>,
     /// Leg A's INVITE had no SDP and media is anchored: leg B's offer comes
     /// in its 18x/2xx, leg A's answer in the ACK.
     late_offer: bool,
@@ -347,8 +349,17 @@ pub trait CallPolicy: Send {
         now: Instant,
         unix: i64,
     ) -> Result<(), Refused>;
-    /// Leg B answered; returns how many seconds the call may last (budget).
+    /// Leg B answered. Returns how many seconds the call may go on before
+    /// its budget is looked at again ([`CallPolicy::budget_check`]): `None`
+    /// without a budget, `Some(0)` when it is spent (the call is cut).
     fn answered(&mut self, call: u64, unix: i64) -> Option<u64>;
+    /// The seconds [`CallPolicy::answered`] (or the last check) gave are up:
+    /// how many more the call may go on (same meaning as there). Concurrent
+    /// calls of a key share its budget this way, each taking a slice at a
+    /// time, so none of them can spend what another is using.
+    fn budget_check(&mut self, _call: u64, _unix: i64) -> Option<u64> {
+        None
+    }
     /// The call ended, however it ended; every admitted call gets exactly one.
     fn ended(&mut self, record: &CallRecord);
 }
@@ -1267,6 +1278,7 @@ impl B2bua {
                 caller: caller.clone(),
                 called: called.clone(),
                 max_duration: principal.claims.as_ref().and_then(|c| c.max_duration),
+                max_until: None,
                 late_offer,
                 a_profile,
 
@@ -1307,6 +1319,27 @@ impl B2bua {
         let calls = &self.calls;
         self.deadlines
             .retain(|Reverse((at, id))| calls.get(id).is_some_and(|c| c.deadline == Some(*at)));
+    }
+
+    /// An answered call's next deadline: the end of its budget slice
+    /// (`budget` seconds, see [`CallPolicy::answered`]; a spent budget,
+    /// `Some(0)`, is due at once) or of its `max_duration`, whichever comes
+    /// first.
+    fn set_limit_deadline(
+        &mut self,
+        id: u64,
+        now: Instant,
+        budget: Option<u64>,
+        max_until: Option<Instant>,
+    ) {
+        let slice_end = budget.map(|s| now + Duration::from_secs(s));
+        let at = match (slice_end, max_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(at) = at {
+            self.set_deadline(id, at);
+        }
     }
 
     fn set_deadline(&mut self, id: u64, at: Instant) {
@@ -2196,14 +2229,11 @@ impl B2bua {
                 c.created_unix + now.saturating_duration_since(c.created).as_secs() as i64
             });
             let budget = self.policy.answered(id, unix);
-            let max = self.calls.get(&id).and_then(|c| c.max_duration);
-            let limit = match (budget, max) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            if let Some(secs) = limit {
-                self.set_deadline(id, now + Duration::from_secs(secs));
-            }
+            let max_until = self.calls.get_mut(&id).and_then(|c| {
+                c.max_until = c.max_duration.map(|d| now + Duration::from_secs(d));
+                c.max_until
+            });
+            self.set_limit_deadline(id, now, budget, max_until);
             return self.relay_response_with(now, id, Side::A, &a_invite, &msg, answer_body);
         }
         // 3xx-6xx: the transaction layer ACKed it.
@@ -2282,8 +2312,19 @@ impl B2bua {
                 // Leg B gave no final answer in time: 408 to A, CANCEL B.
                 CallState::Setup => self.abandon_setup(now, id, 408),
                 CallState::Confirmed => {
-                    // Budget or max_duration spent: BYE both legs.
-                    self.hangup(now, id, EndCause::LimitReached);
+                    let max_until = call.max_until;
+                    if max_until.is_some_and(|m| m <= now) {
+                        // max_duration spent: BYE both legs.
+                        self.hangup(now, id, EndCause::LimitReached);
+                        continue;
+                    }
+                    // The budget slice is used: the next one, or BYE.
+                    let unix = call.created_unix
+                        + now.saturating_duration_since(call.created).as_secs() as i64;
+                    match self.policy.budget_check(id, unix) {
+                        Some(0) => self.hangup(now, id, EndCause::LimitReached),
+                        budget => self.set_limit_deadline(id, now, budget, max_until),
+                    }
                 }
                 CallState::Cancelled => {
                     // Leg B never answered the CANCEL (RFC 3261 §9.1).

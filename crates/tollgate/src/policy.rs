@@ -5,13 +5,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
-use tollgate_keys::KeyRecord;
+use tollgate_keys::{KeyRecord, KeyStore};
 use tollgate_sip::b2bua::{AdmitInfo, CallPolicy, CallRecord, Refused};
 use tollgate_sip::EndCause;
-use tollgate_trunk::{Allocator, Cdr, CdrSink, ChannelId, KeyLimits, Refusal};
+use tollgate_trunk::{Allocator, Cdr, CdrSink, ChannelId, KeyLimits, Refusal, TrunkKey, MAX_CHAIN};
 
 pub struct TrunkPolicy {
     alloc: Arc<Allocator>,
+    /// Where a key's ancestors are looked up: their limits bound its calls.
+    keys: Arc<dyn KeyStore>,
     cdrs: Arc<dyn CdrSink>,
     channels: HashMap<u64, ChannelId>,
     /// Call events to the token's webhook: only a `try_send` here (webhook.rs).
@@ -43,9 +45,10 @@ pub struct ActiveCall {
 pub type CallRegistry = Arc<dashmap::DashMap<u64, ActiveCall>>;
 
 impl TrunkPolicy {
-    pub fn new(alloc: Arc<Allocator>, cdrs: Arc<dyn CdrSink>) -> Self {
+    pub fn new(alloc: Arc<Allocator>, cdrs: Arc<dyn CdrSink>, keys: Arc<dyn KeyStore>) -> Self {
         Self {
             alloc,
+            keys,
             cdrs,
             channels: HashMap::new(),
             webhooks: None,
@@ -65,6 +68,24 @@ impl TrunkPolicy {
         self.webhooks = Some(hooks);
         self
     }
+}
+
+/// The ancestors of `key`, its parent first (SPEC §2: a call counts against
+/// each of them). Stops at a missing parent, at a cycle and after
+/// [`MAX_CHAIN`] keys in all; a revoked ancestor still counts (its limits
+/// were the ones its children were made within).
+pub fn key_chain(keys: &dyn KeyStore, key: &KeyRecord) -> Vec<Arc<KeyRecord>> {
+    let mut chain: Vec<Arc<KeyRecord>> = Vec::new();
+    let mut parent = key.parent.clone();
+    while let Some(id) = parent {
+        if chain.len() + 1 >= MAX_CHAIN || id == key.id || chain.iter().any(|k| k.id == id) {
+            break;
+        }
+        let Some(rec) = keys.get(&id) else { break };
+        parent = rec.parent.clone();
+        chain.push(rec);
+    }
+    chain
 }
 
 /// SPEC §4: 503 + Retry-After, 486, 402, 403.
@@ -123,8 +144,15 @@ impl CallPolicy for TrunkPolicy {
         now: Instant,
         unix: i64,
     ) -> Result<(), Refused> {
-        let limits = KeyLimits::from(&key.limits);
-        match self.alloc.admit(&key.id, &limits, destination, now, unix) {
+        let ancestors = key_chain(self.keys.as_ref(), key);
+        let chain: Vec<TrunkKey<'_>> = std::iter::once(key)
+            .chain(ancestors.iter().map(|k| &**k))
+            .map(|k| TrunkKey {
+                id: &k.id,
+                limits: KeyLimits::from(&k.limits),
+            })
+            .collect();
+        match self.alloc.admit_chain(&chain, destination, now, unix) {
             Ok(ch) => {
                 self.channels.insert(call, ch);
                 self.calls.insert(
@@ -159,6 +187,13 @@ impl CallPolicy for TrunkPolicy {
         }
         let ch = self.channels.get(&call)?;
         self.alloc.answered(*ch, unix)
+    }
+
+    fn budget_check(&mut self, call: u64, unix: i64) -> Option<u64> {
+        match self.channels.get(&call) {
+            Some(ch) => self.alloc.budget_check(*ch, unix),
+            None => Some(0),
+        }
     }
 
     fn ended(&mut self, r: &CallRecord) {

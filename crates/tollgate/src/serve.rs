@@ -575,7 +575,17 @@ async fn serve(
     let day = tollgate_trunk::utc_day(now_unix);
     match cdrs.spent_on_day(day) {
         Ok(spent) => {
+            // A key's trunk counts its descendants' calls too (SPEC §2).
+            let mut totals: std::collections::HashMap<String, u64> = Default::default();
             for (key, secs) in spent {
+                if let Some(rec) = keys.get(&key) {
+                    for a in crate::policy::key_chain(keys.as_ref(), &rec) {
+                        *totals.entry(a.id.clone()).or_default() += secs;
+                    }
+                }
+                *totals.entry(key).or_default() += secs;
+            }
+            for (key, secs) in totals {
                 alloc.seed_spent(&key, day, secs);
             }
         }
@@ -598,7 +608,7 @@ async fn serve(
     let calls = crate::policy::CallRegistry::default();
     for index in 0..shards {
         let sink: Arc<dyn CdrSink> = cdrs.clone();
-        let policy = crate::policy::TrunkPolicy::new(alloc.clone(), sink)
+        let policy = crate::policy::TrunkPolicy::new(alloc.clone(), sink, keys.clone())
             .with_webhooks(webhooks.clone())
             .with_calls(calls.clone());
         let mut core =

@@ -1,19 +1,41 @@
 //! Elastic trunks: one per API key, grown per call up to the key's limits.
 //!
+//! # Hierarchy (SPEC §2)
+//!
+//! A restricted key's call counts against its own trunk **and the trunk of
+//! every ancestor**: [`Allocator::admit_chain`] takes the key and its
+//! ancestors ([`TrunkKey`], the key first) and admits only if every one of
+//! them has a rate token, a free channel and budget left; the call then holds
+//! a channel and a rate token on each. Ten children of a key with
+//! `max_calls = 5` share those 5 channels with their parent.
+//!
+//! # Budgets shared by concurrent calls
+//!
+//! An answered call does not get "the rest of the day": it is granted a slice
+//! of the budget that no other live call holds ([`Allocator::answered`]), and
+//! asks for the next slice when it has used that one
+//! ([`Allocator::budget_check`]). Slices granted on a trunk never add up to
+//! more than its budget minus what ended calls spent, so however many calls
+//! of a key (or of its descendants) are up at once, the day bills at most the
+//! daily minutes plus the rounding of each call's last second.
+//!
 //! # Concurrency
 //!
-//! State lives in three `DashMap`s: `trunks` (per key), `channels` (per
-//! channel id) and `parked` (the day's spent seconds of reclaimed trunks). An
-//! admission locks one shard of `trunks` (the key's), so keys do not contend
-//! with each other; the edge-wide channel count is an atomic. There is no
-//! global lock on the admit path and every operation is O(1) in the number of
-//! keys and calls (the premium deny list is scanned linearly; it is short).
+//! `trunks` maps a key id to its trunk behind its own mutex; `channels` maps
+//! a channel id to the trunks it holds; `parked` keeps the day's spent seconds
+//! of reclaimed trunks. An admission clones the handles of the chain's trunks
+//! out of the map (no map lock is held while a trunk is locked) and locks the
+//! trunks in key-id order, so two admissions over overlapping chains cannot
+//! deadlock; keys outside each other's chains do not contend. The edge-wide
+//! channel count is an atomic. Every operation is O(depth of the key) and O(1)
+//! in the number of keys and calls.
 //!
-//! Lock order, where two are held at once: `trunks` shard, then `channels`
-//! or `parked` shard. Nothing takes a `trunks` shard while holding another.
+//! Lock order: a `channels` shard may be held while trunk mutexes are taken;
+//! trunk mutexes in key-id order; a `trunks` or `parked` shard only for a
+//! lookup or insert, never while waiting for a trunk mutex.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use dashmap::DashMap;
@@ -166,6 +188,20 @@ impl DaySpent {
     }
 }
 
+/// One key of an admission chain: the calling key first, then its parent,
+/// and so on up to the root (SPEC §2). Ids must be distinct.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrunkKey<'a> {
+    /// The key id.
+    pub id: &'a str,
+    /// That key's limits.
+    pub limits: KeyLimits,
+}
+
+/// Longest budget slice granted to an answered call at a time: a call of a
+/// key with a large budget looks at it again at least this often.
+const MAX_SLICE_SECS: u64 = 300;
+
 /// A key's elastic trunk.
 struct Trunk {
     in_use: u32,
@@ -177,8 +213,13 @@ struct Trunk {
     /// times: their elapsed time at `t` is `answered * t - answer_sum`, O(1).
     answered: u32,
     answer_sum: i64,
+    /// Budget seconds granted to live answered channels (sum of their slices).
+    reserved: u64,
     /// Since when the trunk has had no channels.
     idle_since: Option<i64>,
+    /// Set under the trunk's lock when it is dropped from the map: an admit
+    /// that cloned the handle before must look the key up again.
+    reclaimed: bool,
     calls: Counter,
     billable: Counter,
 }
@@ -192,7 +233,9 @@ impl Trunk {
             daily_secs: None,
             answered: 0,
             answer_sum: 0,
+            reserved: 0,
             idle_since: Some(unix),
+            reclaimed: false,
             calls: metrics::counter!("tollgate_key_calls_total", "key" => key.to_owned()),
             billable: metrics::counter!(
                 "tollgate_key_billable_seconds_total",
@@ -209,11 +252,35 @@ impl Trunk {
             .max(0);
         self.spent.on(utc_day(unix)).saturating_add(live as u64)
     }
+
+    /// The next slice this trunk can grant: a quarter of what no ended call
+    /// spent and no live call holds, at least 1 s while any is left, at most
+    /// [`MAX_SLICE_SECS`]; `None` without a budget.
+    fn slice(&self, unix: i64) -> Option<u64> {
+        let budget = self.daily_secs?;
+        let free = budget
+            .saturating_sub(self.spent.on(utc_day(unix)))
+            .saturating_sub(self.reserved);
+        Some(if free == 0 {
+            0
+        } else {
+            (free / 4).clamp(1, MAX_SLICE_SECS)
+        })
+    }
+}
+
+type TrunkHandle = Arc<Mutex<Trunk>>;
+
+fn lock(t: &TrunkHandle) -> MutexGuard<'_, Trunk> {
+    t.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 struct Channel {
-    key: Arc<str>,
+    /// The trunks this channel holds, the calling key's first.
+    trunks: Box<[(Arc<str>, TrunkHandle)]>,
     answered_at: Option<i64>,
+    /// Budget seconds granted to this call so far (on every trunk it holds).
+    granted: u64,
 }
 
 struct Metrics {
@@ -258,7 +325,7 @@ impl EdgeSettings {
 pub struct Allocator {
     /// Edge-wide settings; replaced whole on a reload (SIGHUP).
     edge: std::sync::RwLock<Arc<EdgeSettings>>,
-    trunks: DashMap<Arc<str>, Trunk>,
+    trunks: DashMap<Arc<str>, TrunkHandle>,
     channels: DashMap<u64, Channel>,
     /// Today's spent seconds of keys whose trunk was reclaimed.
     parked: DashMap<Arc<str>, DaySpent>,
@@ -266,6 +333,10 @@ pub struct Allocator {
     next_id: AtomicU64,
     metrics: OnceLock<Metrics>,
 }
+
+/// Deepest key chain taken into account (a deeper one is refused as busy:
+/// key stores bound the depth far below this).
+pub const MAX_CHAIN: usize = 16;
 
 impl Allocator {
     /// An allocator with no trunks.
@@ -307,7 +378,7 @@ impl Allocator {
         self.metrics.get_or_init(Metrics::new)
     }
 
-    fn refuse(&self, r: Refusal) -> Result<ChannelId, Refusal> {
+    fn refuse<T>(&self, r: Refusal) -> Result<T, Refusal> {
         let m = self.metrics();
         match r {
             Refusal::RateLimited { .. } => m.rate.increment(1),
@@ -324,11 +395,7 @@ impl Allocator {
     }
 
     /// Takes a channel on the key's elastic trunk (created on first use).
-    ///
-    /// Checks, in order: destination, daily budget, concurrency (key, then
-    /// edge), calls per second. A call refused for any reason takes no rate
-    /// token and no channel. `limits` are the key's current limits; a change
-    /// takes effect on the next admit.
+    /// The same as [`Allocator::admit_chain`] for a key without ancestors.
     pub fn admit(
         &self,
         key_id: &str,
@@ -337,42 +404,108 @@ impl Allocator {
         now: Instant,
         unix: i64,
     ) -> Result<ChannelId, Refusal> {
+        let chain = [TrunkKey {
+            id: key_id,
+            limits: *limits,
+        }];
+        self.admit_chain(&chain, destination, now, unix)
+    }
+
+    /// Takes a channel on the trunk of `chain[0]` (the calling key) and of
+    /// each of its ancestors (`chain[1..]`), creating trunks on first use.
+    ///
+    /// Checks, in order: destination, daily budget, concurrency (every key
+    /// of the chain, then the edge), calls per second (every key). A call
+    /// refused for any reason takes no rate token and no channel anywhere.
+    /// Limits are each key's current ones; a change takes effect on the next
+    /// admit. An empty chain, or one deeper than [`MAX_CHAIN`], is refused as
+    /// [`Refusal::Busy`].
+    pub fn admit_chain(
+        &self,
+        chain: &[TrunkKey<'_>],
+        destination: &str,
+        now: Instant,
+        unix: i64,
+    ) -> Result<ChannelId, Refusal> {
         let edge = self.edge();
         if edge.deny.denies(destination) {
             return self.refuse(Refusal::DestinationDenied);
         }
-        let mut trunk = match self.trunks.get_mut(key_id) {
-            Some(t) => t,
-            None => self
-                .trunks
-                .entry(Arc::from(key_id))
-                .or_insert_with(|| self.new_trunk(key_id, unix)),
-        };
-        let t = &mut *trunk;
-        t.daily_secs = limits.daily_minutes.map(|m| u64::from(m) * 60);
-
-        if let Some(budget) = t.daily_secs {
-            if t.used(unix) >= budget {
-                return self.refuse(Refusal::BudgetExhausted);
-            }
+        if chain.is_empty() || chain.len() > MAX_CHAIN {
+            return self.refuse(Refusal::Busy);
         }
-        if limits.max_calls.is_some_and(|max| t.in_use >= max) {
+        loop {
+            let handles: Box<[(Arc<str>, TrunkHandle)]> = chain
+                .iter()
+                .map(|k| self.trunk_handle(k.id, unix))
+                .collect();
+            let mut guards = lock_in_order(&handles);
+            if guards.iter().any(|g| g.reclaimed) {
+                continue; // reclaimed between the lookup and the lock
+            }
+            let admitted = self.admit_locked(chain, &mut guards, &edge, now, unix);
+            drop(guards);
+            return admitted.map(|()| {
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                self.channels.insert(
+                    id,
+                    Channel {
+                        trunks: handles,
+                        answered_at: None,
+                        granted: 0,
+                    },
+                );
+                self.metrics().channels.increment(1.0);
+                ChannelId(id)
+            });
+        }
+    }
+
+    /// The checks and takes of [`Allocator::admit_chain`] on the locked chain.
+    fn admit_locked(
+        &self,
+        chain: &[TrunkKey<'_>],
+        guards: &mut [MutexGuard<'_, Trunk>],
+        edge: &EdgeSettings,
+        now: Instant,
+        unix: i64,
+    ) -> Result<(), Refusal> {
+        for (g, k) in guards.iter_mut().zip(chain) {
+            g.daily_secs = k.limits.daily_minutes.map(|m| u64::from(m) * 60);
+        }
+        if guards
+            .iter()
+            .any(|g| g.daily_secs.is_some_and(|budget| g.used(unix) >= budget))
+        {
+            return self.refuse(Refusal::BudgetExhausted);
+        }
+        if guards
+            .iter()
+            .zip(chain)
+            .any(|(g, k)| k.limits.max_calls.is_some_and(|max| g.in_use >= max))
+        {
             return self.refuse(Refusal::Busy);
         }
         let cap = edge.cfg.edge_max_calls as usize;
-        match limits.cps {
-            Some(cps) => {
-                let bucket = t.bucket.get_or_insert_with(|| TokenBucket::new(cps, now));
-                bucket.refill(cps, now);
+        let mut retry_after: Option<u32> = None;
+        for (g, k) in guards.iter_mut().zip(chain) {
+            match k.limits.cps {
+                Some(cps) => {
+                    let bucket = g.bucket.get_or_insert_with(|| TokenBucket::new(cps, now));
+                    bucket.refill(cps, now);
+                    if !bucket.has_token() {
+                        let r = bucket.retry_after_secs();
+                        retry_after = Some(retry_after.map_or(r, |x| x.max(r)));
+                    }
+                }
+                None => g.bucket = None,
             }
-            None => t.bucket = None,
         }
-        if let Some(bucket) = t.bucket.as_ref().filter(|b| !b.has_token()) {
+        if let Some(retry_after_secs) = retry_after {
             // Concurrency comes before rate: a full edge is Busy either way.
             if self.in_use.load(Ordering::Acquire) >= cap {
                 return self.refuse(Refusal::Busy);
             }
-            let retry_after_secs = bucket.retry_after_secs();
             return self.refuse(Refusal::RateLimited { retry_after_secs });
         }
         if self
@@ -384,100 +517,131 @@ impl Allocator {
         {
             return self.refuse(Refusal::Busy);
         }
-        if let Some(bucket) = t.bucket.as_mut() {
-            bucket.take();
+        for g in guards.iter_mut() {
+            if let Some(bucket) = g.bucket.as_mut() {
+                bucket.take();
+            }
+            g.in_use += 1;
+            g.idle_since = None;
         }
-        t.in_use += 1;
-        t.idle_since = None;
-        t.calls.increment(1);
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.channels.insert(
-            id,
-            Channel {
-                key: trunk.key().clone(),
-                answered_at: None,
-            },
-        );
-        drop(trunk);
-        self.metrics().channels.increment(1.0);
-        Ok(ChannelId(id))
+        guards[0].calls.increment(1);
+        Ok(())
     }
 
-    fn new_trunk(&self, key_id: &str, unix: i64) -> Trunk {
-        let spent = self
-            .parked
-            .remove(key_id)
-            .map(|(_, s)| s)
-            .unwrap_or_default();
-        Trunk::new(key_id, spent, unix)
+    fn trunk_handle(&self, key_id: &str, unix: i64) -> (Arc<str>, TrunkHandle) {
+        if let Some(e) = self.trunks.get(key_id) {
+            return (e.key().clone(), e.value().clone());
+        }
+        let e = self.trunks.entry(Arc::from(key_id)).or_insert_with(|| {
+            let spent = self
+                .parked
+                .remove(key_id)
+                .map(|(_, s)| s)
+                .unwrap_or_default();
+            Arc::new(Mutex::new(Trunk::new(key_id, spent, unix)))
+        });
+        (e.key().clone(), e.value().clone())
     }
 
-    /// The call on `ch` was answered at `unix`. Returns the billable seconds
-    /// the key has left today (its daily budget minus ended calls minus the
-    /// time so far on its other answered calls), `None` if the key has no
-    /// daily budget. The B2BUA cuts the call with BYE when that runs out.
-    ///
-    /// Several calls answered at once each get the whole remainder, so a key
-    /// can overrun its budget by (answered calls - 1) x remainder; the next
-    /// admit is then refused. An unknown or released channel gets `Some(0)`
-    /// (fail closed). Calling it twice keeps the first answer time.
+    /// The call on `ch` was answered at `unix`. Grants it the first slice of
+    /// the budget and returns its length in seconds: the B2BUA calls
+    /// [`Allocator::budget_check`] when it has run out. `None` if no key of
+    /// the chain has a daily budget; `Some(0)` if the budget is spent (cut
+    /// the call), also for an unknown or released channel (fail closed).
+    /// Calling it twice keeps the first answer time and grants nothing more.
     pub fn answered(&self, ch: ChannelId, unix: i64) -> Option<u64> {
-        let Some(key) = self.channels.get(&ch.0).map(|c| c.key.clone()) else {
+        let Some(mut channel) = self.channels.get_mut(&ch.0) else {
             return Some(0);
         };
-        let Some(mut trunk) = self.trunks.get_mut(&key) else {
-            return Some(0);
-        };
-        let t = &mut *trunk;
+        if channel.answered_at.is_some() {
+            return Self::remaining_grant(&channel, unix);
+        }
+        channel.answered_at = Some(unix);
+        for (_, t) in channel.trunks.iter() {
+            let mut t = lock(t);
+            t.answered += 1;
+            t.answer_sum = t.answer_sum.saturating_add(unix);
+        }
+        self.grant(&mut channel, unix)
+    }
+
+    /// The budget slice of an answered call on `ch` has run out at `unix`
+    /// (or the B2BUA wants to know how long it may go on): returns the
+    /// seconds until the next check, after granting the next slice when
+    /// the current one is used up; `Some(0)` when the budget of the key or
+    /// of an ancestor is spent (cut the call), `None` without a budget.
+    pub fn budget_check(&self, ch: ChannelId, unix: i64) -> Option<u64> {
         let Some(mut channel) = self.channels.get_mut(&ch.0) else {
             return Some(0);
         };
         if channel.answered_at.is_none() {
-            channel.answered_at = Some(unix);
-            t.answered += 1;
-            t.answer_sum = t.answer_sum.saturating_add(unix);
+            return Some(0);
         }
-        drop(channel);
-        t.daily_secs
-            .map(|budget| budget.saturating_sub(t.used(unix)))
+        match Self::remaining_grant(&channel, unix) {
+            Some(0) => self.grant(&mut channel, unix),
+            other => other,
+        }
     }
 
-    /// Gives the channel back; `billable_secs` count against the key's UTC
-    /// day of `unix`. Idempotent: releasing an unknown or released id is a
-    /// no-op.
+    /// Seconds left of what `channel` was granted (`None`: no budget).
+    fn remaining_grant(channel: &Channel, unix: i64) -> Option<u64> {
+        let answered = channel.answered_at?;
+        let has_budget = channel
+            .trunks
+            .iter()
+            .any(|(_, t)| lock(t).daily_secs.is_some());
+        if !has_budget {
+            return None;
+        }
+        let used = unix.saturating_sub(answered).max(0) as u64;
+        Some(channel.granted.saturating_sub(used))
+    }
+
+    /// Grants `channel` the next slice (the smallest any trunk of its chain
+    /// can give) on every trunk; returns it (0: spent), `None` without budget.
+    fn grant(&self, channel: &mut Channel, unix: i64) -> Option<u64> {
+        // Computed and reserved under every lock of the chain, so that
+        // concurrent grants never hand out the same free seconds twice.
+        let mut guards = lock_in_order(&channel.trunks);
+        let slice = guards.iter().filter_map(|g| g.slice(unix)).min()?;
+        if slice > 0 {
+            for g in guards.iter_mut() {
+                g.reserved = g.reserved.saturating_add(slice);
+            }
+        }
+        drop(guards);
+        if slice > 0 {
+            let answered = channel.answered_at.unwrap_or(unix);
+            // The slice counts from now: time already used past the last
+            // grant (a late check) is not granted twice.
+            let used = unix.saturating_sub(answered).max(0) as u64;
+            channel.granted = channel.granted.max(used).saturating_add(slice);
+        }
+        Some(slice)
+    }
+
+    /// Gives the channel back; `billable_secs` count against the UTC day of
+    /// `unix` of the key and of every ancestor it was admitted with.
+    /// Idempotent: releasing an unknown or released id is a no-op.
     pub fn release(&self, ch: ChannelId, billable_secs: u64, unix: i64) {
-        let Some(key) = self.channels.get(&ch.0).map(|c| c.key.clone()) else {
+        let Some((_, channel)) = self.channels.remove(&ch.0) else {
             return;
         };
         let day = utc_day(unix);
-        match self.trunks.get_mut(&key) {
-            Some(mut trunk) => {
-                // Removing under the trunk's lock makes a concurrent second
-                // release (or answered()) see either all of this or none.
-                let Some((_, channel)) = self.channels.remove(&ch.0) else {
-                    return;
-                };
-                let t = &mut *trunk;
-                if let Some(at) = channel.answered_at {
-                    t.answered -= 1;
-                    t.answer_sum = t.answer_sum.saturating_sub(at);
-                }
-                t.in_use -= 1;
-                if t.in_use == 0 {
-                    t.idle_since = Some(unix);
-                }
-                t.spent.add(day, billable_secs);
-                t.billable.increment(billable_secs);
+        for (i, (_, t)) in channel.trunks.iter().enumerate() {
+            let mut t = lock(t);
+            if let Some(at) = channel.answered_at {
+                t.answered = t.answered.saturating_sub(1);
+                t.answer_sum = t.answer_sum.saturating_sub(at);
             }
-            None => {
-                // Not reachable while the invariant "a trunk with channels is
-                // never reclaimed" holds; stay correct anyway.
-                if self.channels.remove(&ch.0).is_none() {
-                    return;
-                }
-                let mut spent = DaySpent::default();
-                spent.add(day, billable_secs);
-                self.parked.entry(key).or_default().merge(spent);
+            t.reserved = t.reserved.saturating_sub(channel.granted);
+            t.in_use = t.in_use.saturating_sub(1);
+            if t.in_use == 0 {
+                t.idle_since = Some(unix);
+            }
+            t.spent.add(day, billable_secs);
+            if i == 0 {
+                t.billable.increment(billable_secs);
             }
         }
         self.in_use.fetch_sub(1, Ordering::AcqRel);
@@ -489,9 +653,12 @@ impl Allocator {
         self.in_use.load(Ordering::Acquire)
     }
 
-    /// Channels in use on the key's trunk.
+    /// Channels in use on the key's trunk (its own calls and its descendants').
     pub fn key_channels(&self, key_id: &str) -> usize {
-        self.trunks.get(key_id).map_or(0, |t| t.in_use as usize)
+        self.trunks
+            .get(key_id)
+            .map(|t| t.value().clone())
+            .map_or(0, |t| lock(&t).in_use as usize)
     }
 
     /// Live trunks.
@@ -499,11 +666,12 @@ impl Allocator {
         self.trunks.len()
     }
 
-    /// The key's billable seconds on the UTC day of `unix`, ended calls only.
+    /// The key's billable seconds on the UTC day of `unix`, ended calls only
+    /// (its descendants' included).
     pub fn spent_today(&self, key_id: &str, unix: i64) -> u64 {
         let day = utc_day(unix);
-        if let Some(t) = self.trunks.get(key_id) {
-            return t.spent.on(day);
+        if let Some(t) = self.trunks.get(key_id).map(|t| t.value().clone()) {
+            return lock(&t).spent.on(day);
         }
         self.parked.get(key_id).map_or(0, |s| s.on(day))
     }
@@ -515,11 +683,19 @@ impl Allocator {
         let today = utc_day(unix);
         let idle_for = i64::try_from(self.edge().cfg.idle_reclaim_secs).unwrap_or(i64::MAX);
         self.trunks.retain(|key, t| {
+            // An admit holding this trunk's lock is about to take a channel:
+            // keep it.
+            let Ok(mut t) = t.try_lock() else {
+                return true;
+            };
             let idle = t.in_use == 0
                 && t.idle_since
                     .is_some_and(|since| unix.saturating_sub(since) >= idle_for);
-            if idle && t.spent.on(today) > 0 {
-                self.parked.entry(key.clone()).or_default().merge(t.spent);
+            if idle {
+                t.reclaimed = true;
+                if t.spent.on(today) > 0 {
+                    self.parked.entry(key.clone()).or_default().merge(t.spent);
+                }
             }
             !idle
         });
@@ -528,11 +704,12 @@ impl Allocator {
 
     /// Seeds the key's spent seconds on UTC `day` (from the CDR store at
     /// start-up, so that a restart keeps budgets). Raises the day's total to
-    /// at least `secs`; never lowers it, so seeding twice is harmless.
+    /// at least `secs`; never lowers it, so seeding twice is harmless. The
+    /// caller seeds each ancestor with the sum over its subtree.
     pub fn seed_spent(&self, key_id: &str, day: i64, secs: u64) {
         let seeded = DaySpent { day, secs };
-        if let Some(mut t) = self.trunks.get_mut(key_id) {
-            t.spent.merge(seeded);
+        if let Some(t) = self.trunks.get(key_id).map(|t| t.value().clone()) {
+            lock(&t).spent.merge(seeded);
             return;
         }
         self.parked
@@ -540,12 +717,24 @@ impl Allocator {
             .or_default()
             .merge(seeded);
         // A trunk created meanwhile took what was parked before, not this.
-        if let Some(mut t) = self.trunks.get_mut(key_id) {
+        if let Some(t) = self.trunks.get(key_id).map(|t| t.value().clone()) {
             if let Some((_, s)) = self.parked.remove(key_id) {
-                t.spent.merge(s);
+                lock(&t).spent.merge(s);
             }
         }
     }
+}
+
+/// Locks every trunk of `handles` in key-id order (deadlock-free across
+/// overlapping chains); the guards come back in the order of `handles`.
+fn lock_in_order(handles: &[(Arc<str>, TrunkHandle)]) -> Vec<MutexGuard<'_, Trunk>> {
+    let mut order: Vec<usize> = (0..handles.len()).collect();
+    order.sort_by(|&a, &b| handles[a].0.cmp(&handles[b].0));
+    let mut slots: Vec<Option<MutexGuard<'_, Trunk>>> = (0..handles.len()).map(|_| None).collect();
+    for i in order {
+        slots[i] = Some(lock(&handles[i].1));
+    }
+    slots.into_iter().flatten().collect()
 }
 
 #[cfg(test)]
@@ -714,7 +903,10 @@ mod tests {
         let t0 = Instant::now();
         let start = DAY0 + 3600;
         let ch = a.admit("k", &l, OK_DEST, t0, start).unwrap();
-        assert_eq!(a.answered(ch, start + 2), Some(60));
+        // A quarter of the free budget at a time.
+        assert_eq!(a.answered(ch, start + 2), Some(15));
+        assert_eq!(a.budget_check(ch, start + 10), Some(7));
+        assert_eq!(a.budget_check(ch, start + 17), Some(11)); // (60-15)/4
         a.release(ch, 60, start + 62);
         assert_eq!(
             a.admit("k", &l, OK_DEST, t0, start + 63),
@@ -724,12 +916,13 @@ mod tests {
         // Next UTC day: fresh budget.
         let next_day = DAY0 + 86_400;
         let ch = a.admit("k", &l, OK_DEST, t0, next_day).unwrap();
-        assert_eq!(a.answered(ch, next_day), Some(60));
+        assert_eq!(a.answered(ch, next_day), Some(15));
         // Unlimited key: None.
         let ch = a
             .admit("u", &KeyLimits::default(), OK_DEST, t0, next_day)
             .unwrap();
         assert_eq!(a.answered(ch, next_day), None);
+        assert_eq!(a.budget_check(ch, next_day + 100), None);
     }
 
     #[test]
@@ -738,12 +931,18 @@ mod tests {
         let l = limits(None, None, Some(1));
         let t0 = Instant::now();
         let c1 = a.admit("k", &l, OK_DEST, t0, DAY0).unwrap();
-        assert_eq!(a.answered(c1, DAY0), Some(60));
-        // 40 s into the first call, a second is answered: 20 s left.
+        assert_eq!(a.answered(c1, DAY0), Some(15));
+        // 40 s into the first call (it re-checked on time), a second is
+        // answered: of the 60 s, 40 are used and c1 is granted 5 more.
+        assert_eq!(a.budget_check(c1, DAY0 + 15), Some(11));
+        assert_eq!(a.budget_check(c1, DAY0 + 26), Some(8));
+        assert_eq!(a.budget_check(c1, DAY0 + 34), Some(6));
+        assert_eq!(a.budget_check(c1, DAY0 + 40), Some(5));
         let c2 = a.admit("k", &l, OK_DEST, t0, DAY0 + 40).unwrap();
-        assert_eq!(a.answered(c2, DAY0 + 40), Some(20));
+        // free: 60 - 45 (granted to c1) = 15 -> 3.
+        assert_eq!(a.answered(c2, DAY0 + 40), Some(3));
         // Second answered() on the same channel keeps the first answer time.
-        assert_eq!(a.answered(c2, DAY0 + 45), Some(10));
+        assert_eq!(a.answered(c2, DAY0 + 42), Some(1));
         // At 60 s of the first call's time the budget is used: refused.
         assert_eq!(
             a.admit("k", &l, OK_DEST, t0, DAY0 + 60),
@@ -755,6 +954,215 @@ mod tests {
         assert_eq!(a.channels_in_use(), 0);
         // Unknown/released channel: fail closed.
         assert_eq!(a.answered(c1, DAY0 + 61), Some(0));
+        assert_eq!(a.budget_check(c1, DAY0 + 61), Some(0));
+    }
+
+    /// Runs answered calls of `chains` (answer times given) the way the
+    /// B2BUA does: each checks its budget when its slice runs out and ends
+    /// when it is spent (billable: its whole seconds up). Returns each
+    /// call's billable seconds.
+    fn run_budgeted_calls(a: &Allocator, chains: &[(&[TrunkKey<'_>], i64)]) -> Vec<u64> {
+        let t0 = Instant::now();
+        let chs: Vec<(ChannelId, i64)> = chains
+            .iter()
+            .map(|(c, at)| (a.admit_chain(c, OK_DEST, t0, DAY0).unwrap(), *at))
+            .collect();
+        let mut next: Vec<Option<i64>> = vec![None; chs.len()];
+        let mut billed = vec![0; chs.len()];
+        for t in DAY0..DAY0 + 3600 {
+            for (i, (ch, at)) in chs.iter().enumerate() {
+                let due = match next[i] {
+                    None if t == DAY0 + at => a.answered(*ch, t),
+                    Some(n) if n == t => a.budget_check(*ch, t),
+                    _ => continue,
+                };
+                match due {
+                    Some(0) => {
+                        billed[i] = (t - DAY0 - at) as u64;
+                        a.release(*ch, billed[i], t);
+                        next[i] = Some(i64::MIN);
+                    }
+                    Some(s) => next[i] = Some(t + s as i64),
+                    None => panic!("no budget"),
+                }
+            }
+            if next.iter().all(|n| *n == Some(i64::MIN)) {
+                return billed;
+            }
+        }
+        panic!("calls not cut within an hour: {next:?}");
+    }
+
+    #[test]
+    fn concurrent_answered_calls_share_the_remaining_budget() {
+        let a = alloc();
+        let key = [TrunkKey {
+            id: "k",
+            limits: limits(None, None, Some(1)),
+        }];
+        // Three calls answered together, and three that join later.
+        for answers in [[0, 0, 0], [0, 10, 30]] {
+            let a = alloc();
+            let chains: Vec<(&[TrunkKey<'_>], i64)> =
+                answers.iter().map(|&at| (&key[..], at)).collect();
+            let billed = run_budgeted_calls(&a, &chains);
+            let total: u64 = billed.iter().sum();
+            assert!((57..=66).contains(&total), "{answers:?}: {billed:?}");
+            assert_eq!(a.channels_in_use(), 0);
+        }
+        // Spent: the next call is refused.
+        let ch = a.admit_chain(&key, OK_DEST, Instant::now(), DAY0).unwrap();
+        a.release(ch, 60, DAY0 + 1);
+        assert_eq!(
+            a.admit_chain(&key, OK_DEST, Instant::now(), DAY0 + 2),
+            Err(Refusal::BudgetExhausted)
+        );
+    }
+
+    #[test]
+    fn a_child_counts_against_every_ancestor() {
+        let a = alloc();
+        let t0 = Instant::now();
+        let root = TrunkKey {
+            id: "root",
+            limits: limits(Some(1000), Some(1), None),
+        };
+        let child = TrunkKey {
+            id: "child",
+            limits: limits(Some(1000), Some(1), None),
+        };
+        let sibling = TrunkKey {
+            id: "sibling",
+            limits: limits(None, Some(5), None),
+        };
+        // The parent's only channel is busy: its child gets Busy.
+        let p = a.admit_chain(&[root], OK_DEST, t0, DAY0).unwrap();
+        assert_eq!(
+            a.admit_chain(&[child, root], OK_DEST, t0, DAY0),
+            Err(Refusal::Busy)
+        );
+        a.release(p, 0, DAY0);
+        // The child's call holds the parent's channel: siblings and the
+        // parent itself are Busy until it ends.
+        let c = a.admit_chain(&[child, root], OK_DEST, t0, DAY0).unwrap();
+        assert_eq!(a.key_channels("root"), 1);
+        assert_eq!(
+            a.admit_chain(&[sibling, root], OK_DEST, t0, DAY0),
+            Err(Refusal::Busy)
+        );
+        assert_eq!(
+            a.admit_chain(&[root], OK_DEST, t0, DAY0),
+            Err(Refusal::Busy)
+        );
+        a.release(c, 30, DAY0 + 30);
+        assert_eq!(a.key_channels("root"), 0);
+        assert_eq!(a.key_channels("child"), 0);
+        assert_eq!(a.spent_today("root", DAY0 + 30), 30);
+        assert_eq!(a.spent_today("child", DAY0 + 30), 30);
+        assert_eq!(a.channels_in_use(), 0);
+    }
+
+    #[test]
+    fn calls_per_second_of_an_ancestor_bound_its_children() {
+        let a = alloc();
+        let t0 = Instant::now();
+        let root = TrunkKey {
+            id: "root",
+            limits: limits(Some(2), None, None),
+        };
+        let kids: Vec<TrunkKey<'_>> = ["c1", "c2", "c3"]
+            .iter()
+            .map(|id| TrunkKey {
+                id,
+                limits: limits(Some(2), None, None),
+            })
+            .collect();
+        let mut admitted = 0;
+        for k in &kids {
+            for _ in 0..2 {
+                match a.admit_chain(&[*k, root], OK_DEST, t0, DAY0) {
+                    Ok(ch) => {
+                        admitted += 1;
+                        a.release(ch, 0, DAY0);
+                    }
+                    Err(Refusal::RateLimited { retry_after_secs }) => {
+                        assert!(retry_after_secs >= 1)
+                    }
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+        }
+        assert_eq!(admitted, 2, "the root's 2 cps are shared by its children");
+    }
+
+    #[test]
+    fn daily_minutes_of_an_ancestor_bound_its_children() {
+        let a = alloc();
+        let root = TrunkKey {
+            id: "root",
+            limits: limits(None, None, Some(1)),
+        };
+        let c1 = TrunkKey {
+            id: "c1",
+            limits: limits(None, None, Some(1)),
+        };
+        let c2 = TrunkKey {
+            id: "c2",
+            limits: limits(None, None, None),
+        };
+        let chain1 = [c1, root];
+        let chain2 = [c2, root];
+        let billed =
+            run_budgeted_calls(&a, &[(&chain1[..], 0), (&chain2[..], 0), (&chain2[..], 5)]);
+        let total: u64 = billed.iter().sum();
+        assert!((57..=66).contains(&total), "{billed:?}");
+        assert_eq!(
+            a.admit_chain(&chain2, OK_DEST, Instant::now(), DAY0 + 3000),
+            Err(Refusal::BudgetExhausted)
+        );
+        assert!(a.spent_today("root", DAY0 + 3000) >= 57);
+    }
+
+    #[test]
+    fn overlapping_chains_admitted_from_many_threads_do_not_deadlock() {
+        const THREADS: usize = 8;
+        let a = Arc::new(alloc());
+        let t0 = Instant::now();
+        let barrier = Arc::new(Barrier::new(THREADS));
+        let handles: Vec<_> = (0..THREADS)
+            .map(|i| {
+                let (a, b) = (a.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let ids = ["a", "b", "c", "d"];
+                    let l = limits(None, Some(3), Some(100));
+                    let chain: Vec<TrunkKey<'_>> = (0..3)
+                        .map(|j| TrunkKey {
+                            id: ids[(i + j) % 4],
+                            limits: l,
+                        })
+                        .collect();
+                    b.wait();
+                    for n in 0..2_000 {
+                        if let Ok(ch) = a.admit_chain(&chain, OK_DEST, t0, DAY0) {
+                            assert!(ids.iter().all(|k| a.key_channels(k) <= 3));
+                            a.answered(ch, DAY0);
+                            a.budget_check(ch, DAY0 + 1);
+                            a.release(ch, 0, DAY0);
+                        }
+                        if n % 500 == 0 {
+                            a.reclaim_idle(DAY0 + 10_000);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(a.channels_in_use(), 0);
+        for k in ["a", "b", "c", "d"] {
+            assert_eq!(a.key_channels(k), 0);
+        }
     }
 
     #[test]
@@ -844,8 +1252,8 @@ mod tests {
         a.seed_spent("k", day, 90); // never lowers
         assert_eq!(a.spent_today("k", DAY0), 100);
         let ch = a.admit("k", &l, OK_DEST, t0, DAY0).unwrap();
-        assert_eq!(a.answered(ch, DAY0), Some(20));
-        // Seeding a live trunk works too.
+        assert_eq!(a.answered(ch, DAY0), Some(5)); // (120 - 100) / 4
+                                                   // Seeding a live trunk works too.
         a.seed_spent("k", day, 120);
         assert_eq!(
             a.admit("k", &l, OK_DEST, t0, DAY0),

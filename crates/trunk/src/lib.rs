@@ -19,7 +19,7 @@ mod bucket;
 pub mod cdr;
 pub mod policy;
 
-pub use allocator::{Allocator, ChannelId, KeyLimits, Refusal, TrunkConfig};
+pub use allocator::{Allocator, ChannelId, KeyLimits, Refusal, TrunkConfig, TrunkKey, MAX_CHAIN};
 pub use cdr::{format_usage, Cdr, CdrSink, FileCdrStore, KeyUsage, MemoryCdrSink, Recovery, Usage};
 pub use policy::DEFAULT_PREMIUM_DENY_PREFIXES;
 
