@@ -328,7 +328,18 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
     /// Scans every key: fine for the key counts of one account; a large
     /// fleet would index CIDRs.
     fn check_source(&self, inv: &InviteView<'_>, cfg: &AuthConfig) -> Outcome {
-        let now = Self::now_u64(cfg);
+        match self.trusted_source(inv.source_ip, Self::now_u64(cfg)) {
+            Some(rec) => self.admit(rec, Method::SourceIp, None, inv),
+            None => Outcome::Challenge {
+                headers: self.challenge_headers(cfg, false),
+            },
+        }
+    }
+
+    /// The usable key whose trusted CIDRs hold `ip` (SPEC §3c), if any: the
+    /// most specific CIDR wins, then the lowest id. Also what exempts a
+    /// carrier from the lockout of guessing sources (SPEC §4).
+    pub fn trusted_source(&self, ip: IpAddr, now: u64) -> Option<Arc<KeyRecord>> {
         let mut best: Option<(u8, Arc<KeyRecord>)> = None;
         for rec in self.store.list() {
             if !rec.is_usable(now) {
@@ -338,7 +349,7 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
                 .limits
                 .source_cidrs
                 .iter()
-                .filter(|c| c.contains(&inv.source_ip))
+                .filter(|c| c.contains(&ip))
                 .map(|c| c.prefix_len())
                 .max()
             else {
@@ -352,12 +363,7 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
                 best = Some((len, rec));
             }
         }
-        match best {
-            Some((_, rec)) => self.admit(rec, Method::SourceIp, None, inv),
-            None => Outcome::Challenge {
-                headers: self.challenge_headers(cfg, false),
-            },
-        }
+        best.map(|(_, rec)| rec)
     }
 
     fn admit(

@@ -4,6 +4,7 @@
 //! transaction layer beneath it: the driver feeds messages and time in and
 //! takes [`Transmit`]s out.
 
+use crate::lockout::{Lockout, LockoutConfig};
 use crate::message::{
     self, header_user, name_addr_uri, reason_phrase, response_to, Header, Message, SipUri,
     StartLine,
@@ -555,6 +556,9 @@ pub struct B2bua {
     media: Box<dyn MediaHooks>,
     /// The latest `now` seen, for bookkeeping in places that have no `now`.
     clock: Instant,
+    /// Sources that guessed credentials too often (SPEC §4), shared by the
+    /// shards.
+    lockout: Arc<Lockout>,
 }
 
 /// Below this many queued deadlines the heap is never compacted.
@@ -617,7 +621,14 @@ impl B2bua {
             policy: Box::new(OpenPolicy),
             media: Box::new(PassThroughMedia),
             clock: Instant::now(),
+            lockout: Arc::new(Lockout::new(LockoutConfig::default())),
         }
+    }
+
+    /// Shares `lockout` (one table for every shard of the edge).
+    pub fn with_lockout(mut self, lockout: Arc<Lockout>) -> Self {
+        self.lockout = lockout;
+        self
     }
 
     /// Makes this core shard `index` of `count`: its call ids are
@@ -856,6 +867,15 @@ impl B2bua {
                 let method = method.clone();
                 metrics::counter!("tollgate_sip_requests_total", "method" => method_label(&method))
                     .increment(1);
+                if method != "ACK"
+                    && msg.to_tag().is_none()
+                    && self.lockout.is_banned(peer.addr.ip(), now)
+                {
+                    // Locked out (SPEC §4): no answer at all. In-dialog
+                    // requests of calls already up still pass.
+                    metrics::counter!("tollgate_lockout_ignored_total").increment(1);
+                    return;
+                }
                 mark_received(&mut msg, &peer);
                 let Some(via) = msg.top_via() else { return };
                 if via.branch.is_none() {
@@ -960,10 +980,18 @@ impl B2bua {
             }
             Outcome::InvalidToken { header, reason } => {
                 metrics::counter!("tollgate_auth_failures_total", "reason" => reason).increment(1);
+                if self.bad_credential(now, unix, &peer) {
+                    return;
+                }
                 return self.challenge(&msg, &dest, vec![header]);
             }
             Outcome::InvalidDigest { headers, reason } => {
                 metrics::counter!("tollgate_auth_failures_total", "reason" => reason).increment(1);
+                // A stale nonce with the right answer is the digest flow
+                // asking for a retry, not a guess.
+                if reason != "stale_nonce" && self.bad_credential(now, unix, &peer) {
+                    return;
+                }
                 return self.challenge(&msg, &dest, headers);
             }
             Outcome::Forbidden { reason } => {
@@ -973,6 +1001,29 @@ impl B2bua {
             }
         };
         self.start_call(now, unix, msg, peer, principal, request_user, from_user, mf);
+    }
+
+    /// Counts a bad credential from `peer` towards its lockout; true if the
+    /// source is now locked out (this request gets no answer either).
+    /// Trusted carrier sources are never locked out.
+    fn bad_credential(&mut self, now: Instant, unix: i64, peer: &Peer) -> bool {
+        let ip = peer.addr.ip();
+        if self.lockout.config().failures == 0
+            || self.auth.trusted_source(ip, unix.max(0) as u64).is_some()
+        {
+            return false;
+        }
+        let Some(ban) = self.lockout.record_failure(ip, now) else {
+            return false;
+        };
+        metrics::counter!("tollgate_lockout_bans_total").increment(1);
+        tracing::warn!(
+            source = %ban.ip,
+            failures = ban.failures,
+            ban_s = ban.duration.as_secs(),
+            "source locked out: too many bad credentials"
+        );
+        true
     }
 
     fn challenge(&mut self, msg: &Message, dest: &Peer, values: Vec<String>) {

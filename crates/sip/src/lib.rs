@@ -6,6 +6,7 @@
 pub mod b2bua;
 pub mod driver;
 pub mod framing;
+pub mod lockout;
 pub mod message;
 pub mod tls;
 pub mod transaction;
