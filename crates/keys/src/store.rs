@@ -1570,6 +1570,15 @@ mod tests {
         list.iter().map(|c| c.parse().unwrap()).collect()
     }
 
+    /// Limits with these source and trusted CIDRs only.
+    fn sourced(source: &[&str], trusted: &[&str]) -> Limits {
+        Limits {
+            source_cidrs: cidrs(source),
+            trusted_cidrs: cidrs(trusted),
+            ..Limits::default()
+        }
+    }
+
     #[test]
     fn trusted_index_most_specific_then_lowest_id_and_rebuilt_on_change() {
         let s = MemoryKeyStore::new();
@@ -1652,11 +1661,7 @@ mod tests {
                 "carrier",
                 KeyKind::Secret,
                 None,
-                Limits {
-                    source_cidrs: cidrs(&["198.51.100.0/24"]),
-                    trusted_cidrs: cidrs(&["198.51.100.0/28"]),
-                    ..Limits::default()
-                },
+                sourced(&["198.51.100.0/24"], &["198.51.100.0/28"]),
                 None,
                 NOW,
             )
@@ -1677,11 +1682,7 @@ mod tests {
                 "k",
                 KeyKind::Secret,
                 None,
-                Limits {
-                    source_cidrs: cidrs(&["10.0.0.0/24"]),
-                    trusted_cidrs: cidrs(&["10.0.0.0/16"]),
-                    ..Limits::default()
-                },
+                sourced(&["10.0.0.0/24"], &["10.0.0.0/16"]),
                 None,
                 NOW,
             )
@@ -1692,19 +1693,8 @@ mod tests {
             (&[][..], &["10.0.0.0/16"][..]),
             (&["10.0.0.0/16"], &["10.0.0.0/24"]),
         ] {
-            s.create(
-                "k",
-                KeyKind::Secret,
-                None,
-                Limits {
-                    source_cidrs: cidrs(src),
-                    trusted_cidrs: cidrs(tr),
-                    ..Limits::default()
-                },
-                None,
-                NOW,
-            )
-            .unwrap();
+            s.create("k", KeyKind::Secret, None, sourced(src, tr), None, NOW)
+                .unwrap();
         }
         // A child's trusted CIDRs must lie within a restricting parent's sources.
         let (p, _) = s
@@ -1712,10 +1702,7 @@ mod tests {
                 "p",
                 KeyKind::Secret,
                 None,
-                Limits {
-                    source_cidrs: cidrs(&["10.0.0.0/16"]),
-                    ..Limits::default()
-                },
+                sourced(&["10.0.0.0/16"], &[]),
                 None,
                 NOW,
             )
@@ -1725,11 +1712,7 @@ mod tests {
                 "c",
                 KeyKind::Secret,
                 None,
-                Limits {
-                    source_cidrs: cidrs(src),
-                    trusted_cidrs: cidrs(tr),
-                    ..Limits::default()
-                },
+                sourced(src, tr),
                 Some(&p.id),
                 NOW,
             )
@@ -1745,11 +1728,7 @@ mod tests {
             "c",
             KeyKind::Secret,
             None,
-            Limits {
-                source_cidrs: cidrs(&["192.0.2.0/24"]),
-                trusted_cidrs: cidrs(&["192.0.2.1/32"]),
-                ..Limits::default()
-            },
+            sourced(&["192.0.2.0/24"], &["192.0.2.1/32"]),
             Some(&free.id),
             NOW,
         )
@@ -1766,10 +1745,7 @@ mod tests {
                 "old",
                 KeyKind::Secret,
                 None,
-                Limits {
-                    source_cidrs: cidrs(&["203.0.113.0/24"]),
-                    ..Limits::default()
-                },
+                sourced(&["203.0.113.0/24"], &[]),
                 None,
                 NOW,
             )

@@ -157,6 +157,18 @@ mod sources_and_hierarchy_reach {
         }
     }
 
+    /// `keys create EXTRA...` in the edge's data directory must fail with
+    /// exit 2 and an error naming `field`.
+    fn refused_create(edge: &Edge, extra: &[&str], field: &str) {
+        let dir = edge.data_dir.to_str().unwrap();
+        let mut args = vec!["--data-dir", dir, "keys", "create", "--name", "refused"];
+        args.extend_from_slice(extra);
+        let o = tollgate(&args);
+        assert_eq!(o.status.code(), Some(2), "{}", describe_output(&args, &o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(field), "error must name {field}: {err}");
+    }
+
     fn listed_ids(body: &Value) -> Vec<String> {
         let mut ids: Vec<String> = body["keys"]
             .as_array()
@@ -168,30 +180,31 @@ mod sources_and_hierarchy_reach {
         ids
     }
 
+    /// A key pinned to 127.0.0.2/32 gets through from there (486 from the
+    /// busy UAS) and 403 from 127.0.0.1 and 127.0.0.3, with `call`'s credential.
+    fn pinned_key_is_refused_elsewhere(call: fn(&Edge, &str, &str) -> SipMsg) {
+        let (_uas, edge) = busy_edge();
+        let key = edge.create_key("pinned", &["--source-cidr", "127.0.0.2/32"]);
+        let ok = until_loaded(|| call(&edge, &key, "127.0.0.2"));
+        assert_eq!(ok.code(), Some(486), "from its source:\n{}", ok.text());
+        for elsewhere in ["127.0.0.1", "127.0.0.3"] {
+            let r = call(&edge, &key, elsewhere);
+            assert_eq!(r.code(), Some(403), "from {elsewhere}:\n{}", r.text());
+        }
+    }
+
     /// Attack: use a leaked key's bearer token from somewhere other than the
     /// key's `source_cidrs` (SPEC §2). Expect 403 from 127.0.0.1 for a key
     /// restricted to 127.0.0.2/32, while the same key works from 127.0.0.2.
     #[test]
     fn bearer_invite_from_outside_source_cidrs_gets_403() {
-        let (_uas, edge) = busy_edge();
-        let key = edge.create_key("pinned", &["--source-cidr", "127.0.0.2/32"]);
-        let ok = until_loaded(|| bearer_from(&edge, &key, "127.0.0.2"));
-        assert_eq!(ok.code(), Some(486), "from its source:\n{}", ok.text());
-        let r = bearer_from(&edge, &key, "127.0.0.1");
-        assert_eq!(r.code(), Some(403), "from elsewhere:\n{}", r.text());
-        let r = bearer_from(&edge, &key, "127.0.0.3");
-        assert_eq!(r.code(), Some(403), "from elsewhere:\n{}", r.text());
+        pinned_key_is_refused_elsewhere(bearer_from);
     }
 
     /// Attack: the same, with a digest credential (a leaked PBX password).
     #[test]
     fn digest_invite_from_outside_source_cidrs_gets_403() {
-        let (_uas, edge) = busy_edge();
-        let key = edge.create_key("pbx", &["--source-cidr", "127.0.0.2/32"]);
-        let ok = until_loaded(|| digest_from(&edge, &key, "127.0.0.2"));
-        assert_eq!(ok.code(), Some(486), "from its source:\n{}", ok.text());
-        let r = digest_from(&edge, &key, "127.0.0.1");
-        assert_eq!(r.code(), Some(403), "from elsewhere:\n{}", r.text());
+        pinned_key_is_refused_elsewhere(digest_from);
     }
 
     /// Attack: a child key escapes its parent's source restriction by having
@@ -200,20 +213,12 @@ mod sources_and_hierarchy_reach {
     fn child_key_is_held_to_its_parents_source_cidrs() {
         let (_uas, edge) = busy_edge();
         let parent = edge.create_key("parent", &["--source-cidr", "127.0.0.0/30"]);
-        let e = tollgate(&[
-            "--data-dir",
-            edge.data_dir.to_str().unwrap(),
-            "keys",
-            "create",
-            "--name",
-            "wider",
-            "--parent",
-            &key_id(&parent),
-            "--source-cidr",
-            "127.0.0.0/8",
-        ]);
-        assert_eq!(e.status.code(), Some(2), "{}", describe_output(&[], &e));
-        assert!(String::from_utf8_lossy(&e.stderr).contains("source_cidrs"));
+        let parent_id = key_id(&parent);
+        refused_create(
+            &edge,
+            &["--parent", &parent_id, "--source-cidr", "127.0.0.0/8"],
+            "source_cidrs",
+        );
         let child = edge.create_key(
             "child",
             &[
@@ -298,20 +303,16 @@ mod sources_and_hierarchy_reach {
             bad.text()
         );
         // trusted_cidrs outside source_cidrs is refused, naming the field.
-        let e = tollgate(&[
-            "--data-dir",
-            edge.data_dir.to_str().unwrap(),
-            "keys",
-            "create",
-            "--name",
-            "loose",
-            "--source-cidr",
-            "127.0.0.3/32",
-            "--trust-cidr",
-            "127.0.0.0/24",
-        ]);
-        assert_eq!(e.status.code(), Some(2));
-        assert!(String::from_utf8_lossy(&e.stderr).contains("trusted_cidrs"));
+        refused_create(
+            &edge,
+            &[
+                "--source-cidr",
+                "127.0.0.3/32",
+                "--trust-cidr",
+                "127.0.0.0/24",
+            ],
+            "trusted_cidrs",
+        );
     }
 
     /// Attack: a key holding only the `keys` scope lists, rolls or revokes
