@@ -41,6 +41,8 @@ command -v prometheus >/dev/null || { echo "test.sh: prometheus is still missing
 has_yaml || { echo "test.sh: python3 cannot import yaml (python3-yaml)" >&2; exit 1; }
 # pylibsrtp: the independent SRTP implementation the media tests compare with.
 crates/media/scripts/install-test-deps.sh
+# detect-secrets in a venv: the secret-scanning rule's test runs it.
+scripts/install-secret-scan-deps.sh
 
 cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads=4

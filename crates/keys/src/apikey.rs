@@ -4,6 +4,12 @@
 //! key): `<id>` is exactly 12 characters `[a-z0-9]`, `<secret>` at least 32
 //! characters `[A-Za-z0-9]`. The edge never stores a key; it stores only the
 //! derivations below.
+//!
+//! Leak resistance (SPEC §2): the secret of a key made here ends in a
+//! 6-character checksum, the base62 CRC32 of everything before it (GitHub's
+//! token scheme), so a secret scanner can tell a real key from look-alikes
+//! offline ([`ApiKey::has_valid_checksum`], `docs/secret-scanning/`). Parsing
+//! and verification never depend on it: keys made before checksums keep working.
 
 use std::fmt;
 
@@ -18,8 +24,13 @@ pub const ID_LEN: usize = 12;
 pub const MIN_SECRET_LEN: usize = 32;
 /// Maximum length of a key secret accepted by [`ApiKey::parse`].
 pub const MAX_SECRET_LEN: usize = 256;
-/// Length of the secret of keys made by [`ApiKey::generate`].
-pub const GENERATED_SECRET_LEN: usize = 40;
+/// Random characters in the secret of keys made by [`ApiKey::generate`].
+pub const GENERATED_RANDOM_LEN: usize = 40;
+/// Length of the checksum that ends a generated secret ([`checksum`]).
+pub const CHECKSUM_LEN: usize = 6;
+/// Length of the secret of keys made by [`ApiKey::generate`]: the random
+/// part, then the checksum.
+pub const GENERATED_SECRET_LEN: usize = GENERATED_RANDOM_LEN + CHECKSUM_LEN;
 
 const SIGNING_KEY_LABEL: &[u8] = b"tollgate-sip-token-v1";
 const DIGEST_PASSWORD_LABEL: &[u8] = b"tollgate-sip-digest-v1";
@@ -27,6 +38,8 @@ const WEBHOOK_LABEL: &[u8] = b"tollgate-webhook-v1";
 
 const ID_ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
 const SECRET_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+/// Digits of the checksum, in value order (GitHub's base62).
+const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 /// Which kind of key: secret (server side, full power) or public (calls only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -114,11 +127,7 @@ impl ApiKey {
     pub fn try_generate(kind: KeyKind) -> Result<ApiKey> {
         let rng = SystemRandom::new();
         let id = random_string(&rng, ID_ALPHABET, ID_LEN)?;
-        let secret = random_string(&rng, SECRET_ALPHABET, GENERATED_SECRET_LEN)?;
-        Ok(ApiKey {
-            full: format!("{}{}_{}", kind.prefix(), id, secret),
-            kind,
-        })
+        Self::generate_with(&rng, kind, &id)
     }
 
     /// A new secret for an existing id (used by roll). `id` must be valid.
@@ -126,12 +135,26 @@ impl ApiKey {
         if !is_valid_id(id) {
             return Err(KeyError::Malformed);
         }
-        let rng = SystemRandom::new();
-        let secret = random_string(&rng, SECRET_ALPHABET, GENERATED_SECRET_LEN)?;
-        Ok(ApiKey {
-            full: format!("{}{}_{}", kind.prefix(), id, secret),
-            kind,
-        })
+        Self::generate_with(&SystemRandom::new(), kind, id)
+    }
+
+    /// `<prefix><id>_<40 random><checksum of all before it>`.
+    fn generate_with(rng: &SystemRandom, kind: KeyKind, id: &str) -> Result<ApiKey> {
+        let random = random_string(rng, SECRET_ALPHABET, GENERATED_RANDOM_LEN)?;
+        let mut full = format!("{}{}_{}", kind.prefix(), id, random);
+        let sum = checksum(&full);
+        full.push_str(&sum);
+        Ok(ApiKey { full, kind })
+    }
+
+    /// True if the secret ends in the checksum of the rest of the key
+    /// ([`checksum`]). Keys made before checksums have none: they are still
+    /// valid keys, and nothing but `tollgate keys check` and scanners look at this.
+    pub fn has_valid_checksum(&self) -> bool {
+        let (rest, sum) = self.full.split_at(self.full.len() - CHECKSUM_LEN);
+        // Not secret-dependent in a way worth hiding (the checksum is public
+        // knowledge of the string), but cheap to compare in constant time.
+        crate::ct::eq(checksum(rest).as_bytes(), sum.as_bytes())
     }
 
     /// The key id (12 characters `[a-z0-9]`).
@@ -231,6 +254,32 @@ fn random_string(rng: &SystemRandom, alphabet: &[u8], len: usize) -> Result<Stri
     Ok(out)
 }
 
+/// The 6-character checksum of `rest` (SPEC §2, GitHub's token scheme): the
+/// CRC-32 (IEEE 802.3, as zlib's `crc32`) of its UTF-8 bytes, in base62 with
+/// digits `0-9A-Za-z`, left-padded with `0` to 6 characters.
+pub fn checksum(rest: &str) -> String {
+    let mut n = crc32(rest.as_bytes());
+    let mut out = [b'0'; CHECKSUM_LEN];
+    for slot in out.iter_mut().rev() {
+        *slot = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    // 62^6 > 2^32: every CRC fits, so `n` is 0 here.
+    out.iter().map(|&b| b as char).collect()
+}
+
+/// CRC-32, reflected polynomial 0xEDB88320 (zlib, PNG, GitHub tokens).
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
+        }
+    }
+    !crc
+}
+
 fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
     let tag = ring::hmac::sign(&key, msg);
@@ -267,6 +316,10 @@ mod tests {
     use super::*;
 
     const KEY: &str = "tg_sk_abcdefghij12_ABCDEFGHIJKLMNOPQRSTUVWXYZabcdef0123";
+    /// `checksum("123456789")` and `checksum(KEY without its last 6)`, from Python's
+    /// `zlib.crc32` and a base62 loop (not from this code).
+    const CHECKSUM_123456789: &str = "3jZRME";
+    const CHECKSUM_KEY_REST: &str = "4OCyWP";
 
     #[test]
     fn parse_valid() {
@@ -314,11 +367,43 @@ mod tests {
             let p = ApiKey::parse(k.expose()).unwrap();
             assert_eq!(p, k);
             assert_eq!(p.kind(), kind);
+            assert!(p.has_valid_checksum(), "{p}");
+            // One character changed anywhere breaks the checksum.
+            let mut bad = k.expose().to_string().into_bytes();
+            let i = bad.len() - CHECKSUM_LEN - 3;
+            bad[i] = if bad[i] == b'a' { b'b' } else { b'a' };
+            let bad = ApiKey::parse(std::str::from_utf8(&bad).unwrap()).unwrap();
+            assert!(!bad.has_valid_checksum());
         }
         assert_ne!(
             ApiKey::generate(KeyKind::Secret).id(),
             ApiKey::generate(KeyKind::Secret).id()
         );
+    }
+
+    /// CRC-32 check value of the standard ("123456789" -> 0xCBF43926), and
+    /// base62 checksums computed independently with
+    /// `python3 -c 'import zlib; ...'` (docs/secret-scanning/tollgate_plugin.py's
+    /// `checksum`).
+    #[test]
+    fn checksum_known_vectors() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b""), 0);
+        assert_eq!(checksum(""), "000000");
+        // Decoding the base62 digits gives the CRC back.
+        let n: u64 = 0xCBF4_3926;
+        let s = checksum("123456789");
+        let back = s.bytes().fold(0u64, |acc, c| {
+            acc * 62 + BASE62.iter().position(|&d| d == c).unwrap() as u64
+        });
+        assert_eq!(back, n, "{s}");
+        assert_eq!(checksum("123456789"), CHECKSUM_123456789);
+        assert_eq!(checksum(&KEY[..KEY.len() - 6]), CHECKSUM_KEY_REST);
+        // A key from before checksums parses and is simply without one.
+        let old = ApiKey::parse(KEY).unwrap();
+        assert!(!old.has_valid_checksum());
+        let with = format!("{}{}", &KEY[..KEY.len() - 6], CHECKSUM_KEY_REST);
+        assert!(ApiKey::parse(&with).unwrap().has_valid_checksum());
     }
 
     #[test]

@@ -2,8 +2,11 @@
 //! of the request's relevant parts, the key store, the replay cache and `now`.
 //!
 //! Order: a `Bearer` credential if present, else a `Digest` credential for our
-//! realm, else the source-IP ACL, else a challenge. A credential that is
-//! present but bad is refused even if the source address is trusted.
+//! realm, else the trusted-source ACL (`trusted_cidrs`), else a challenge. A
+//! credential that is present but bad is refused even if the source address
+//! is trusted. Whatever admitted it, a key is used only from its
+//! `source_cidrs` and every ancestor's ([`crate::store::source_allowed`]):
+//! from elsewhere `403` (reason `source_not_allowed`).
 //!
 //! This check consumes single-use values (`jti`, nonce): run it once per
 //! server transaction, never for a retransmitted INVITE.
@@ -15,7 +18,7 @@ use crate::digest::{self, Algorithm, DigestError, NonceIssuer};
 use crate::jwt::{self, Claims};
 use crate::number::{matches_prefix, normalize};
 use crate::replay::ReplayCache;
-use crate::store::{KeyRecord, KeyStore, Scope};
+use crate::store::{source_allowed, KeyRecord, KeyStore, Scope};
 use crate::KeyKind;
 
 /// The parts of an INVITE the credential check looks at. All untrusted.
@@ -321,49 +324,16 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
         self.admit(rec, Method::Digest, None, inv)
     }
 
-    /// Credential-less INVITE: trusted if a usable key lists a source CIDR
+    /// Credential-less INVITE: admitted if a usable key lists a trusted CIDR
     /// containing the source address (the most specific CIDR wins, then the
-    /// lowest id).
-    ///
-    /// Scans every key: fine for the key counts of one account; a large
-    /// fleet would index CIDRs.
+    /// lowest id), looked up in the store's index ([`KeyStore::trusted_for`]).
     fn check_source(&self, inv: &InviteView<'_>, cfg: &AuthConfig) -> Outcome {
-        match self.trusted_source(inv.source_ip, Self::now_u64(cfg)) {
+        match self.store.trusted_for(inv.source_ip, Self::now_u64(cfg)) {
             Some(rec) => self.admit(rec, Method::SourceIp, None, inv),
             None => Outcome::Challenge {
                 headers: self.challenge_headers(cfg, false),
             },
         }
-    }
-
-    /// The usable key whose trusted CIDRs hold `ip` (SPEC §3c), if any: the
-    /// most specific CIDR wins, then the lowest id. Also what exempts a
-    /// carrier from the lockout of guessing sources (SPEC §4).
-    pub fn trusted_source(&self, ip: IpAddr, now: u64) -> Option<Arc<KeyRecord>> {
-        let mut best: Option<(u8, Arc<KeyRecord>)> = None;
-        for rec in self.store.list() {
-            if !rec.is_usable(now) {
-                continue;
-            }
-            let Some(len) = rec
-                .limits
-                .source_cidrs
-                .iter()
-                .filter(|c| c.contains(&ip))
-                .map(|c| c.prefix_len())
-                .max()
-            else {
-                continue;
-            };
-            let better = match &best {
-                None => true,
-                Some((l, b)) => len > *l || (len == *l && rec.id < b.id),
-            };
-            if better {
-                best = Some((len, rec));
-            }
-        }
-        best.map(|(_, rec)| rec)
     }
 
     fn admit(
@@ -373,6 +343,12 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
         claims: Option<Claims>,
         inv: &InviteView<'_>,
     ) -> Outcome {
+        // The key's and every ancestor's source_cidrs, whatever the method.
+        if !source_allowed(&*self.store, &key, inv.source_ip) {
+            return Outcome::Forbidden {
+                reason: "source_not_allowed",
+            };
+        }
         match policy(&key, inv.request_user) {
             Ok(()) => Outcome::Accepted(Principal {
                 key,
@@ -409,8 +385,8 @@ pub fn digest_uri_matches(digest_uri: &str, request_uri: &str) -> bool {
 ///
 /// The key needs the `calls` scope; a deny prefix beats the allow-list; a
 /// non-empty allow-list must contain the destination; a public key with an
-/// empty allow-list may call nothing. Source CIDRs are not checked here: they
-/// only grant trust to credential-less traffic.
+/// empty allow-list may call nothing. Source CIDRs are checked before, by
+/// [`crate::store::source_allowed`].
 pub fn policy(key: &KeyRecord, destination: &str) -> Result<(), &'static str> {
     if !key.has_scope(Scope::Calls) {
         return Err("scope");
@@ -810,15 +786,91 @@ mod tests {
             .unwrap();
         let o = f.check(&[&bearer(&k, &claims("e"))]);
         assert!(matches!(o, Outcome::Forbidden { reason: "scope" }), "{o:?}");
-        // Source CIDRs do not restrict credentialed calls.
-        let k = f.key(
-            KeyKind::Secret,
-            Limits {
-                source_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
-                ..Limits::default()
-            },
+    }
+
+    /// SPEC §2: source_cidrs restrict every credential kind, and every
+    /// ancestor's apply to a child.
+    #[test]
+    fn source_cidrs_restrict_bearer_digest_and_trusted_incl_ancestors() {
+        let f = Fixture::new();
+        let limits = |src: &str, trusted: &[&str]| Limits {
+            source_cidrs: vec![src.parse().unwrap()],
+            trusted_cidrs: trusted.iter().map(|t| t.parse().unwrap()).collect(),
+            ..Limits::default()
+        };
+        let k = f.key(KeyKind::Secret, limits("10.0.0.0/8", &[]));
+        let forbidden = |o: Outcome| {
+            assert!(
+                matches!(
+                    o,
+                    Outcome::Forbidden {
+                        reason: "source_not_allowed"
+                    }
+                ),
+                "{o:?}"
+            )
+        };
+        // Bearer: outside 403, inside accepted.
+        forbidden(f.check_at(&[&bearer(&k, &claims("s1"))], NOW, "192.0.2.1"));
+        assert_accepted(
+            f.check_at(&[&bearer(&k, &claims("s2"))], NOW, "10.9.9.9"),
+            Method::Bearer,
         );
-        assert_accepted(f.check(&[&bearer(&k, &claims("f"))]), Method::Bearer);
+        // Digest likewise.
+        let pw = k.digest_password();
+        let a = |n: &str| digest_authz(k.id(), &pw, Algorithm::Md5, n, RURI, true);
+        forbidden(f.check_at(&[&a(&nonce(&f, NOW))], NOW, "192.0.2.1"));
+        assert_accepted(
+            f.check_at(&[&a(&nonce(&f, NOW))], NOW, "10.1.1.1"),
+            Method::Digest,
+        );
+        // A child without its own restriction is held to its parent's; one
+        // with its own to both (ancestors' lists are checked at use, too).
+        let (parent, pk) = f
+            .store
+            .create(
+                "p",
+                KeyKind::Secret,
+                None,
+                limits("10.0.0.0/8", &["10.5.0.0/16"]),
+                None,
+                NOW as u64 - 100,
+            )
+            .unwrap();
+        let (child, ck) = f
+            .store
+            .create(
+                "c",
+                KeyKind::Secret,
+                None,
+                limits("10.5.0.0/16", &["10.5.5.0/24"]),
+                Some(&parent.id),
+                NOW as u64 - 100,
+            )
+            .unwrap();
+        assert_accepted(
+            f.check_at(&[&bearer(&ck, &claims("c1"))], NOW, "10.5.1.1"),
+            Method::Bearer,
+        );
+        forbidden(f.check_at(&[&bearer(&ck, &claims("c2"))], NOW, "10.6.1.1"));
+        assert_accepted(
+            f.check_at(&[&bearer(&pk, &claims("p1"))], NOW, "10.6.1.1"),
+            Method::Bearer,
+        );
+        // Narrow the parent's record behind the store's back: the child is
+        // held to it at once.
+        let mut p2 = (*parent).clone();
+        p2.limits.source_cidrs = vec!["10.5.5.0/24".parse().unwrap()];
+        f.store.insert(p2);
+        forbidden(f.check_at(&[&bearer(&ck, &claims("c3"))], NOW, "10.5.1.1"));
+        // Trusted source: the child's /24 is the most specific; admitted.
+        let p = assert_accepted(f.check_at(&[], NOW, "10.5.5.5"), Method::SourceIp);
+        assert_eq!(p.key.id, child.id);
+        // A cycle in the parent links (a corrupt store) is refused, not looped.
+        let mut c2 = (*child).clone();
+        c2.parent = Some(child.id.clone());
+        f.store.insert(c2);
+        forbidden(f.check_at(&[&bearer(&ck, &claims("c4"))], NOW, "10.5.5.1"));
     }
 
     #[test]
@@ -966,14 +1018,14 @@ mod tests {
         let wide = f.key(
             KeyKind::Secret,
             Limits {
-                source_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+                trusted_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
                 ..Limits::default()
             },
         );
         let narrow = f.key(
             KeyKind::Secret,
             Limits {
-                source_cidrs: vec![
+                trusted_cidrs: vec![
                     "10.1.0.0/16".parse().unwrap(),
                     "2001:db8::/32".parse().unwrap(),
                 ],
@@ -1002,6 +1054,13 @@ mod tests {
             f.check_at(&[], NOW, "192.0.2.1"),
             Outcome::Challenge { .. }
         ));
+        // A good credential from a trusted source is the credential's key.
+        let other = f.key(KeyKind::Secret, Limits::default());
+        let p = assert_accepted(
+            f.check_at(&[&bearer(&other, &claims("t"))], NOW, "10.2.3.4"),
+            Method::Bearer,
+        );
+        assert_eq!(p.key.id, other.id());
         // A bad credential from a trusted source is still refused.
         assert_invalid_token(f.check_at(&["Bearer x"], NOW, "10.2.3.4"), "malformed");
         // Revoked keys grant nothing.

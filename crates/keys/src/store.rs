@@ -6,10 +6,11 @@
 //! the running server and the `tollgate keys` CLI; [`MemoryKeyStore`] is for
 //! tests and as the shape of a future distributed store.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read as _, Write as _};
+use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -90,9 +91,21 @@ pub struct Limits {
     pub allow_prefixes: Vec<String>,
     /// Destinations denied; beats `allow_prefixes`.
     pub deny_prefixes: Vec<String>,
-    /// Sources trusted without a credential (SPEC §3c). They only grant trust
-    /// to credential-less INVITEs; they do not restrict bearer or digest use.
+    /// The only addresses the key's credentials work from, whatever the kind
+    /// (bearer, digest, admin API; SPEC §2): from elsewhere the answer is 403.
+    /// Empty: anywhere. The source check applies this list of the key **and
+    /// of every ancestor** ([`source_allowed`]), so a child cannot escape its
+    /// parent's restriction.
     pub source_cidrs: Vec<IpNet>,
+    /// Sources admitted without a credential (carrier interconnects, SPEC
+    /// §3c); must lie inside `source_cidrs` when both are set. A bad
+    /// credential from such a source is still refused.
+    ///
+    /// Records stored before this field existed used `source_cidrs` to mean
+    /// "trusted": [`KeyRecord`]'s deserialisation copies `source_cidrs` into
+    /// `trusted_cidrs` when the field is absent, so they keep admitting their
+    /// carriers (and their credentials now also work only from there).
+    pub trusted_cidrs: Vec<IpNet>,
     /// The key stops working at this Unix time (seconds).
     pub expires_at: Option<u64>,
 }
@@ -105,9 +118,15 @@ impl Limits {
     /// * `allow_prefixes`: if the parent has any, the child must have some, each
     ///   within one of the parent's.
     /// * `deny_prefixes`: each of the parent's must be covered by one of the child's.
-    /// * `source_cidrs`: each must lie within one of the parent's (so a parent
-    ///   without source CIDRs cannot give its children any).
+    /// * `source_cidrs`: if the parent restricts (has any), the child must
+    ///   have some, each within one of the parent's.
+    /// * `trusted_cidrs`: if the parent restricts sources, each within one of
+    ///   the parent's `source_cidrs` (a parent cannot hand out credential-less
+    ///   trust from where its own credentials do not work).
+    ///
+    /// The child's own rules ([`Limits::check_own`]) are checked too.
     pub fn check_within(&self, parent: &Limits) -> std::result::Result<(), String> {
+        self.check_own()?;
         for (name, child, parent) in [
             ("cps", self.cps.map(u64::from), parent.cps.map(u64::from)),
             (
@@ -145,15 +164,48 @@ impl Limits {
                 return Err(format!("deny prefix {p:?} of the parent must be kept"));
             }
         }
-        for c in &self.source_cidrs {
-            if !parent.source_cidrs.iter().any(|p| p.contains(c)) {
+        if !parent.source_cidrs.is_empty() {
+            if self.source_cidrs.is_empty() {
+                return Err("source_cidrs must be set (the parent restricts its sources)".into());
+            }
+            for (field, list) in [
+                ("source_cidrs", &self.source_cidrs),
+                ("trusted_cidrs", &self.trusted_cidrs),
+            ] {
+                if let Some(c) = list.iter().find(|c| !within_any(c, &parent.source_cidrs)) {
+                    return Err(format!("{field}: {c} is outside the parent's source_cidrs"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Rules of one key's limits on their own: `trusted_cidrs` lie inside
+    /// `source_cidrs` when both are set.
+    pub fn check_own(&self) -> std::result::Result<(), String> {
+        if !self.source_cidrs.is_empty() {
+            if let Some(c) = self
+                .trusted_cidrs
+                .iter()
+                .find(|c| !within_any(c, &self.source_cidrs))
+            {
                 return Err(format!(
-                    "source CIDR {c} is outside the parent's source CIDRs"
+                    "trusted_cidrs: {c} is outside the key's source_cidrs"
                 ));
             }
         }
         Ok(())
     }
+
+    /// True if `ip` is one of the key's own allowed sources (no list: any).
+    /// See [`source_allowed`] for the check that includes ancestors.
+    pub fn allows_source(&self, ip: IpAddr) -> bool {
+        self.source_cidrs.is_empty() || self.source_cidrs.iter().any(|c| c.contains(&ip))
+    }
+}
+
+fn within_any(c: &IpNet, outer: &[IpNet]) -> bool {
+    outer.iter().any(|o| o.contains(c))
 }
 
 /// What is stored for one secret of a key: enough to verify, never the key.
@@ -221,7 +273,7 @@ pub struct KeyRecord {
     /// What the key may do.
     pub scopes: Vec<Scope>,
     /// Limits and destination/source policy.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "limits_compat")]
     pub limits: Limits,
     /// Creation time, Unix seconds.
     pub created_at: u64,
@@ -234,6 +286,21 @@ pub struct KeyRecord {
     /// https URL, checked by the caller; SPEC §7).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<String>,
+}
+
+/// Reads stored limits; a record from before `trusted_cidrs` existed (no such
+/// field) meant its `source_cidrs` as "trusted without a credential", so
+/// they become its `trusted_cidrs` as well (see [`Limits::trusted_cidrs`]).
+fn limits_compat<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Limits, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    let legacy = v
+        .as_object()
+        .is_some_and(|o| !o.contains_key("trusted_cidrs"));
+    let mut limits = Limits::deserialize(v).map_err(serde::de::Error::custom)?;
+    if legacy {
+        limits.trusted_cidrs = limits.source_cidrs.clone();
+    }
+    Ok(limits)
 }
 
 impl KeyRecord {
@@ -290,6 +357,165 @@ pub trait KeyStore: Send + Sync + 'static {
     /// The usable record that `key` belongs to (admin-API authentication).
     fn verify_key(&self, key: &ApiKey, now: u64) -> Option<Arc<KeyRecord>> {
         self.get(key.id()).filter(|r| r.matches_key(key, now))
+    }
+
+    /// The usable key whose `trusted_cidrs` admit `ip` without a credential
+    /// (SPEC §3c): the most specific CIDR wins, then the lowest id. Looked up
+    /// in an index built when keys load or change ([`TrustIndex`]), never by
+    /// scanning every key. The caller still applies [`source_allowed`].
+    fn trusted_for(&self, ip: IpAddr, now: u64) -> Option<Arc<KeyRecord>>;
+}
+
+/// Most parent links followed by [`ancestors`] and [`within_subtree`].
+pub const MAX_DEPTH: usize = 64;
+
+/// The ancestors of `rec`, parent first. `None` if a parent is missing, the
+/// chain loops, or it is deeper than [`MAX_DEPTH`]: callers treat that as
+/// "not allowed" (fail closed).
+pub fn ancestors<S: KeyStore + ?Sized>(store: &S, rec: &KeyRecord) -> Option<Vec<Arc<KeyRecord>>> {
+    let mut out: Vec<Arc<KeyRecord>> = Vec::new();
+    let mut next = rec.parent.clone();
+    while let Some(id) = next {
+        if out.len() >= MAX_DEPTH || id == rec.id || out.iter().any(|a| a.id == id) {
+            return None;
+        }
+        let p = store.get(&id)?;
+        next = p.parent.clone();
+        out.push(p);
+    }
+    Some(out)
+}
+
+/// True if key `id` is `root` or one of its descendants (SPEC §2: a key with
+/// the `keys` scope manages only itself and its descendants). Walks parent
+/// links up from `id`, at most [`MAX_DEPTH`], stopping at a cycle: a loop or
+/// an over-deep chain is "not within".
+pub fn within_subtree<S: KeyStore + ?Sized>(store: &S, id: &str, root: &str) -> bool {
+    if id == root {
+        return true;
+    }
+    let mut seen = HashSet::new();
+    let mut cur = store.get(id).and_then(|r| r.parent.clone());
+    while let Some(p) = cur {
+        if p == root {
+            return true;
+        }
+        if seen.len() >= MAX_DEPTH || !seen.insert(p.clone()) {
+            return false;
+        }
+        cur = store.get(&p).and_then(|r| r.parent.clone());
+    }
+    false
+}
+
+/// The source check of SPEC §2: `ip` must be allowed by the `source_cidrs`
+/// of `rec` **and of every ancestor** (a child cannot escape its parent's
+/// restriction), whatever the credential (bearer, digest, trusted source,
+/// admin API). A broken ancestor chain ([`ancestors`]) is refused.
+pub fn source_allowed<S: KeyStore + ?Sized>(store: &S, rec: &KeyRecord, ip: IpAddr) -> bool {
+    if !rec.limits.allows_source(ip) {
+        return false;
+    }
+    // Only walk the chain for child keys.
+    rec.parent.is_none()
+        || ancestors(store, rec).is_some_and(|a| a.iter().all(|p| p.limits.allows_source(ip)))
+}
+
+// ---- trusted-source index ----------------------------------------------------------
+
+/// Networks of one prefix length (masked address) -> keys, lowest id first.
+type LenTable<K> = (u8, HashMap<K, Vec<Arc<KeyRecord>>>);
+
+/// Longest-prefix table from `trusted_cidrs` to the keys naming them, built
+/// when keys load or change, so a credential-less INVITE costs one hash
+/// lookup per distinct prefix length in use instead of a scan of every key.
+
+#[derive(Debug, Default)]
+pub struct TrustIndex {
+    /// Per prefix length, longest first: network -> keys, lowest id first.
+    v4: Vec<LenTable<u32>>,
+    v6: Vec<LenTable<u128>>,
+}
+
+fn mask4(a: u32, len: u8) -> u32 {
+    if len == 0 {
+        0
+    } else {
+        a & (!0u32 << (32 - u32::from(len)))
+    }
+}
+
+fn mask6(a: u128, len: u8) -> u128 {
+    if len == 0 {
+        0
+    } else {
+        a & (!0u128 << (128 - u32::from(len)))
+    }
+}
+
+impl TrustIndex {
+    /// Indexes the unrevoked records of `keys` that have `trusted_cidrs`.
+    pub fn build<'a>(keys: impl IntoIterator<Item = &'a Arc<KeyRecord>>) -> TrustIndex {
+        let mut v4: HashMap<u8, HashMap<u32, Vec<Arc<KeyRecord>>>> = HashMap::new();
+        let mut v6: HashMap<u8, HashMap<u128, Vec<Arc<KeyRecord>>>> = HashMap::new();
+        for rec in keys {
+            if rec.revoked_at.is_some() {
+                continue;
+            }
+            for c in &rec.limits.trusted_cidrs {
+                let len = c.prefix_len();
+                let slot = match c {
+                    IpNet::V4(n) => v4
+                        .entry(len)
+                        .or_default()
+                        .entry(mask4(n.network().to_bits(), len))
+                        .or_default(),
+                    IpNet::V6(n) => v6
+                        .entry(len)
+                        .or_default()
+                        .entry(mask6(n.network().to_bits(), len))
+                        .or_default(),
+                };
+                if !slot.iter().any(|r| r.id == rec.id) {
+                    slot.push(rec.clone());
+                }
+            }
+        }
+        fn finish<K>(m: HashMap<u8, HashMap<K, Vec<Arc<KeyRecord>>>>) -> Vec<LenTable<K>> {
+            let mut v: Vec<_> = m.into_iter().collect();
+            for (_, t) in &mut v {
+                for recs in t.values_mut() {
+                    recs.sort_by(|a, b| a.id.cmp(&b.id));
+                }
+            }
+            v.sort_by_key(|t| std::cmp::Reverse(t.0));
+            v
+        }
+        TrustIndex {
+            v4: finish(v4),
+            v6: finish(v6),
+        }
+    }
+
+    /// The usable key trusting `ip` at `now`: most specific CIDR, then lowest id.
+    pub fn lookup(&self, ip: IpAddr, now: u64) -> Option<Arc<KeyRecord>> {
+        fn first<K: std::hash::Hash + Eq>(
+            table: &[LenTable<K>],
+            key: impl Fn(u8) -> K,
+            now: u64,
+        ) -> Option<Arc<KeyRecord>> {
+            table.iter().find_map(|(len, t)| {
+                t.get(&key(*len))?
+                    .iter()
+                    .find(|r| r.is_usable(now))
+                    .cloned()
+            })
+        }
+        match ip {
+            IpAddr::V4(a) => first(&self.v4, |len| mask4(a.to_bits(), len), now),
+            // As `IpNet::contains`: an IPv4-mapped IPv6 address is not in an IPv4 net.
+            IpAddr::V6(a) => first(&self.v6, |len| mask6(a.to_bits(), len), now),
+        }
     }
 }
 
@@ -367,9 +593,11 @@ fn create_in(
             }
         }
     }
-    if let Some(p) = &parent_rec {
-        limits.check_within(&p.limits).map_err(KeyError::Invalid)?;
+    match &parent_rec {
+        Some(p) => limits.check_within(&p.limits),
+        None => limits.check_own(),
     }
+    .map_err(KeyError::Invalid)?;
     let key = loop {
         let k = ApiKey::try_generate(kind)?;
         if !map.contains_key(k.id()) {
@@ -460,7 +688,24 @@ fn revoke_in(map: &mut KeyMap, id: &str, now: u64) -> Result<()> {
 /// A [`KeyStore`] in memory only.
 #[derive(Debug, Default)]
 pub struct MemoryKeyStore {
-    keys: RwLock<Arc<KeyMap>>,
+    keys: RwLock<Snapshot>,
+}
+
+/// Records and the trusted-source index built from them, swapped together.
+#[derive(Debug, Default, Clone)]
+struct Snapshot {
+    keys: Arc<KeyMap>,
+    trusted: Arc<TrustIndex>,
+}
+
+impl Snapshot {
+    fn of(keys: KeyMap) -> Snapshot {
+        let trusted = Arc::new(TrustIndex::build(keys.values()));
+        Snapshot {
+            keys: Arc::new(keys),
+            trusted,
+        }
+    }
 }
 
 impl MemoryKeyStore {
@@ -508,9 +753,9 @@ impl MemoryKeyStore {
 
     fn mutate<T>(&self, f: impl FnOnce(&mut KeyMap) -> Result<T>) -> Result<T> {
         let mut guard = self.keys.write().unwrap_or_else(PoisonError::into_inner);
-        let mut map = (**guard).clone();
+        let mut map = (*guard.keys).clone();
         let out = f(&mut map)?;
-        *guard = Arc::new(map);
+        *guard = Snapshot::of(map);
         Ok(out)
     }
 }
@@ -518,12 +763,22 @@ impl MemoryKeyStore {
 impl KeyStore for MemoryKeyStore {
     fn get(&self, id: &str) -> Option<Arc<KeyRecord>> {
         let g = self.keys.read().unwrap_or_else(PoisonError::into_inner);
-        g.get(id).cloned()
+        g.keys.get(id).cloned()
     }
 
     fn list(&self) -> Vec<Arc<KeyRecord>> {
         let g = self.keys.read().unwrap_or_else(PoisonError::into_inner);
-        sorted(&g)
+        sorted(&g.keys)
+    }
+
+    fn trusted_for(&self, ip: IpAddr, now: u64) -> Option<Arc<KeyRecord>> {
+        let index = self
+            .keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .trusted
+            .clone();
+        index.lookup(ip, now)
     }
 }
 
@@ -565,7 +820,7 @@ impl Stamp {
 
 #[derive(Debug, Default)]
 struct State {
-    keys: Arc<KeyMap>,
+    keys: Snapshot,
     /// Stamp of the last version looked at (loaded or found corrupt); `None`: no file.
     seen: Option<Stamp>,
 }
@@ -704,8 +959,10 @@ impl FileKeyStore {
     }
 
     fn install(&self, keys: KeyMap, stamp: Option<Stamp>) {
+        // Build the index before taking the lock: readers never wait for it.
+        let snapshot = Snapshot::of(keys);
         let mut st = self.state.write().unwrap_or_else(PoisonError::into_inner);
-        st.keys = Arc::new(keys);
+        st.keys = snapshot;
         st.seen = stamp;
     }
 
@@ -792,12 +1049,17 @@ impl FileKeyStore {
 
 impl KeyStore for FileKeyStore {
     fn get(&self, id: &str) -> Option<Arc<KeyRecord>> {
-        self.read_state().keys.get(id).cloned()
+        self.read_state().keys.keys.get(id).cloned()
     }
 
     fn list(&self) -> Vec<Arc<KeyRecord>> {
-        let keys = self.read_state().keys.clone();
+        let keys = self.read_state().keys.keys.clone();
         sorted(&keys)
+    }
+
+    fn trusted_for(&self, ip: IpAddr, now: u64) -> Option<Arc<KeyRecord>> {
+        let index = self.read_state().keys.trusted.clone();
+        index.lookup(ip, now)
     }
 }
 
@@ -1124,12 +1386,20 @@ mod tests {
                 Box::new(|l| l.deny_prefixes = vec!["+19001".into()]),
             ),
             (
-                "source CIDR",
+                "source_cidrs: 11.0.0.0/8 is outside",
                 Box::new(|l| l.source_cidrs = vec!["11.0.0.0/8".parse().unwrap()]),
             ),
             (
-                "source CIDR",
+                "source_cidrs: 0.0.0.0/0 is outside",
                 Box::new(|l| l.source_cidrs = vec!["0.0.0.0/0".parse().unwrap()]),
+            ),
+            (
+                "source_cidrs must be set",
+                Box::new(|l| l.source_cidrs.clear()),
+            ),
+            (
+                "trusted_cidrs: 10.2.0.0/16 is outside the key's",
+                Box::new(|l| l.trusted_cidrs = vec!["10.2.0.0/16".parse().unwrap()]),
             ),
         ];
         for (what, f) in looser {
@@ -1294,6 +1564,284 @@ mod tests {
         let old: KeyRecord = serde_json::from_value(v).unwrap();
         assert_eq!(old.webhook_secret(), None);
         assert!(old.live_signing_keys(NOW + 2).len() == 2);
+    }
+
+    fn cidrs(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|c| c.parse().unwrap()).collect()
+    }
+
+    /// Limits with these source and trusted CIDRs only.
+    fn sourced(source: &[&str], trusted: &[&str]) -> Limits {
+        Limits {
+            source_cidrs: cidrs(source),
+            trusted_cidrs: cidrs(trusted),
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn trusted_index_most_specific_then_lowest_id_and_rebuilt_on_change() {
+        let s = MemoryKeyStore::new();
+        let mk = |trusted: &[&str], expires_at| {
+            s.create(
+                "t",
+                KeyKind::Secret,
+                None,
+                Limits {
+                    trusted_cidrs: cidrs(trusted),
+                    expires_at,
+                    ..Limits::default()
+                },
+                None,
+                NOW,
+            )
+            .unwrap()
+            .0
+        };
+        let wide = mk(&["10.0.0.0/8", "2001:db8::/32"], None);
+        let narrow_a = mk(&["10.1.0.0/16"], None);
+        let narrow_b = mk(&["10.1.0.0/16"], Some(NOW + 10));
+        let host = mk(&["10.1.2.3/32", "0.0.0.0/0"], None);
+        let ip = |t: &str| t.parse::<IpAddr>().unwrap();
+        let at = |t: &str, now| s.trusted_for(ip(t), now).map(|r| r.id.clone());
+        let lowest = std::cmp::min(&narrow_a.id, &narrow_b.id).clone();
+        assert_eq!(at("10.1.9.9", NOW), Some(lowest.clone()));
+        // The expired one drops out; the other of the same length remains.
+        assert_eq!(at("10.1.9.9", NOW + 10), Some(narrow_a.id.clone()));
+        assert_eq!(at("10.1.2.3", NOW), Some(host.id.clone()));
+        assert_eq!(at("10.200.0.1", NOW), Some(wide.id.clone()));
+        assert_eq!(at("192.0.2.1", NOW), Some(host.id.clone()), "0.0.0.0/0");
+        assert_eq!(at("2001:db8::5", NOW), Some(wide.id.clone()));
+        assert_eq!(at("2001:db9::5", NOW), None);
+        assert_eq!(at("::ffff:10.1.2.3", NOW), None, "as IpNet::contains");
+        // Revocation rebuilds the index.
+        s.revoke(&host.id, NOW).unwrap();
+        assert_eq!(at("10.1.2.3", NOW), Some(lowest));
+        assert_eq!(at("192.0.2.1", NOW), None);
+        // The index agrees with a scan of every key on many addresses.
+        let all = s.list();
+        for a in 0..=255u32 {
+            for now in [NOW, NOW + 10] {
+                let addr = IpAddr::from(std::net::Ipv4Addr::from(
+                    (10 << 24) | (1 << 16) | (a << 8) | 3,
+                ));
+                let scan = all
+                    .iter()
+                    .filter(|r| r.is_usable(now))
+                    .filter_map(|r| {
+                        let len = r
+                            .limits
+                            .trusted_cidrs
+                            .iter()
+                            .filter(|c| c.contains(&addr))
+                            .map(|c| c.prefix_len())
+                            .max()?;
+                        Some((std::cmp::Reverse(len), r.id.clone()))
+                    })
+                    .min()
+                    .map(|(_, id)| id);
+                assert_eq!(
+                    s.trusted_for(addr, now).map(|r| r.id.clone()),
+                    scan,
+                    "{addr}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn file_store_index_follows_other_writers() {
+        let tmp = TempDir::new();
+        let server = FileKeyStore::open(&tmp.0).unwrap();
+        let cli = FileKeyStore::open(&tmp.0).unwrap();
+        let ip: IpAddr = "198.51.100.7".parse().unwrap();
+        assert!(server.trusted_for(ip, NOW).is_none());
+        let (rec, _) = cli
+            .create(
+                "carrier",
+                KeyKind::Secret,
+                None,
+                sourced(&["198.51.100.0/24"], &["198.51.100.0/28"]),
+                None,
+                NOW,
+            )
+            .unwrap();
+        assert!(server.trusted_for(ip, NOW).is_none(), "not refreshed yet");
+        assert!(server.refresh_if_changed().unwrap());
+        assert_eq!(server.trusted_for(ip, NOW).unwrap().id, rec.id);
+        cli.revoke(&rec.id, NOW).unwrap();
+        assert!(server.refresh_if_changed().unwrap());
+        assert!(server.trusted_for(ip, NOW).is_none());
+    }
+
+    #[test]
+    fn trusted_must_lie_inside_source_for_root_keys_too() {
+        let s = MemoryKeyStore::new();
+        let e = s
+            .create(
+                "k",
+                KeyKind::Secret,
+                None,
+                sourced(&["10.0.0.0/24"], &["10.0.0.0/16"]),
+                None,
+                NOW,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("trusted_cidrs"), "{e}");
+        // Trusted alone (no source restriction) is fine; so is inside.
+        for (src, tr) in [
+            (&[][..], &["10.0.0.0/16"][..]),
+            (&["10.0.0.0/16"], &["10.0.0.0/24"]),
+        ] {
+            s.create("k", KeyKind::Secret, None, sourced(src, tr), None, NOW)
+                .unwrap();
+        }
+        // A child's trusted CIDRs must lie within a restricting parent's sources.
+        let (p, _) = s
+            .create(
+                "p",
+                KeyKind::Secret,
+                None,
+                sourced(&["10.0.0.0/16"], &[]),
+                None,
+                NOW,
+            )
+            .unwrap();
+        let child = |src: &[&str], tr: &[&str]| {
+            s.create(
+                "c",
+                KeyKind::Secret,
+                None,
+                sourced(src, tr),
+                Some(&p.id),
+                NOW,
+            )
+        };
+        assert!(child(&["10.0.1.0/24"], &["10.0.1.0/28"]).is_ok());
+        let e = child(&["10.0.1.0/24"], &["10.0.2.0/28"]).unwrap_err();
+        assert!(e.to_string().contains("trusted_cidrs"), "{e}");
+        // A parent that does not restrict lets a child restrict itself.
+        let (free, _) = s
+            .create("f", KeyKind::Secret, None, Limits::default(), None, NOW)
+            .unwrap();
+        s.create(
+            "c",
+            KeyKind::Secret,
+            None,
+            sourced(&["192.0.2.0/24"], &["192.0.2.1/32"]),
+            Some(&free.id),
+            NOW,
+        )
+        .unwrap();
+    }
+
+    /// Records from before `trusted_cidrs`: their source_cidrs meant
+    /// "trusted", and they keep admitting those sources.
+    #[test]
+    fn records_without_trusted_cidrs_load_as_trusted_and_source() {
+        let s = MemoryKeyStore::new();
+        let (rec, _) = s
+            .create(
+                "old",
+                KeyKind::Secret,
+                None,
+                sourced(&["203.0.113.0/24"], &[]),
+                None,
+                NOW,
+            )
+            .unwrap();
+        let mut v = serde_json::to_value(&*rec).unwrap();
+        assert_eq!(v["limits"]["trusted_cidrs"], serde_json::json!([]));
+        let new: KeyRecord = serde_json::from_value(v.clone()).unwrap();
+        assert!(new.limits.trusted_cidrs.is_empty(), "present field is kept");
+        v["limits"].as_object_mut().unwrap().remove("trusted_cidrs");
+        let old: KeyRecord = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(old.limits.trusted_cidrs, cidrs(&["203.0.113.0/24"]));
+        assert_eq!(old.limits.source_cidrs, cidrs(&["203.0.113.0/24"]));
+        // And through the file store, which writes the field back.
+        let tmp = TempDir::new();
+        fs::create_dir_all(&tmp.0).unwrap();
+        fs::write(
+            tmp.0.join(KEYS_FILE),
+            serde_json::to_vec(&serde_json::json!({"version": 1, "keys": [v]})).unwrap(),
+        )
+        .unwrap();
+        let fstore = FileKeyStore::open(&tmp.0).unwrap();
+        let ip: IpAddr = "203.0.113.9".parse().unwrap();
+        assert_eq!(fstore.trusted_for(ip, NOW).unwrap().id, rec.id);
+        fstore.set_webhook(&rec.id, None).unwrap();
+        let text = fs::read_to_string(tmp.0.join(KEYS_FILE)).unwrap();
+        assert!(text.contains("trusted_cidrs"), "{text}");
+        assert_eq!(
+            FileKeyStore::open(&tmp.0)
+                .unwrap()
+                .trusted_for(ip, NOW)
+                .unwrap()
+                .id,
+            rec.id
+        );
+        // A record with no limits at all still loads.
+        v.as_object_mut().unwrap().remove("limits");
+        let bare: KeyRecord = serde_json::from_value(v).unwrap();
+        assert_eq!(bare.limits, Limits::default());
+    }
+
+    #[test]
+    fn subtree_reach_and_cycles() {
+        let s = MemoryKeyStore::new();
+        let mk = |parent: Option<&str>| {
+            s.create("k", KeyKind::Secret, None, Limits::default(), parent, NOW)
+                .unwrap()
+                .0
+                .id
+                .clone()
+        };
+        let root = mk(None);
+        let a = mk(Some(&root));
+        let a1 = mk(Some(&a));
+        let a11 = mk(Some(&a1));
+        let b = mk(Some(&root));
+        let other_root = mk(None);
+        assert!(within_subtree(&s, &a11, &a));
+        assert!(within_subtree(&s, &a, &a), "itself");
+        assert!(within_subtree(&s, &a11, &root));
+        assert!(!within_subtree(&s, &a, &a1), "an ancestor");
+        assert!(!within_subtree(&s, &root, &a), "the root");
+        assert!(!within_subtree(&s, &b, &a), "a sibling");
+        assert!(!within_subtree(&s, &a1, &b), "a sibling's child");
+        assert!(!within_subtree(&s, &root, &other_root), "another root");
+        assert!(!within_subtree(&s, "nosuchkey000", &a));
+        assert_eq!(
+            ancestors(&s, &s.get(&a11).unwrap())
+                .unwrap()
+                .iter()
+                .map(|r| r.id.clone())
+                .collect::<Vec<_>>(),
+            vec![a1.clone(), a.clone(), root.clone()]
+        );
+        // A cycle (only a corrupt or hand-edited store has one) ends the walk.
+        let mut r = (*s.get(&a).unwrap()).clone();
+        r.parent = Some(a11.clone());
+        s.insert(r);
+        assert!(!within_subtree(&s, &a1, &root));
+        assert!(within_subtree(&s, &a1, &a), "still found before looping");
+        assert!(!within_subtree(&s, &a1, &b));
+        assert!(ancestors(&s, &s.get(&a1).unwrap()).is_none());
+        // A chain deeper than MAX_DEPTH is "not within".
+        let mut prev = root.clone();
+        let mut chain = Vec::new();
+        for i in 0..MAX_DEPTH + 2 {
+            let id = format!("deep{i:08}");
+            let mut rec = (*s.get(&root).unwrap()).clone();
+            rec.id = id.clone();
+            rec.parent = Some(prev.clone());
+            s.insert(rec);
+            chain.push(id.clone());
+            prev = id;
+        }
+        assert!(within_subtree(&s, &chain[MAX_DEPTH - 1], &root));
+        assert!(!within_subtree(&s, &chain[MAX_DEPTH + 1], &root));
+        assert!(within_subtree(&s, &chain[MAX_DEPTH + 1], &chain[1]));
     }
 
     #[test]

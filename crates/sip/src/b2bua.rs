@@ -1009,7 +1009,11 @@ impl B2bua {
     fn bad_credential(&mut self, now: Instant, unix: i64, peer: &Peer) -> bool {
         let ip = peer.addr.ip();
         if self.lockout.config().failures == 0
-            || self.auth.trusted_source(ip, unix.max(0) as u64).is_some()
+            || self
+                .auth
+                .store()
+                .trusted_for(ip, unix.max(0) as u64)
+                .is_some()
         {
             return false;
         }

@@ -12,16 +12,23 @@
 //!   a public key 403;
 //! * `/v1/keys*` need the `keys` scope, `/v1/usage` the `usage` scope and
 //!   `/v1/calls*` the `trunks` scope (403 otherwise);
-//! * a key made without a parent (by `tollgate keys create` or at first
-//!   start) manages the whole account; a key with a parent manages itself and
-//!   the keys made from it, and sees only their usage and calls (anything else
-//!   is 404, as if it did not exist).
+//! * the request must come from the key's `source_cidrs` and every
+//!   ancestor's (SPEC §2; [`tollgate_keys::store::source_allowed`]), else 403
+//!   `source_not_allowed`;
+//! * a key manages (lists, creates under, rolls, revokes) only itself and its
+//!   own descendants, and sees only their usage and calls, never an ancestor,
+//!   a sibling or another root key, whether it has a parent or not
+//!   ([`tollgate_keys::store::within_subtree`]). Anything else is 404 rather
+//!   than 403, so that a key cannot learn which ids exist outside its subtree.
+//!   (The `tollgate keys` CLI works on the data directory with the operator's
+//!   file-system rights and manages every key.)
 //!
-//! Keys created here are children of the caller: scopes a subset of its
-//! scopes, limits no looser than its limits (a limit left out is inherited).
+//! Keys created here are children of the caller, or of a key in its subtree
+//! named by `parent`: scopes a subset of the parent's scopes, limits no
+//! looser than its limits (a limit left out is inherited).
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
@@ -73,8 +80,6 @@ const CHALLENGE_INVALID: &str = "Bearer realm=\"tollgate-admin\", error=\"invali
 const MAX_CONNECTIONS: usize = 256;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Parent links followed when deciding whether a key descends from another.
-const MAX_DEPTH: usize = 64;
 
 /// What the handlers share.
 pub struct AdminState {
@@ -191,6 +196,10 @@ async fn blocking<T: Send + 'static>(
 /// The authenticated caller: a usable secret key.
 pub struct Caller(Arc<KeyRecord>);
 
+/// The TCP peer of a request, put in its extensions by [`serve_conn`].
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub IpAddr);
+
 impl FromRequestParts<Arc<AdminState>> for Caller {
     type Rejection = ApiError;
 
@@ -198,13 +207,17 @@ impl FromRequestParts<Arc<AdminState>> for Caller {
         parts: &mut Parts,
         st: &Arc<AdminState>,
     ) -> Result<Self, Self::Rejection> {
-        authenticate(&parts.headers, &*st.keys, crate::unix_now()).map(Caller)
+        let peer = parts.extensions.get::<Peer>().map(|p| p.0);
+        authenticate(&parts.headers, peer, &*st.keys, crate::unix_now()).map(Caller)
     }
 }
 
-/// The key record a request's bearer key belongs to.
+/// The key record a request's bearer key belongs to, if the request came
+/// from `peer` and the key's (and its ancestors') `source_cidrs` allow it.
+/// An unknown peer passes only keys without any source restriction.
 pub fn authenticate(
     headers: &HeaderMap,
+    peer: Option<IpAddr>,
     keys: &dyn KeyStore,
     now: u64,
 ) -> Result<Arc<KeyRecord>, ApiError> {
@@ -240,6 +253,21 @@ pub fn authenticate(
             "public keys may place calls only; the admin API needs a secret key",
         ));
     }
+    let allowed = match peer {
+        Some(ip) => tollgate_keys::store::source_allowed(keys, &rec, ip),
+        None => {
+            rec.limits.source_cidrs.is_empty()
+                && tollgate_keys::store::ancestors(keys, &rec)
+                    .is_some_and(|a| a.iter().all(|p| p.limits.source_cidrs.is_empty()))
+        }
+    };
+    if !allowed {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "source_not_allowed",
+            "this key may not be used from this address",
+        ));
+    }
     Ok(rec)
 }
 
@@ -266,21 +294,9 @@ impl Caller {
     }
 }
 
-/// A key without a parent manages every key; others themselves and their
-/// descendants.
+/// A key manages itself and its descendants only (SPEC §2), root or not.
 pub fn manages(caller: &KeyRecord, target: &KeyRecord, keys: &dyn KeyStore) -> bool {
-    if caller.parent.is_none() || target.id == caller.id {
-        return true;
-    }
-    let mut parent = target.parent.clone();
-    for _ in 0..MAX_DEPTH {
-        match parent {
-            Some(p) if p == caller.id => return true,
-            Some(p) => parent = keys.get(&p).and_then(|r| r.parent.clone()),
-            None => return false,
-        }
-    }
-    false
+    tollgate_keys::store::within_subtree(keys, &target.id, &caller.id)
 }
 
 // ---- request bodies ----------------------------------------------------------------
@@ -360,6 +376,12 @@ struct CreateKey {
     deny_prefixes: Vec<String>,
     #[serde(default)]
     source_cidrs: Vec<String>,
+    /// Sources admitted without a credential (inside `source_cidrs`).
+    #[serde(default)]
+    trusted_cidrs: Vec<String>,
+    /// The key to create under: the caller (default) or one of its descendants.
+    #[serde(default)]
+    parent: Option<String>,
     #[serde(default)]
     expires_in: Option<Dur>,
     #[serde(default)]
@@ -410,14 +432,20 @@ fn child_limits(req: &CreateKey, parent: &Limits, now: u64) -> Result<Limits, Ap
         }
         (None, None) => parent.expires_at,
     };
-    let mut source_cidrs = Vec::new();
-    for c in &req.source_cidrs {
-        source_cidrs.push(
-            c.trim()
-                .parse()
-                .map_err(|_| ApiError::bad_request(format!("source_cidrs: {c:?} is not a CIDR")))?,
-        );
+    let cidrs = |field: &str, list: &[String]| -> Result<Vec<_>, ApiError> {
+        list.iter()
+            .map(|c| {
+                c.trim()
+                    .parse()
+                    .map_err(|_| ApiError::bad_request(format!("{field}: {c:?} is not a CIDR")))
+            })
+            .collect()
+    };
+    let mut source_cidrs = cidrs("source_cidrs", &req.source_cidrs)?;
+    if source_cidrs.is_empty() {
+        source_cidrs = parent.source_cidrs.clone();
     }
+    let trusted_cidrs = cidrs("trusted_cidrs", &req.trusted_cidrs)?;
     let mut deny_prefixes = req.deny_prefixes.clone();
     for p in &parent.deny_prefixes {
         if !deny_prefixes.contains(p) {
@@ -442,6 +470,7 @@ fn child_limits(req: &CreateKey, parent: &Limits, now: u64) -> Result<Limits, Ap
         },
         deny_prefixes,
         source_cidrs,
+        trusted_cidrs,
         expires_at,
     })
 }
@@ -552,7 +581,18 @@ async fn create_key(
         return Err(ApiError::bad_request("name: must not be empty"));
     }
     let now = crate::unix_now();
-    let limits = child_limits(&req, &caller.0.limits, now)?;
+    // The parent: the caller, or a key of its subtree (404 outside it).
+    let parent_rec = match &req.parent {
+        None => caller.0.clone(),
+        Some(pid) => {
+            check_key_id(pid)?;
+            match st.keys.get(pid) {
+                Some(p) if caller.manages(&p, &*st.keys) => p,
+                _ => return Err(ApiError::not_found("key")),
+            }
+        }
+    };
+    let limits = child_limits(&req, &parent_rec.limits, now)?;
     let kind = match req.kind {
         Some(KindParam::Public) => KeyKind::Public,
         Some(KindParam::Secret) | None => KeyKind::Secret,
@@ -561,7 +601,7 @@ async fn create_key(
         Some(s) => !s.is_empty(),
         None => Scope::allowed_for(kind)
             .iter()
-            .any(|s| caller.0.has_scope(*s)),
+            .any(|s| parent_rec.has_scope(*s)),
     };
     if !held {
         return Err(ApiError::bad_request(
@@ -571,7 +611,7 @@ async fn create_key(
     if let Some(w) = &req.webhook {
         crate::webhook::check_url(w).map_err(|e| ApiError::bad_request(format!("webhook: {e}")))?;
     }
-    let parent = caller.0.id.clone();
+    let parent = parent_rec.id.clone();
     let store = st.keys.clone();
     let (rec, key) = blocking(move || {
         let (rec, key) = store
@@ -668,15 +708,14 @@ async fn usage(
             return Err(ApiError::not_found("key"));
         }
     }
-    // Which keys the caller may see (None: all).
-    let visible: Option<HashSet<String>> = caller.0.parent.is_some().then(|| {
-        st.keys
-            .list()
-            .iter()
-            .filter(|r| caller.manages(r, &*st.keys))
-            .map(|r| r.id.clone())
-            .collect()
-    });
+    // Which keys the caller may see: its subtree.
+    let visible: HashSet<String> = st
+        .keys
+        .list()
+        .iter()
+        .filter(|r| caller.manages(r, &*st.keys))
+        .map(|r| r.id.clone())
+        .collect();
     let cdrs = st.cdrs.clone();
     let key = q.key.clone();
     let mut totals = blocking(move || {
@@ -686,9 +725,7 @@ async fn usage(
         })
     })
     .await?;
-    if let Some(v) = &visible {
-        totals.keys.retain(|k, _| v.contains(k));
-    }
+    totals.keys.retain(|k, _| visible.contains(k));
     if let Some(k) = &q.key {
         totals.keys.entry(k.clone()).or_default();
     }
@@ -906,10 +943,11 @@ async fn accept_loop(
         let app = app.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let peer_ip = Peer(peer.ip().to_canonical());
             match tls {
-                None => serve_conn(tcp, app).await,
+                None => serve_conn(tcp, app, peer_ip).await,
                 Some(acc) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acc.accept(tcp)).await {
-                    Ok(Ok(s)) => serve_conn(s, app).await,
+                    Ok(Ok(s)) => serve_conn(s, app, peer_ip).await,
                     Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "admin API: TLS handshake failed")
                     }
@@ -920,10 +958,19 @@ async fn accept_loop(
     }
 }
 
-async fn serve_conn<I>(io: I, app: Router)
+/// Serves one connection; every request carries the peer address ([`Peer`])
+/// for the source check.
+async fn serve_conn<I>(io: I, app: Router, peer: Peer)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let app = tower::ServiceExt::map_request(
+        app,
+        move |mut req: axum::http::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(peer);
+            req
+        },
+    );
     let svc = hyper_util::service::TowerToHyperService::new(app);
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -1201,8 +1248,12 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, vec!["app", "team"]);
+        // The root sees its subtree only: not the other root key "u".
         let (_, b) = send(&app, "GET", "/v1/keys", Some(root_s), None).await;
-        assert_eq!(b["keys"].as_array().unwrap().len(), 4);
+        assert_eq!(b["keys"].as_array().unwrap().len(), 3, "{b}");
+        let u_path = format!("/v1/keys/{}/roll", usage_only.id());
+        let (s, _) = send(&app, "POST", &u_path, Some(root_s), None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "another root is out of reach");
         // The root key is outside the child's reach: 404, as if absent.
         let root_path = format!("/v1/keys/{}", root.id());
         let (s, _) = send(&app, "DELETE", &root_path, Some(&team), None).await;

@@ -86,6 +86,15 @@ pub struct ServeArgs {
 enum KeysCmd {
     /// Create a key; prints it once.
     Create(CreateArgs),
+    /// Is KEY a well-formed key with a valid checksum? Offline: reads no
+    /// store, needs no data directory, never prints the secret part.
+    /// Exit 0: well formed with a valid checksum; 1: malformed, or no valid
+    /// checksum.
+    Check {
+        /// The key, or `-` to read it from standard input (keeps it out of
+        /// the shell history and the process list).
+        key: String,
+    },
     /// One line per key: id, kind, status, name.
     List,
     /// New secret for the same id; prints it once.
@@ -122,8 +131,13 @@ struct CreateArgs {
     allow_prefix: Vec<String>,
     #[arg(long = "deny-prefix")]
     deny_prefix: Vec<String>,
+    /// The only addresses the key's credentials work from (repeatable).
     #[arg(long = "source-cidr")]
     source_cidr: Vec<String>,
+    /// Addresses admitted without a credential, e.g. a carrier (repeatable;
+    /// inside --source-cidr when both are given).
+    #[arg(long = "trust-cidr")]
+    trust_cidr: Vec<String>,
     #[arg(long)]
     expires_in: Option<String>,
     /// Default https URL for call events when a call's token names none.
@@ -227,7 +241,55 @@ fn main() -> ExitCode {
     }
 }
 
+/// CIDRs of a repeatable flag; the error names the flag.
+fn parse_cidrs(flag: &str, list: &[String]) -> Result<Vec<ipnet::IpNet>, Failure> {
+    list.iter()
+        .map(|c| {
+            c.trim()
+                .parse()
+                .map_err(|_| Failure::Usage(format!("{flag}: {c:?} is not a CIDR")))
+        })
+        .collect()
+}
+
+/// `tollgate keys check`: what the string is, without its secret part.
+fn check_key(arg: &str) -> Result<(), Failure> {
+    let text = if arg == "-" {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| Failure::Other(format!("reading the key from standard input: {e}")))?;
+        line.trim().to_string()
+    } else {
+        arg.to_string()
+    };
+    let key = match ApiKey::parse(&text) {
+        Ok(k) => k,
+        Err(_) => {
+            println!("well formed: no");
+            return Err(Failure::Other(
+                "not a key: expected tg_sk_<12 [a-z0-9]>_<32+ [A-Za-z0-9]> or tg_pk_...".into(),
+            ));
+        }
+    };
+    println!("well formed: yes");
+    println!("kind: {}", key.kind());
+    println!("id: {}", key.id());
+    if key.has_valid_checksum() {
+        println!("checksum: valid");
+        Ok(())
+    } else {
+        println!("checksum: none valid");
+        Err(Failure::Other(
+            "no valid checksum: a key from before checksums, or mistyped".into(),
+        ))
+    }
+}
+
 fn keys(dir: &std::path::Path, cmd: KeysCmd) -> Result<(), Failure> {
+    if let KeysCmd::Check { key } = &cmd {
+        return check_key(key);
+    }
     let store = FileKeyStore::open(dir)?;
     let now = unix_now();
     match cmd {
@@ -248,14 +310,8 @@ fn keys(dir: &std::path::Path, cmd: KeysCmd) -> Result<(), Failure> {
                         .map_err(|e| Failure::Usage(format!("--scopes: {e}")))?,
                 )
             };
-            let mut source_cidrs = Vec::new();
-            for c in &a.source_cidr {
-                source_cidrs.push(
-                    c.parse().map_err(|_| {
-                        Failure::Usage(format!("--source-cidr: {c:?} is not a CIDR"))
-                    })?,
-                );
-            }
+            let source_cidrs = parse_cidrs("--source-cidr", &a.source_cidr)?;
+            let trusted_cidrs = parse_cidrs("--trust-cidr", &a.trust_cidr)?;
             let expires_at = match &a.expires_in {
                 Some(d) => Some(now + parse_duration("--expires-in", d)?),
                 None => None,
@@ -267,6 +323,7 @@ fn keys(dir: &std::path::Path, cmd: KeysCmd) -> Result<(), Failure> {
                 allow_prefixes: a.allow_prefix,
                 deny_prefixes: a.deny_prefix,
                 source_cidrs,
+                trusted_cidrs,
                 expires_at,
             };
             if let Some(w) = &a.webhook {
@@ -316,6 +373,7 @@ fn keys(dir: &std::path::Path, cmd: KeysCmd) -> Result<(), Failure> {
             store.revoke(&id, now)?;
             eprintln!("tollgate: revoked key {id}");
         }
+        KeysCmd::Check { .. } => {} // answered above, without opening the store
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use tollgate_keys::{KeyRecord, KeyStore};
 use tollgate_sip::b2bua::{AdmitInfo, CallPolicy, CallRecord, Refused};
 use tollgate_sip::EndCause;
-use tollgate_trunk::{Allocator, Cdr, CdrSink, ChannelId, KeyLimits, Refusal, TrunkKey, MAX_CHAIN};
+use tollgate_trunk::{Allocator, Cdr, CdrSink, ChannelId, KeyLimits, Refusal, TrunkKey};
 
 pub struct TrunkPolicy {
     alloc: Arc<Allocator>,
@@ -70,24 +70,6 @@ impl TrunkPolicy {
     }
 }
 
-/// The ancestors of `key`, its parent first (SPEC §2: a call counts against
-/// each of them). Stops at a missing parent, at a cycle and after
-/// [`MAX_CHAIN`] keys in all; a revoked ancestor still counts (its limits
-/// were the ones its children were made within).
-pub fn key_chain(keys: &dyn KeyStore, key: &KeyRecord) -> Vec<Arc<KeyRecord>> {
-    let mut chain: Vec<Arc<KeyRecord>> = Vec::new();
-    let mut parent = key.parent.clone();
-    while let Some(id) = parent {
-        if chain.len() + 1 >= MAX_CHAIN || id == key.id || chain.iter().any(|k| k.id == id) {
-            break;
-        }
-        let Some(rec) = keys.get(&id) else { break };
-        parent = rec.parent.clone();
-        chain.push(rec);
-    }
-    chain
-}
-
 /// SPEC §4: 503 + Retry-After, 486, 402, 403.
 pub fn status_of(r: &Refusal) -> Refused {
     match r {
@@ -144,7 +126,11 @@ impl CallPolicy for TrunkPolicy {
         now: Instant,
         unix: i64,
     ) -> Result<(), Refused> {
-        let ancestors = key_chain(self.keys.as_ref(), key);
+        // A missing parent or a loop: refused (fail closed), as the
+        // source check does.
+        let Some(ancestors) = tollgate_keys::store::ancestors(self.keys.as_ref(), key) else {
+            return Err(status_of(&Refusal::Busy));
+        };
         let chain: Vec<TrunkKey<'_>> = std::iter::once(key)
             .chain(ancestors.iter().map(|k| &**k))
             .map(|k| TrunkKey {

@@ -578,8 +578,11 @@ async fn serve(
             // A key's trunk counts its descendants' calls too (SPEC §2).
             let mut totals: std::collections::HashMap<String, u64> = Default::default();
             for (key, secs) in spent {
-                if let Some(rec) = keys.get(&key) {
-                    for a in crate::policy::key_chain(keys.as_ref(), &rec) {
+                let chain = keys
+                    .get(&key)
+                    .and_then(|rec| tollgate_keys::store::ancestors(keys.as_ref(), &rec));
+                if let Some(chain) = chain {
+                    for a in chain {
                         *totals.entry(a.id.clone()).or_default() += secs;
                     }
                 }

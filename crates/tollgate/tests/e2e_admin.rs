@@ -484,8 +484,8 @@ fn keys_create_list_roll_revoke_and_the_sip_side() {
             400,
         ),
         (
-            "cidr outside",
-            json!({"name": "x", "source_cidrs": ["10.0.0.0/8"]}),
+            "trusted outside source",
+            json!({"name": "x", "source_cidrs": ["10.0.0.0/8"], "trusted_cidrs": ["11.0.0.0/8"]}),
             400,
         ),
         (
@@ -610,7 +610,8 @@ fn keys_create_list_roll_revoke_and_the_sip_side() {
     );
 
     // Roll through the API: the next INVITE with the old secret gets 401.
-    let caller = s.edge.create_key("caller", &[]);
+    // (A child of the root: a key reaches only its own subtree.)
+    let caller = s.edge.create_key("caller", &["--parent", &key_id(&root)]);
     complete_call(&s.edge, &caller);
     let r = api.call(
         Method::POST,
@@ -661,7 +662,7 @@ fn keys_create_list_roll_revoke_and_the_sip_side() {
     );
 
     // Revoke through the API: the key and its children, at once, on the SIP side too.
-    let victim = s.edge.create_key("victim", &[]);
+    let victim = s.edge.create_key("victim", &["--parent", &key_id(&root)]);
     wait_loaded(api, &victim);
     let r = api.post(
         "/v1/keys",
@@ -735,7 +736,7 @@ fn usage_and_active_calls_and_admin_hang_up() {
     assert!(c["answered_at"].as_i64().is_some());
     assert!((c["start"].as_i64().unwrap() - now_unix()).abs() < 60);
     let id = c["id"].as_str().unwrap().to_string();
-    // Another key of the account cannot see or end it... unless it is a root key.
+    // Another key of the account cannot see or end it (a key reaches its own subtree only).
     let r = api.post(
         "/v1/keys",
         &other,
@@ -804,21 +805,26 @@ fn usage_and_active_calls_and_admin_hang_up() {
     // ops sees only its own usage even without ?key
     let r = api.get("/v1/usage", &ops);
     assert_eq!(r.body["total"]["calls"], 1, "{r}");
-    // the root sees all (wait for the other call's CDR, written at BYE)
+    // Each root sees its own subtree only (SPEC §2): wait for the other
+    // call's CDR, written at BYE, then the first root still counts one call.
     let t0 = Instant::now();
     loop {
-        let r = api.get("/v1/usage", &root);
+        let r = api.get("/v1/usage", &other);
         assert_eq!(r.status, 200, "{r}");
-        if r.body["total"]["calls"] == 2 {
+        if r.body["total"]["calls"] == 1 {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(10), "root usage: {r}");
+        assert!(t0.elapsed() < Duration::from_secs(10), "other usage: {r}");
         std::thread::sleep(Duration::from_millis(100));
     }
+    let r = api.get("/v1/usage", &root);
+    assert_eq!(r.body["total"]["calls"], 1, "{r}");
     let r = api.get(&format!("/v1/usage?since={}", now_unix() + 3600), &root);
     assert_eq!(r.body["total"]["calls"], 0, "{r}");
     let r = api.get("/v1/usage?since=1d", &root);
-    assert_eq!(r.body["total"]["calls"], 2, "{r}");
+    assert_eq!(r.body["total"]["calls"], 1, "{r}");
+    let r = api.get(&format!("/v1/usage?key={}", key_id(&other)), &root);
+    assert_error(&r, 404, "not_found", "usage of another root key");
     let r = api.get(&format!("/v1/usage?key={}", key_id(&other)), &ops);
     assert_error(&r, 404, "not_found", "usage of another key");
     assert_error(

@@ -334,9 +334,9 @@ pub struct Allocator {
     metrics: OnceLock<Metrics>,
 }
 
-/// Deepest key chain taken into account (a deeper one is refused as busy:
-/// key stores bound the depth far below this).
-pub const MAX_CHAIN: usize = 16;
+/// Longest key chain admitted (a longer one is refused as busy): a key and
+/// the most ancestors a key store follows.
+pub const MAX_CHAIN: usize = tollgate_keys::store::MAX_DEPTH + 1;
 
 impl Allocator {
     /// An allocator with no trunks.
