@@ -84,6 +84,24 @@ pub struct SipSection {
     pub workers: Option<usize>,
     /// SIGTERM: how long calls in progress may go on before the edge BYEs them.
     pub drain_timeout_s: Option<u64>,
+    /// `[sip.lockout]`: sources that guess credentials are ignored.
+    #[serde(default)]
+    pub lockout: LockoutSection,
+}
+
+/// `[sip.lockout]` (SPEC §4): more than `failures` bad credentials from one
+/// source within `window_s` and it is ignored for `ban_s`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockoutSection {
+    /// Default 20; 0 turns the lockout off.
+    pub failures: Option<u32>,
+    /// Default 60.
+    pub window_s: Option<u64>,
+    /// Default 300.
+    pub ban_s: Option<u64>,
+    /// Sources tracked at once (fixed memory, about 64 bytes each); default 65536.
+    pub max_sources: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

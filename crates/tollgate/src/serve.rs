@@ -29,6 +29,8 @@ pub struct Settings {
     pub media_timeout: Duration,
     /// SIGTERM drain: calls in progress may go on this long, then BYE.
     pub drain_timeout: Duration,
+    /// `[sip.lockout]`.
+    pub lockout: tollgate_sip::lockout::LockoutConfig,
     pub trunk: tollgate_trunk::TrunkConfig,
     /// Signaling cores (shards); default: the machine's cores.
     pub sip_workers: usize,
@@ -151,6 +153,7 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
     if drain_timeout_s > 86_400 {
         return Err(ConfigError("sip.drain_timeout_s: must be 0..=86400".into()));
     }
+    let lockout = lockout_settings(&file.sip.lockout)?;
     let media_timeout_s = file.media.timeout_s.unwrap_or(60);
     if !(5..=86_400).contains(&media_timeout_s) {
         return Err(ConfigError("media.timeout_s: must be 5..=86400".into()));
@@ -271,6 +274,7 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         media_ports,
         media_timeout: Duration::from_secs(media_timeout_s),
         drain_timeout: Duration::from_secs(drain_timeout_s),
+        lockout,
         trunk,
         sip_workers,
         metrics_listen,
@@ -279,6 +283,34 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         webhooks: crate::webhook::from_section(&file.webhooks)?,
         routes,
         tls,
+    })
+}
+
+fn lockout_settings(
+    l: &config::LockoutSection,
+) -> Result<tollgate_sip::lockout::LockoutConfig, ConfigError> {
+    let d = tollgate_sip::lockout::LockoutConfig::default();
+    let window_s = l.window_s.unwrap_or(d.window.as_secs());
+    if !(1..=86_400).contains(&window_s) {
+        return Err(ConfigError(
+            "sip.lockout.window_s: must be 1..=86400".into(),
+        ));
+    }
+    let ban_s = l.ban_s.unwrap_or(d.ban.as_secs());
+    if !(1..=604_800).contains(&ban_s) {
+        return Err(ConfigError("sip.lockout.ban_s: must be 1..=604800".into()));
+    }
+    let max_sources = l.max_sources.unwrap_or(d.max_sources);
+    if !(128..=16_777_216).contains(&max_sources) {
+        return Err(ConfigError(
+            "sip.lockout.max_sources: must be 128..=16777216".into(),
+        ));
+    }
+    Ok(tollgate_sip::lockout::LockoutConfig {
+        failures: l.failures.unwrap_or(d.failures),
+        window: Duration::from_secs(window_s),
+        ban: Duration::from_secs(ban_s),
+        max_sources,
     })
 }
 
@@ -303,6 +335,18 @@ fn describe_metrics() {
     describe_counter!(
         "tollgate_auth_failures_total",
         "INVITEs refused by the credential check, by reason"
+    );
+    describe_counter!(
+        "tollgate_lockout_bans_total",
+        "Sources locked out for too many bad credentials (sip.lockout)"
+    );
+    describe_counter!(
+        "tollgate_lockout_ignored_total",
+        "Requests from locked-out sources, dropped without an answer"
+    );
+    describe_counter!(
+        "tollgate_lockout_untracked_total",
+        "Bad credentials not counted because the lockout table was full of bans"
     );
     describe_counter!(
         "tollgate_key_calls_ended_total",
@@ -609,6 +653,7 @@ async fn serve(
     let mut cores = Vec::with_capacity(shards);
     // Admitted calls, for the admin API's GET/DELETE /v1/calls.
     let calls = crate::policy::CallRegistry::default();
+    let lockout = Arc::new(tollgate_sip::lockout::Lockout::new(s.lockout));
     for index in 0..shards {
         let sink: Arc<dyn CdrSink> = cdrs.clone();
         let policy = crate::policy::TrunkPolicy::new(alloc.clone(), sink, keys.clone())
@@ -617,6 +662,7 @@ async fn serve(
         let mut core =
             tollgate_sip::B2bua::new(cfg.clone(), keys.clone(), replay.clone(), nonce_secret)
                 .with_policy(Box::new(policy))
+                .with_lockout(lockout.clone())
                 .with_media(Box::new(crate::media::EngineHooks(engine.clone())));
         core.set_shard(index as u64, shards as u64);
         cores.push(core);
@@ -680,6 +726,9 @@ async fn serve(
                 }
                 if new.tls != s.tls {
                     changed.push("tls (file paths)");
+                }
+                if new.lockout != s.lockout {
+                    changed.push("sip.lockout");
                 }
                 reload_tls(tls_acceptor.as_deref());
                 if let Err(e) = admin.reload_tls(new.admin_tls.as_ref()) {

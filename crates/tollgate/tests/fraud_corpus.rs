@@ -213,7 +213,7 @@ mod hierarchy_limits {
 mod sources_and_hierarchy_reach {
     use super::common::*;
     use serde_json::{json, Value};
-    use std::net::{IpAddr, SocketAddr, UdpSocket};
+    use std::net::{IpAddr, SocketAddr};
     use std::time::{Duration, Instant};
 
     const FROM: &str = "15550001111";
@@ -232,10 +232,7 @@ mod sources_and_hierarchy_reach {
     /// A UDP user agent sending from `ip` (127.0.0.2/127.0.0.3 are other
     /// loopback sources on Linux).
     fn ua_from(edge: &Edge, ip: &str) -> UdpUa {
-        let mut ua = UdpUa::new(edge.sip_udp);
-        ua.sock = UdpSocket::bind(format!("{ip}:0")).expect("bind a loopback source");
-        ua.local = ua.sock.local_addr().unwrap();
-        ua
+        UdpUa::from_ip(edge.sip_udp, ip)
     }
 
     /// Final response code to a bearer INVITE made with `key`, sent from `ip`.
@@ -588,5 +585,178 @@ mod sources_and_hierarchy_reach {
             assert_eq!(api.get("/v1/keys", k).0, 200);
         }
         assert_eq!(api.get("/v1/keys", &me2).0, 200);
+    }
+}
+
+// ==== lockout (SPEC §4): a source that guesses credentials is ignored ====
+mod lockout {
+    use super::common::*;
+    use super::trunk_support::metric;
+    use std::time::{Duration, Instant};
+
+    const FROM: &str = "15550002222";
+    /// Long enough that the 20 ignored guesses (1 s each) fit in the ban.
+    const BAN_S: u64 = 40;
+
+    /// An edge with `[sip.lockout]` and a key made before it starts (so
+    /// the guesses below are wrong passwords of a known key).
+    fn edge(key_args: &[&str]) -> (MiniUas, Edge, String) {
+        let dir = TestDir::new("fc-lockout");
+        let key = create_key(&dir.join("data"), "victim", key_args);
+        let uas = MiniUas::start(UasMode::Busy);
+        let edge = Edge::start_in(
+            dir,
+            EdgeConfig {
+                route_target: Some(uas.route()),
+                extra_toml: format!(
+                    "\n[sip.lockout]\nfailures = 20\nwindow_s = 120\nban_s = {BAN_S}\n"
+                ),
+                ..Default::default()
+            },
+        );
+        (uas, edge, key)
+    }
+
+    /// One digest INVITE from `ua` answering a fresh challenge with a wrong
+    /// password; the final response, or None if the edge said nothing
+    /// within `wait`.
+    fn wrong_digest(ua: &mut UdpUa, edge: &Edge, user: &str, wait: Duration) -> Option<SipMsg> {
+        let first = Req::invite(edge.sip_udp, SERVICE, FROM);
+        let ch = ua.transact(&first, wait)?.fin;
+        assert_eq!(ch.code(), Some(401), "challenge: {}", ch.text());
+        let (_, p) = www_auth(&ch)
+            .into_iter()
+            .find(|(s, _)| s.eq_ignore_ascii_case("Digest"))
+            .unwrap_or_else(|| panic!("no Digest challenge: {}", ch.text()));
+        let mut r = first.clone();
+        r.branch = unique("z9hG4bK-lock");
+        r.cseq += 1;
+        let auth = digest_authorization(
+            &p,
+            user,
+            "not-the-password",
+            "INVITE",
+            &r.ruri,
+            "00000001",
+            &unique("cn"),
+        );
+        ua.transact(&r.header("Authorization", &auth), Duration::from_secs(3))
+            .map(|o| o.fin)
+    }
+
+    /// Attack: an online password guesser, 40 wrong digest responses in a
+    /// row from 127.0.0.2, each answered with a fresh 401 and nothing to
+    /// slow it down. Want: after the 20th, 127.0.0.2 gets no answer at all
+    /// for ban_s; 127.0.0.3 gets normal answers throughout (an honest caller
+    /// on another address is never affected); the ban lifts after ban_s.
+    #[test]
+    fn forty_wrong_digest_responses_lock_the_source_out_and_no_other() {
+        let (_uas, edge, key) = edge(&[]);
+        let user = key_id(&key);
+        let mut guesser = UdpUa::from_ip(edge.sip_udp, "127.0.0.2");
+        let mut honest = UdpUa::from_ip(edge.sip_udp, "127.0.0.3");
+        let mut answered = 0;
+        let mut ignored = 0;
+        let started = Instant::now();
+        let mut ban_seen: Option<Instant> = None;
+        for i in 0..40 {
+            // Once ignored, waiting 1 s is enough to see it stays so.
+            let wait = Duration::from_secs(if ignored > 0 { 1 } else { 5 });
+            match wrong_digest(&mut guesser, &edge, &user, wait) {
+                Some(fin) => {
+                    assert_eq!(fin.code(), Some(401), "guess {i}: {}", fin.text());
+                    answered += 1;
+                }
+                None => {
+                    ignored += 1;
+                    ban_seen.get_or_insert_with(Instant::now);
+                }
+            }
+            // The honest neighbour: a challenge every time.
+            let r = honest
+                .transact(
+                    &Req::invite(edge.sip_udp, SERVICE, FROM),
+                    Duration::from_secs(5),
+                )
+                .unwrap_or_else(|| panic!("127.0.0.3 got no answer while .2 guessed ({i})"));
+            assert_eq!(r.fin.code(), Some(401), "{}", r.fin.text());
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(BAN_S),
+            "the guesses took {:?}, longer than the ban: the test proves nothing",
+            started.elapsed()
+        );
+        assert_eq!(
+            answered, 20,
+            "answers before the ban: {answered}, ignored {ignored}"
+        );
+        let failures: f64 = ["bad_response", "unknown_key"]
+            .iter()
+            .filter_map(|r| metric(&edge, "tollgate_auth_failures_total", &[("reason", r)]))
+            .sum();
+        assert_eq!(failures, 21.0, "bad credentials counted");
+        assert_eq!(
+            metric(&edge, "tollgate_lockout_bans_total", &[]),
+            Some(1.0),
+            "one ban"
+        );
+        // Locked out: even an OPTIONS or a credential-less INVITE goes
+        // unanswered, and so does the right password.
+        assert_eq!(guesser.options_code(Duration::from_secs(2)), None);
+        let banned_at = ban_seen.expect("never ignored");
+        // The ban lifts after ban_s: the same source gets its challenge back.
+        let back = poll(Duration::from_secs(BAN_S + 20), || {
+            guesser
+                .transact(
+                    &Req::invite(edge.sip_udp, SERVICE, FROM),
+                    Duration::from_secs(1),
+                )
+                .map(|o| o.fin)
+        })
+        .expect("the ban never lifted");
+        assert_eq!(back.code(), Some(401), "{}", back.text());
+        assert!(
+            banned_at.elapsed() >= Duration::from_secs(BAN_S - 6),
+            "the ban lifted after only {:?}",
+            banned_at.elapsed()
+        );
+    }
+
+    /// Attack on the lockout itself: an operator's carrier interconnect
+    /// (trusted CIDR) sends bad credentials, e.g. a misconfigured PBX
+    /// behind it. Want: trusted sources are never locked out (their calls
+    /// would all drop).
+    #[test]
+    fn a_trusted_carrier_source_is_never_locked_out() {
+        let (_uas, edge, key) = edge(&[
+            "--source-cidr",
+            "127.0.0.4/32",
+            "--trust-cidr",
+            "127.0.0.4/32",
+        ]);
+        let user = key_id(&key);
+        let mut carrier = UdpUa::from_ip(edge.sip_udp, "127.0.0.4");
+        // The edge sees the new key within a second.
+        poll(Duration::from_secs(10), || {
+            let r = carrier.transact(
+                &Req::invite(edge.sip_udp, SERVICE, FROM),
+                Duration::from_secs(3),
+            )?;
+            (r.fin.code() == Some(486)).then_some(())
+        })
+        .expect("the trusted source is not admitted");
+        for i in 0..30 {
+            let r = carrier.transact(
+                &Req::invite(edge.sip_udp, SERVICE, FROM)
+                    .header("Authorization", &format!("Digest username=\"{user}\", realm=\"tollgate\", nonce=\"x\", uri=\"sip:x\", response=\"00\"")),
+                Duration::from_secs(5),
+            );
+            let r = r.unwrap_or_else(|| panic!("trusted source ignored after {i} bad credentials"));
+            assert_eq!(r.fin.code(), Some(401), "{}", r.fin.text());
+        }
+        assert_eq!(
+            metric(&edge, "tollgate_lockout_bans_total", &[]).unwrap_or(0.0),
+            0.0
+        );
     }
 }

@@ -1350,7 +1350,12 @@ pub struct UdpUa {
 
 impl UdpUa {
     pub fn new(remote: SocketAddr) -> UdpUa {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        UdpUa::from_ip(remote, "127.0.0.1")
+    }
+    /// A UA sending from `ip` (on Linux every 127.0.0.0/8 address is a
+    /// loopback source without setup: 127.0.0.2 is "another host").
+    pub fn from_ip(remote: SocketAddr, ip: &str) -> UdpUa {
+        let sock = UdpSocket::bind(format!("{ip}:0")).expect("bind a loopback source");
         let local = sock.local_addr().unwrap();
         UdpUa {
             sock,
