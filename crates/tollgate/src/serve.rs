@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
-use tollgate_keys::{FileKeyStore, KeyKind, KeyStore, Limits, MemoryReplayCache, ReplayCache};
+use tollgate_keys::{FileKeyStore, FileReplayCache, KeyKind, KeyStore, Limits, ReplayCache};
 use tollgate_sip::driver::{self, Control, Sockets};
 use tollgate_sip::tls::{TlsAcceptor, TlsFiles};
 use tollgate_sip::{b2bua, Peer, Route, TimerConfig, Transport};
-use tollgate_trunk::{Allocator, CdrSink, FileCdrStore};
+use tollgate_trunk::{Allocator, CallJournal, CdrSink, FileCdrStore};
 
 /// Everything `serve` needs, resolved from defaults, the file and the flags.
 pub struct Settings {
@@ -30,6 +30,8 @@ pub struct Settings {
     /// SIGTERM drain: calls in progress may go on this long, then BYE.
     pub drain_timeout: Duration,
     pub trunk: tollgate_trunk::TrunkConfig,
+    /// `[trunk] checkpoint_s`: calls up are checkpointed this often.
+    pub checkpoint: Duration,
     /// Signaling cores (shards); default: the machine's cores.
     pub sip_workers: usize,
     pub metrics_listen: SocketAddr,
@@ -141,6 +143,10 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
     }
     if let Some(s) = file.trunk.idle_reclaim_s {
         trunk.idle_reclaim_secs = s;
+    }
+    let checkpoint_s = file.trunk.checkpoint_s.unwrap_or(10);
+    if !(1..=3600).contains(&checkpoint_s) {
+        return Err(ConfigError("trunk.checkpoint_s: must be 1..=3600".into()));
     }
     let sip_workers = match file.sip.workers {
         Some(0) => return Err(ConfigError("sip.workers: must be at least 1".into())),
@@ -272,6 +278,7 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         media_timeout: Duration::from_secs(media_timeout_s),
         drain_timeout: Duration::from_secs(drain_timeout_s),
         trunk,
+        checkpoint: Duration::from_secs(checkpoint_s),
         sip_workers,
         metrics_listen,
         admin_listen,
@@ -371,6 +378,14 @@ fn describe_metrics() {
     describe_counter!(
         "tollgate_cdr_write_errors_total",
         "Failed writes or fsyncs of the durable CDR file"
+    );
+    describe_counter!(
+        "tollgate_checkpoint_write_errors_total",
+        "Failed writes of the call journal (calls.jsonl: admissions, answers, checkpoints, ends), or closes held back because the CDR store could not be flushed"
+    );
+    describe_counter!(
+        "tollgate_replay_write_errors_total",
+        "Token/nonce uses refused because their entry could not be written to the replay cache file"
     );
     describe_counter!(
         "tollgate_media_packets_total",
@@ -543,7 +558,6 @@ async fn serve(
     let mut nonce_secret = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce_secret)
         .map_err(|_| Failure::Other("no system randomness".into()))?;
-    let replay: Arc<dyn ReplayCache> = Arc::new(MemoryReplayCache::new());
     let admin_keys = store.clone();
     let keys: Arc<dyn KeyStore> = store;
     let cfg = b2bua::Config {
@@ -570,8 +584,58 @@ async fn serve(
         FileCdrStore::open(&data_dir)
             .map_err(|e| Failure::Other(format!("CDR store in {}: {e}", data_dir.display())))?,
     );
-    let alloc = Arc::new(Allocator::new(s.trunk.clone()));
+    // Calls that were up when the edge last died get their CDR now, before
+    // the budgets are seeded and before any call is admitted.
+    let flusher = cdrs.clone();
+    let (journal, recovered) =
+        CallJournal::open(&data_dir, &cdrs, Box::new(move || flusher.flush()))
+            .map_err(|e| Failure::Other(format!("call journal in {}: {e}", data_dir.display())))?;
+    let journal = Arc::new(journal);
+    if !recovered.written.is_empty() {
+        let secs: u64 = recovered.written.iter().map(|c| c.billable_secs).sum();
+        tracing::warn!(
+            calls = recovered.written.len(),
+            billable_secs = secs,
+            "calls up at the last crash recorded with cause edge_lost"
+        );
+        println!(
+            "tollgate: recovered {} calls up at the last crash (edge_lost, {secs} billable s)",
+            recovered.written.len()
+        );
+    }
+    // jtis and digest nonces stay used across restarts. Opened after the CDR
+    // store, whose lock keeps a second edge off this data directory.
     let now_unix = crate::unix_now() as i64;
+    let (replay_file, load) = FileReplayCache::open(&data_dir, now_unix)?;
+    tracing::info!(
+        live = load.live,
+        expired = load.expired,
+        bad_lines = load.bad_lines,
+        "replay cache loaded"
+    );
+    let replay_file = Arc::new(replay_file);
+    let replay: Arc<dyn ReplayCache> = replay_file.clone();
+    tokio::spawn(async move {
+        let errors = metrics::counter!("tollgate_replay_write_errors_total");
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            let cache = replay_file.clone();
+            let now = crate::unix_now() as i64;
+            match tokio::task::spawn_blocking(move || (cache.maintain(now), cache.write_errors()))
+                .await
+            {
+                Ok((r, n)) => {
+                    errors.absolute(n);
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "replay cache upkeep failed");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "replay cache upkeep failed"),
+            }
+        }
+    });
+    let alloc = Arc::new(Allocator::new(s.trunk.clone()));
     let day = tollgate_trunk::utc_day(now_unix);
     match cdrs.spent_on_day(day) {
         Ok(spent) => {
@@ -596,11 +660,27 @@ async fn serve(
     let mut cores = Vec::with_capacity(shards);
     // Admitted calls, for the admin API's GET/DELETE /v1/calls.
     let calls = crate::policy::CallRegistry::default();
+    // Checkpoints of the answered calls up, off the SIP path: one journal
+    // line per interval for all of them.
+    {
+        let (calls, journal) = (calls.clone(), journal.clone());
+        let period = s.checkpoint;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                if calls.iter().any(|c| c.answered.is_some()) {
+                    journal.checkpoint(crate::unix_now() as i64);
+                }
+            }
+        });
+    }
     for index in 0..shards {
         let sink: Arc<dyn CdrSink> = cdrs.clone();
         let policy = crate::policy::TrunkPolicy::new(alloc.clone(), sink)
             .with_webhooks(webhooks.clone())
-            .with_calls(calls.clone());
+            .with_calls(calls.clone())
+            .with_journal(journal.clone());
         let mut core =
             tollgate_sip::B2bua::new(cfg.clone(), keys.clone(), replay.clone(), nonce_secret)
                 .with_policy(Box::new(policy))
@@ -725,7 +805,9 @@ async fn serve(
     );
     let _ = ctl_tx.send(Control::Shutdown).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), sip).await;
-    match tokio::task::spawn_blocking(move || cdrs.flush()).await {
+    // The journal's closes wait for the CDRs; a close lost here only costs
+    // the next start a look into the CDR file.
+    match tokio::task::spawn_blocking(move || cdrs.flush().and_then(|()| journal.flush())).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "CDR flush at shutdown failed"),
         Err(e) => tracing::error!(error = %e, "CDR flush at shutdown failed"),
