@@ -953,3 +953,34 @@ impl Signals {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_trunk(extra: &str) -> Result<Settings, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("tollgate-serve-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("t{}.toml", extra.len()));
+        std::fs::write(&path, format!("[trunk]\n{extra}\n")).unwrap();
+        let r = settings(&ServeArgs {
+            config: Some(path.clone()),
+            ..ServeArgs::default()
+        });
+        let _ = std::fs::remove_file(&path);
+        r
+    }
+
+    #[test]
+    fn checkpoint_s_default_range_and_error_naming_the_field() {
+        assert_eq!(with_trunk("").unwrap().checkpoint, Duration::from_secs(10));
+        assert_eq!(
+            with_trunk("checkpoint_s = 1").unwrap().checkpoint,
+            Duration::from_secs(1)
+        );
+        for bad in ["checkpoint_s = 0", "checkpoint_s = 3601"] {
+            let e = with_trunk(bad).err().expect(bad);
+            assert!(e.0.starts_with("trunk.checkpoint_s:"), "{bad}: {}", e.0);
+        }
+    }
+}
