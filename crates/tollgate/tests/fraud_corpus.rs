@@ -14,12 +14,37 @@ mod restarts_and_crashes {
     /// An edge on `root/edge` (kept when the edge is dropped, so that the next
     /// one starts on the same data dir) with checkpoints every `checkpoint_s`.
     fn edge_on(root: &TestDir, checkpoint_s: u64) -> Edge {
+        edge_with(root, checkpoint_s, "")
+    }
+
+    /// [`edge_on`] with `extra` appended to the config.
+    fn edge_with(root: &TestDir, checkpoint_s: u64, extra: &str) -> Edge {
         let dir = root.join("edge");
         fs::create_dir_all(&dir).unwrap();
         let mut c = cfg(EdgeConfig::default());
-        c.extra_toml
-            .push_str(&format!("\n[trunk]\ncheckpoint_s = {checkpoint_s}\n"));
+        c.extra_toml.push_str(&format!(
+            "\n[trunk]\ncheckpoint_s = {checkpoint_s}\n{extra}"
+        ));
         Edge::start_in(TestDir { path: dir }, c)
+    }
+
+    /// GET `path` on the edge's admin API with the bearer `key`; the body.
+    fn admin_get(edge: &Edge, key: &str, path: &str) -> String {
+        use std::io::{Read, Write};
+        let addr = edge.listening("admin").expect("admin address");
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "GET {path}: {out}");
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default()
     }
 
     /// `kill -9` the edge and wait until it is gone.
@@ -180,10 +205,37 @@ mod restarts_and_crashes {
     fn calls_up_at_kill_9_each_get_exactly_one_edge_lost_cdr() {
         const CHECKPOINT_S: u64 = 1;
         let root = TestDir::new("fc-lost");
-        let mut edge = edge_on(&root, CHECKPOINT_S);
+        // Calls with the token claim model = "silent" ring forever.
+        let silent = SilentUas::start();
+        let routes = format!(
+            "\n[[routes]]\nmodel = \"silent\"\ntarget = \"{}\"\nmedia = \"rtp\"\n",
+            silent.route()
+        );
+        let mut edge = edge_with(&root, CHECKPOINT_S, &routes);
         let key = edge.first_key();
         let id = key_id(&key);
-        let (_ua, up) = calls_up(&edge, &key, 3);
+        let (mut ua, up) = calls_up(&edge, &key, 3);
+        // And one admitted call that is still ringing at the crash.
+        let now = now_unix();
+        let ringing_tok = jwt_for(
+            &key,
+            &format!(
+                "{{\"iat\":{},\"exp\":{},\"jti\":\"{}\",\"to\":\"{SERVICE}\",\"from\":\"alice\",\"model\":\"silent\"}}",
+                now - 5,
+                now + 600,
+                unique("jti-")
+            ),
+        );
+        let ringing = Req::invite(edge.sip_udp, SERVICE, "alice").bearer(&ringing_tok);
+        ua.send(&ringing);
+        poll(Duration::from_secs(10), || {
+            silent
+                .drain()
+                .iter()
+                .any(|m| m.method() == Some("INVITE"))
+                .then_some(())
+        })
+        .expect("the ringing call never reached its destination");
         thread::sleep(Duration::from_millis(2500));
         let killed = Instant::now();
         crash(&mut edge);
@@ -214,8 +266,20 @@ mod restarts_and_crashes {
             );
             eprintln!("[edge_lost] up {true_up:.2} s, billed {billed} s");
         }
+        let rung = cdrs_of(&cdrs, &ringing.call_id);
+        assert_eq!(rung.len(), 1, "CDRs of the ringing call: {rung:?}");
+        assert_eq!(rung[0].str("cause"), Some("edge_lost"), "{:?}", rung[0]);
+        assert!(!cdr_answered(rung[0]), "{:?}", rung[0]);
+        assert_eq!(rung[0].int("billable_secs"), Some(0), "{:?}", rung[0]);
         let mine = totals_of(&cdrs);
-        assert_eq!(mine[0], up.len() as u64, "only our calls: {cdrs:?}");
+        assert_eq!(mine[0], up.len() as u64 + 1, "only our calls: {cdrs:?}");
+        // The admin API counts them too.
+        let api = admin_get(&edge2, &key, "/v1/usage");
+        assert!(
+            api.contains(&format!("\"billable_secs\":{}", mine[3])),
+            "GET /v1/usage vs {mine:?}: {api}"
+        );
+        assert!(api.contains("\"edge_lost\":1"), "GET /v1/usage: {api}");
         let usage = usage_table(&data_dir, &[]);
         assert_eq!(usage.get("total"), Some(&mine), "tollgate usage: {usage:?}");
         assert_eq!(usage.get(&id), Some(&mine), "tollgate usage: {usage:?}");
