@@ -214,7 +214,7 @@ mod restarts_and_crashes {
         let mut edge = edge_with(&root, CHECKPOINT_S, &routes);
         let key = edge.first_key();
         let id = key_id(&key);
-        let (mut ua, up) = calls_up(&edge, &key, 3);
+        let (ua, up) = calls_up(&edge, &key, 3);
         // And one admitted call that is still ringing at the crash.
         let now = now_unix();
         let ringing_tok = jwt_for(
