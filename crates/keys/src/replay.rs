@@ -185,7 +185,8 @@ impl FileReplayCache {
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let path = dir.join(REPLAY_FILE);
-        let mem = MemoryReplayCache::new();
+        // No sweep on the hot path: `maintain` purges.
+        let mem = MemoryReplayCache::with_sweep_interval(u64::MAX);
         let mut load = ReplayLoad::default();
         match File::open(&path) {
             Ok(f) => {
@@ -245,7 +246,8 @@ impl FileReplayCache {
     }
 
     /// Housekeeping, off the hot path (`serve` calls it every few seconds
-    /// from a blocking thread): drops entries expired at `now`, compacts the
+    /// from a blocking thread; `first_use` never sweeps): drops entries
+    /// expired at `now`, compacts the
     /// file if it is more than half dead, else fdatasyncs what was appended
     /// since the last call. Returns whether it compacted.
     pub fn maintain(&self, now: i64) -> crate::Result<bool> {
