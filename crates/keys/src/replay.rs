@@ -136,6 +136,11 @@ pub const REPLAY_FILE: &str = "replay.jsonl";
 /// entries and at least `compact_min` lines. Appends wait for a compaction in
 /// progress (one write of the live set and one fsync).
 ///
+/// Cost (`benches/replay.rs`, a fresh `<12-char kid>:<36-char jti>` per use,
+/// on a shared 2-core machine): about 3.7 µs per first use against 1.1 µs for
+/// [`MemoryReplayCache`]; 3.2 µs against 1.4 µs per use with 4 threads at
+/// once. The difference is the `write(2)` under the append lock.
+///
 /// One process per file: the file is locked exclusively (`serve` also holds
 /// the CDR store's lock on the same data directory).
 #[derive(Debug)]

@@ -47,19 +47,6 @@ mod restarts_and_crashes {
             .unwrap_or_default()
     }
 
-    /// `kill -9` the edge and wait until it is gone.
-    fn crash(edge: &mut Edge) {
-        kill9(edge.pid());
-        let t = Instant::now();
-        while edge.is_running() {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "edge survived kill -9"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     /// A complete call to the built-in echo with a bearer token.
     fn completed_call(edge: &Edge, tok: &str) {
         let mut ua = UdpUa::new(edge.sip_udp);
@@ -78,7 +65,7 @@ mod restarts_and_crashes {
         let tok = token(&key, SERVICE, "alice");
         completed_call(&edge, &tok);
         // Killed right after the use: no fsync, no graceful shutdown.
-        crash(&mut edge);
+        kill9_and_wait(&mut edge);
 
         let edge2 = edge_on(&root, 10);
         let mut ua = UdpUa::new(edge2.sip_udp);
@@ -139,7 +126,7 @@ mod restarts_and_crashes {
         let mut edge = edge_on(&root, 10);
         let key = edge.first_key();
         let used = digest_call(&edge, &key);
-        crash(&mut edge);
+        kill9_and_wait(&mut edge);
 
         let edge2 = edge_on(&root, 10);
         let mut ua = UdpUa::new(edge2.sip_udp);
@@ -238,7 +225,7 @@ mod restarts_and_crashes {
         .expect("the ringing call never reached its destination");
         thread::sleep(Duration::from_millis(2500));
         let killed = Instant::now();
-        crash(&mut edge);
+        kill9_and_wait(&mut edge);
         let data_dir = edge.data_dir.clone();
         let (before, _) = read_cdrs(&data_dir);
         for c in &up {
@@ -285,7 +272,7 @@ mod restarts_and_crashes {
         assert_eq!(usage.get(&id), Some(&mine), "tollgate usage: {usage:?}");
 
         // Crash again right away (nothing up): the next start adds nothing.
-        crash(&mut edge2);
+        kill9_and_wait(&mut edge2);
         let edge3 = edge_on(&root, CHECKPOINT_S);
         let (again, _) = read_cdrs(&data_dir);
         assert_eq!(

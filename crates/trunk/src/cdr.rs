@@ -624,7 +624,7 @@ fn commit(file: &mut File, len: &mut u64, bytes: &[u8]) -> io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::process::{Command, Stdio};
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -633,10 +633,11 @@ mod tests {
     const CHILD_ENV: &str = "TOLLGATE_CDR_CHILD";
     const CRASH_K: usize = 500;
 
-    struct TempDir(PathBuf);
+    /// A directory of its own under the system temp dir, removed on drop.
+    pub(crate) struct TempDir(pub(crate) PathBuf);
 
     impl TempDir {
-        fn new(tag: &str) -> Self {
+        pub(crate) fn new(tag: &str) -> Self {
             static N: AtomicU32 = AtomicU32::new(0);
             let d = std::env::temp_dir().join(format!(
                 "tollgate-trunk-{tag}-{}-{}",

@@ -77,6 +77,26 @@ pub struct OpenCall {
     pub sip_call_id: Option<String>,
 }
 
+impl OpenCall {
+    /// This call's CDR, ended at `end` with `cause` (no SIP status).
+    pub fn cdr(&self, answer: Option<i64>, end: i64, billable_secs: u64, cause: &str) -> Cdr {
+        Cdr {
+            call_id: self.call_id.clone(),
+            key_id: self.key_id.clone(),
+            trunk: self.trunk.clone(),
+            from: self.from.clone(),
+            to: self.to.clone(),
+            start: self.start,
+            answer,
+            end,
+            billable_secs,
+            cause: cause.to_string(),
+            sip_code: None,
+            sip_call_id: self.sip_call_id.clone(),
+        }
+    }
+}
+
 /// One line of the journal.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(tag = "ev", rename_all = "snake_case")]
@@ -149,20 +169,8 @@ impl Journal {
             .map(|(c, answer)| {
                 let alive = self.checkpoint.unwrap_or(i64::MIN);
                 let end = alive.max(answer.unwrap_or(c.start)).max(c.start);
-                Cdr {
-                    call_id: c.call_id.clone(),
-                    key_id: c.key_id.clone(),
-                    trunk: c.trunk.clone(),
-                    from: c.from.clone(),
-                    to: c.to.clone(),
-                    start: c.start,
-                    answer: *answer,
-                    end,
-                    billable_secs: answer.map_or(0, |a| (end - a).max(0) as u64),
-                    cause: EDGE_LOST.to_string(),
-                    sip_code: None,
-                    sip_call_id: c.sip_call_id.clone(),
-                }
+                let billable = answer.map_or(0, |a| (end - a).max(0) as u64);
+                c.cdr(*answer, end, billable, EDGE_LOST)
             })
             .collect();
         v.sort_by(|a, b| (a.start, &a.call_id).cmp(&(b.start, &b.call_id)));
@@ -496,32 +504,11 @@ impl JournalWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use crate::cdr::tests::TempDir;
+    use std::sync::atomic::Ordering;
     use std::sync::Arc;
 
     const T0: i64 = 1_767_225_600; // 2026-01-01T00:00:00Z
-
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(tag: &str) -> Self {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let d = std::env::temp_dir().join(format!(
-                "tollgate-journal-{tag}-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = std::fs::remove_dir_all(&d);
-            std::fs::create_dir_all(&d).unwrap();
-            TempDir(d)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     fn call(id: &str, start: i64) -> OpenCall {
         OpenCall {
@@ -544,21 +531,9 @@ mod tests {
     }
 
     fn ended(cdrs: &FileCdrStore, j: &CallJournal, c: &OpenCall, answer: i64, end: i64) {
-        cdrs.record(&Cdr {
-            call_id: c.call_id.clone(),
-            key_id: c.key_id.clone(),
-            trunk: c.trunk.clone(),
-            from: c.from.clone(),
-            to: c.to.clone(),
-            start: c.start,
-            answer: Some(answer),
-            end,
-            billable_secs: (end - answer) as u64,
-            cause: "normal".into(),
-            sip_code: Some(200),
-            sip_call_id: c.sip_call_id.clone(),
-        })
-        .unwrap();
+        let mut cdr = c.cdr(Some(answer), end, (end - answer) as u64, "normal");
+        cdr.sip_code = Some(200);
+        cdrs.record(&cdr).unwrap();
         j.closed(c.call_id.clone());
     }
 
