@@ -748,6 +748,9 @@ async fn serve(
                 if new.tls != s.tls {
                     changed.push("tls (file paths)");
                 }
+                if new.checkpoint != s.checkpoint {
+                    changed.push("trunk.checkpoint_s");
+                }
                 reload_tls(tls_acceptor.as_deref());
                 if let Err(e) = admin.reload_tls(new.admin_tls.as_ref()) {
                     tracing::error!(error = %e, "admin API certificate not reloaded; keeping the running one");

@@ -74,6 +74,10 @@ mod restarts_and_crashes {
             &fin,
             "token used before the kill -9, replayed after the restart",
         );
+        // The call that ended before the kill has its one CDR, no edge_lost.
+        let (cdrs, _) = read_cdrs(&edge2.data_dir);
+        let causes: Vec<_> = cdrs.iter().map(|c| c.str("cause").unwrap_or("")).collect();
+        assert_eq!(causes, ["normal"], "{cdrs:?}");
         // The edge is otherwise fine: a fresh token of the same key works.
         completed_call(&edge2, &token(&key, SERVICE, "alice"));
         drop(edge);
