@@ -429,14 +429,14 @@ mod tests {
 
     struct Fixture {
         store: Arc<MemoryKeyStore>,
-        auth: Authenticator<MemoryKeyStore, MemoryReplayCache>,
+        auth: Authenticator<MemoryKeyStore, dyn ReplayCache>,
     }
 
     impl Fixture {
         fn new() -> Self {
             let store = Arc::new(MemoryKeyStore::new());
-            let auth =
-                Authenticator::new(store.clone(), Arc::new(MemoryReplayCache::new()), [42; 32]);
+            let replay: Arc<dyn ReplayCache> = Arc::new(MemoryReplayCache::new());
+            let auth = Authenticator::new(store.clone(), replay, [42; 32]);
             Fixture { store, auth }
         }
 
@@ -888,6 +888,62 @@ mod tests {
                 assert_invalid_digest(f.check(&[&a]), "nonce_reused", true);
             }
         }
+    }
+
+    /// SPEC §3: a `jti` and a digest nonce stay used across a restart (the
+    /// cache reopened from its file, same keys and nonce secret, as a fleet
+    /// sharing the secret would have).
+    #[test]
+    fn single_use_survives_a_reopened_file_cache() {
+        let dir = std::env::temp_dir().join(format!("tollgate-cred-replay-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Arc::new(MemoryKeyStore::new());
+        let k = store
+            .create(
+                "k",
+                KeyKind::Secret,
+                None,
+                Limits::default(),
+                None,
+                NOW as u64 - 100,
+            )
+            .unwrap()
+            .1;
+        let open = || {
+            let (c, _) = crate::FileReplayCache::open(&dir, NOW).unwrap();
+            Fixture {
+                store: store.clone(),
+                auth: Authenticator::new(
+                    store.clone(),
+                    Arc::new(c) as Arc<dyn ReplayCache>,
+                    [42; 32],
+                ),
+            }
+        };
+        let f = open();
+        let t = bearer(&k, &claims("once"));
+        let n = nonce(&f, NOW);
+        let d = digest_authz(k.id(), &k.digest_password(), Algorithm::Md5, &n, RURI, true);
+        assert_accepted(f.check(&[&t]), Method::Bearer);
+        assert_accepted(f.check(&[&d]), Method::Digest);
+        drop(f);
+        let f = open();
+        assert_invalid_token(f.check(&[&t]), "replayed");
+        assert_invalid_digest(f.check(&[&d]), "nonce_reused", true);
+        // A fresh token and a fresh nonce still work.
+        assert_accepted(f.check(&[&bearer(&k, &claims("twice"))]), Method::Bearer);
+        let n2 = nonce(&f, NOW);
+        let d2 = digest_authz(
+            k.id(),
+            &k.digest_password(),
+            Algorithm::Md5,
+            &n2,
+            RURI,
+            true,
+        );
+        assert_accepted(f.check(&[&d2]), Method::Digest);
+        drop(f);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub use apikey::{digest_password, key_hash, signing_key, webhook_secret, ApiKey,
 pub use credential::{AuthConfig, Authenticator, InviteView, Method, Outcome, Principal};
 pub use digest::{Algorithm, DigestError, DigestResponse, NonceIssuer};
 pub use jwt::{Claims, TokenError};
-pub use replay::{MemoryReplayCache, ReplayCache};
+pub use replay::{FileReplayCache, MemoryReplayCache, ReplayCache, ReplayLoad};
 pub use store::{FileKeyStore, KeyRecord, KeyStore, Limits, MemoryKeyStore, Scope, SecretMaterial};
 
 use std::path::PathBuf;

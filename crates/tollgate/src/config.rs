@@ -70,6 +70,9 @@ pub struct TrunkSection {
     pub edge_max_calls: Option<u32>,
     pub premium_deny_prefixes: Option<Vec<String>>,
     pub idle_reclaim_s: Option<u64>,
+    /// Seconds between checkpoints of the calls up (billable time lost at a
+    /// crash is at most this); default 10.
+    pub checkpoint_s: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

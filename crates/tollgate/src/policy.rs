@@ -8,7 +8,9 @@ use std::time::Instant;
 use tollgate_keys::{KeyRecord, KeyStore};
 use tollgate_sip::b2bua::{AdmitInfo, CallPolicy, CallRecord, Refused};
 use tollgate_sip::EndCause;
-use tollgate_trunk::{Allocator, Cdr, CdrSink, ChannelId, KeyLimits, Refusal, TrunkKey};
+use tollgate_trunk::{
+    Allocator, CallJournal, Cdr, CdrSink, ChannelId, KeyLimits, OpenCall, Refusal, TrunkKey,
+};
 
 pub struct TrunkPolicy {
     alloc: Arc<Allocator>,
@@ -21,6 +23,8 @@ pub struct TrunkPolicy {
     hooked: HashMap<u64, Arc<crate::webhook::CallCtx>>,
     /// Admitted calls, shared by every shard and the admin API.
     calls: CallRegistry,
+    /// Crash recovery of calls up (`edge_lost` CDRs): only queues here.
+    journal: Option<Arc<CallJournal>>,
 }
 
 /// An admitted call as the admin API lists it (`GET /v1/calls`).
@@ -54,7 +58,31 @@ impl TrunkPolicy {
             webhooks: None,
             hooked: HashMap::new(),
             calls: CallRegistry::default(),
+            journal: None,
         }
+    }
+
+    /// Journals admissions, answers and ends, so that a call up at a crash
+    /// gets its CDR at the next start.
+    pub fn with_journal(mut self, journal: Arc<CallJournal>) -> Self {
+        self.journal = Some(journal);
+        self
+    }
+
+    /// Journals the admission of `call` (just put in the registry).
+    fn journal_opened(&self, call: u64) {
+        let (Some(j), Some(c)) = (&self.journal, self.calls.get(&call)) else {
+            return;
+        };
+        j.opened(OpenCall {
+            call_id: cdr_call_id(&c.call_id, c.start, call),
+            key_id: c.key_id.clone(),
+            trunk: c.key_id.clone(),
+            from: c.from.clone(),
+            to: c.to.clone(),
+            start: c.start,
+            sip_call_id: (!c.a_call_id.is_empty()).then(|| c.a_call_id.clone()),
+        });
     }
 
     /// Shares `calls` (the admin API's view of active calls) with this shard.
@@ -95,6 +123,16 @@ pub fn status_of(r: &Refusal) -> Refused {
             code: 503,
             retry_after: Some(1),
         },
+    }
+}
+
+/// A call's id in its CDR and in the journal: leg B's Call-ID, or
+/// `<start>-<handle>` if it has none.
+fn cdr_call_id(call_id: &str, start: i64, call: u64) -> String {
+    if call_id.is_empty() {
+        format!("{start}-{call}")
+    } else {
+        call_id.to_string()
     }
 }
 
@@ -153,6 +191,7 @@ impl CallPolicy for TrunkPolicy {
                         answered: None,
                     },
                 );
+                self.journal_opened(call);
                 if let Some(hooks) = &self.webhooks {
                     if let Some(ctx) = hooks.initiated(key, destination, info, unix) {
                         self.hooked.insert(call, ctx);
@@ -167,6 +206,9 @@ impl CallPolicy for TrunkPolicy {
     fn answered(&mut self, call: u64, unix: i64) -> Option<u64> {
         if let Some(mut c) = self.calls.get_mut(&call) {
             c.answered = Some(unix);
+            if let Some(j) = &self.journal {
+                j.answered(cdr_call_id(&c.call_id, c.start, call), unix);
+            }
         }
         if let (Some(hooks), Some(ctx)) = (&self.webhooks, self.hooked.get(&call)) {
             hooks.answered(ctx, unix);
@@ -200,11 +242,7 @@ impl CallPolicy for TrunkPolicy {
                 .increment(1);
         }
         let cdr = Cdr {
-            call_id: if r.call_id.is_empty() {
-                format!("{}-{}", r.start, r.call)
-            } else {
-                r.call_id.clone()
-            },
+            call_id: cdr_call_id(&r.call_id, r.start, r.call),
             key_id: r.key_id.clone(),
             trunk: r.key_id.clone(),
             from: r.from.clone(),
@@ -219,6 +257,9 @@ impl CallPolicy for TrunkPolicy {
         };
         if let Err(e) = self.cdrs.record(&cdr) {
             tracing::error!(error = %e, call = %cdr.call_id, "CDR not recorded");
+        }
+        if let Some(j) = &self.journal {
+            j.closed(cdr.call_id);
         }
     }
 }

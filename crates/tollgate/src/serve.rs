@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
-use tollgate_keys::{FileKeyStore, KeyKind, KeyStore, Limits, MemoryReplayCache, ReplayCache};
+use tollgate_keys::{FileKeyStore, FileReplayCache, KeyKind, KeyStore, Limits, ReplayCache};
 use tollgate_sip::driver::{self, Control, Sockets};
 use tollgate_sip::tls::{TlsAcceptor, TlsFiles};
 use tollgate_sip::{b2bua, Peer, Route, TimerConfig, Transport};
-use tollgate_trunk::{Allocator, CdrSink, FileCdrStore};
+use tollgate_trunk::{Allocator, CallJournal, CdrSink, FileCdrStore};
 
 /// Everything `serve` needs, resolved from defaults, the file and the flags.
 pub struct Settings {
@@ -32,6 +32,8 @@ pub struct Settings {
     /// `[sip.lockout]`.
     pub lockout: tollgate_sip::lockout::LockoutConfig,
     pub trunk: tollgate_trunk::TrunkConfig,
+    /// `[trunk] checkpoint_s`: calls up are checkpointed this often.
+    pub checkpoint: Duration,
     /// Signaling cores (shards); default: the machine's cores.
     pub sip_workers: usize,
     pub metrics_listen: SocketAddr,
@@ -143,6 +145,10 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
     }
     if let Some(s) = file.trunk.idle_reclaim_s {
         trunk.idle_reclaim_secs = s;
+    }
+    let checkpoint_s = file.trunk.checkpoint_s.unwrap_or(10);
+    if !(1..=3600).contains(&checkpoint_s) {
+        return Err(ConfigError("trunk.checkpoint_s: must be 1..=3600".into()));
     }
     let sip_workers = match file.sip.workers {
         Some(0) => return Err(ConfigError("sip.workers: must be at least 1".into())),
@@ -276,6 +282,7 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         drain_timeout: Duration::from_secs(drain_timeout_s),
         lockout,
         trunk,
+        checkpoint: Duration::from_secs(checkpoint_s),
         sip_workers,
         metrics_listen,
         admin_listen,
@@ -415,6 +422,14 @@ fn describe_metrics() {
     describe_counter!(
         "tollgate_cdr_write_errors_total",
         "Failed writes or fsyncs of the durable CDR file"
+    );
+    describe_counter!(
+        "tollgate_checkpoint_write_errors_total",
+        "Failed writes of the call journal (calls.jsonl: admissions, answers, checkpoints, ends), or closes held back because the CDR store could not be flushed"
+    );
+    describe_counter!(
+        "tollgate_replay_write_errors_total",
+        "Token/nonce uses refused because their entry could not be written to the replay cache file"
     );
     describe_counter!(
         "tollgate_media_packets_total",
@@ -587,7 +602,6 @@ async fn serve(
     let mut nonce_secret = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce_secret)
         .map_err(|_| Failure::Other("no system randomness".into()))?;
-    let replay: Arc<dyn ReplayCache> = Arc::new(MemoryReplayCache::new());
     let admin_keys = store.clone();
     let keys: Arc<dyn KeyStore> = store;
     let cfg = b2bua::Config {
@@ -614,8 +628,58 @@ async fn serve(
         FileCdrStore::open(&data_dir)
             .map_err(|e| Failure::Other(format!("CDR store in {}: {e}", data_dir.display())))?,
     );
-    let alloc = Arc::new(Allocator::new(s.trunk.clone()));
+    // Calls that were up when the edge last died get their CDR now, before
+    // the budgets are seeded and before any call is admitted.
+    let flusher = cdrs.clone();
+    let (journal, recovered) =
+        CallJournal::open(&data_dir, &cdrs, Box::new(move || flusher.flush()))
+            .map_err(|e| Failure::Other(format!("call journal in {}: {e}", data_dir.display())))?;
+    let journal = Arc::new(journal);
+    if !recovered.written.is_empty() {
+        let secs: u64 = recovered.written.iter().map(|c| c.billable_secs).sum();
+        tracing::warn!(
+            calls = recovered.written.len(),
+            billable_secs = secs,
+            "calls up at the last crash recorded with cause edge_lost"
+        );
+        println!(
+            "tollgate: recovered {} calls up at the last crash (edge_lost, {secs} billable s)",
+            recovered.written.len()
+        );
+    }
+    // jtis and digest nonces stay used across restarts. Opened after the CDR
+    // store, whose lock keeps a second edge off this data directory.
     let now_unix = crate::unix_now() as i64;
+    let (replay_file, load) = FileReplayCache::open(&data_dir, now_unix)?;
+    tracing::info!(
+        live = load.live,
+        expired = load.expired,
+        bad_lines = load.bad_lines,
+        "replay cache loaded"
+    );
+    let replay_file = Arc::new(replay_file);
+    let replay: Arc<dyn ReplayCache> = replay_file.clone();
+    tokio::spawn(async move {
+        let errors = metrics::counter!("tollgate_replay_write_errors_total");
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            let cache = replay_file.clone();
+            let now = crate::unix_now() as i64;
+            match tokio::task::spawn_blocking(move || (cache.maintain(now), cache.write_errors()))
+                .await
+            {
+                Ok((r, n)) => {
+                    errors.absolute(n);
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "replay cache upkeep failed");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "replay cache upkeep failed"),
+            }
+        }
+    });
+    let alloc = Arc::new(Allocator::new(s.trunk.clone()));
     let day = tollgate_trunk::utc_day(now_unix);
     match cdrs.spent_on_day(day) {
         Ok(spent) => {
@@ -654,11 +718,27 @@ async fn serve(
     // Admitted calls, for the admin API's GET/DELETE /v1/calls.
     let calls = crate::policy::CallRegistry::default();
     let lockout = Arc::new(tollgate_sip::lockout::Lockout::new(s.lockout));
+    // Checkpoints of the answered calls up, off the SIP path: one journal
+    // line per interval for all of them.
+    {
+        let (calls, journal) = (calls.clone(), journal.clone());
+        let period = s.checkpoint;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                if calls.iter().any(|c| c.answered.is_some()) {
+                    journal.checkpoint(crate::unix_now() as i64);
+                }
+            }
+        });
+    }
     for index in 0..shards {
         let sink: Arc<dyn CdrSink> = cdrs.clone();
         let policy = crate::policy::TrunkPolicy::new(alloc.clone(), sink, keys.clone())
             .with_webhooks(webhooks.clone())
-            .with_calls(calls.clone());
+            .with_calls(calls.clone())
+            .with_journal(journal.clone());
         let mut core =
             tollgate_sip::B2bua::new(cfg.clone(), keys.clone(), replay.clone(), nonce_secret)
                 .with_policy(Box::new(policy))
@@ -730,6 +810,9 @@ async fn serve(
                 if new.lockout != s.lockout {
                     changed.push("sip.lockout");
                 }
+                if new.checkpoint != s.checkpoint {
+                    changed.push("trunk.checkpoint_s");
+                }
                 reload_tls(tls_acceptor.as_deref());
                 if let Err(e) = admin.reload_tls(new.admin_tls.as_ref()) {
                     tracing::error!(error = %e, "admin API certificate not reloaded; keeping the running one");
@@ -787,7 +870,9 @@ async fn serve(
     );
     let _ = ctl_tx.send(Control::Shutdown).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), sip).await;
-    match tokio::task::spawn_blocking(move || cdrs.flush()).await {
+    // The journal's closes wait for the CDRs; a close lost here only costs
+    // the next start a look into the CDR file.
+    match tokio::task::spawn_blocking(move || cdrs.flush().and_then(|()| journal.flush())).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "CDR flush at shutdown failed"),
         Err(e) => tracing::error!(error = %e, "CDR flush at shutdown failed"),
@@ -930,6 +1015,37 @@ impl Signals {
         {
             let _ = tokio::signal::ctrl_c().await;
             Signal::Stop
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_trunk(extra: &str) -> Result<Settings, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("tollgate-serve-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("t{}.toml", extra.len()));
+        std::fs::write(&path, format!("[trunk]\n{extra}\n")).unwrap();
+        let r = settings(&ServeArgs {
+            config: Some(path.clone()),
+            ..ServeArgs::default()
+        });
+        let _ = std::fs::remove_file(&path);
+        r
+    }
+
+    #[test]
+    fn checkpoint_s_default_range_and_error_naming_the_field() {
+        assert_eq!(with_trunk("").unwrap().checkpoint, Duration::from_secs(10));
+        assert_eq!(
+            with_trunk("checkpoint_s = 1").unwrap().checkpoint,
+            Duration::from_secs(1)
+        );
+        for bad in ["checkpoint_s = 0", "checkpoint_s = 3601"] {
+            let e = with_trunk(bad).err().expect(bad);
+            assert!(e.0.starts_with("trunk.checkpoint_s:"), "{bad}: {}", e.0);
         }
     }
 }

@@ -1,7 +1,8 @@
 //! CDR durability (issue 4): `kill -9` of the edge under a SIPp load of short
 //! calls; every call that had ended more than one second before the kill is
 //! in `<data-dir>/cdrs.jsonl`, none is there twice, and after a restart on the
-//! same data dir `tollgate usage` reports the same totals as the file did.
+//! same data dir `tollgate usage` reports the file's totals plus one
+//! `edge_lost` CDR per call that was up at the kill (issue 10).
 //!
 //! cargo test -p tollgate --test e2e_cdr_durability
 mod common;
@@ -11,7 +12,7 @@ use common::*;
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use trunk_support::*;
 
 fn unix_f64() -> f64 {
@@ -62,15 +63,7 @@ fn kill_9_under_load_keeps_every_ended_call_once_and_restart_reports_same_usage(
 
     thread::sleep(Duration::from_secs(6));
     let killed_at = unix_f64();
-    kill9(edge.pid());
-    let t = Instant::now();
-    while edge.is_running() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "edge survived kill -9"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    kill9_and_wait(&mut edge);
     eprintln!("[cdr] edge killed: {:?}", edge.exit_status());
     // Keep the dead edge's log: the restart writes a new one at the same path.
     let _ = fs::copy(&edge.stderr_path, root.join("edge1.stderr"));
@@ -190,24 +183,48 @@ fn kill_9_under_load_keeps_every_ended_call_once_and_restart_reports_same_usage(
         edge2.first_key.is_none(),
         "the restarted edge must keep its keys, not make a new first key"
     );
+    // The restart adds one `edge_lost` CDR per call that was up at the kill
+    // (issue 10) and changes nothing else.
+    let (cdrs2, torn2) = read_cdrs(&data_dir);
+    assert!(torn2.is_none(), "the restart left a torn tail: {torn2:?}");
+    assert_eq!(
+        cdrs2[..cdrs.len().min(cdrs2.len())],
+        cdrs[..],
+        "the restart changed the complete CDR lines"
+    );
+    let lost = &cdrs2[cdrs.len()..];
+    assert!(
+        lost.iter().all(|c| c.str("cause") == Some("edge_lost")),
+        "the restart wrote CDRs other than edge_lost: {lost:?}"
+    );
+    assert!(
+        lost.len() <= CALLS - ended_any.len(),
+        "{} edge_lost CDRs but at most {} calls can have been up",
+        lost.len(),
+        CALLS - ended_any.len()
+    );
+    let mut all_ids = HashSet::new();
+    assert!(
+        cdrs2
+            .iter()
+            .all(|c| all_ids.insert(c.str("call_id").unwrap().to_string())),
+        "a call_id twice after the restart"
+    );
+    eprintln!("[cdr] restart recorded {} edge_lost calls", lost.len());
+    let mine2 = totals_of(&cdrs2);
     let after = usage_table(&data_dir, &[]);
     assert_eq!(
-        after, before,
-        "usage after the restart differs from usage read from the file before it"
+        after.get("total"),
+        Some(&mine2),
+        "usage after the restart vs the file's CDRs (edge_lost ones included): {after:?}"
     );
     let since_all = usage_table(&data_dir, &["--key", &id, "--since", "0"]);
     assert_eq!(
         since_all.get(&id),
-        Some(&mine),
+        Some(&mine2),
         "--key --since 0: {since_all:?}"
     );
-    let (cdrs2, torn2) = read_cdrs(&data_dir);
-    assert_eq!(
-        cdrs2.len(),
-        cdrs.len(),
-        "the restart changed the complete CDR lines"
-    );
-    assert!(torn2.is_none(), "the restart left a torn tail: {torn2:?}");
+    let cdrs = cdrs2;
 
     // The restarted edge works and appends exactly one more CDR for one call.
     let mut ua = UdpUa::new(edge2.sip_udp);
@@ -229,7 +246,7 @@ fn kill_9_under_load_keeps_every_ended_call_once_and_restart_reports_same_usage(
     let t3 = usage_table(&data_dir, &[]);
     assert_eq!(
         t3.get("total").map(|r| r[0]),
-        Some(mine[0] + 1),
+        Some(mine2[0] + 1),
         "usage after one more call: {t3:?}"
     );
     drop(grown);

@@ -402,15 +402,7 @@ fn daily_minutes_1_cuts_the_call_at_60_s_then_402() {
     // The spent budget survives a crash: restarted on the same data dir, the
     // edge still answers 402 (it seeds today's spend from the CDR store).
     let mut edge = edge;
-    kill9(edge.pid());
-    let t = Instant::now();
-    while edge.is_running() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "edge survived kill -9"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    kill9_and_wait(&mut edge);
     let edge2 = Edge::start_in(
         TestDir {
             path: edge.dir.path.clone(),

@@ -366,6 +366,16 @@ impl FileCdrStore {
         Ok(spent)
     }
 
+    /// The `call_id` of every readable CDR: what the recovery of calls lost
+    /// in a crash checks before it writes one ([`crate::CallJournal`]).
+    pub fn call_ids(&self) -> io::Result<HashSet<String>> {
+        let mut ids = HashSet::new();
+        self.scan(|cdr| {
+            ids.insert(cdr.call_id);
+        })?;
+        Ok(ids)
+    }
+
     /// Calls `f` with each readable CDR in file order, first occurrence of
     /// each `call_id` only. A last line without `\n` (being written) is not
     /// read.
@@ -447,7 +457,7 @@ fn copy_err(e: &io::Error) -> io::Error {
 }
 
 /// fsync the directory so that a newly created file's entry is durable.
-fn sync_dir(dir: &Path) {
+pub(crate) fn sync_dir(dir: &Path) {
     #[cfg(unix)]
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
@@ -614,7 +624,7 @@ fn commit(file: &mut File, len: &mut u64, bytes: &[u8]) -> io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::process::{Command, Stdio};
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -623,10 +633,11 @@ mod tests {
     const CHILD_ENV: &str = "TOLLGATE_CDR_CHILD";
     const CRASH_K: usize = 500;
 
-    struct TempDir(PathBuf);
+    /// A directory of its own under the system temp dir, removed on drop.
+    pub(crate) struct TempDir(pub(crate) PathBuf);
 
     impl TempDir {
-        fn new(tag: &str) -> Self {
+        pub(crate) fn new(tag: &str) -> Self {
             static N: AtomicU32 = AtomicU32::new(0);
             let d = std::env::temp_dir().join(format!(
                 "tollgate-trunk-{tag}-{}-{}",

@@ -12,15 +12,19 @@
 //! * [`Cdr`], [`CdrSink`], [`FileCdrStore`]: a durable, append-only JSON-lines
 //!   CDR store with a group-committing writer thread, and the usage totals
 //!   computed from it ([`Usage`], [`format_usage`]).
+//! * [`CallJournal`]: checkpoints of the calls up, so that a call that was up
+//!   when the edge died gets its CDR (cause [`EDGE_LOST`]) at the next start.
 #![forbid(unsafe_code)]
 
 mod allocator;
 mod bucket;
 pub mod cdr;
+pub mod checkpoint;
 pub mod policy;
 
 pub use allocator::{Allocator, ChannelId, KeyLimits, Refusal, TrunkConfig, TrunkKey, MAX_CHAIN};
 pub use cdr::{format_usage, Cdr, CdrSink, FileCdrStore, KeyUsage, MemoryCdrSink, Recovery, Usage};
+pub use checkpoint::{CallJournal, OpenCall, Recovered, EDGE_LOST};
 pub use policy::DEFAULT_PREMIUM_DENY_PREFIXES;
 
 /// Seconds in a UTC day; `unix.div_euclid(SECS_PER_DAY)` is the day number.

@@ -520,6 +520,19 @@ pub fn kill9(pid: u32) {
     assert!(st.success(), "kill -9 {pid} failed");
 }
 
+/// `kill -9` the edge and wait (up to 10 s) until it is gone.
+pub fn kill9_and_wait(edge: &mut Edge) {
+    kill9(edge.pid());
+    let t = Instant::now();
+    while edge.is_running() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "edge survived kill -9"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Edge configuration
 // ---------------------------------------------------------------------------
