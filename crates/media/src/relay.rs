@@ -595,6 +595,14 @@ mod tests {
         }
     }
 
+    fn relay(a: Side, b: Side, t0: Instant) -> Relay {
+        Relay {
+            sides: [a, b],
+            stats: Arc::new(CallStats::new(t0)),
+            stop: StopSignal::default(),
+        }
+    }
+
     fn packet(fill: u8) -> BytesMut {
         let mut b = BytesMut::from(&[0x80, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7][..]);
         b.extend_from_slice(&[fill; 20]);
@@ -608,14 +616,11 @@ mod tests {
     #[test]
     fn strangers_are_never_relayed_nor_sent_to() {
         let t0 = Instant::now();
-        let mut r = Relay {
-            sides: [
-                side("127.0.0.1:4000", "127.0.0.1", t0),
-                side("127.0.0.1:6000", "127.0.0.1", t0),
-            ],
-            stats: Arc::new(CallStats::new(t0)),
-            stop: StopSignal::default(),
-        };
+        let mut r = relay(
+            side("127.0.0.1:4000", "127.0.0.1", t0),
+            side("127.0.0.1:6000", "127.0.0.1", t0),
+            t0,
+        );
         let (a, b) = (addr("127.0.0.1:4000"), addr("127.0.0.1:6000"));
         let strangers = [addr("127.0.0.1:4444"), addr("127.0.0.3:4000")];
         let send = |dst, rtcp_socket| Action::Send { dst, rtcp_socket };
@@ -653,14 +658,11 @@ mod tests {
     #[test]
     fn a_leg_behind_nat_is_sent_nothing_until_it_latched() {
         let t0 = Instant::now();
-        let mut r = Relay {
-            sides: [
-                side("10.0.0.7:4000", "198.51.100.9", t0),
-                side("198.51.100.20:6000", "198.51.100.20", t0),
-            ],
-            stats: Arc::new(CallStats::new(t0)),
-            stop: StopSignal::default(),
-        };
+        let mut r = relay(
+            side("10.0.0.7:4000", "198.51.100.9", t0),
+            side("198.51.100.20:6000", "198.51.100.20", t0),
+            t0,
+        );
         let b = addr("198.51.100.20:6000");
         let nat = addr("198.51.100.9:61000");
         let mut buf = packet(2);

@@ -186,7 +186,7 @@ mod media_hijack {
         assert!(
             ok.is_some(),
             "{what}: tollgate_media_dropped_total{{reason=\"{reason}\"}} went {from} -> {} \
-             (want +{n}); a stranger's packet was taken as the leg's",
+             (want +{n}): the edge took or sent on a packet it must drop",
             dropped(edge, reason)
         );
     }
@@ -385,6 +385,31 @@ mod media_hijack {
         call.hang_up();
     }
 
+    /// An answered call from an SRTP caller (its SDP naming `sdp_ip` and
+    /// `ports`), and the caller's contexts: what it sends, with its own key,
+    /// and what it receives, with the edge's.
+    fn srtp_call(
+        edge: &Edge,
+        dest: &Dest,
+        sdp_ip: &str,
+        ports: (u16, u16),
+    ) -> (Call, Box<dyn SrtpTransform>, Box<dyn SrtpTransform>) {
+        let a_key = Crypto {
+            tag: 1,
+            suite: SUITE,
+            keys: SrtpKeys::generate(SUITE).unwrap(),
+        };
+        let call = Call::place(edge, dest, sdp_ip, ports, Some(&a_key));
+        let edge_key = call.edge_key.clone().unwrap();
+        let tx = new_context(SUITE, &a_key.keys, Direction::Outbound).unwrap();
+        let rx = new_context(SUITE, &edge_key.keys, Direction::Inbound).unwrap();
+        (call, tx, rx)
+    }
+
+    fn auth_failures(edge: &Edge) -> f64 {
+        metric(edge, "tollgate_srtp_auth_failures_total", &[])
+    }
+
     fn protect(tx: &mut dyn SrtpTransform, p: BytesMut) -> BytesMut {
         let mut p = p;
         tx.protect_rtp(&mut p).unwrap();
@@ -408,18 +433,9 @@ mod media_hijack {
         let (a, b) = (Endpoint::on("127.0.0.1"), Endpoint::on("127.0.0.1"));
         let dest = Dest::start(b.ports().0, b.ports().1);
         let edge = edge_to(&dest, "15100-15199");
-        let a_key = Crypto {
-            tag: 1,
-            suite: SUITE,
-            keys: SrtpKeys::generate(SUITE).unwrap(),
-        };
-        let call = Call::place(&edge, &dest, "127.0.0.1", a.ports(), Some(&a_key));
-        let edge_key = call.edge_key.clone().unwrap();
-        let mut a_tx = new_context(SUITE, &a_key.keys, Direction::Outbound).unwrap();
-        let mut a_rx = new_context(SUITE, &edge_key.keys, Direction::Inbound).unwrap();
+        let (call, mut a_tx, mut a_rx) = srtp_call(&edge, &dest, "127.0.0.1", a.ports());
         let strangers = strangers();
-        let auth = |e: &Edge| metric(e, "tollgate_srtp_auth_failures_total", &[]);
-        let auth0 = auth(&edge);
+        let auth0 = auth_failures(&edge);
 
         let mut seq = 0u16;
         let mut phase = |what: &str, caller_talks: bool| {
@@ -456,7 +472,7 @@ mod media_hijack {
         phase("during the caller's stream", true);
         phase("after the caller stopped", false);
         assert_eq!(
-            auth(&edge),
+            auth_failures(&edge),
             auth0,
             "strangers are dropped before authentication"
         );
@@ -475,17 +491,9 @@ mod media_hijack {
         let private = Endpoint::on("127.0.0.9");
         let dest = Dest::start(b.ports().0, b.ports().1);
         let edge = edge_to(&dest, "15200-15299");
-        let a_key = Crypto {
-            tag: 1,
-            suite: SUITE,
-            keys: SrtpKeys::generate(SUITE).unwrap(),
-        };
-        let call = Call::place(&edge, &dest, "127.0.0.9", private.ports(), Some(&a_key));
-        let edge_key = call.edge_key.clone().unwrap();
-        let mut a_tx = new_context(SUITE, &a_key.keys, Direction::Outbound).unwrap();
-        let mut a_rx = new_context(SUITE, &edge_key.keys, Direction::Inbound).unwrap();
+        let (call, mut a_tx, mut a_rx) = srtp_call(&edge, &dest, "127.0.0.9", private.ports());
         let strangers = strangers();
-        let auth = |e: &Edge| metric(e, "tollgate_srtp_auth_failures_total", &[]);
+        let auth = auth_failures;
 
         // Forged tags from the signaling IP (another port) are authenticated
         // and fail; from another host they are dropped before that.
