@@ -212,13 +212,19 @@ mod media_hijack {
             sdp_at: (u16, u16),
             key: Option<&Crypto>,
         ) -> Call {
+            // RTCP on the RTP port means rtcp-mux (RFC 5761).
+            let mux = if sdp_at.0 == sdp_at.1 {
+                "a=rtcp-mux\r\n"
+            } else {
+                ""
+            };
             let (proto, crypto) = match key {
                 Some(c) => ("RTP/SAVP", format!("a={}\r\n", c.to_attribute())),
                 None => ("RTP/AVP", String::new()),
             };
             let sdp = format!(
                 "v=0\r\no=alice 1 1 IN IP4 {sdp_ip}\r\ns=-\r\nc=IN IP4 {sdp_ip}\r\nt=0 0\r\n\
-                 m=audio {} {proto} 0\r\na=rtpmap:0 PCMU/8000\r\na=rtcp:{}\r\n{crypto}a=sendrecv\r\n",
+                 m=audio {} {proto} 0\r\na=rtpmap:0 PCMU/8000\r\na=rtcp:{}\r\n{mux}{crypto}a=sendrecv\r\n",
                 sdp_at.0, sdp_at.1
             );
             let now = now_unix();
@@ -408,6 +414,47 @@ mod media_hijack {
 
     fn auth_failures(edge: &Edge) -> f64 {
         metric(edge, "tollgate_srtp_auth_failures_total", &[])
+    }
+
+    /// RTP bleed through rtcp-mux (RFC 5761): on a muxed caller leg,
+    /// strangers send RTP and RTCP to the edge's muxed port and to the RTCP
+    /// port it did not advertise, before and during the call's streams;
+    /// they get nothing, and leg B gets only the caller's RTP and RTCP.
+    #[test]
+    fn rtcp_mux_strangers_on_the_muxed_and_the_hidden_rtcp_port_get_nothing() {
+        let (a, b) = (Endpoint::on("127.0.0.1"), Endpoint::on("127.0.0.1"));
+        let dest = Dest::start(b.ports().0, b.ports().1);
+        let edge = edge_to(&dest, "15400-15499");
+        let muxed = a.ports().0;
+        let call = Call::place(&edge, &dest, "127.0.0.1", (muxed, muxed), None);
+        assert_eq!(call.edge_a.0, call.edge_a.1, "the edge muxes toward A");
+        let hidden = SocketAddr::new(call.edge_a.0.ip(), call.edge_a.0.port() + 1);
+        let strangers = strangers();
+        for (i, seq) in [(0, 1u16), (1, 2)] {
+            let what = ["before the streams", "during the streams"][i];
+            let d = dropped(&edge, "source");
+            // 8 to the muxed port and leg B (RTP and RTCP), 2 to the
+            // hidden RTCP port, per stranger.
+            strangers_send(&strangers, &call, &rtp(100 + seq, SSRC_STRANGER));
+            for s in &strangers {
+                s.rtcp.send_to(&rtcp_rr(SSRC_STRANGER), hidden).unwrap();
+                s.rtp
+                    .send_to(&rtp(200 + seq, SSRC_STRANGER), hidden)
+                    .unwrap();
+            }
+            await_dropped(&edge, "source", d, 12.0, what);
+            // B's RTP and RTCP reach A's one port; A's reach B.
+            b.rtp.send_to(&rtp(seq, SSRC_B), call.edge_b.0).unwrap();
+            b.rtcp.send_to(&rtcp_rr(SSRC_B), call.edge_b.1).unwrap();
+            assert_only_from(&a, SSRC_B, 2, what);
+            if i == 1 {
+                a.rtp.send_to(&rtp(seq, SSRC_A), call.edge_a.0).unwrap();
+                a.rtp.send_to(&rtcp_rr(SSRC_A), call.edge_a.0).unwrap();
+                assert_only_from(&b, SSRC_A, 2, what);
+            }
+            assert_strangers_got_nothing(&strangers, what);
+        }
+        call.hang_up();
     }
 
     fn protect(tx: &mut dyn SrtpTransform, p: BytesMut) -> BytesMut {
