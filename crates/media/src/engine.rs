@@ -128,6 +128,9 @@ struct Pending {
     /// Index of the relayed audio stream in the offer (and in ours).
     index: usize,
     o_peer: PeerMedia,
+    /// The source IP of the signaling that carried the offer (SPEC §5: a
+    /// leg behind NAT latches from that IP only).
+    o_signaling: IpAddr,
     /// The offerer's crypto (its sending key), if its side is SRTP.
     o_crypto: Option<Crypto>,
     /// What we offered the answering leg (our sending keys), if its side is
@@ -264,14 +267,21 @@ impl MediaEngine {
     /// to leg B (in `profile_b`; for SRTP, fresh keys for every suite we
     /// support). A second offer for the same call (re-INVITE) replaces the
     /// first: new ports, new keys. The same as
-    /// `offer_from(call, Leg::A, offer_from_a, [Profile::Auto, profile_b])`.
+    /// `offer_from(call, Leg::A, offer_from_a, [Profile::Auto, profile_b], signaling)`.
     pub fn offer(
         &self,
         call: u64,
         offer_from_a: &[u8],
         profile_b: Profile,
+        signaling: IpAddr,
     ) -> Result<Vec<u8>, MediaError> {
-        self.offer_from(call, Leg::A, offer_from_a, [Profile::Auto, profile_b])
+        self.offer_from(
+            call,
+            Leg::A,
+            offer_from_a,
+            [Profile::Auto, profile_b],
+            signaling,
+        )
     }
 
     /// An offer from leg `from`; returns the offer for the other leg, with
@@ -297,6 +307,10 @@ impl MediaEngine {
     ///   other leg's key); RTP/AVP means plain RTP, which the relay
     ///   encrypts or decrypts on the way to an SRTP leg.
     ///
+    /// `signaling` is the source IP of the request or response that carried
+    /// the offer: the offering leg's media latches per [`crate::latch`]
+    /// (strict to its SDP address; from that IP only where it is behind NAT).
+    ///
     /// A repeated offer (the same bytes, from the same leg, still
     /// unanswered) gets the same rewrite. A different offer replaces a
     /// pending one (its ports return); a running relay keeps serving until
@@ -307,6 +321,7 @@ impl MediaEngine {
         from: Leg,
         offer: &[u8],
         profiles: [Profile; 2],
+        signaling: IpAddr,
     ) -> Result<Vec<u8>, MediaError> {
         if let Some(Call {
             state: State::Offered(p),
@@ -428,6 +443,7 @@ impl MediaEngine {
                     o_sdp,
                     index,
                     o_peer,
+                    o_signaling: signaling,
                     o_crypto,
                     t_offer,
                     legs,
@@ -444,8 +460,15 @@ impl MediaEngine {
     /// (leg B for an offer from A, leg A for an offer from B): returns the
     /// answer for the offering leg (in the profile it offered) and starts
     /// relaying. If the answerer rejected the audio, so does the answer we
-    /// return, and the offer's ports are released.
-    pub fn answer(&self, call: u64, answer: &[u8]) -> Result<Vec<u8>, MediaError> {
+    /// return, and the offer's ports are released. `signaling` is the source
+    /// IP of the response or ACK that carried the answer (see
+    /// [`MediaEngine::offer_from`]).
+    pub fn answer(
+        &self,
+        call: u64,
+        answer: &[u8],
+        signaling: IpAddr,
+    ) -> Result<Vec<u8>, MediaError> {
         let t_sdp = SessionDescription::parse(answer)?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| MediaError::NoRuntime)?;
         let mut calls = self.calls();
@@ -554,7 +577,10 @@ impl MediaEngine {
         }
 
         let started = Instant::now();
-        let side = |peer: PeerMedia, keys: Option<(Crypto, Crypto)>| -> Result<Side, MediaError> {
+        let side = |peer: PeerMedia,
+                    signaling: IpAddr,
+                    keys: Option<(Crypto, Crypto)>|
+         -> Result<Side, MediaError> {
             let (tx, rx) = match keys {
                 Some((ours, theirs)) => (
                     Some(
@@ -570,15 +596,19 @@ impl MediaEngine {
                 None => (None, None),
             };
             Ok(Side {
-                rtp_latch: Latch::new(peer.rtp, started),
-                rtcp_latch: Latch::new(if peer.mux { peer.rtp } else { peer.rtcp }, started),
+                rtp_latch: Latch::for_leg(peer.rtp, Some(signaling), started),
+                rtcp_latch: Latch::for_leg(
+                    if peer.mux { peer.rtp } else { peer.rtcp },
+                    Some(signaling),
+                    started,
+                ),
                 mux: peer.mux,
                 rx,
                 tx,
             })
         };
-        let o_side = side(pending.o_peer, o_keys)?;
-        let t_side = side(t_peer, t_keys)?;
+        let o_side = side(pending.o_peer, pending.o_signaling, o_keys)?;
+        let t_side = side(t_peer, signaling, t_keys)?;
         let sides = match offerer {
             Leg::A => [o_side, t_side],
             Leg::B => [t_side, o_side],
@@ -706,6 +736,9 @@ fn strip_transport(lines: &mut Vec<crate::sdp::Line>) {
 mod tests {
     use super::*;
 
+    /// Every test peer signals from loopback.
+    const LO: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
     #[test]
     fn engine_is_shareable() {
         fn assert<T: Send + Sync>() {}
@@ -731,22 +764,23 @@ mod tests {
         });
         let offer = b"v=0\r\nc=IN IP4 127.0.0.1\r\nm=audio 5000 RTP/AVP 0\r\n";
         let answer = b"v=0\r\nc=IN IP4 127.0.0.1\r\nm=audio 6000 RTP/AVP 0\r\n";
-        e.offer(7, offer, Profile::Auto).unwrap();
-        let first = e.answer(7, answer).unwrap();
+        e.offer(7, offer, Profile::Auto, LO).unwrap();
+        let first = e.answer(7, answer, LO).unwrap();
         assert_eq!(e.ports_in_use(), 4);
         // Re-offer: the old relay keeps its ports while the new ones wait.
         let re = b"v=0\r\nc=IN IP4 127.0.0.1\r\nm=audio 5100 RTP/AVP 0\r\n";
-        e.offer(7, re, Profile::Auto).unwrap();
+        e.offer(7, re, Profile::Auto, LO).unwrap();
         assert_eq!(e.ports_in_use(), 8);
         e.cancel_offer(7);
         assert_eq!(e.ports_in_use(), 4, "the re-offer's ports return at once");
         // The restored relay still answers a repeated answer the same way.
-        assert_eq!(e.answer(7, answer).unwrap(), first);
+        assert_eq!(e.answer(7, answer, LO).unwrap(), first);
         // A re-offer that is answered replaces the relay.
-        e.offer(7, re, Profile::Auto).unwrap();
+        e.offer(7, re, Profile::Auto, LO).unwrap();
         let second = e.answer(
             7,
             b"v=0\r\nc=IN IP4 127.0.0.1\r\nm=audio 6100 RTP/AVP 0\r\n",
+            LO,
         );
         assert_ne!(second.unwrap(), first, "new ports in the new answer");
         ports_settle(&e, 4).await;
@@ -826,10 +860,10 @@ mod tests {
         // Late offer: B's offer in its 18x and again in its 200.
         let b_offer = sdp(pb, "RTP/AVP", "a=sendrecv\r\n");
         let to_a = e
-            .offer_from(1, Leg::B, &b_offer, [Profile::Auto, Profile::Auto])
+            .offer_from(1, Leg::B, &b_offer, [Profile::Auto, Profile::Auto], LO)
             .unwrap();
         assert_eq!(
-            e.offer_from(1, Leg::B, &b_offer, [Profile::Auto, Profile::Auto])
+            e.offer_from(1, Leg::B, &b_offer, [Profile::Auto, Profile::Auto], LO)
                 .unwrap(),
             to_a
         );
@@ -839,7 +873,7 @@ mod tests {
         assert!(text.contains("a=sendrecv"), "{text}");
         assert_eq!(proto_of(&to_a), "RTP/AVP");
         // A's answer (in its ACK) becomes the answer for B.
-        let to_b = e.answer(1, &sdp(pa, "RTP/AVP", "")).unwrap();
+        let to_b = e.answer(1, &sdp(pa, "RTP/AVP", ""), LO).unwrap();
         let (edge_a, edge_b) = (port_of(&to_a), port_of(&to_b));
         assert_ne!(edge_a, edge_b);
         assert_ne!(edge_b, pb);
@@ -858,8 +892,10 @@ mod tests {
             ub.local_addr().unwrap().port(),
         );
         // An early-offer call: A offers, B answers.
-        let to_b = e.offer(2, &sdp(pa, "RTP/AVP", ""), Profile::Auto).unwrap();
-        let to_a = e.answer(2, &sdp(pb, "RTP/AVP", "")).unwrap();
+        let to_b = e
+            .offer(2, &sdp(pa, "RTP/AVP", ""), Profile::Auto, LO)
+            .unwrap();
+        let to_a = e.answer(2, &sdp(pb, "RTP/AVP", ""), LO).unwrap();
         let (a1, b1) = (port_of(&to_a), port_of(&to_b));
         relayed(&ua, a1, &ub, b1, 1).await;
         // B re-offers (a new port); A refuses: the old relay goes on.
@@ -870,6 +906,7 @@ mod tests {
             Leg::B,
             &sdp(pb2, "RTP/AVP", ""),
             [Profile::Auto, Profile::Auto],
+            LO,
         )
         .unwrap();
         assert_eq!(e.ports_in_use(), 8);
@@ -884,9 +921,10 @@ mod tests {
                 Leg::B,
                 &sdp(pb2, "RTP/AVP", ""),
                 [Profile::Auto, Profile::Auto],
+                LO,
             )
             .unwrap();
-        let to_b2 = e.answer(2, &sdp(pa, "RTP/AVP", "")).unwrap();
+        let to_b2 = e.answer(2, &sdp(pa, "RTP/AVP", ""), LO).unwrap();
         let (a2, b2) = (port_of(&to_a2), port_of(&to_b2));
         assert!(a2 != a1 && b2 != b1, "new ports for the new session");
         relayed(&ua, a2, &ub2, b2, 4).await;
@@ -903,17 +941,17 @@ mod tests {
         let savp = sdp(4000, "RTP/SAVP", CRYPTO);
         // The route's profile is leg B's, whoever offers.
         let err = e
-            .offer_from(3, Leg::B, &avp, [Profile::Auto, Profile::Srtp])
+            .offer_from(3, Leg::B, &avp, [Profile::Auto, Profile::Srtp], LO)
             .unwrap_err();
         assert!(matches!(err, MediaError::Profile(_)) && err.is_not_acceptable());
         let err = e
-            .offer_from(3, Leg::B, &savp, [Profile::Auto, Profile::Rtp])
+            .offer_from(3, Leg::B, &savp, [Profile::Auto, Profile::Rtp], LO)
             .unwrap_err();
         assert!(matches!(err, MediaError::Profile(_)));
         assert_eq!(e.ports_in_use(), 0);
         // A late offer: A is offered B's profile, with our own keys.
         let to_a = e
-            .offer_from(3, Leg::B, &savp, [Profile::Auto, Profile::Srtp])
+            .offer_from(3, Leg::B, &savp, [Profile::Auto, Profile::Srtp], LO)
             .unwrap();
         assert_eq!(proto_of(&to_a), "RTP/SAVP");
         let text = String::from_utf8(to_a.clone()).unwrap();
@@ -923,27 +961,27 @@ mod tests {
         );
         assert!(text.contains("a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:"));
         // An RTP/AVP answer to it is not acceptable.
-        assert!(e.answer(3, &avp).unwrap_err().is_not_acceptable());
+        assert!(e.answer(3, &avp, LO).unwrap_err().is_not_acceptable());
         e.release(3);
         // Where the SDES rule makes leg A `rtp`: B's SRTP offer reaches A as
         // plain RTP (no keys in A's SDP), and A may not offer keys itself.
         let to_a = e
-            .offer_from(5, Leg::B, &savp, [Profile::Rtp, Profile::Srtp])
+            .offer_from(5, Leg::B, &savp, [Profile::Rtp, Profile::Srtp], LO)
             .unwrap();
         assert_eq!(proto_of(&to_a), "RTP/AVP");
         assert!(!String::from_utf8(to_a).unwrap().contains("a=crypto"));
         e.release(5);
         let err = e
-            .offer_from(6, Leg::A, &savp, [Profile::Rtp, Profile::Auto])
+            .offer_from(6, Leg::A, &savp, [Profile::Rtp, Profile::Auto], LO)
             .unwrap_err();
         assert!(matches!(err, MediaError::Profile(_)));
         // Once A runs RTP/AVP, a re-offer from B does not switch it.
-        e.offer(4, &avp, Profile::Srtp).unwrap();
+        e.offer(4, &avp, Profile::Srtp, LO).unwrap();
         let b_answer = sdp(4002, "RTP/SAVP", CRYPTO);
         // (B answers with the tag we offered first.)
-        e.answer(4, &b_answer).unwrap();
+        e.answer(4, &b_answer, LO).unwrap();
         let to_a = e
-            .offer_from(4, Leg::B, &savp, [Profile::Auto, Profile::Srtp])
+            .offer_from(4, Leg::B, &savp, [Profile::Auto, Profile::Srtp], LO)
             .unwrap();
         assert_eq!(proto_of(&to_a), "RTP/AVP");
         assert!(!String::from_utf8(to_a).unwrap().contains("a=crypto"));
@@ -959,10 +997,13 @@ mod tests {
             timeout: Duration::from_secs(1),
         });
         let offer = b"v=0\r\nc=IN IP4 127.0.0.1\r\nm=audio 5000 RTP/AVP 0\r\n";
-        e.offer(1, offer, Profile::Auto).unwrap();
+        e.offer(1, offer, Profile::Auto, LO).unwrap();
         assert_eq!(e.ports_in_use(), 4);
         let answer = b"v=0\r\nc=IN IP4 127.0.0.1\r\nm=audio 6000 RTP/AVP 0\r\n";
-        assert!(matches!(e.answer(1, answer), Err(MediaError::NoRuntime)));
+        assert!(matches!(
+            e.answer(1, answer, LO),
+            Err(MediaError::NoRuntime)
+        ));
         e.release(1);
         assert_eq!(e.ports_in_use(), 0, "an unanswered call frees at once");
     }

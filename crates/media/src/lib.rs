@@ -8,7 +8,8 @@
 //! | [`srtp`] | RFC 3711 SRTP/SRTCP, RFC 7714 AES-GCM, behind a provider trait |
 //! | [`sdp`] | RFC 4566 SDP, RFC 3264 offer/answer, RFC 4568 SDES `a=crypto` |
 //! | [`ports`] | RFC 3550 §11 even/odd RTP/RTCP port pairs |
-//! | [`relay`] | the per-call packet path, latching, RFC 5761 rtcp-mux demux |
+//! | [`latch`] | symmetric RTP with latching (SPEC §5), RTP-bleed protection, the NAT safety rule |
+//! | [`relay`] | the per-call packet path, RFC 5761 rtcp-mux demux |
 //! | `batch` | Linux `recvmmsg`/`sendmmsg`/UDP GSO for the relay's hot path |
 //! | [`engine`] | the B2BUA-facing API ([`MediaEngine`]) |
 // Unsafe code only in `batch` (raw recvmmsg/sendmmsg), which allows it.
@@ -17,6 +18,7 @@
 #[cfg(target_os = "linux")]
 mod batch;
 pub mod engine;
+pub mod latch;
 pub mod ports;
 pub mod relay;
 pub mod sdp;

@@ -13,11 +13,12 @@
 //! ([`IoMode::Single`]). Either way no allocation per packet, and the shared
 //! metrics are added to once per burst.
 //!
-//! Latching (SPEC §5): a leg's peer is the address its SDP named; a packet
-//! from another address is taken (NAT) only while the leg has not latched yet
-//! and within [`LEARN_WINDOW`] of the relay starting, and only once it
-//! authenticated when the leg is SRTP. After that the latch is fixed; only the
-//! SDP-named address may take it back. Everything else is dropped and counted.
+//! Latching (SPEC §5, [`crate::latch`]): every datagram's source is checked
+//! against its socket's [`Latch`] before anything else is done with it (a
+//! stranger's packet is never authenticated, never relayed); an SRTP packet
+//! latches only after it authenticated; and what goes to a leg goes to its
+//! latch's target only: none yet for a leg behind NAT that has not latched,
+//! and the packet is dropped (`reason="unlatched"`).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,11 +30,8 @@ use bytes::BytesMut;
 use metrics::Counter;
 use tokio::net::UdpSocket;
 
+pub use crate::latch::{Latch, LEARN_WINDOW};
 use crate::srtp::{SrtpError, SrtpTransform};
-
-/// How long after the relay starts a leg may latch onto an address that its
-/// SDP did not name.
-pub const LEARN_WINDOW: Duration = Duration::from_secs(5);
 
 /// Receive buffer size; larger datagrams are dropped.
 pub(crate) const BUF_SIZE: usize = 2048;
@@ -80,6 +78,7 @@ pub(crate) struct Metrics {
     dropped_replay: Counter,
     pub(crate) dropped_malformed: Counter,
     pub(crate) dropped_send: Counter,
+    dropped_unlatched: Counter,
     latched_late: Counter,
 }
 
@@ -109,6 +108,7 @@ pub(crate) fn metrics() -> &'static Metrics {
             dropped_replay: dropped("replay"),
             dropped_malformed: dropped("malformed"),
             dropped_send: dropped("send"),
+            dropped_unlatched: dropped("unlatched"),
             latched_late: metrics::counter!("tollgate_media_latched_late_total"),
         }
     })
@@ -181,51 +181,6 @@ impl CallStats {
             0 => self.epoch(),
             ms => self.epoch() + Duration::from_millis(ms - 1),
         }
-    }
-}
-
-/// Where one socket of a leg sends to and whom it accepts.
-#[derive(Debug, Clone)]
-pub struct Latch {
-    named: Option<SocketAddr>,
-    peer: Option<SocketAddr>,
-    learned: bool,
-    learn_until: Instant,
-}
-
-impl Latch {
-    /// `named` is the address the SDP gave (None for 0.0.0.0 / port 0).
-    pub fn new(named: Option<SocketAddr>, started: Instant) -> Latch {
-        Latch {
-            named,
-            peer: named,
-            learned: false,
-            learn_until: started + LEARN_WINDOW,
-        }
-    }
-
-    /// Whether a packet from `src` may be processed at all.
-    pub fn allows(&self, src: SocketAddr, now: Instant) -> bool {
-        Some(src) == self.peer
-            || Some(src) == self.named
-            || (!self.learned && now < self.learn_until)
-    }
-
-    /// After the packet from `src` was accepted (authenticated for SRTP):
-    /// latch onto it. Returns true when that is an address the SDP did not name.
-    pub fn confirm(&mut self, src: SocketAddr) -> bool {
-        if Some(src) == self.peer && self.learned {
-            return false;
-        }
-        let late = Some(src) != self.named && Some(src) != self.peer;
-        self.peer = Some(src);
-        self.learned = true;
-        late
-    }
-
-    /// Where to send.
-    pub fn target(&self) -> Option<SocketAddr> {
-        self.peer
     }
 }
 
@@ -373,7 +328,7 @@ impl Relay {
         } else {
             &mut inbound.rtp_latch
         };
-        if !latch.allows(src, now) {
+        if !latch.admits(src, now) {
             self.stats.strangers.fetch_add(1, Ordering::Relaxed);
             m.dropped_source.increment(1);
             return Action::Drop;
@@ -402,7 +357,7 @@ impl Relay {
                 return Action::Drop;
             }
         }
-        if latch.confirm(src) {
+        if latch.confirm(src, now) {
             self.stats.latched_late.fetch_add(1, Ordering::Relaxed);
             m.latched_late.increment(1);
         }
@@ -425,7 +380,8 @@ impl Relay {
             (outbound.rtp_latch.target(), false)
         };
         let Some(dst) = dst else {
-            m.dropped_send.increment(1);
+            // A leg behind NAT that has not latched yet: sent nothing.
+            m.dropped_unlatched.increment(1);
             return Action::Drop;
         };
         let (way, t) = (
@@ -627,28 +583,102 @@ mod tests {
         assert_eq!(TRANSFORMS[transform(true, true)], "reencrypt");
     }
 
-    #[test]
-    fn latch_rules() {
-        let t0 = Instant::now();
-        let named = addr("10.0.0.1:4000");
-        let mut l = Latch::new(Some(named), t0);
-        // A NAT address may be learned early, once.
-        let nat = addr("198.51.100.9:61000");
-        assert!(l.allows(nat, t0));
-        assert!(l.confirm(nat));
-        assert_eq!(l.target(), Some(nat));
-        assert!(!l.confirm(nat));
-        // Then a stranger may not take it.
-        let stranger = addr("203.0.113.66:5000");
-        assert!(!l.allows(stranger, t0));
-        // The SDP-named address may.
-        assert!(l.allows(named, t0));
-        assert!(!l.confirm(named));
-        assert_eq!(l.target(), Some(named));
+    fn side(named: &str, signaling: &str, t0: Instant) -> Side {
+        let named = Some(addr(named));
+        let sig = Some(signaling.parse().unwrap());
+        Side {
+            rtp_latch: Latch::for_leg(named, sig, t0),
+            rtcp_latch: Latch::for_leg(named, sig, t0),
+            mux: false,
+            rx: None,
+            tx: None,
+        }
+    }
 
-        // No learning after the window.
-        let l = Latch::new(Some(named), t0);
-        assert!(!l.allows(stranger, t0 + LEARN_WINDOW));
-        assert!(l.allows(named, t0 + LEARN_WINDOW * 10));
+    fn relay(a: Side, b: Side, t0: Instant) -> Relay {
+        Relay {
+            sides: [a, b],
+            stats: Arc::new(CallStats::new(t0)),
+            stop: StopSignal::default(),
+        }
+    }
+
+    fn packet(fill: u8) -> BytesMut {
+        let mut b = BytesMut::from(&[0x80, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7][..]);
+        b.extend_from_slice(&[fill; 20]);
+        b
+    }
+
+    /// RTP bleed on a plain RTP call: a stranger on the caller's host (another
+    /// port) and one on another host send before the caller's stream starts,
+    /// during and after it. None of their packets is relayed, and the other
+    /// leg's media never goes to them.
+    #[test]
+    fn strangers_are_never_relayed_nor_sent_to() {
+        let t0 = Instant::now();
+        let mut r = relay(
+            side("127.0.0.1:4000", "127.0.0.1", t0),
+            side("127.0.0.1:6000", "127.0.0.1", t0),
+            t0,
+        );
+        let (a, b) = (addr("127.0.0.1:4000"), addr("127.0.0.1:6000"));
+        let strangers = [addr("127.0.0.1:4444"), addr("127.0.0.3:4000")];
+        let send = |dst, rtcp_socket| Action::Send { dst, rtcp_socket };
+        let run = |r: &mut Relay, from, src, t| r.on_packet(from, false, src, &mut packet(1), t);
+        for (i, t) in [t0, t0 + LEARN_WINDOW / 2, t0 + LEARN_WINDOW * 2]
+            .into_iter()
+            .enumerate()
+        {
+            for s in strangers {
+                assert_eq!(
+                    run(&mut r, Way::AtoB, s, t),
+                    Action::Drop,
+                    "{s} on A, phase {i}"
+                );
+                assert_eq!(
+                    run(&mut r, Way::BtoA, s, t),
+                    Action::Drop,
+                    "{s} on B, phase {i}"
+                );
+            }
+            // B's media goes to A's SDP address, never to a stranger.
+            assert_eq!(run(&mut r, Way::BtoA, b, t), send(a, false), "phase {i}");
+            if i == 1 {
+                // The caller's own stream, in the middle phase only.
+                assert_eq!(run(&mut r, Way::AtoB, a, t), send(b, false));
+            }
+        }
+        let st = r.stats.snapshot();
+        assert_eq!((st.strangers, st.latched_late), (12, 0), "{st:?}");
+        assert_eq!((st.relayed_a_to_b, st.relayed_b_to_a), (1, 3), "{st:?}");
+    }
+
+    /// A leg behind NAT gets nothing until it latched: the other leg's
+    /// media is dropped (`unlatched`), not sent to the SDP's address.
+    #[test]
+    fn a_leg_behind_nat_is_sent_nothing_until_it_latched() {
+        let t0 = Instant::now();
+        let mut r = relay(
+            side("10.0.0.7:4000", "198.51.100.9", t0),
+            side("198.51.100.20:6000", "198.51.100.20", t0),
+            t0,
+        );
+        let b = addr("198.51.100.20:6000");
+        let nat = addr("198.51.100.9:61000");
+        let mut buf = packet(2);
+        assert_eq!(r.on_packet(Way::BtoA, false, b, &mut buf, t0), Action::Drop);
+        let mut buf = packet(3);
+        let to_b = Action::Send {
+            dst: b,
+            rtcp_socket: false,
+        };
+        assert_eq!(r.on_packet(Way::AtoB, false, nat, &mut buf, t0), to_b);
+        let mut buf = packet(4);
+        let to_a = Action::Send {
+            dst: nat,
+            rtcp_socket: false,
+        };
+        assert_eq!(r.on_packet(Way::BtoA, false, b, &mut buf, t0), to_a);
+        assert_eq!(r.stats.snapshot().latched_late, 1);
     }
 }

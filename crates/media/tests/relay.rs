@@ -3,7 +3,7 @@
 //! reference; bad tags, strangers and replays dropped and counted while good
 //! media keeps flowing; ports all returned.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -12,6 +12,9 @@ use tokio::time::timeout;
 use tollgate_media::sdp::{Crypto, SessionDescription};
 use tollgate_media::srtp::{reference, Direction, SrtpKeys, SrtpTransform, Suite};
 use tollgate_media::{MediaConfig, MediaEngine, MediaError, Profile};
+
+/// Every test peer signals from loopback.
+const LO: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 /// Each test's own port range, below the kernel's ephemeral range (32768+)
 /// so that no client socket of another test can sit in it.
@@ -98,6 +101,7 @@ async fn rtp_to_srtp_every_suite_with_attacks() {
                 call,
                 &offer_sdp("RTP/AVP", port(&a), port(&a_rtcp), ""),
                 Profile::Srtp,
+                LO,
             )
             .unwrap();
         let offer = SessionDescription::parse(&offer).unwrap();
@@ -126,10 +130,10 @@ async fn rtp_to_srtp_every_suite_with_attacks() {
             port(&b_rtcp),
             b_crypto.to_attribute()
         );
-        let answer_bytes = engine.answer(call, answer.as_bytes()).unwrap();
+        let answer_bytes = engine.answer(call, answer.as_bytes(), LO).unwrap();
         // The same answer again (183 then 200) gets the same answer back.
         assert_eq!(
-            engine.answer(call, answer.as_bytes()).unwrap(),
+            engine.answer(call, answer.as_bytes(), LO).unwrap(),
             answer_bytes
         );
         let answer = SessionDescription::parse(&answer_bytes).unwrap();
@@ -224,8 +228,25 @@ async fn ports_return(engine: &MediaEngine, expected: usize) {
     assert_eq!(engine.ports_in_use(), expected);
 }
 
+/// A "private" address on this host: a loopback address that is not the
+/// signaling IP (127.0.0.1) makes a leg behind NAT (`latch` module), so
+/// the NAT rules are tested without any address off this machine. A socket
+/// bound there proves the edge never sends to it.
+async fn private_spy() -> UdpSocket {
+    UdpSocket::bind("127.0.0.9:0").await.unwrap()
+}
+
+/// `offer_sdp` naming `ip` instead of 127.0.0.1.
+fn sdp_at(ip: &str, sdp: Vec<u8>) -> Vec<u8> {
+    String::from_utf8(sdp)
+        .unwrap()
+        .replace("c=IN IP4 127.0.0.1", &format!("c=IN IP4 {ip}"))
+        .into_bytes()
+}
+
 /// Leg A speaks SRTP (AEAD_AES_128_GCM, rtcp-mux), leg B plain RTP; A's
-/// peer sits behind a NAT, so its SDP address is not where it sends from.
+/// peer sits behind a NAT: its SDP names a private address (127.0.0.9 here),
+/// and it sends from its signaling IP.
 #[tokio::test]
 async fn srtp_to_rtp_with_mux_and_nat() {
     let engine = engine(31200);
@@ -237,14 +258,16 @@ async fn srtp_to_rtp_with_mux_and_nat() {
         suite,
         keys: a_keys.clone(),
     };
-    // A names a port nobody listens on (its private address behind NAT).
-    let named = port(&bind().await);
+    // A names its private address behind NAT.
+    let spy = private_spy().await;
+    let named = port(&spy);
     let extra = format!("a=rtcp-mux\r\na={}\r\n", a_crypto.to_attribute());
     let offer = engine
         .offer(
             9,
-            &offer_sdp("RTP/SAVP", named, named, &extra),
+            &sdp_at("127.0.0.9", offer_sdp("RTP/SAVP", named, named, &extra)),
             Profile::Rtp,
+            LO,
         )
         .unwrap();
     let offer = SessionDescription::parse(&offer).unwrap();
@@ -257,7 +280,8 @@ async fn srtp_to_rtp_with_mux_and_nat() {
         port(&b),
         port(&b_rtcp)
     );
-    let answer = SessionDescription::parse(&engine.answer(9, answer.as_bytes()).unwrap()).unwrap();
+    let answer =
+        SessionDescription::parse(&engine.answer(9, answer.as_bytes(), LO).unwrap()).unwrap();
     let m = &answer.media[0];
     assert_eq!(m.proto, "RTP/SAVP");
     assert!(m.rtcp_mux());
@@ -301,6 +325,10 @@ async fn srtp_to_rtp_with_mux_and_nat() {
 
     let st = engine.stats(9).unwrap();
     assert_eq!(st.latched_late, 1, "{st:?}");
+    assert!(
+        recv(&spy).await.is_none(),
+        "the private address got nothing"
+    );
     assert_eq!(st.auth_failures, 0);
     engine.release(9);
     ports_return(&engine, 0).await;
@@ -313,17 +341,20 @@ async fn failed_auth_never_latches() {
     let engine = engine(31400);
     let (b, attacker) = (bind().await, bind().await);
     let offer = engine
-        .offer(3, &offer_sdp("RTP/AVP", 9, 10, ""), Profile::Srtp)
+        .offer(3, &offer_sdp("RTP/AVP", 9, 10, ""), Profile::Srtp, LO)
         .unwrap();
     let offer = SessionDescription::parse(&offer).unwrap();
     let ours = offer.media[0].cryptos().remove(0);
     let (to_b, _) = relay_addr(&offer);
     let b_keys = SrtpKeys::generate(ours.suite).unwrap();
-    // B's SDP names an address nobody uses, so B's real source must be learned.
+    // B's SDP names its private address, so B's real source (on B's
+    // signaling IP, 127.0.0.1) must be learned; the attacker sends from that
+    // IP too.
+    let spy = private_spy().await;
     let answer = format!(
-        "v=0\r\no=b 2 2 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+        "v=0\r\no=b 2 2 IN IP4 127.0.0.9\r\ns=-\r\nc=IN IP4 127.0.0.9\r\nt=0 0\r\n\
          m=audio {} RTP/SAVP 0\r\na={}\r\nm=video 0 RTP/AVP 99\r\n",
-        port(&bind().await),
+        port(&spy),
         Crypto {
             tag: ours.tag,
             suite: ours.suite,
@@ -331,7 +362,7 @@ async fn failed_auth_never_latches() {
         }
         .to_attribute()
     );
-    engine.answer(3, answer.as_bytes()).unwrap();
+    engine.answer(3, answer.as_bytes(), LO).unwrap();
     // The attacker sends SRTP with a key of its own: auth fails, no latch.
     let mut evil = ref_ctx(
         ours.suite,
@@ -355,6 +386,10 @@ async fn failed_auth_never_latches() {
     attacker.send_to(&p, to_b).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(engine.stats(3).unwrap().strangers, 1);
+    assert!(
+        recv(&spy).await.is_none(),
+        "the private address got nothing"
+    );
     engine.release(3);
 }
 
@@ -363,36 +398,38 @@ async fn refusals_and_port_accounting() {
     let engine = engine(31600);
     for bad in [&b"not sdp"[..], b"v=0\r\nm=audio x RTP/AVP 0\r\n", b""] {
         assert!(matches!(
-            engine.offer(1, bad, Profile::Auto),
+            engine.offer(1, bad, Profile::Auto, LO),
             Err(MediaError::Sdp(_))
         ));
     }
     let video_only = b"v=0\r\nc=IN IP4 127.0.0.1\r\nm=video 5000 RTP/AVP 99\r\n";
     assert!(matches!(
-        engine.offer(1, video_only, Profile::Auto),
+        engine.offer(1, video_only, Profile::Auto, LO),
         Err(MediaError::NoAudio)
     ));
     let savp_no_crypto = offer_sdp("RTP/SAVP", 5000, 5001, "");
-    let e = engine.offer(1, &savp_no_crypto, Profile::Auto).unwrap_err();
+    let e = engine
+        .offer(1, &savp_no_crypto, Profile::Auto, LO)
+        .unwrap_err();
     assert!(matches!(e, MediaError::NoCrypto) && e.is_not_acceptable());
     assert_eq!(engine.ports_in_use(), 0);
     assert!(matches!(
-        engine.answer(77, b"v=0\r\n"),
+        engine.answer(77, b"v=0\r\n", LO),
         Err(MediaError::UnknownCall)
     ));
 
     // Profile mismatch in the answer, then B rejecting audio: ports come back.
     engine
-        .offer(1, &offer_sdp("RTP/AVP", 5000, 5001, ""), Profile::Srtp)
+        .offer(1, &offer_sdp("RTP/AVP", 5000, 5001, ""), Profile::Srtp, LO)
         .unwrap();
     assert_eq!(engine.ports_in_use(), 4);
     let plain = b"v=0\r\nc=IN IP4 127.0.0.1\r\nm=audio 6000 RTP/AVP 0\r\nm=video 0 RTP/AVP 99\r\n";
     assert!(matches!(
-        engine.answer(1, plain),
+        engine.answer(1, plain, LO),
         Err(MediaError::Answer(_))
     ));
     let rejected = b"v=0\r\nc=IN IP4 127.0.0.1\r\nm=audio 0 RTP/SAVP 0\r\nm=video 0 RTP/AVP 99\r\n";
-    let a = SessionDescription::parse(&engine.answer(1, rejected).unwrap()).unwrap();
+    let a = SessionDescription::parse(&engine.answer(1, rejected, LO).unwrap()).unwrap();
     assert!(a.media.iter().all(|m| m.port == 0));
     assert_eq!(engine.ports_in_use(), 0);
     engine.release(1);
@@ -401,11 +438,16 @@ async fn refusals_and_port_accounting() {
     for round in 0..3 {
         for call in 0..20u64 {
             engine
-                .offer(call, &offer_sdp("RTP/AVP", 5000, 5001, ""), Profile::Rtp)
+                .offer(
+                    call,
+                    &offer_sdp("RTP/AVP", 5000, 5001, ""),
+                    Profile::Rtp,
+                    LO,
+                )
                 .unwrap();
             let ans =
                 b"v=0\r\nc=IN IP4 127.0.0.1\r\nm=audio 6000 RTP/AVP 0\r\nm=video 0 RTP/AVP 99\r\n";
-            engine.answer(call, ans).unwrap();
+            engine.answer(call, ans, LO).unwrap();
             if round == 0 {
                 engine.release(call);
                 tokio::task::yield_now().await;
@@ -420,14 +462,14 @@ async fn refusals_and_port_accounting() {
     // The range holds 50 pairs = 25 calls... of 100 ports: the 26th call is refused.
     let mut n = 0;
     while engine
-        .offer(n, &offer_sdp("RTP/AVP", 5000, 5001, ""), Profile::Rtp)
+        .offer(n, &offer_sdp("RTP/AVP", 5000, 5001, ""), Profile::Rtp, LO)
         .is_ok()
     {
         n += 1;
     }
     assert_eq!(n, 25);
     assert!(matches!(
-        engine.offer(n, &offer_sdp("RTP/AVP", 5000, 5001, ""), Profile::Rtp),
+        engine.offer(n, &offer_sdp("RTP/AVP", 5000, 5001, ""), Profile::Rtp, LO),
         Err(MediaError::Ports)
     ));
     for c in 0..n {

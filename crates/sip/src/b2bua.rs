@@ -16,7 +16,7 @@ use bytes::Bytes;
 use ring::rand::SecureRandom;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tollgate_keys::credential::{AuthConfig, Authenticator, InviteView, Outcome, Principal};
@@ -390,13 +390,24 @@ impl CallPolicy for OpenPolicy {
 /// Media anchoring, supplied by the binary (the media relay). The B2BUA hands
 /// it SDP bodies; it knows nothing of SIP. Errors are the SIP status to
 /// answer with (488 for SDP the relay cannot serve).
+///
+/// `signaling` (offer, answer, offer_from) is the source IP of the side whose
+/// SDP it is: the source of the request that carried it, or the leg's peer
+/// for a response or an ACK (leg A's INVITE source, leg B's route). The
+/// media relay latches that side's media from that IP only (SPEC §5).
 pub trait MediaHooks: Send {
     /// Leg A's offer; returns the offer for leg B (in `profile_b`).
-    fn offer(&mut self, call: u64, sdp: &[u8], profile_b: MediaProfile) -> Result<Bytes, u16>;
+    fn offer(
+        &mut self,
+        call: u64,
+        sdp: &[u8],
+        profile_b: MediaProfile,
+        signaling: IpAddr,
+    ) -> Result<Bytes, u16>;
     /// The answer to the pending offer, from the side that received it
     /// (leg B's 18x/2xx to leg A's offer; leg A's 2xx or ACK to leg B's);
     /// returns the answer for the side that offered.
-    fn answer(&mut self, call: u64, sdp: &[u8]) -> Result<Bytes, u16>;
+    fn answer(&mut self, call: u64, sdp: &[u8], signaling: IpAddr) -> Result<Bytes, u16>;
     /// The call ended: every port back.
     fn release(&mut self, call: u64);
     /// Whether media is anchored (then in-dialog SDP cannot pass unchanged).
@@ -418,9 +429,10 @@ pub trait MediaHooks: Send {
         sdp: &[u8],
         _profile_a: MediaProfile,
         profile_b: MediaProfile,
+        signaling: IpAddr,
     ) -> Result<Bytes, u16> {
         match from {
-            Side::A => self.offer(call, sdp, profile_b),
+            Side::A => self.offer(call, sdp, profile_b, signaling),
             Side::B => Err(488),
         }
     }
@@ -431,10 +443,10 @@ pub trait MediaHooks: Send {
 pub struct PassThroughMedia;
 
 impl MediaHooks for PassThroughMedia {
-    fn offer(&mut self, _: u64, sdp: &[u8], _: MediaProfile) -> Result<Bytes, u16> {
+    fn offer(&mut self, _: u64, sdp: &[u8], _: MediaProfile, _: IpAddr) -> Result<Bytes, u16> {
         Ok(Bytes::copy_from_slice(sdp))
     }
-    fn answer(&mut self, _: u64, sdp: &[u8]) -> Result<Bytes, u16> {
+    fn answer(&mut self, _: u64, sdp: &[u8], _: IpAddr) -> Result<Bytes, u16> {
         Ok(Bytes::copy_from_slice(sdp))
     }
     fn offer_from(
@@ -444,6 +456,7 @@ impl MediaHooks for PassThroughMedia {
         sdp: &[u8],
         _: MediaProfile,
         _: MediaProfile,
+        _: IpAddr,
     ) -> Result<Bytes, u16> {
         Ok(Bytes::copy_from_slice(sdp))
     }
@@ -1276,7 +1289,7 @@ impl B2bua {
             }
         }
         let body = if is_sdp(&msg) {
-            match self.media.offer(id, &msg.body, route.media) {
+            match self.media.offer(id, &msg.body, route.media, peer.addr.ip()) {
                 Ok(b) => b,
                 Err(code) => {
                     self.reply(now, &a_key, code, Vec::new(), Some(&a_leg.local_tag));
@@ -1604,7 +1617,8 @@ impl B2bua {
         ack: &Message,
     ) {
         let answer = if is_sdp(ack) {
-            self.media.answer(id, &ack.body)
+            let signaling = self.signaling_ip(id, side);
+            self.media.answer(id, &ack.body, signaling)
         } else {
             Err(488)
         };
@@ -1739,6 +1753,16 @@ impl B2bua {
 
     /// Whether an offer of this call awaits its answer: a relayed re-offer
     /// without a final response yet, or a late offer whose ACK is due.
+    /// The signaling IP of a call's side, for SDP that came in a response or
+    /// an ACK: the leg's peer (leg A's INVITE source, leg B's route).
+    fn signaling_ip(&self, id: u64, side: Side) -> IpAddr {
+        self.calls
+            .get(&id)
+            .map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |c| {
+                c.leg(side).peer.addr.ip()
+            })
+    }
+
     fn offer_pending(&self, id: u64) -> bool {
         let Some(call) = self.calls.get(&id) else {
             return false;
@@ -1771,6 +1795,7 @@ impl B2bua {
             let resp = response_to(&msg, 481, reason_phrase(481), None);
             return self.send_stateless(&dest, resp);
         };
+        let source = peer.addr.ip();
         let Some(sk) = self.txn.create_server(msg.clone(), peer) else {
             return;
         };
@@ -1827,7 +1852,7 @@ impl B2bua {
                 });
             let rewritten = if offer_ok {
                 self.media
-                    .offer_from(id, side, &msg.body, profile_a, profile_b)
+                    .offer_from(id, side, &msg.body, profile_a, profile_b, source)
                     .map_err(|code| (code, "refused by the media relay"))
             } else {
                 Err((488, "SDP outside an offer/answer exchange"))
@@ -2062,6 +2087,7 @@ impl B2bua {
         if !(200..300).contains(&code) || !(reoffer || late) {
             return self.relay_response(now, id, from, &server, &msg);
         }
+        let signaling = self.signaling_ip(id, from.other());
         let rewritten = if !is_sdp(&msg) {
             Err(488)
         } else if late {
@@ -2072,9 +2098,9 @@ impl B2bua {
                     (c.a_profile, c.route_media)
                 });
             self.media
-                .offer_from(id, from.other(), &msg.body, profile_a, profile_b)
+                .offer_from(id, from.other(), &msg.body, profile_a, profile_b, signaling)
         } else {
-            self.media.answer(id, &msg.body)
+            self.media.answer(id, &msg.body, signaling)
         };
         match rewritten {
             Ok(b) => {
@@ -2145,6 +2171,7 @@ impl B2bua {
         };
         let state = call.state;
         let a_invite = call.a_invite.clone();
+        let signaling = call.b.peer.addr.ip();
         if code == 100 {
             return;
         }
@@ -2163,9 +2190,10 @@ impl B2bua {
                     // §13.2.1; the same SDP gets the same rewrite).
                     let rewritten = if call.late_offer {
                         let (pa, pb) = (call.a_profile, call.route_media);
-                        self.media.offer_from(id, Side::B, &msg.body, pa, pb)
+                        self.media
+                            .offer_from(id, Side::B, &msg.body, pa, pb, signaling)
                     } else {
-                        self.media.answer(id, &msg.body)
+                        self.media.answer(id, &msg.body, signaling)
                     };
                     match rewritten {
                         Ok(b) => {
@@ -2218,7 +2246,7 @@ impl B2bua {
                 // SDP carries it), anchored toward leg A; A answers in its ACK.
                 let offer = if is_sdp(&msg) {
                     self.media
-                        .offer_from(id, Side::B, &msg.body, profile_a, profile_b)
+                        .offer_from(id, Side::B, &msg.body, profile_a, profile_b, signaling)
                 } else {
                     Err(488)
                 };
@@ -2245,7 +2273,7 @@ impl B2bua {
                     }
                 }
             } else if is_sdp(&msg) {
-                match self.media.answer(id, &msg.body) {
+                match self.media.answer(id, &msg.body, signaling) {
                     Ok(b) => Some(b),
                     Err(code) => {
                         // B answered with media we cannot relay: end B, refuse A.
@@ -3033,8 +3061,14 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
         }
 
         impl MediaHooks for Hooks {
-            fn offer(&mut self, call: u64, sdp: &[u8], p: MediaProfile) -> Result<Bytes, u16> {
-                self.offer_from(call, Side::A, sdp, MediaProfile::Auto, p)
+            fn offer(
+                &mut self,
+                call: u64,
+                sdp: &[u8],
+                p: MediaProfile,
+                ip: IpAddr,
+            ) -> Result<Bytes, u16> {
+                self.offer_from(call, Side::A, sdp, MediaProfile::Auto, p, ip)
             }
             fn offer_from(
                 &mut self,
@@ -3043,6 +3077,7 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
                 sdp: &[u8],
                 _: MediaProfile,
                 _: MediaProfile,
+                _: IpAddr,
             ) -> Result<Bytes, u16> {
                 self.push(format!("offer {from:?} {}", body(sdp)));
                 if body(sdp).contains("bad") {
@@ -3053,7 +3088,7 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
                     body(sdp)
                 )))
             }
-            fn answer(&mut self, _: u64, sdp: &[u8]) -> Result<Bytes, u16> {
+            fn answer(&mut self, _: u64, sdp: &[u8], _: IpAddr) -> Result<Bytes, u16> {
                 self.push(format!("answer {}", body(sdp)));
                 if body(sdp).contains("bad") {
                     return Err(488);

@@ -3,6 +3,7 @@
 //! status.
 
 use bytes::Bytes;
+use std::net::IpAddr;
 use std::sync::Arc;
 use tollgate_media::engine::Leg;
 use tollgate_media::{MediaEngine, MediaError, Profile};
@@ -29,9 +30,15 @@ fn profile(p: MediaProfile) -> Profile {
 }
 
 impl MediaHooks for EngineHooks {
-    fn offer(&mut self, call: u64, sdp: &[u8], profile_b: MediaProfile) -> Result<Bytes, u16> {
+    fn offer(
+        &mut self,
+        call: u64,
+        sdp: &[u8],
+        profile_b: MediaProfile,
+        signaling: IpAddr,
+    ) -> Result<Bytes, u16> {
         self.0
-            .offer(call, sdp, profile(profile_b))
+            .offer(call, sdp, profile(profile_b), signaling)
             .map(Bytes::from)
             .map_err(|e| {
                 tracing::debug!(call, error = %e, "offer refused by the media relay");
@@ -48,13 +55,20 @@ impl MediaHooks for EngineHooks {
         sdp: &[u8],
         profile_a: MediaProfile,
         profile_b: MediaProfile,
+        signaling: IpAddr,
     ) -> Result<Bytes, u16> {
         let leg = match from {
             Side::A => Leg::A,
             Side::B => Leg::B,
         };
         self.0
-            .offer_from(call, leg, sdp, [profile(profile_a), profile(profile_b)])
+            .offer_from(
+                call,
+                leg,
+                sdp,
+                [profile(profile_a), profile(profile_b)],
+                signaling,
+            )
             .map(Bytes::from)
             .map_err(|e| {
                 tracing::debug!(call, ?from, error = %e, "offer refused by the media relay");
@@ -62,11 +76,14 @@ impl MediaHooks for EngineHooks {
             })
     }
 
-    fn answer(&mut self, call: u64, sdp: &[u8]) -> Result<Bytes, u16> {
-        self.0.answer(call, sdp).map(Bytes::from).map_err(|e| {
-            tracing::debug!(call, error = %e, "answer refused by the media relay");
-            status_of(&e)
-        })
+    fn answer(&mut self, call: u64, sdp: &[u8], signaling: IpAddr) -> Result<Bytes, u16> {
+        self.0
+            .answer(call, sdp, signaling)
+            .map(Bytes::from)
+            .map_err(|e| {
+                tracing::debug!(call, error = %e, "answer refused by the media relay");
+                status_of(&e)
+            })
     }
 
     fn release(&mut self, call: u64) {

@@ -442,7 +442,7 @@ fn describe_metrics() {
     );
     describe_counter!(
         "tollgate_media_dropped_total",
-        "Media packets dropped, by reason (source, replay, malformed, send)"
+        "Media packets dropped, by reason (source: a stranger, not the leg's latched address; replay; malformed; send; unlatched: toward a leg behind NAT not latched yet)"
     );
     describe_counter!(
         "tollgate_srtp_auth_failures_total",

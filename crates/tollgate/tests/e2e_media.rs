@@ -683,19 +683,26 @@ fn srtp_attacks_bad_tag_replay_stranger_are_dropped_counted_and_media_flows() {
 
     // 0. Within the learning window, before B sent anything: a stranger with a
     //    bad tag must be counted and must not steal leg B (A's media still
-    //    reaches the destination's SDP address).
-    let a0 = auth(&edge);
+    //    reaches the destination's SDP address). Leg B's SDP names its
+    //    signaling host, so it learns nothing (SPEC §5): the stranger is
+    //    dropped before authentication.
+    let (a0, s0) = (auth(&edge), dropped(&edge, "source"));
     for _ in 0..3 {
         uas.cmd("stranger_badtag");
         uas.next("sent", Duration::from_secs(5));
     }
     let ok = poll(Duration::from_secs(5), || {
-        (auth(&edge) - a0 >= 3.0).then_some(())
+        (dropped(&edge, "source") - s0 >= 3.0).then_some(())
     });
     assert!(
         ok.is_some(),
-        "3 bad-tag packets from a stranger in the learning window: auth failures went {a0} -> {}",
-        auth(&edge)
+        "3 bad-tag packets from a stranger in the learning window: dropped{{reason=\"source\"}} went {s0} -> {}",
+        dropped(&edge, "source")
+    );
+    assert_eq!(
+        auth(&edge),
+        a0,
+        "strangers are dropped before authentication"
     );
     assert_caller_gets_nothing(&c, Duration::from_millis(300), "stranger with bad tag");
 
