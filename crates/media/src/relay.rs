@@ -561,6 +561,11 @@ pub async fn run_with(mut relay: Relay, socks: [Sockets; 2], mode: IoMode) {
                 drain(&mut relay, &socks, from, rtcp, mode, &mut buf);
             }
         }
+        // Stopped while draining: what arrived meanwhile was dropped and
+        // cleared the readiness, so no wake-up may come to notice the stop.
+        if relay.stop.is_stopped() {
+            return;
+        }
         if buf.capacity() < BUF_SIZE {
             buf = BytesMut::with_capacity(BUF_SIZE);
         }
