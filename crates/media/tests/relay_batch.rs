@@ -41,16 +41,44 @@ fn rtcp_sr(ssrc: u32) -> BytesMut {
 
 /// Receives until `n` datagrams came or nothing more comes for a while.
 async fn recv_all(s: &UdpSocket, n: usize) -> Vec<Vec<u8>> {
+    recv_for(s, n, Duration::from_secs(20)).await
+}
+
+/// What arrives on `s` within `quiet` (for "nothing may come").
+async fn recv_none(s: &UdpSocket, quiet: Duration) -> Vec<Vec<u8>> {
+    recv_for(s, usize::MAX, quiet).await
+}
+
+/// Up to `n` datagrams, waiting at most `within` in all (no gap timeout: a
+/// loaded machine may pause the sender or the relay for seconds).
+async fn recv_for(s: &UdpSocket, n: usize, within: Duration) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     let mut b = vec![0u8; 4096];
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while out.len() < n && Instant::now() < deadline {
-        match timeout(Duration::from_millis(1500), s.recv_from(&mut b)).await {
+    let deadline = Instant::now() + within;
+    while out.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match timeout(left, s.recv_from(&mut b)).await {
             Ok(Ok((len, _))) => out.push(b[..len].to_vec()),
             _ => break,
         }
     }
     out
+}
+
+/// The relay's counters once they show at least `relayed` (A->B, B->A)
+/// packets: it adds a batch to them after sending it, so a peer may hold
+/// the last packets a moment before the counters do (10 s at most).
+async fn settled_stats(stats: &CallStats, relayed: (u64, u64)) -> StatsSnapshot {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = stats.snapshot();
+        if (s.relayed_a_to_b >= relayed.0 && s.relayed_b_to_a >= relayed.1)
+            || Instant::now() >= deadline
+        {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 struct Call {
@@ -201,7 +229,13 @@ async fn exchange(mode: IoMode) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, StatsSnapshot) {
     let rtcp_to_a = recv_all(&c.a_rtcp, 1).await;
     assert_eq!(rtcp_to_a, vec![sr_plain], "{mode:?}: B->A RTCP");
 
-    let stats = c.stats.snapshot();
+    // Counters are added after each batch is sent: wait until what the
+    // peers received shows in them, then settle.
+    let relayed = (
+        to_b_plain.len() as u64,
+        (to_a.len() + rtcp_to_a.len()) as u64,
+    );
+    let stats = settled_stats(&c.stats, relayed).await;
     c.task.abort();
     (to_b_plain, to_a, stats)
 }
@@ -262,7 +296,8 @@ async fn many_calls_in_bursts() {
         let got = r.await.unwrap();
         assert_eq!(got.len(), 120);
         assert!(got.iter().all(|p| p.len() == 182));
-        assert_eq!(c.stats.snapshot().relayed_a_to_b, 120);
+        let stats = settled_stats(&c.stats, (120, 0)).await;
+        assert_eq!(stats.relayed_a_to_b, 120);
         c.task.abort();
     }
 }
@@ -299,7 +334,9 @@ async fn a_stopped_relay_forwards_nothing() {
             "{mode:?}: the task ends on its own once stopped: {ended:?}"
         );
         assert!(
-            recv_all(&c.b, 1).await.is_empty(),
+            recv_none(&c.b, Duration::from_millis(1500))
+                .await
+                .is_empty(),
             "{mode:?}: nothing after the stop"
         );
         assert_eq!(c.stats.snapshot().relayed_a_to_b, 1, "{mode:?}");
