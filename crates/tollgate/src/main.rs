@@ -124,6 +124,10 @@ struct CreateArgs {
     deny_prefix: Vec<String>,
     #[arg(long = "source-cidr")]
     source_cidr: Vec<String>,
+    /// A caller identity the key may present (number or prefix, any form;
+    /// repeatable). None: any caller.
+    #[arg(long = "caller-id")]
+    caller_id: Vec<String>,
     #[arg(long)]
     expires_in: Option<String>,
     /// Default https URL for call events when a call's token names none.
@@ -260,6 +264,13 @@ fn keys(dir: &std::path::Path, cmd: KeysCmd) -> Result<(), Failure> {
                 Some(d) => Some(now + parse_duration("--expires-in", d)?),
                 None => None,
             };
+            for (flag, list) in [
+                ("--allow-prefix", &a.allow_prefix),
+                ("--deny-prefix", &a.deny_prefix),
+                ("--caller-id", &a.caller_id),
+            ] {
+                tollgate_keys::number::check_list(flag, list).map_err(Failure::Usage)?;
+            }
             let limits = Limits {
                 cps: a.cps,
                 max_calls: a.max_calls,
@@ -267,6 +278,7 @@ fn keys(dir: &std::path::Path, cmd: KeysCmd) -> Result<(), Failure> {
                 allow_prefixes: a.allow_prefix,
                 deny_prefixes: a.deny_prefix,
                 source_cidrs,
+                caller_ids: a.caller_id,
                 expires_at,
             };
             if let Some(w) = &a.webhook {

@@ -21,8 +21,9 @@ use metrics::{Counter, Gauge};
 use serde::{Deserialize, Serialize};
 
 use crate::bucket::TokenBucket;
-use crate::policy::{DenyList, DEFAULT_PREMIUM_DENY_PREFIXES};
+use crate::policy::{DenyList, DEFAULT_PREMIUM_DENY_PREFIXES, DEFAULT_PREMIUM_DENY_TYPES};
 use crate::utc_day;
+use tollgate_keys::number::{Dest, NumberPlan};
 
 /// A key's limits, as far as the trunk enforces them. `None` = no limit;
 /// `Some(0)` = nothing allowed (cps 0: every call is rate limited).
@@ -53,9 +54,20 @@ impl From<&tollgate_keys::Limits> for KeyLimits {
 pub struct TrunkConfig {
     /// Edge-wide cap on concurrent channels (default 10 000).
     pub edge_max_calls: u32,
-    /// Destinations refused for every key (default
-    /// [`DEFAULT_PREMIUM_DENY_PREFIXES`]); empty turns the check off.
+    /// Destination prefixes refused for every key (default
+    /// [`DEFAULT_PREMIUM_DENY_PREFIXES`], the revenue-share ranges); setting
+    /// it replaces the default, empty turns the prefix check off.
     pub premium_deny_prefixes: Vec<String>,
+    /// More prefixes refused for every key, on top of `premium_deny_prefixes`
+    /// (extends the default list without restating it).
+    pub premium_deny_extra_prefixes: Vec<String>,
+    /// Number types (libphonenumber metadata) refused for every key (default
+    /// [`DEFAULT_PREMIUM_DENY_TYPES`]: premium rate and shared cost, every
+    /// country); empty turns the type check off.
+    pub premium_deny_types: Vec<String>,
+    /// How the deny prefixes are canonicalized (`[numbers]`).
+    #[serde(skip)]
+    pub numbers: NumberPlan,
     /// A trunk with no channels for this long is dropped by
     /// [`Allocator::reclaim_idle`] (default 300).
     pub idle_reclaim_secs: u64,
@@ -69,6 +81,12 @@ impl Default for TrunkConfig {
                 .iter()
                 .map(|p| (*p).to_owned())
                 .collect(),
+            premium_deny_extra_prefixes: Vec::new(),
+            premium_deny_types: DEFAULT_PREMIUM_DENY_TYPES
+                .iter()
+                .map(|p| (*p).to_owned())
+                .collect(),
+            numbers: NumberPlan::default(),
             idle_reclaim_secs: 300,
         }
     }
@@ -242,12 +260,40 @@ struct EdgeSettings {
     deny: DenyList,
 }
 
+impl TrunkConfig {
+    /// The edge-wide deny list these settings describe; the error names the
+    /// `[trunk]` field and the entry (checked when the configuration loads).
+    pub fn deny_list(&self) -> Result<DenyList, String> {
+        let prefixes: Vec<&String> = self
+            .premium_deny_prefixes
+            .iter()
+            .chain(&self.premium_deny_extra_prefixes)
+            .collect();
+        let field = |i: usize| {
+            if i < self.premium_deny_prefixes.len() {
+                "trunk.premium_deny_prefixes"
+            } else {
+                "trunk.premium_deny_extra_prefixes"
+            }
+        };
+        for (i, p) in prefixes.iter().enumerate() {
+            DenyList::new::<_, &str>(&self.numbers, &[p.as_str()], &[])
+                .map_err(|e| format!("{}: {e}", field(i)))?;
+        }
+        DenyList::new(&self.numbers, &prefixes, &self.premium_deny_types)
+            .map_err(|e| format!("trunk.premium_deny_types: {e}"))
+    }
+}
+
 impl EdgeSettings {
     fn new(cfg: TrunkConfig) -> Self {
-        EdgeSettings {
-            deny: DenyList::new(&cfg.premium_deny_prefixes),
-            cfg,
-        }
+        // An invalid list is refused when the configuration loads; should one
+        // get here anyway, the default list applies (fail closed).
+        let deny = cfg
+            .deny_list()
+            .or_else(|_| TrunkConfig::default().deny_list())
+            .unwrap_or_default();
+        EdgeSettings { deny, cfg }
     }
 }
 
@@ -318,9 +364,15 @@ impl Allocator {
         Err(r)
     }
 
-    /// True if `destination` is on the edge-wide premium-rate deny list.
-    pub fn destination_denied(&self, destination: &str) -> bool {
+    /// True if the canonical `destination` is on the edge-wide deny list.
+    pub fn destination_denied(&self, destination: &Dest) -> bool {
         self.edge().deny.denies(destination)
+    }
+
+    /// True if the edge-wide deny list is on (then every number attempt
+    /// must canonicalize: the credential check answers `484` otherwise).
+    pub fn checks_numbers(&self) -> bool {
+        self.edge().deny.is_active()
     }
 
     /// Takes a channel on the key's elastic trunk (created on first use).
@@ -333,7 +385,7 @@ impl Allocator {
         &self,
         key_id: &str,
         limits: &KeyLimits,
-        destination: &str,
+        destination: &Dest,
         now: Instant,
         unix: i64,
     ) -> Result<ChannelId, Refusal> {
@@ -558,6 +610,10 @@ mod tests {
     const DAY0: i64 = 1_767_225_600; // 2026-01-01T00:00:00Z
     const OK_DEST: &str = "+14155550100";
 
+    fn dest(s: &str) -> Dest {
+        NumberPlan::default().canonicalize(s)
+    }
+
     fn alloc() -> Allocator {
         Allocator::new(TrunkConfig::default())
     }
@@ -579,7 +635,7 @@ mod tests {
         for i in 0..500u64 {
             let now = t0 + Duration::from_millis(20 * i);
             let unix = DAY0 + (i / 50) as i64;
-            match a.admit("k1", &l, OK_DEST, now, unix) {
+            match a.admit("k1", &l, &dest(OK_DEST), now, unix) {
                 Ok(ch) => {
                     admitted += 1;
                     a.release(ch, 0, unix);
@@ -601,8 +657,14 @@ mod tests {
         let a = alloc();
         let l = limits(Some(1), None, None);
         let t0 = Instant::now();
-        a.admit("k", &l, OK_DEST, t0, DAY0).unwrap();
-        let r = a.admit("k", &l, OK_DEST, t0 + Duration::from_millis(10), DAY0);
+        a.admit("k", &l, &dest(OK_DEST), t0, DAY0).unwrap();
+        let r = a.admit(
+            "k",
+            &l,
+            &dest(OK_DEST),
+            t0 + Duration::from_millis(10),
+            DAY0,
+        );
         assert_eq!(
             r,
             Err(Refusal::RateLimited {
@@ -610,11 +672,17 @@ mod tests {
             })
         );
         assert!(a
-            .admit("k", &l, OK_DEST, t0 + Duration::from_millis(1000), DAY0)
+            .admit(
+                "k",
+                &l,
+                &dest(OK_DEST),
+                t0 + Duration::from_millis(1000),
+                DAY0
+            )
             .is_ok());
         let zero = limits(Some(0), None, None);
         assert!(matches!(
-            a.admit("z", &zero, OK_DEST, t0, DAY0),
+            a.admit("z", &zero, &dest(OK_DEST), t0, DAY0),
             Err(Refusal::RateLimited { retry_after_secs }) if retry_after_secs > 1
         ));
     }
@@ -625,15 +693,21 @@ mod tests {
         let l = limits(None, Some(5), None);
         let t0 = Instant::now();
         let chans: Vec<_> = (0..5)
-            .map(|_| a.admit("k", &l, OK_DEST, t0, DAY0).unwrap())
+            .map(|_| a.admit("k", &l, &dest(OK_DEST), t0, DAY0).unwrap())
             .collect();
-        assert_eq!(a.admit("k", &l, OK_DEST, t0, DAY0), Err(Refusal::Busy));
+        assert_eq!(
+            a.admit("k", &l, &dest(OK_DEST), t0, DAY0),
+            Err(Refusal::Busy)
+        );
         assert_eq!(a.key_channels("k"), 5);
         // Another key is not affected.
-        assert!(a.admit("other", &l, OK_DEST, t0, DAY0).is_ok());
+        assert!(a.admit("other", &l, &dest(OK_DEST), t0, DAY0).is_ok());
         a.release(chans[0], 0, DAY0 + 5);
-        assert!(a.admit("k", &l, OK_DEST, t0, DAY0 + 5).is_ok());
-        assert_eq!(a.admit("k", &l, OK_DEST, t0, DAY0 + 5), Err(Refusal::Busy));
+        assert!(a.admit("k", &l, &dest(OK_DEST), t0, DAY0 + 5).is_ok());
+        assert_eq!(
+            a.admit("k", &l, &dest(OK_DEST), t0, DAY0 + 5),
+            Err(Refusal::Busy)
+        );
     }
 
     #[test]
@@ -641,17 +715,20 @@ mod tests {
         let a = alloc();
         let l = limits(Some(2), Some(1), None);
         let t0 = Instant::now();
-        let ch = a.admit("k", &l, OK_DEST, t0, DAY0).unwrap();
+        let ch = a.admit("k", &l, &dest(OK_DEST), t0, DAY0).unwrap();
         // Busy many times: the one remaining token must survive.
         for _ in 0..10 {
-            assert_eq!(a.admit("k", &l, OK_DEST, t0, DAY0), Err(Refusal::Busy));
+            assert_eq!(
+                a.admit("k", &l, &dest(OK_DEST), t0, DAY0),
+                Err(Refusal::Busy)
+            );
         }
         a.release(ch, 0, DAY0);
-        let ch = a.admit("k", &l, OK_DEST, t0, DAY0).unwrap();
+        let ch = a.admit("k", &l, &dest(OK_DEST), t0, DAY0).unwrap();
         a.release(ch, 0, DAY0);
         // Bucket empty now: rate limited, and no channel taken.
         assert!(matches!(
-            a.admit("k", &l, OK_DEST, t0, DAY0),
+            a.admit("k", &l, &dest(OK_DEST), t0, DAY0),
             Err(Refusal::RateLimited { .. })
         ));
         assert_eq!(a.key_channels("k"), 0);
@@ -666,15 +743,21 @@ mod tests {
         });
         let l = KeyLimits::default();
         let t0 = Instant::now();
-        let c1 = a.admit("a", &l, OK_DEST, t0, DAY0).unwrap();
-        a.admit("b", &l, OK_DEST, t0, DAY0).unwrap();
-        a.admit("c", &l, OK_DEST, t0, DAY0).unwrap();
-        assert_eq!(a.admit("d", &l, OK_DEST, t0, DAY0), Err(Refusal::Busy));
+        let c1 = a.admit("a", &l, &dest(OK_DEST), t0, DAY0).unwrap();
+        a.admit("b", &l, &dest(OK_DEST), t0, DAY0).unwrap();
+        a.admit("c", &l, &dest(OK_DEST), t0, DAY0).unwrap();
+        assert_eq!(
+            a.admit("d", &l, &dest(OK_DEST), t0, DAY0),
+            Err(Refusal::Busy)
+        );
         // Edge full beats an empty bucket: concurrency is checked first.
         let slow = limits(Some(1), None, None);
-        assert_eq!(a.admit("a", &slow, OK_DEST, t0, DAY0), Err(Refusal::Busy));
+        assert_eq!(
+            a.admit("a", &slow, &dest(OK_DEST), t0, DAY0),
+            Err(Refusal::Busy)
+        );
         a.release(c1, 0, DAY0);
-        assert!(a.admit("d", &l, OK_DEST, t0, DAY0).is_ok());
+        assert!(a.admit("d", &l, &dest(OK_DEST), t0, DAY0).is_ok());
         assert_eq!(a.channels_in_use(), 3);
     }
 
@@ -686,9 +769,12 @@ mod tests {
         });
         let l = KeyLimits::default();
         let t0 = Instant::now();
-        let c1 = a.admit("a", &l, OK_DEST, t0, DAY0).unwrap();
-        a.admit("b", &l, OK_DEST, t0, DAY0).unwrap();
-        assert_eq!(a.admit("c", &l, OK_DEST, t0, DAY0), Err(Refusal::Busy));
+        let c1 = a.admit("a", &l, &dest(OK_DEST), t0, DAY0).unwrap();
+        a.admit("b", &l, &dest(OK_DEST), t0, DAY0).unwrap();
+        assert_eq!(
+            a.admit("c", &l, &dest(OK_DEST), t0, DAY0),
+            Err(Refusal::Busy)
+        );
         a.reconfigure(TrunkConfig {
             edge_max_calls: 3,
             premium_deny_prefixes: vec!["+4420".into()],
@@ -698,13 +784,16 @@ mod tests {
         // The two channels taken before the reload are still counted.
         assert_eq!(a.channels_in_use(), 2);
         assert_eq!(
-            a.admit("c", &l, "+442071234567", t0, DAY0),
+            a.admit("c", &l, &dest("+442071234567"), t0, DAY0),
             Err(Refusal::DestinationDenied)
         );
-        assert!(a.admit("c", &l, OK_DEST, t0, DAY0).is_ok());
-        assert_eq!(a.admit("d", &l, OK_DEST, t0, DAY0), Err(Refusal::Busy));
+        assert!(a.admit("c", &l, &dest(OK_DEST), t0, DAY0).is_ok());
+        assert_eq!(
+            a.admit("d", &l, &dest(OK_DEST), t0, DAY0),
+            Err(Refusal::Busy)
+        );
         a.release(c1, 0, DAY0);
-        assert!(a.admit("d", &l, OK_DEST, t0, DAY0).is_ok());
+        assert!(a.admit("d", &l, &dest(OK_DEST), t0, DAY0).is_ok());
     }
 
     #[test]
@@ -713,21 +802,21 @@ mod tests {
         let l = limits(None, None, Some(1));
         let t0 = Instant::now();
         let start = DAY0 + 3600;
-        let ch = a.admit("k", &l, OK_DEST, t0, start).unwrap();
+        let ch = a.admit("k", &l, &dest(OK_DEST), t0, start).unwrap();
         assert_eq!(a.answered(ch, start + 2), Some(60));
         a.release(ch, 60, start + 62);
         assert_eq!(
-            a.admit("k", &l, OK_DEST, t0, start + 63),
+            a.admit("k", &l, &dest(OK_DEST), t0, start + 63),
             Err(Refusal::BudgetExhausted)
         );
         assert_eq!(a.spent_today("k", start + 63), 60);
         // Next UTC day: fresh budget.
         let next_day = DAY0 + 86_400;
-        let ch = a.admit("k", &l, OK_DEST, t0, next_day).unwrap();
+        let ch = a.admit("k", &l, &dest(OK_DEST), t0, next_day).unwrap();
         assert_eq!(a.answered(ch, next_day), Some(60));
         // Unlimited key: None.
         let ch = a
-            .admit("u", &KeyLimits::default(), OK_DEST, t0, next_day)
+            .admit("u", &KeyLimits::default(), &dest(OK_DEST), t0, next_day)
             .unwrap();
         assert_eq!(a.answered(ch, next_day), None);
     }
@@ -737,16 +826,16 @@ mod tests {
         let a = alloc();
         let l = limits(None, None, Some(1));
         let t0 = Instant::now();
-        let c1 = a.admit("k", &l, OK_DEST, t0, DAY0).unwrap();
+        let c1 = a.admit("k", &l, &dest(OK_DEST), t0, DAY0).unwrap();
         assert_eq!(a.answered(c1, DAY0), Some(60));
         // 40 s into the first call, a second is answered: 20 s left.
-        let c2 = a.admit("k", &l, OK_DEST, t0, DAY0 + 40).unwrap();
+        let c2 = a.admit("k", &l, &dest(OK_DEST), t0, DAY0 + 40).unwrap();
         assert_eq!(a.answered(c2, DAY0 + 40), Some(20));
         // Second answered() on the same channel keeps the first answer time.
         assert_eq!(a.answered(c2, DAY0 + 45), Some(10));
         // At 60 s of the first call's time the budget is used: refused.
         assert_eq!(
-            a.admit("k", &l, OK_DEST, t0, DAY0 + 60),
+            a.admit("k", &l, &dest(OK_DEST), t0, DAY0 + 60),
             Err(Refusal::BudgetExhausted)
         );
         a.release(c1, 60, DAY0 + 60);
@@ -764,22 +853,28 @@ mod tests {
         // Even a key at every limit gets 403 for a premium number, and the
         // refusal creates no trunk.
         let l = limits(Some(0), Some(0), Some(0));
-        for d in ["+19005551234", "sip:+44-909-123-4567@x", "tel:+979123456"] {
+        for d in [
+            "+19005551234",
+            "sip:+44-909-123-4567@x",
+            "tel:+979123456789",
+            "19005551234",
+        ] {
             assert_eq!(
-                a.admit("k", &l, d, t0, DAY0),
+                a.admit("k", &l, &dest(d), t0, DAY0),
                 Err(Refusal::DestinationDenied),
                 "{d}"
             );
         }
         assert_eq!(a.trunks(), 0);
-        assert!(a.destination_denied("+4487123"));
+        assert!(a.destination_denied(&dest("+448712345678")));
         // Configurable: an empty list turns it off.
         let open = Allocator::new(TrunkConfig {
             premium_deny_prefixes: vec![],
+            premium_deny_types: vec![],
             ..TrunkConfig::default()
         });
         assert!(open
-            .admit("k", &KeyLimits::default(), "+19005551234", t0, DAY0)
+            .admit("k", &KeyLimits::default(), &dest("+19005551234"), t0, DAY0)
             .is_ok());
     }
 
@@ -788,8 +883,8 @@ mod tests {
         let a = alloc();
         let l = limits(None, Some(2), Some(10));
         let t0 = Instant::now();
-        let c1 = a.admit("k", &l, OK_DEST, t0, DAY0).unwrap();
-        let c2 = a.admit("k", &l, OK_DEST, t0, DAY0).unwrap();
+        let c1 = a.admit("k", &l, &dest(OK_DEST), t0, DAY0).unwrap();
+        let c2 = a.admit("k", &l, &dest(OK_DEST), t0, DAY0).unwrap();
         a.answered(c1, DAY0 + 1);
         a.release(c1, 30, DAY0 + 31);
         a.release(c1, 30, DAY0 + 31);
@@ -812,8 +907,8 @@ mod tests {
         });
         let l = limits(None, None, Some(1));
         let t0 = Instant::now();
-        let ch = a.admit("k", &l, OK_DEST, t0, DAY0).unwrap();
-        a.admit("busy", &KeyLimits::default(), OK_DEST, t0, DAY0)
+        let ch = a.admit("k", &l, &dest(OK_DEST), t0, DAY0).unwrap();
+        a.admit("busy", &KeyLimits::default(), &dest(OK_DEST), t0, DAY0)
             .unwrap();
         a.answered(ch, DAY0);
         a.release(ch, 60, DAY0 + 60);
@@ -824,14 +919,16 @@ mod tests {
         assert_eq!(a.key_channels("k"), 0);
         // The day's spend survived reclaim.
         assert_eq!(
-            a.admit("k", &l, OK_DEST, t0, DAY0 + 130),
+            a.admit("k", &l, &dest(OK_DEST), t0, DAY0 + 130),
             Err(Refusal::BudgetExhausted)
         );
         assert_eq!(a.trunks(), 2);
         // Next day, after reclaim, the old day's spend is forgotten.
         a.reclaim_idle(DAY0 + 86_400 + 10);
         assert_eq!(a.spent_today("k", DAY0 + 86_400 + 10), 0);
-        assert!(a.admit("k", &l, OK_DEST, t0, DAY0 + 86_400 + 10).is_ok());
+        assert!(a
+            .admit("k", &l, &dest(OK_DEST), t0, DAY0 + 86_400 + 10)
+            .is_ok());
     }
 
     #[test]
@@ -843,17 +940,17 @@ mod tests {
         a.seed_spent("k", day, 100);
         a.seed_spent("k", day, 90); // never lowers
         assert_eq!(a.spent_today("k", DAY0), 100);
-        let ch = a.admit("k", &l, OK_DEST, t0, DAY0).unwrap();
+        let ch = a.admit("k", &l, &dest(OK_DEST), t0, DAY0).unwrap();
         assert_eq!(a.answered(ch, DAY0), Some(20));
         // Seeding a live trunk works too.
         a.seed_spent("k", day, 120);
         assert_eq!(
-            a.admit("k", &l, OK_DEST, t0, DAY0),
+            a.admit("k", &l, &dest(OK_DEST), t0, DAY0),
             Err(Refusal::BudgetExhausted)
         );
         // A seed for an earlier day does not count today.
         a.seed_spent("old", day - 1, 10_000);
-        assert!(a.admit("old", &l, OK_DEST, t0, DAY0).is_ok());
+        assert!(a.admit("old", &l, &dest(OK_DEST), t0, DAY0).is_ok());
     }
 
     #[test]
@@ -871,7 +968,7 @@ mod tests {
                 std::thread::spawn(move || {
                     b.wait();
                     (0..20)
-                        .filter_map(|_| a.admit("k", &l, OK_DEST, t0, DAY0).ok())
+                        .filter_map(|_| a.admit("k", &l, &dest(OK_DEST), t0, DAY0).ok())
                         .collect::<Vec<_>>()
                 })
             })
@@ -896,7 +993,7 @@ mod tests {
                 std::thread::spawn(move || {
                     b.wait();
                     for _ in 0..2_000 {
-                        if let Ok(ch) = a.admit("k", &l, OK_DEST, t0, DAY0) {
+                        if let Ok(ch) = a.admit("k", &l, &dest(OK_DEST), t0, DAY0) {
                             let n = holding.fetch_add(1, Ordering::SeqCst) + 1;
                             max_seen.fetch_max(n, Ordering::SeqCst);
                             assert!(a.key_channels("k") <= 5);
