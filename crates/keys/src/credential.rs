@@ -1182,6 +1182,100 @@ mod tests {
     }
 
     #[test]
+    fn caller_identity_caller_ids_and_484() {
+        let f = Fixture::new();
+        // Trusted source: the PAI is the identity, and caller_ids apply to it.
+        let trusted = f.key(
+            KeyKind::Secret,
+            Limits {
+                source_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+                caller_ids: vec!["+1 999 888".into()],
+                ..Limits::default()
+            },
+        );
+        let p = assert_accepted(f.check_at(&[], NOW, "10.2.3.4"), Method::SourceIp);
+        assert_eq!(p.key.id, trusted.id());
+        assert_eq!(p.caller.as_str(), "+19998887777");
+        assert!(p.asserted);
+        // Bearer: the identity is the From, whatever the PAI says.
+        let k = f.key(
+            KeyKind::Secret,
+            Limits {
+                caller_ids: vec!["0014155550199".into()],
+                ..Limits::default()
+            },
+        );
+        assert_accepted(f.check(&[&bearer(&k, &claims("a"))]), Method::Bearer);
+        let k = f.key(
+            KeyKind::Secret,
+            Limits {
+                caller_ids: vec!["+1999".into()],
+                ..Limits::default()
+            },
+        );
+        let o = f.check(&[&bearer(&k, &claims("b"))]);
+        assert!(
+            matches!(
+                o,
+                Outcome::Forbidden {
+                    reason: "caller_id_not_allowed"
+                }
+            ),
+            "{o:?}"
+        );
+        // 484: a number attempt that is no number, while a number policy applies.
+        let k = f.key(KeyKind::Secret, Limits::default());
+        let check = |to: &str, edge: bool| {
+            let mut c = claims(&unique_jti());
+            c.to = to.into();
+            let t = bearer(&k, &c);
+            let inv = InviteView {
+                method: "INVITE",
+                request_uri: RURI,
+                request_user: to,
+                from_user: FROM,
+                asserted_user: None,
+                authorization: &[&t],
+                source_ip: "192.0.2.1".parse().unwrap(),
+            };
+            let mut cfg = cfg(NOW);
+            cfg.edge_checks_numbers = edge;
+            f.auth.check(&inv, &cfg)
+        };
+        assert!(matches!(check("12345", true), Outcome::AddressIncomplete));
+        assert!(matches!(check("12345", false), Outcome::Accepted(_)));
+        assert!(matches!(check("agent", true), Outcome::Accepted(_)));
+        let k2 = f.key(
+            KeyKind::Secret,
+            Limits {
+                deny_prefixes: vec!["+1900".into()],
+                ..Limits::default()
+            },
+        );
+        let mut c = claims("z");
+        c.to = "+".into();
+        let t = bearer(&k2, &c);
+        let inv = InviteView {
+            method: "INVITE",
+            request_uri: RURI,
+            request_user: "+",
+            from_user: FROM,
+            asserted_user: None,
+            authorization: &[&t],
+            source_ip: "192.0.2.1".parse().unwrap(),
+        };
+        let mut c = cfg(NOW);
+        c.edge_checks_numbers = false;
+        assert!(matches!(f.auth.check(&inv, &c), Outcome::AddressIncomplete));
+    }
+
+    fn unique_jti() -> String {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        format!("u{}", N.fetch_add(1, Ordering::Relaxed))
+    }
+
+    #[test]
     fn works_behind_trait_objects_and_threads() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<Authenticator<MemoryKeyStore, MemoryReplayCache>>();
