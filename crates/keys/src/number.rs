@@ -354,7 +354,7 @@ impl E164 {
 
     /// True if the number is of one of `types`, or, when the metadata
     /// knows no range for it (an unallocated or mistyped number, `Unknown`),
-    /// if it becomes one with up to 3 digits dropped or added at the end: a
+    /// if it becomes one with up to 3 digits dropped or added (zeros) at the end: a
     /// carrier may still route a premium number dialled a digit short or
     /// long (`011 44 909 090 123` is GB 0909 premium, one digit short).
     pub fn is_of_type_or_near(&self, types: &[NumberType]) -> bool {
@@ -365,30 +365,31 @@ impl E164 {
         if ty != NumberType::Unknown || types.is_empty() {
             return false;
         }
-        let of_type = |text: &str| {
-            PHONE_NUMBER_UTIL
-                .parse(text, None)
-                .is_ok_and(|n| types.contains(&PHONE_NUMBER_UTIL.get_number_type(&n)))
+        // Ranges are told apart by their leading digits; the last ones are
+        // any digit, so 0 stands for every digit added.
+        let of_type = |national: u64| {
+            let mut n = (*self.number).clone();
+            n.national_number = national;
+            // The length check first: it is cheap, the type check is not
+            // (for +1 it tries every NANP region).
+            types
+                .iter()
+                .any(|t| PHONE_NUMBER_UTIL.is_possible_number_for_type(&n, *t))
+                && types.contains(&PHONE_NUMBER_UTIL.get_number_type(&n))
         };
-        let cc_len = self.number.country_code.to_string().len() + 1;
-        for cut in 1..=3 {
-            let keep = self.text.len().saturating_sub(cut);
-            if keep > cc_len + 2 && of_type(&self.text[..keep]) {
+        let nn = self.number.national_number;
+        let (mut cut, mut padded) = (nn, nn);
+        for _ in 1..=3 {
+            cut /= 10;
+            if cut >= 100 && of_type(cut) {
                 return true;
             }
-        }
-        let mut padded = self.text.clone();
-        for _ in 1..=3 {
-            if padded.len() >= 17 {
-                break;
-            }
-            padded.push('0');
-            let at = padded.len() - 1;
-            for d in b'0'..=b'9' {
-                padded.replace_range(at.., std::str::from_utf8(&[d]).unwrap_or("0"));
-                if of_type(&padded) {
-                    return true;
-                }
+            padded = match padded.checked_mul(10) {
+                Some(p) if p < 100_000_000_000_000_000 => p,
+                _ => return false,
+            };
+            if of_type(padded) {
+                return true;
             }
         }
         false
