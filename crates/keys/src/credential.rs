@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use crate::digest::{self, Algorithm, DigestError, NonceIssuer};
 use crate::jwt::{self, Claims};
-use crate::number::{matches_prefix, normalize};
+use crate::number::{Dest, NumberPlan, Prefix};
 use crate::replay::ReplayCache;
 use crate::store::{source_allowed, KeyRecord, KeyStore, Scope};
 use crate::KeyKind;
@@ -30,9 +30,10 @@ pub struct InviteView<'a> {
     pub request_uri: &'a str,
     /// The Request-URI user part (may be empty): the destination.
     pub request_user: &'a str,
-    /// The From user part.
+    /// The From user part: the caller identity (SPEC §3d).
     pub from_user: &'a str,
-    /// The P-Asserted-Identity user part, if any.
+    /// The P-Asserted-Identity user part, if any: honoured only from a
+    /// trusted source ([`Method::SourceIp`]), ignored otherwise.
     pub asserted_user: Option<&'a str>,
     /// Every `Authorization` header value, in order.
     pub authorization: &'a [&'a str],
@@ -52,6 +53,11 @@ pub struct AuthConfig {
     pub nonce_lifetime_secs: u64,
     /// Current Unix time, seconds.
     pub now: i64,
+    /// How numbers are canonicalized (`[numbers]`, SPEC §4a).
+    pub numbers: NumberPlan,
+    /// An edge-wide number policy is on (the premium deny list): every
+    /// destination that is a number attempt must canonicalize, else `484`.
+    pub edge_checks_numbers: bool,
 }
 
 /// The default digest algorithms, in offer order (RFC 8760).
@@ -88,6 +94,14 @@ pub struct Principal {
     pub method: Method,
     /// The token's claims (runtime parameters) for [`Method::Bearer`].
     pub claims: Option<Claims>,
+    /// The destination (Request-URI user), canonical: what the policy checked.
+    pub destination: Dest,
+    /// The caller identity (SPEC §3d), canonical: what the token's `from`
+    /// and the key's `caller_ids` were checked against. Leg B's From (and
+    /// P-Asserted-Identity when [`Principal::asserted`]) carry exactly it.
+    pub caller: Dest,
+    /// The identity came from a P-Asserted-Identity of a trusted source.
+    pub asserted: bool,
 }
 
 /// The result of the check; the SIP layer maps it to a response.
@@ -121,6 +135,9 @@ pub enum Outcome {
         /// Metrics label; never sent.
         reason: &'static str,
     },
+    /// The destination is a number attempt that does not canonicalize and
+    /// the policy needs a number: `484 Address Incomplete`.
+    AddressIncomplete,
 }
 
 impl Outcome {
@@ -129,6 +146,7 @@ impl Outcome {
         match self {
             Outcome::Accepted(_) => "accepted",
             Outcome::Challenge { .. } => "challenge",
+            Outcome::AddressIncomplete => "address_incomplete",
             Outcome::InvalidToken { reason, .. }
             | Outcome::InvalidDigest { reason, .. }
             | Outcome::Forbidden { reason } => reason,
@@ -141,6 +159,57 @@ pub struct Authenticator<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> {
     store: Arc<S>,
     replay: Arc<R>,
     nonces: NonceIssuer,
+    /// Each key's number lists, canonicalized once per key version and plan.
+    numbers: dashmap::DashMap<String, CachedNumbers>,
+}
+
+struct CachedNumbers {
+    record: Arc<KeyRecord>,
+    plan: NumberPlan,
+    numbers: Arc<KeyNumbers>,
+}
+
+/// A key's number lists (`allow_prefixes`, `deny_prefixes`, `caller_ids`)
+/// canonical under one [`NumberPlan`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyNumbers {
+    /// Canonical `allow_prefixes`.
+    pub allow: Vec<Prefix>,
+    /// Canonical `deny_prefixes`.
+    pub deny: Vec<Prefix>,
+    /// Canonical `caller_ids`.
+    pub caller_ids: Vec<Prefix>,
+}
+
+impl KeyNumbers {
+    /// Canonicalizes `limits`' lists. Keys are checked when created, so an
+    /// entry that is no prefix comes only from an older key file: in a deny
+    /// list it denies every number (`+`), elsewhere it is dropped (stricter).
+    pub fn new(limits: &crate::store::Limits, plan: &NumberPlan) -> KeyNumbers {
+        let list = |l: &[String], bad: Option<Prefix>| {
+            let mut v: Vec<Prefix> = l
+                .iter()
+                .filter_map(|p| plan.prefix(p).or_else(|| bad.clone()))
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        KeyNumbers {
+            allow: list(&limits.allow_prefixes, None),
+            deny: list(&limits.deny_prefixes, Some(Prefix::Number("+".into()))),
+            caller_ids: list(&limits.caller_ids, None),
+        }
+    }
+
+    /// True if a destination list holds a number prefix (then a destination
+    /// must be a number the edge can canonicalize).
+    pub fn checks_numbers(&self) -> bool {
+        self.allow
+            .iter()
+            .chain(&self.deny)
+            .any(|p| matches!(p, Prefix::Number(_)))
+    }
 }
 
 impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> std::fmt::Debug for Authenticator<S, R> {
@@ -188,7 +257,28 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
             replay,
             // Lifetime unused: expiry is computed from `AuthConfig` per check.
             nonces: NonceIssuer::new(nonce_secret, 0),
+            numbers: dashmap::DashMap::new(),
         }
+    }
+
+    /// `key`'s number lists under `plan`, canonicalized on first use of each
+    /// version of the key (a roll or an edit stores a new record).
+    pub fn key_numbers(&self, key: &Arc<KeyRecord>, plan: &NumberPlan) -> Arc<KeyNumbers> {
+        if let Some(c) = self.numbers.get(&key.id) {
+            if Arc::ptr_eq(&c.record, key) && c.plan == *plan {
+                return c.numbers.clone();
+            }
+        }
+        let numbers = Arc::new(KeyNumbers::new(&key.limits, plan));
+        self.numbers.insert(
+            key.id.clone(),
+            CachedNumbers {
+                record: key.clone(),
+                plan: plan.clone(),
+                numbers: numbers.clone(),
+            },
+        );
+        numbers
     }
 
     /// The key store.
@@ -198,10 +288,17 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
 
     /// Checks the credentials of `inv`.
     pub fn check(&self, inv: &InviteView<'_>, cfg: &AuthConfig) -> Outcome {
+        // Canonicalized once per INVITE; every comparison uses these.
+        let destination = cfg.numbers.canonicalize(inv.request_user);
+        let from = cfg.numbers.canonicalize(inv.from_user);
+        let call = CallParties {
+            destination: &destination,
+            from: &from,
+        };
         match classify(inv.authorization) {
-            Credential::Bearer(token) => self.check_bearer(token, inv, cfg),
-            Credential::Digest(values) => self.check_digest(&values, inv, cfg),
-            Credential::None => self.check_source(inv, cfg),
+            Credential::Bearer(token) => self.check_bearer(token, inv, &call, cfg),
+            Credential::Digest(values) => self.check_digest(&values, inv, &call, cfg),
+            Credential::None => self.check_source(inv, &call, cfg),
         }
     }
 
@@ -220,7 +317,13 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
         cfg.now.max(0) as u64
     }
 
-    fn check_bearer(&self, token: &str, inv: &InviteView<'_>, cfg: &AuthConfig) -> Outcome {
+    fn check_bearer(
+        &self,
+        token: &str,
+        inv: &InviteView<'_>,
+        call: &CallParties<'_>,
+        cfg: &AuthConfig,
+    ) -> Outcome {
         let invalid = |reason| Outcome::InvalidToken {
             header: format!(
                 "Bearer realm={}, error=\"invalid_token\"",
@@ -243,10 +346,10 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
         let Some(rec) = record else {
             return invalid("unknown_key");
         };
-        let to_ok = normalize(&claims.to) == normalize(inv.request_user);
-        let from = normalize(&claims.from);
-        let from_ok = from == normalize(inv.from_user)
-            || inv.asserted_user.is_some_and(|a| normalize(a) == from);
+        // `from` is checked against the identity (the From user), never
+        // against a P-Asserted-Identity: a bearer caller is no trusted source.
+        let to_ok = cfg.numbers.canonicalize(&claims.to) == *call.destination;
+        let from_ok = cfg.numbers.canonicalize(&claims.from) == *call.from;
         if !to_ok || !from_ok {
             return invalid("claim_mismatch");
         }
@@ -256,10 +359,16 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
         {
             return invalid("replayed");
         }
-        self.admit(rec, Method::Bearer, Some(claims), inv)
+        self.admit(rec, Method::Bearer, Some(claims), inv, call, cfg)
     }
 
-    fn check_digest(&self, values: &[&str], inv: &InviteView<'_>, cfg: &AuthConfig) -> Outcome {
+    fn check_digest(
+        &self,
+        values: &[&str],
+        inv: &InviteView<'_>,
+        call: &CallParties<'_>,
+        cfg: &AuthConfig,
+    ) -> Outcome {
         let invalid = |reason, stale| Outcome::InvalidDigest {
             headers: self.challenge_headers(cfg, stale),
             reason,
@@ -321,27 +430,38 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
         {
             return invalid("nonce_reused", true);
         }
-        self.admit(rec, Method::Digest, None, inv)
+        self.admit(rec, Method::Digest, None, inv, call, cfg)
     }
 
     /// Credential-less INVITE: admitted if a usable key lists a trusted CIDR
     /// containing the source address (the most specific CIDR wins, then the
     /// lowest id), looked up in the store's index ([`KeyStore::trusted_for`]).
-    fn check_source(&self, inv: &InviteView<'_>, cfg: &AuthConfig) -> Outcome {
+    fn check_source(
+        &self,
+        inv: &InviteView<'_>,
+        call: &CallParties<'_>,
+        cfg: &AuthConfig,
+    ) -> Outcome {
         match self.store.trusted_for(inv.source_ip, Self::now_u64(cfg)) {
-            Some(rec) => self.admit(rec, Method::SourceIp, None, inv),
+            Some(rec) => self.admit(rec, Method::SourceIp, None, inv, call, cfg),
             None => Outcome::Challenge {
                 headers: self.challenge_headers(cfg, false),
             },
         }
     }
 
+    /// Applies the key's policy. The caller identity is the From user; a
+    /// P-Asserted-Identity replaces it only from a trusted source
+    /// ([`Method::SourceIp`], RFC 3325 trust domain); anywhere else it is
+    /// ignored here and removed by the B2BUA (leg B gets only `caller`).
     fn admit(
         &self,
         key: Arc<KeyRecord>,
         method: Method,
         claims: Option<Claims>,
         inv: &InviteView<'_>,
+        call: &CallParties<'_>,
+        cfg: &AuthConfig,
     ) -> Outcome {
         // The key's and every ancestor's source_cidrs, whatever the method.
         if !source_allowed(&*self.store, &key, inv.source_ip) {
@@ -349,15 +469,45 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
                 reason: "source_not_allowed",
             };
         }
-        match policy(&key, inv.request_user) {
+        let (caller, asserted) = match (method, inv.asserted_user) {
+            (Method::SourceIp, Some(pai)) => (cfg.numbers.canonicalize(pai), true),
+            _ => (call.from.clone(), false),
+        };
+        let numbers = self.key_numbers(&key, &cfg.numbers);
+        match policy(
+            &key,
+            &numbers,
+            call.destination,
+            &caller,
+            cfg.edge_checks_numbers,
+        ) {
             Ok(()) => Outcome::Accepted(Principal {
                 key,
                 method,
                 claims,
+                destination: call.destination.clone(),
+                caller,
+                asserted,
             }),
-            Err(reason) => Outcome::Forbidden { reason },
+            Err(PolicyRefusal::AddressIncomplete) => Outcome::AddressIncomplete,
+            Err(PolicyRefusal::Forbidden(reason)) => Outcome::Forbidden { reason },
         }
     }
+}
+
+/// The canonical destination and From identity of the INVITE being checked.
+struct CallParties<'a> {
+    destination: &'a Dest,
+    from: &'a Dest,
+}
+
+/// Why [`policy`] refused a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyRefusal {
+    /// `403` with this metrics label.
+    Forbidden(&'static str),
+    /// `484`: the destination is no number, and the policy needs one.
+    AddressIncomplete,
 }
 
 /// Whether the digest `uri` names the Request-URI (RFC 2617 §3.2.2.5). Exact
@@ -381,33 +531,43 @@ pub fn digest_uri_matches(digest_uri: &str, request_uri: &str) -> bool {
     !digest_uri.contains('@') && d == r
 }
 
-/// The key's call policy for `destination` (a Request-URI user part).
+/// The key's call policy for a canonical destination and caller identity.
 ///
-/// The key needs the `calls` scope; a deny prefix beats the allow-list; a
-/// non-empty allow-list must contain the destination; a public key with an
-/// empty allow-list may call nothing. Source CIDRs are checked before, by
-/// [`crate::store::source_allowed`].
-pub fn policy(key: &KeyRecord, destination: &str) -> Result<(), &'static str> {
+/// The key needs the `calls` scope. A destination that is a number attempt
+/// but no number ([`Dest::Invalid`]) is refused `484` when a number policy
+/// applies (`edge_checks_numbers`, or a number prefix in the key's lists).
+/// A deny prefix beats the allow-list; a non-empty allow-list must contain
+/// the destination; a public key with an empty allow-list may call nothing.
+/// A non-empty `caller_ids` must contain the caller identity. Numbers match
+/// number prefixes, names match names exactly ([`Dest::matches`]). Source
+/// CIDRs are checked before, by [`crate::store::source_allowed`].
+pub fn policy(
+    key: &KeyRecord,
+    numbers: &KeyNumbers,
+    destination: &Dest,
+    caller: &Dest,
+    edge_checks_numbers: bool,
+) -> Result<(), PolicyRefusal> {
+    use PolicyRefusal::Forbidden;
     if !key.has_scope(Scope::Calls) {
-        return Err("scope");
+        return Err(Forbidden("scope"));
     }
-    let l = &key.limits;
-    if l.deny_prefixes
-        .iter()
-        .any(|p| matches_prefix(destination, p))
+    if matches!(destination, Dest::Invalid(_)) && (edge_checks_numbers || numbers.checks_numbers())
     {
-        return Err("destination_denied");
+        return Err(PolicyRefusal::AddressIncomplete);
     }
-    if l.allow_prefixes.is_empty() {
+    if destination.matches_any(&numbers.deny) {
+        return Err(Forbidden("destination_denied"));
+    }
+    if numbers.allow.is_empty() {
         if key.kind == KeyKind::Public {
-            return Err("destination_not_allowed");
+            return Err(Forbidden("destination_not_allowed"));
         }
-    } else if !l
-        .allow_prefixes
-        .iter()
-        .any(|p| matches_prefix(destination, p))
-    {
-        return Err("destination_not_allowed");
+    } else if !destination.matches_any(&numbers.allow) {
+        return Err(Forbidden("destination_not_allowed"));
+    }
+    if !numbers.caller_ids.is_empty() && !caller.matches_any(&numbers.caller_ids) {
+        return Err(Forbidden("caller_id_not_allowed"));
     }
     Ok(())
 }
@@ -456,8 +616,8 @@ mod tests {
                 method: "INVITE",
                 request_uri: RURI,
                 request_user: "+1 (415) 555-0100",
-                from_user: "alice",
-                asserted_user: Some("sip:+14155550199@carrier"),
+                from_user: "sip:1-415-555-0199@pbx",
+                asserted_user: Some("sip:+19998887777@carrier"),
                 authorization: authz,
                 source_ip: ip.parse().unwrap(),
             };
@@ -471,6 +631,8 @@ mod tests {
             digest_algorithms: vec![Algorithm::Md5, Algorithm::Sha256],
             nonce_lifetime_secs: 300,
             now,
+            numbers: NumberPlan::default(),
+            edge_checks_numbers: true,
         }
     }
 
@@ -648,9 +810,20 @@ mod tests {
         let mut c = claims("h");
         c.from = "+15550000000".into();
         assert_invalid_token(f.check(&[&bearer(&k, &c)]), "claim_mismatch");
-        // `from` may match the From user instead of P-Asserted-Identity.
+        // `from` matches the From identity in any form, never the
+        // P-Asserted-Identity of an untrusted source.
         let mut c = claims("i");
-        c.from = "sip:alice@example.com".into();
+        c.from = "tel:+1 (415) 555-0199".into();
+        let p = assert_accepted(f.check(&[&bearer(&k, &c)]), Method::Bearer);
+        assert_eq!(p.caller.as_str(), "+14155550199");
+        assert!(!p.asserted);
+        assert_eq!(p.destination.as_str(), "+14155550100");
+        let mut c = claims("j");
+        c.from = "+19998887777".into();
+        assert_invalid_token(f.check(&[&bearer(&k, &c)]), "claim_mismatch");
+        // `to` in another form of the same number.
+        let mut c = claims("k");
+        c.to = "sip:0014155550100@edge".into();
         assert_accepted(f.check(&[&bearer(&k, &c)]), Method::Bearer);
     }
 
@@ -1126,6 +1299,91 @@ mod tests {
             f.check_at(&[], NOW, "10.2.3.4"),
             Outcome::Challenge { .. }
         ));
+    }
+
+    #[test]
+    fn caller_identity_caller_ids_and_484() {
+        let f = Fixture::new();
+        // Trusted source: the PAI is the identity, and caller_ids apply to it.
+        let trusted = f.key(
+            KeyKind::Secret,
+            Limits {
+                source_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+                trusted_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+                caller_ids: vec!["+1 999 888".into()],
+                ..Limits::default()
+            },
+        );
+        let p = assert_accepted(f.check_at(&[], NOW, "10.2.3.4"), Method::SourceIp);
+        assert_eq!(p.key.id, trusted.id());
+        assert_eq!(p.caller.as_str(), "+19998887777");
+        assert!(p.asserted);
+        // Bearer: the identity is the From, whatever the PAI says.
+        let k = f.key(
+            KeyKind::Secret,
+            Limits {
+                caller_ids: vec!["0014155550199".into()],
+                ..Limits::default()
+            },
+        );
+        assert_accepted(f.check(&[&bearer(&k, &claims("a"))]), Method::Bearer);
+        let k = f.key(
+            KeyKind::Secret,
+            Limits {
+                caller_ids: vec!["+1999".into()],
+                ..Limits::default()
+            },
+        );
+        let o = f.check(&[&bearer(&k, &claims("b"))]);
+        assert!(
+            matches!(
+                o,
+                Outcome::Forbidden {
+                    reason: "caller_id_not_allowed"
+                }
+            ),
+            "{o:?}"
+        );
+        // 484: a number attempt that is no number, while a number policy applies.
+        let k = f.key(KeyKind::Secret, Limits::default());
+        let check = |k: &ApiKey, to: &str, edge: bool| {
+            let mut c = claims(&unique_jti());
+            c.to = to.into();
+            let t = bearer(k, &c);
+            let inv = InviteView {
+                method: "INVITE",
+                request_uri: RURI,
+                request_user: to,
+                from_user: FROM,
+                asserted_user: None,
+                authorization: &[&t],
+                source_ip: "192.0.2.1".parse().unwrap(),
+            };
+            let mut cfg = cfg(NOW);
+            cfg.edge_checks_numbers = edge;
+            f.auth.check(&inv, &cfg)
+        };
+        assert!(matches!(
+            check(&k, "12345", true),
+            Outcome::AddressIncomplete
+        ));
+        assert!(matches!(check(&k, "12345", false), Outcome::Accepted(_)));
+        assert!(matches!(check(&k, "agent", true), Outcome::Accepted(_)));
+        // The key's own number prefixes need a number, edge list or not.
+        let k2 = f.key(
+            KeyKind::Secret,
+            Limits {
+                deny_prefixes: vec!["+1900".into()],
+                ..Limits::default()
+            },
+        );
+        assert!(matches!(check(&k2, "+", false), Outcome::AddressIncomplete));
+    }
+
+    fn unique_jti() -> String {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        format!("u{}", N.fetch_add(1, Ordering::Relaxed))
     }
 
     #[test]

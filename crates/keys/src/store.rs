@@ -19,7 +19,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::apikey::{ApiKey, KeyKind};
-use crate::number::matches_prefix;
+use crate::number::NumberPlan;
 use crate::{KeyError, Result};
 
 /// What a key may do.
@@ -86,7 +86,8 @@ pub struct Limits {
     pub max_calls: Option<u32>,
     /// Billable minutes per UTC day.
     pub daily_minutes: Option<u32>,
-    /// Destinations allowed (prefixes, see [`crate::number::matches_prefix`]).
+    /// Destinations allowed (prefixes or names, canonical per SPEC §4a, see
+    /// [`crate::number::NumberPlan::prefix`]).
     /// Empty: any destination for a secret key, none for a public key.
     pub allow_prefixes: Vec<String>,
     /// Destinations denied; beats `allow_prefixes`.
@@ -106,6 +107,9 @@ pub struct Limits {
     /// `trusted_cidrs` when the field is absent, so they keep admitting their
     /// carriers (and their credentials now also work only from there).
     pub trusted_cidrs: Vec<IpNet>,
+    /// Caller identities the key may present (numbers or prefixes, SPEC
+    /// §3d); empty: any.
+    pub caller_ids: Vec<String>,
     /// The key stops working at this Unix time (seconds).
     pub expires_at: Option<u64>,
 }
@@ -118,13 +122,15 @@ impl Limits {
     /// * `allow_prefixes`: if the parent has any, the child must have some, each
     ///   within one of the parent's.
     /// * `deny_prefixes`: each of the parent's must be covered by one of the child's.
+    /// * `caller_ids`: like `allow_prefixes`.
     /// * `source_cidrs`: if the parent restricts (has any), the child must
     ///   have some, each within one of the parent's.
     /// * `trusted_cidrs`: if the parent restricts sources, each within one of
     ///   the parent's `source_cidrs` (a parent cannot hand out credential-less
     ///   trust from where its own credentials do not work).
     ///
-    /// The child's own rules ([`Limits::check_own`]) are checked too.
+    /// Prefixes are compared canonical (stored ones are canonical already;
+    /// an older national form is read in the default plan). The child's own rules ([`Limits::check_own`]) are checked too.
     pub fn check_within(&self, parent: &Limits) -> std::result::Result<(), String> {
         self.check_own()?;
         for (name, child, parent) in [
@@ -147,20 +153,34 @@ impl Limits {
                 }
             }
         }
-        if !parent.allow_prefixes.is_empty() {
-            if self.allow_prefixes.is_empty() {
-                return Err("allow_prefixes must be set (the parent has an allow-list)".into());
+        let plan = NumberPlan::default();
+        let within = |c: &str, p: &str| match (plan.prefix(c), plan.prefix(p)) {
+            (Some(c), Some(p)) => c.within(&p),
+            (_, None) => p == c || p.is_empty(),
+            (None, Some(_)) => false,
+        };
+        for (name, child, parent) in [
+            (
+                "allow_prefixes",
+                &self.allow_prefixes,
+                &parent.allow_prefixes,
+            ),
+            ("caller_ids", &self.caller_ids, &parent.caller_ids),
+        ] {
+            if parent.is_empty() {
+                continue;
             }
-            for c in &self.allow_prefixes {
-                if !parent.allow_prefixes.iter().any(|p| matches_prefix(c, p)) {
-                    return Err(format!(
-                        "allow prefix {c:?} is outside the parent's allow-list"
-                    ));
+            if child.is_empty() {
+                return Err(format!("{name} must be set (the parent has some)"));
+            }
+            for c in child {
+                if !parent.iter().any(|p| within(c, p)) {
+                    return Err(format!("{name}: {c:?} is outside the parent's"));
                 }
             }
         }
         for p in &parent.deny_prefixes {
-            if !self.deny_prefixes.iter().any(|c| matches_prefix(p, c)) {
+            if !self.deny_prefixes.iter().any(|c| within(p, c)) {
                 return Err(format!("deny prefix {p:?} of the parent must be kept"));
             }
         }
@@ -543,7 +563,12 @@ fn create_in(
             "name must be at most 256 characters, without control characters".into(),
         ));
     }
-    for p in limits.allow_prefixes.iter().chain(&limits.deny_prefixes) {
+    for p in limits
+        .allow_prefixes
+        .iter()
+        .chain(&limits.deny_prefixes)
+        .chain(&limits.caller_ids)
+    {
         if p.trim().is_empty() {
             return Err(KeyError::Invalid("empty destination prefix".into()));
         }
@@ -1330,6 +1355,7 @@ mod tests {
             allow_prefixes: vec!["+1".into()],
             deny_prefixes: vec!["+1900".into()],
             source_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+            caller_ids: vec!["+1415555".into()],
             expires_at: Some(NOW + 1000),
             ..Limits::default()
         };
@@ -1346,9 +1372,11 @@ mod tests {
         let ok = Limits {
             cps: Some(2),
             max_calls: Some(5),
-            allow_prefixes: vec!["+1415".into()],
-            deny_prefixes: vec!["+19".into()],
+            // National and 011 forms of numbers within the parent's lists.
+            allow_prefixes: vec!["415".into(), "011 1 212".into()],
+            deny_prefixes: vec!["1 9".into()],
             source_cidrs: vec!["10.1.0.0/16".parse().unwrap()],
+            caller_ids: vec!["+1 415 555 0100".into()],
             expires_at: Some(NOW + 10),
             ..Limits::default()
         };
@@ -1378,8 +1406,18 @@ mod tests {
             ("expires_at", Box::new(|l| l.expires_at = Some(NOW + 1001))),
             ("allow_prefixes", Box::new(|l| l.allow_prefixes.clear())),
             (
-                "allow prefix",
+                "allow_prefixes: \"+44\"",
                 Box::new(|l| l.allow_prefixes.push("+44".into())),
+            ),
+            // Other forms of a number outside the parent's +1.
+            (
+                "allow_prefixes: \"0044\"",
+                Box::new(|l| l.allow_prefixes.push("0044".into())),
+            ),
+            ("caller_ids", Box::new(|l| l.caller_ids.clear())),
+            (
+                "caller_ids: \"+1415\"",
+                Box::new(|l| l.caller_ids = vec!["+1415".into()]),
             ),
             (
                 "deny prefix",

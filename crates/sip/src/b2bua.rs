@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tollgate_keys::credential::{AuthConfig, Authenticator, InviteView, Outcome, Principal};
 use tollgate_keys::digest::Algorithm;
+use tollgate_keys::number::{Dest, NumberPlan};
 use tollgate_keys::replay::ReplayCache;
 use tollgate_keys::store::KeyStore;
 
@@ -89,6 +90,11 @@ pub struct Config {
     /// The edge's own address per transport, for Via and Contact.
     pub local: HashMap<Transport, SocketAddr>,
     pub routes: Vec<Route>,
+    /// How numbers are canonicalized (`[numbers]`, SPEC §4a).
+    pub numbers: NumberPlan,
+    /// The edge-wide deny list is on: a destination that is a number
+    /// attempt but no number gets `484` (SPEC §4).
+    pub checks_numbers: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -345,7 +351,7 @@ pub trait CallPolicy: Send {
         &mut self,
         call: u64,
         key: &tollgate_keys::KeyRecord,
-        destination: &str,
+        destination: &Dest,
         info: &AdmitInfo<'_>,
         now: Instant,
         unix: i64,
@@ -374,7 +380,7 @@ impl CallPolicy for OpenPolicy {
         &mut self,
         _: u64,
         _: &tollgate_keys::KeyRecord,
-        _: &str,
+        _: &Dest,
         _: &AdmitInfo<'_>,
         _: Instant,
         _: i64,
@@ -615,6 +621,8 @@ impl B2bua {
             digest_algorithms: cfg.digest_algorithms.clone(),
             nonce_lifetime_secs: cfg.nonce_lifetime_secs,
             now: 0,
+            numbers: cfg.numbers.clone(),
+            edge_checks_numbers: cfg.checks_numbers,
         };
         Self {
             txn: TxnLayer::new(cfg.timers),
@@ -1012,8 +1020,14 @@ impl B2bua {
                 let resp = response_to(&msg, 403, reason_phrase(403), Some(&self.token(8)));
                 return self.send_stateless(&dest, resp);
             }
+            Outcome::AddressIncomplete => {
+                metrics::counter!("tollgate_auth_failures_total", "reason" => "address_incomplete")
+                    .increment(1);
+                let resp = response_to(&msg, 484, reason_phrase(484), Some(&self.token(8)));
+                return self.send_stateless(&dest, resp);
+            }
         };
-        self.start_call(now, unix, msg, peer, principal, request_user, from_user, mf);
+        self.start_call(now, unix, msg, peer, principal, mf);
     }
 
     /// Counts a bad credential from `peer` towards its lockout; true if the
@@ -1077,13 +1091,14 @@ impl B2bua {
         msg: Message,
         peer: Peer,
         principal: Principal,
-        called: String,
-        caller: String,
         max_forwards: u8,
     ) {
         let id = self.next_id;
-        let called = tollgate_keys::number::normalize(&called);
-        let caller = tollgate_keys::number::normalize(&caller);
+        // What the credential check canonicalized and checked (SPEC §3d,
+        // §4a): leg B gets exactly these, never the INVITE's own From or
+        // P-Asserted-Identity.
+        let called = principal.destination.as_str().to_owned();
+        let caller = principal.caller.as_str().to_owned();
         let b_call_id = format!("{}.{}@tollgate", self.token(12), self.shard.0);
         let info = AdmitInfo {
             call_id: &b_call_id,
@@ -1091,9 +1106,9 @@ impl B2bua {
             from: &caller,
             webhook: principal.claims.as_ref().and_then(|c| c.webhook.as_deref()),
         };
-        if let Err(r) = self
-            .policy
-            .admit(id, &principal.key, &called, &info, now, unix)
+        if let Err(r) =
+            self.policy
+                .admit(id, &principal.key, &principal.destination, &info, now, unix)
         {
             let dest = response_peer(&msg, &peer);
             let mut resp = response_to(&msg, r.code, reason_phrase(r.code), Some(&self.token(8)));
@@ -1241,6 +1256,13 @@ impl B2bua {
                 value: principal.key.id.clone(),
             },
         ];
+        if principal.asserted {
+            // A trusted source's assertion (RFC 3325), as checked.
+            headers.push(Header {
+                name: "P-Asserted-Identity".into(),
+                value: b_leg.local_uri.clone(),
+            });
+        }
         if let Some(c) = &principal.claims {
             let mut add = |name: &'static str, v: String| {
                 if !v.is_empty() && v.bytes().all(|b| (0x20..0x7f).contains(&b)) {
@@ -2615,6 +2637,8 @@ mod tests {
                 media: MediaProfile::Auto,
                 sdes_over_cleartext: false,
             }],
+            numbers: NumberPlan::default(),
+            checks_numbers: true,
         };
         Rig {
             b2b: B2bua::new(cfg, store, Arc::new(MemoryReplayCache::new()), [7; 32]),
@@ -2633,8 +2657,8 @@ mod tests {
                     iat: NOW,
                     exp: NOW + 300,
                     jti: jti.into(),
-                    to: "+15550100".into(),
-                    from: "+15550199".into(),
+                    to: "+14155550100".into(),
+                    from: "+14155550199".into(),
                     model: Some("m1".into()),
                     webhook: None,
                     record: None,
@@ -2666,8 +2690,8 @@ mod tests {
             let to = self.b2b.calls.values().next().unwrap().a.local_tag.clone();
             self.a_sends(&in_dialog(
                 "BYE",
-                "<sip:+15550199@127.0.0.1>;tag=a1",
-                &format!("<sip:+15550100@127.0.0.1>;tag={to}"),
+                "<sip:+14155550199@127.0.0.1>;tag=a1",
+                &format!("<sip:+14155550100@127.0.0.1>;tag={to}"),
                 "call-a",
                 2,
                 5070,
@@ -2684,10 +2708,10 @@ mod tests {
 
     fn invite(auth: &str, branch: &str) -> String {
         format!(
-            "INVITE sip:+15550100@127.0.0.1:5060 SIP/2.0\r\n\
+            "INVITE sip:+14155550100@127.0.0.1:5060 SIP/2.0\r\n\
 Via: SIP/2.0/UDP 127.0.0.1:5070;branch={branch};rport\r\n\
-From: <sip:+15550199@127.0.0.1>;tag=a1\r\n\
-To: <sip:+15550100@127.0.0.1>\r\n\
+From: <sip:+14155550199@127.0.0.1>;tag=a1\r\n\
+To: <sip:+14155550100@127.0.0.1>\r\n\
 Call-ID: call-a\r\n\
 CSeq: 1 INVITE\r\n\
 Contact: <sip:a@127.0.0.1:5070>\r\n\
@@ -2747,8 +2771,8 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
         let a_tag = to_a[1].to_tag().unwrap().to_string();
         r.a_sends(&in_dialog(
             "ACK",
-            "<sip:+15550199@127.0.0.1>;tag=a1",
-            &format!("<sip:+15550100@127.0.0.1>;tag={a_tag}"),
+            "<sip:+14155550199@127.0.0.1>;tag=a1",
+            &format!("<sip:+14155550100@127.0.0.1>;tag={a_tag}"),
             "call-a",
             1,
             5070,
@@ -2858,8 +2882,8 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
         let mut r = rig();
         let inv = answered_call(&mut r);
         let a_tag = r.b2b.calls.values().next().unwrap().a.local_tag.clone();
-        let a_from = "<sip:+15550199@127.0.0.1>;tag=a1";
-        let a_to = format!("<sip:+15550100@127.0.0.1>;tag={a_tag}");
+        let a_from = "<sip:+14155550199@127.0.0.1>;tag=a1";
+        let a_to = format!("<sip:+14155550100@127.0.0.1>;tag={a_tag}");
         // re-INVITE from A with a new offer.
         let reinvite = in_dialog("INVITE", a_from, &a_to, "call-a", 2, 5070).replace(
             "\r\n\r\n",
@@ -3153,7 +3177,7 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
             a_to: String,
         }
 
-        const A_FROM: &str = "<sip:+15550199@127.0.0.1>;tag=a1";
+        const A_FROM: &str = "<sip:+14155550199@127.0.0.1>;tag=a1";
         const B_FROM: &str = "<sip:agent@127.0.0.1>;tag=b1";
 
         /// A late-offer INVITE from A; returns B's INVITE.
@@ -3172,7 +3196,7 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
 
         fn a_to(r: &Rig) -> String {
             let tag = r.b2b.calls.values().next().unwrap().a.local_tag.clone();
-            format!("<sip:+15550100@127.0.0.1>;tag={tag}")
+            format!("<sip:+14155550100@127.0.0.1>;tag={tag}")
         }
 
         fn a_ack(r: &mut Rig, cseq: u32, sdp: Option<&str>) {

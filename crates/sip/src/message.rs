@@ -846,6 +846,7 @@ pub fn reason_phrase(code: u16) -> &'static str {
         481 => "Call/Transaction Does Not Exist",
         482 => "Loop Detected",
         483 => "Too Many Hops",
+        484 => "Address Incomplete",
         486 => "Busy Here",
         487 => "Request Terminated",
         488 => "Not Acceptable Here",

@@ -382,6 +382,9 @@ struct CreateKey {
     /// The key to create under: the caller (default) or one of its descendants.
     #[serde(default)]
     parent: Option<String>,
+    /// Caller identities the key may present (numbers or prefixes).
+    #[serde(default)]
+    caller_ids: Vec<String>,
     #[serde(default)]
     expires_in: Option<Dur>,
     #[serde(default)]
@@ -452,12 +455,12 @@ fn child_limits(req: &CreateKey, parent: &Limits, now: u64) -> Result<Limits, Ap
             deny_prefixes.push(p.clone());
         }
     }
-    for p in req.allow_prefixes.iter().chain(&req.deny_prefixes) {
-        if p.trim().is_empty() || p.len() > 64 || p.chars().any(char::is_control) {
-            return Err(ApiError::bad_request(format!(
-                "destination prefix {p:?} must be 1 to 64 characters"
-            )));
-        }
+    for (field, list) in [
+        ("allow_prefixes", &req.allow_prefixes),
+        ("deny_prefixes", &req.deny_prefixes),
+        ("caller_ids", &req.caller_ids),
+    ] {
+        tollgate_keys::number::check_list(field, list).map_err(ApiError::bad_request)?;
     }
     Ok(Limits {
         cps: req.cps.or(parent.cps),
@@ -471,6 +474,11 @@ fn child_limits(req: &CreateKey, parent: &Limits, now: u64) -> Result<Limits, Ap
         deny_prefixes,
         source_cidrs,
         trusted_cidrs,
+        caller_ids: if req.caller_ids.is_empty() {
+            parent.caller_ids.clone()
+        } else {
+            req.caller_ids.clone()
+        },
         expires_at,
     })
 }

@@ -27,6 +27,37 @@ pub struct FileConfig {
     pub webhooks: WebhooksSection,
     #[serde(default)]
     pub tls: TlsSection,
+    #[serde(default)]
+    pub numbers: NumbersSection,
+}
+
+/// `[numbers]`: how numbers are canonicalized to E.164 (SPEC §4a).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NumbersSection {
+    /// National forms are read in this country's plan (default "US").
+    pub default_country: Option<String>,
+    /// Dialling prefixes followed by a country code (default ["011", "00"]).
+    pub international_prefixes: Option<Vec<String>>,
+}
+
+/// The number plan of `[numbers]`; errors name the field.
+pub fn number_plan(s: &NumbersSection) -> Result<tollgate_keys::number::NumberPlan, ConfigError> {
+    let intl: Vec<String> = match &s.international_prefixes {
+        Some(v) => v.clone(),
+        None => tollgate_keys::number::DEFAULT_INTERNATIONAL_PREFIXES
+            .iter()
+            .map(|p| (*p).to_owned())
+            .collect(),
+    };
+    tollgate_keys::number::NumberPlan::new(s.default_country.as_deref().unwrap_or("US"), &intl)
+        .map_err(|e| {
+            ConfigError(
+                e.to_string()
+                    .trim_start_matches("invalid key request: ")
+                    .into(),
+            )
+        })
 }
 
 /// `[tls]`: certificate and key for `tls:` SIP listeners (PEM files); with
@@ -69,6 +100,8 @@ pub struct WebhooksSection {
 pub struct TrunkSection {
     pub edge_max_calls: Option<u32>,
     pub premium_deny_prefixes: Option<Vec<String>>,
+    pub premium_deny_extra_prefixes: Option<Vec<String>>,
+    pub premium_deny_types: Option<Vec<String>>,
     pub idle_reclaim_s: Option<u64>,
     /// Seconds between checkpoints of the calls up (billable time lost at a
     /// crash is at most this); default 10.
@@ -304,6 +337,18 @@ mod tests {
             parse_target("routes[0].target", "sip:agent@127.0.0.1:5080;transport=tcp").unwrap();
         assert_eq!((t, a.port()), (Transport::Tcp, 5080));
         assert!(parse_target("routes[0].target", "sip:agent@example.com").is_err());
+        let plan = |t: &str| number_plan(&toml::from_str::<FileConfig>(t).unwrap().numbers);
+        assert_eq!(plan("").unwrap().default_country(), "US");
+        let gb = plan("[numbers]\ndefault_country = \"GB\"\ninternational_prefixes = [\"00\"]\n");
+        assert_eq!(gb.unwrap().international_prefixes(), ["00"]);
+        assert!(plan("[numbers]\ndefault_country = \"ZZ\"\n")
+            .unwrap_err()
+            .0
+            .starts_with("numbers.default_country"));
+        assert!(plan("[numbers]\ninternational_prefixes = [\"+\"]\n")
+            .unwrap_err()
+            .0
+            .starts_with("numbers.international_prefixes"));
         let e = toml::from_str::<FileConfig>("[sip]\nlisten_on = []\n").unwrap_err();
         assert!(e.to_string().contains("listen_on"));
     }

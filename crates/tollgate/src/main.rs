@@ -85,7 +85,7 @@ pub struct ServeArgs {
 #[derive(Subcommand, Debug)]
 enum KeysCmd {
     /// Create a key; prints it once.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Is KEY a well-formed key with a valid checksum? Offline: reads no
     /// store, needs no data directory, never prints the secret part.
     /// Exit 0: well formed with a valid checksum; 1: malformed, or no valid
@@ -138,6 +138,10 @@ struct CreateArgs {
     /// inside --source-cidr when both are given).
     #[arg(long = "trust-cidr")]
     trust_cidr: Vec<String>,
+    /// A caller identity the key may present (number or prefix, any form;
+    /// repeatable). None: any caller.
+    #[arg(long = "caller-id")]
+    caller_id: Vec<String>,
     #[arg(long)]
     expires_in: Option<String>,
     /// Default https URL for call events when a call's token names none.
@@ -316,6 +320,13 @@ fn keys(dir: &std::path::Path, cmd: KeysCmd) -> Result<(), Failure> {
                 Some(d) => Some(now + parse_duration("--expires-in", d)?),
                 None => None,
             };
+            for (flag, list) in [
+                ("--allow-prefix", &a.allow_prefix),
+                ("--deny-prefix", &a.deny_prefix),
+                ("--caller-id", &a.caller_id),
+            ] {
+                tollgate_keys::number::check_list(flag, list).map_err(Failure::Usage)?;
+            }
             let limits = Limits {
                 cps: a.cps,
                 max_calls: a.max_calls,
@@ -324,6 +335,7 @@ fn keys(dir: &std::path::Path, cmd: KeysCmd) -> Result<(), Failure> {
                 deny_prefixes: a.deny_prefix,
                 source_cidrs,
                 trusted_cidrs,
+                caller_ids: a.caller_id,
                 expires_at,
             };
             if let Some(w) = &a.webhook {

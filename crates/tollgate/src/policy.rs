@@ -159,7 +159,7 @@ impl CallPolicy for TrunkPolicy {
         &mut self,
         call: u64,
         key: &KeyRecord,
-        destination: &str,
+        destination: &tollgate_keys::number::Dest,
         info: &AdmitInfo<'_>,
         now: Instant,
         unix: i64,
@@ -193,7 +193,7 @@ impl CallPolicy for TrunkPolicy {
                 );
                 self.journal_opened(call);
                 if let Some(hooks) = &self.webhooks {
-                    if let Some(ctx) = hooks.initiated(key, destination, info, unix) {
+                    if let Some(ctx) = hooks.initiated(key, destination.as_str(), info, unix) {
                         self.hooked.insert(call, ctx);
                     }
                 }

@@ -129,20 +129,18 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         }
         trunk.edge_max_calls = n;
     }
+    trunk.numbers = config::number_plan(&file.numbers)?;
     if let Some(p) = &file.trunk.premium_deny_prefixes {
-        if let Some(bad) = p.iter().find(|p| {
-            p.is_empty()
-                || !p
-                    .trim_start_matches('+')
-                    .bytes()
-                    .all(|b| b.is_ascii_digit())
-        }) {
-            return Err(ConfigError(format!(
-                "trunk.premium_deny_prefixes: {bad:?} is not a number prefix like \"+1900\""
-            )));
-        }
         trunk.premium_deny_prefixes = p.clone();
     }
+    if let Some(p) = &file.trunk.premium_deny_extra_prefixes {
+        trunk.premium_deny_extra_prefixes = p.clone();
+    }
+    if let Some(t) = &file.trunk.premium_deny_types {
+        trunk.premium_deny_types = t.clone();
+    }
+    // Canonicalized once here; a bad entry is named with its field.
+    trunk.deny_list().map_err(ConfigError)?;
     if let Some(s) = file.trunk.idle_reclaim_s {
         trunk.idle_reclaim_secs = s;
     }
@@ -615,6 +613,8 @@ async fn serve(
         invite_timeout: s.invite_timeout,
         local,
         routes,
+        numbers: s.trunk.numbers.clone(),
+        checks_numbers: s.trunk.deny_list().is_ok_and(|d| d.is_active()),
     };
     let engine = Arc::new(tollgate_media::MediaEngine::new(
         tollgate_media::MediaConfig {

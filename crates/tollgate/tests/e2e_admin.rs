@@ -729,8 +729,9 @@ fn usage_and_active_calls_and_admin_hang_up() {
     assert_eq!(calls.len(), 1, "{r}");
     let c = &calls[0];
     assert_eq!(c["key"], key_id(&ops).as_str());
-    assert_eq!(c["to"], SERVICE);
-    assert_eq!(c["from"], "15550001111");
+    // Canonical E.164 (SPEC §4a).
+    assert_eq!(c["to"], format!("+{SERVICE}"));
+    assert_eq!(c["from"], "+15550001111");
     assert_eq!(c["sip_call_id"], inv.call_id.as_str());
     assert_eq!(c["state"], "answered", "{r}");
     assert!(c["answered_at"].as_i64().is_some());

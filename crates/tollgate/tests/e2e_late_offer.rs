@@ -88,7 +88,7 @@ fn routed_call(mode: &str, cfg: impl FnOnce(u16) -> EdgeConfig) -> Outcome {
         .unwrap_or_else(|| panic!("expected B_PORT, got {first}"));
 
     let edge = Edge::start(cfg(b_port));
-    let token = mint(&edge.first_key(), "100", "200", &[]);
+    let token = mint(&edge.first_key(), "14155550100", "200", &[]);
     {
         let mut stdin = ua.stdin.take().expect("piped stdin");
         writeln!(stdin, "{} {token}", edge.sip_udp.port()).expect("write to the UA");
@@ -165,7 +165,7 @@ fn late_offer_to_the_builtin_echo_is_anchored() {
         extra_args: vec!["--media-ports".into(), "14100-14199".into()],
         ..EdgeConfig::default()
     });
-    let token = mint(&edge.first_key(), "100", "200", &[]);
+    let token = mint(&edge.first_key(), "14155550100", "200", &[]);
     let out = Command::new("python3")
         .arg(script())
         .arg("echo")

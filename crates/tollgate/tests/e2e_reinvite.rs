@@ -13,7 +13,7 @@ use std::process::Command;
 fn reinvite_from_leg_a_re_anchors_media() {
     let edge = Edge::start(EdgeConfig::default());
     let key = edge.first_key();
-    let token = mint(&key, "100", "200", &[]);
+    let token = mint(&key, "14155550100", "200", &[]);
     let script = manifest_dir().join("tests/media_support/reinvite_ua.py");
     let out = Command::new("python3")
         .arg(&script)

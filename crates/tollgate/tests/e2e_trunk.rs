@@ -280,10 +280,11 @@ fn deny_prefix_premium_rate_and_public_allow_list_get_403() {
     let mut ua = UdpUa::new(edge.sip_udp);
 
     // key's own deny prefix
-    let (c, t) = status_of_call(&mut ua, &deny, "+15551234");
+    // (a full-length number: a short one is no number, 484, SPEC §4a)
+    let (c, t) = status_of_call(&mut ua, &deny, "+15551234567");
     assert_eq!(
         c, 403,
-        "restricted key with --deny-prefix +1555 calling +15551234:\n{t}"
+        "restricted key with --deny-prefix +1555 calling +15551234567:\n{t}"
     );
     let (c, t) = status_of_call(&mut ua, &deny, "+14155550100");
     assert_eq!(c, 200, "same key, a destination it may call:\n{t}");
@@ -305,8 +306,8 @@ fn deny_prefix_premium_rate_and_public_allow_list_get_403() {
     );
 
     // a public key off its allow-list, then on it
-    let (c, t) = status_of_call(&mut ua, &public, "+15550000");
-    assert_eq!(c, 403, "public key (allow +44) calling +15550000:\n{t}");
+    let (c, t) = status_of_call(&mut ua, &public, "+15550000000");
+    assert_eq!(c, 403, "public key (allow +44) calling +15550000000:\n{t}");
     let (c, t) = status_of_call(&mut ua, &public, "+442079460000");
     assert_eq!(c, 200, "public key (allow +44) calling +442079460000:\n{t}");
 

@@ -323,7 +323,7 @@ fn check_call_events(events: &[serde_json::Value], a_call_id: &str, key: &str) {
         assert_eq!(e["call_id"], cdr_id, "one call id for all events: {e}");
         assert_eq!(e["sip_call_id"], a_call_id, "{e}");
         assert_eq!(e["key_id"], key_id(key).as_str(), "{e}");
-        assert_eq!(e["to"], SERVICE, "{e}");
+        assert_eq!(e["to"], format!("+{SERVICE}"), "{e}"); // canonical (SPEC §4a)
         assert_eq!(e["from"], "alice", "{e}");
         assert!(
             e["start"].as_i64().is_some() && e["created"].as_i64().is_some(),

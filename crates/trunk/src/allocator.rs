@@ -43,8 +43,9 @@ use metrics::{Counter, Gauge};
 use serde::{Deserialize, Serialize};
 
 use crate::bucket::TokenBucket;
-use crate::policy::{DenyList, DEFAULT_PREMIUM_DENY_PREFIXES};
+use crate::policy::{DenyList, DEFAULT_PREMIUM_DENY_PREFIXES, DEFAULT_PREMIUM_DENY_TYPES};
 use crate::utc_day;
+use tollgate_keys::number::{Dest, NumberPlan};
 
 /// A key's limits, as far as the trunk enforces them. `None` = no limit;
 /// `Some(0)` = nothing allowed (cps 0: every call is rate limited).
@@ -75,9 +76,20 @@ impl From<&tollgate_keys::Limits> for KeyLimits {
 pub struct TrunkConfig {
     /// Edge-wide cap on concurrent channels (default 10 000).
     pub edge_max_calls: u32,
-    /// Destinations refused for every key (default
-    /// [`DEFAULT_PREMIUM_DENY_PREFIXES`]); empty turns the check off.
+    /// Destination prefixes refused for every key (default
+    /// [`DEFAULT_PREMIUM_DENY_PREFIXES`], the revenue-share ranges); setting
+    /// it replaces the default, empty turns the prefix check off.
     pub premium_deny_prefixes: Vec<String>,
+    /// More prefixes refused for every key, on top of `premium_deny_prefixes`
+    /// (extends the default list without restating it).
+    pub premium_deny_extra_prefixes: Vec<String>,
+    /// Number types (libphonenumber metadata) refused for every key (default
+    /// [`DEFAULT_PREMIUM_DENY_TYPES`]: premium rate and shared cost, every
+    /// country); empty turns the type check off.
+    pub premium_deny_types: Vec<String>,
+    /// How the deny prefixes are canonicalized (`[numbers]`).
+    #[serde(skip)]
+    pub numbers: NumberPlan,
     /// A trunk with no channels for this long is dropped by
     /// [`Allocator::reclaim_idle`] (default 300).
     pub idle_reclaim_secs: u64,
@@ -91,6 +103,12 @@ impl Default for TrunkConfig {
                 .iter()
                 .map(|p| (*p).to_owned())
                 .collect(),
+            premium_deny_extra_prefixes: Vec::new(),
+            premium_deny_types: DEFAULT_PREMIUM_DENY_TYPES
+                .iter()
+                .map(|p| (*p).to_owned())
+                .collect(),
+            numbers: NumberPlan::default(),
             idle_reclaim_secs: 300,
         }
     }
@@ -309,12 +327,40 @@ struct EdgeSettings {
     deny: DenyList,
 }
 
+impl TrunkConfig {
+    /// The edge-wide deny list these settings describe; the error names the
+    /// `[trunk]` field and the entry (checked when the configuration loads).
+    pub fn deny_list(&self) -> Result<DenyList, String> {
+        let prefixes: Vec<&String> = self
+            .premium_deny_prefixes
+            .iter()
+            .chain(&self.premium_deny_extra_prefixes)
+            .collect();
+        let field = |i: usize| {
+            if i < self.premium_deny_prefixes.len() {
+                "trunk.premium_deny_prefixes"
+            } else {
+                "trunk.premium_deny_extra_prefixes"
+            }
+        };
+        for (i, p) in prefixes.iter().enumerate() {
+            DenyList::new::<_, &str>(&self.numbers, &[p.as_str()], &[])
+                .map_err(|e| format!("{}: {e}", field(i)))?;
+        }
+        DenyList::new(&self.numbers, &prefixes, &self.premium_deny_types)
+            .map_err(|e| format!("trunk.premium_deny_types: {e}"))
+    }
+}
+
 impl EdgeSettings {
     fn new(cfg: TrunkConfig) -> Self {
-        EdgeSettings {
-            deny: DenyList::new(&cfg.premium_deny_prefixes),
-            cfg,
-        }
+        // An invalid list is refused when the configuration loads; should one
+        // get here anyway, the default list applies (fail closed).
+        let deny = cfg
+            .deny_list()
+            .or_else(|_| TrunkConfig::default().deny_list())
+            .unwrap_or_default();
+        EdgeSettings { deny, cfg }
     }
 }
 
@@ -389,9 +435,15 @@ impl Allocator {
         Err(r)
     }
 
-    /// True if `destination` is on the edge-wide premium-rate deny list.
-    pub fn destination_denied(&self, destination: &str) -> bool {
+    /// True if the canonical `destination` is on the edge-wide deny list.
+    pub fn destination_denied(&self, destination: &Dest) -> bool {
         self.edge().deny.denies(destination)
+    }
+
+    /// True if the edge-wide deny list is on (then every number attempt
+    /// must canonicalize: the credential check answers `484` otherwise).
+    pub fn checks_numbers(&self) -> bool {
+        self.edge().deny.is_active()
     }
 
     /// Takes a channel on the key's elastic trunk (created on first use).
@@ -400,7 +452,7 @@ impl Allocator {
         &self,
         key_id: &str,
         limits: &KeyLimits,
-        destination: &str,
+        destination: &Dest,
         now: Instant,
         unix: i64,
     ) -> Result<ChannelId, Refusal> {
@@ -423,7 +475,7 @@ impl Allocator {
     pub fn admit_chain(
         &self,
         chain: &[TrunkKey<'_>],
-        destination: &str,
+        destination: &Dest,
         now: Instant,
         unix: i64,
     ) -> Result<ChannelId, Refusal> {
@@ -747,6 +799,10 @@ mod tests {
     const DAY0: i64 = 1_767_225_600; // 2026-01-01T00:00:00Z
     const OK_DEST: &str = "+14155550100";
 
+    fn dest(s: &str) -> Dest {
+        NumberPlan::default().canonicalize(s)
+    }
+
     fn alloc() -> Allocator {
         Allocator::new(TrunkConfig::default())
     }
@@ -768,7 +824,7 @@ mod tests {
         for i in 0..500u64 {
             let now = t0 + Duration::from_millis(20 * i);
             let unix = DAY0 + (i / 50) as i64;
-            match a.admit("k1", &l, OK_DEST, now, unix) {
+            match a.admit("k1", &l, &dest(OK_DEST), now, unix) {
                 Ok(ch) => {
                     admitted += 1;
                     a.release(ch, 0, unix);
@@ -790,8 +846,14 @@ mod tests {
         let a = alloc();
         let l = limits(Some(1), None, None);
         let t0 = Instant::now();
-        a.admit("k", &l, OK_DEST, t0, DAY0).unwrap();
-        let r = a.admit("k", &l, OK_DEST, t0 + Duration::from_millis(10), DAY0);
+        a.admit("k", &l, &dest(OK_DEST), t0, DAY0).unwrap();
+        let r = a.admit(
+            "k",
+            &l,
+            &dest(OK_DEST),
+            t0 + Duration::from_millis(10),
+            DAY0,
+        );
         assert_eq!(
             r,
             Err(Refusal::RateLimited {
@@ -799,11 +861,17 @@ mod tests {
             })
         );
         assert!(a
-            .admit("k", &l, OK_DEST, t0 + Duration::from_millis(1000), DAY0)
+            .admit(
+                "k",
+                &l,
+                &dest(OK_DEST),
+                t0 + Duration::from_millis(1000),
+                DAY0
+            )
             .is_ok());
         let zero = limits(Some(0), None, None);
         assert!(matches!(
-            a.admit("z", &zero, OK_DEST, t0, DAY0),
+            a.admit("z", &zero, &dest(OK_DEST), t0, DAY0),
             Err(Refusal::RateLimited { retry_after_secs }) if retry_after_secs > 1
         ));
     }
@@ -814,15 +882,21 @@ mod tests {
         let l = limits(None, Some(5), None);
         let t0 = Instant::now();
         let chans: Vec<_> = (0..5)
-            .map(|_| a.admit("k", &l, OK_DEST, t0, DAY0).unwrap())
+            .map(|_| a.admit("k", &l, &dest(OK_DEST), t0, DAY0).unwrap())
             .collect();
-        assert_eq!(a.admit("k", &l, OK_DEST, t0, DAY0), Err(Refusal::Busy));
+        assert_eq!(
+            a.admit("k", &l, &dest(OK_DEST), t0, DAY0),
+            Err(Refusal::Busy)
+        );
         assert_eq!(a.key_channels("k"), 5);
         // Another key is not affected.
-        assert!(a.admit("other", &l, OK_DEST, t0, DAY0).is_ok());
+        assert!(a.admit("other", &l, &dest(OK_DEST), t0, DAY0).is_ok());
         a.release(chans[0], 0, DAY0 + 5);
-        assert!(a.admit("k", &l, OK_DEST, t0, DAY0 + 5).is_ok());
-        assert_eq!(a.admit("k", &l, OK_DEST, t0, DAY0 + 5), Err(Refusal::Busy));
+        assert!(a.admit("k", &l, &dest(OK_DEST), t0, DAY0 + 5).is_ok());
+        assert_eq!(
+            a.admit("k", &l, &dest(OK_DEST), t0, DAY0 + 5),
+            Err(Refusal::Busy)
+        );
     }
 
     #[test]
@@ -830,17 +904,20 @@ mod tests {
         let a = alloc();
         let l = limits(Some(2), Some(1), None);
         let t0 = Instant::now();
-        let ch = a.admit("k", &l, OK_DEST, t0, DAY0).unwrap();
+        let ch = a.admit("k", &l, &dest(OK_DEST), t0, DAY0).unwrap();
         // Busy many times: the one remaining token must survive.
         for _ in 0..10 {
-            assert_eq!(a.admit("k", &l, OK_DEST, t0, DAY0), Err(Refusal::Busy));
+            assert_eq!(
+                a.admit("k", &l, &dest(OK_DEST), t0, DAY0),
+                Err(Refusal::Busy)
+            );
         }
         a.release(ch, 0, DAY0);
-        let ch = a.admit("k", &l, OK_DEST, t0, DAY0).unwrap();
+        let ch = a.admit("k", &l, &dest(OK_DEST), t0, DAY0).unwrap();
         a.release(ch, 0, DAY0);
         // Bucket empty now: rate limited, and no channel taken.
         assert!(matches!(
-            a.admit("k", &l, OK_DEST, t0, DAY0),
+            a.admit("k", &l, &dest(OK_DEST), t0, DAY0),
             Err(Refusal::RateLimited { .. })
         ));
         assert_eq!(a.key_channels("k"), 0);
@@ -855,15 +932,21 @@ mod tests {
         });
         let l = KeyLimits::default();
         let t0 = Instant::now();
-        let c1 = a.admit("a", &l, OK_DEST, t0, DAY0).unwrap();
-        a.admit("b", &l, OK_DEST, t0, DAY0).unwrap();
-        a.admit("c", &l, OK_DEST, t0, DAY0).unwrap();
-        assert_eq!(a.admit("d", &l, OK_DEST, t0, DAY0), Err(Refusal::Busy));
+        let c1 = a.admit("a", &l, &dest(OK_DEST), t0, DAY0).unwrap();
+        a.admit("b", &l, &dest(OK_DEST), t0, DAY0).unwrap();
+        a.admit("c", &l, &dest(OK_DEST), t0, DAY0).unwrap();
+        assert_eq!(
+            a.admit("d", &l, &dest(OK_DEST), t0, DAY0),
+            Err(Refusal::Busy)
+        );
         // Edge full beats an empty bucket: concurrency is checked first.
         let slow = limits(Some(1), None, None);
-        assert_eq!(a.admit("a", &slow, OK_DEST, t0, DAY0), Err(Refusal::Busy));
+        assert_eq!(
+            a.admit("a", &slow, &dest(OK_DEST), t0, DAY0),
+            Err(Refusal::Busy)
+        );
         a.release(c1, 0, DAY0);
-        assert!(a.admit("d", &l, OK_DEST, t0, DAY0).is_ok());
+        assert!(a.admit("d", &l, &dest(OK_DEST), t0, DAY0).is_ok());
         assert_eq!(a.channels_in_use(), 3);
     }
 
@@ -875,9 +958,12 @@ mod tests {
         });
         let l = KeyLimits::default();
         let t0 = Instant::now();
-        let c1 = a.admit("a", &l, OK_DEST, t0, DAY0).unwrap();
-        a.admit("b", &l, OK_DEST, t0, DAY0).unwrap();
-        assert_eq!(a.admit("c", &l, OK_DEST, t0, DAY0), Err(Refusal::Busy));
+        let c1 = a.admit("a", &l, &dest(OK_DEST), t0, DAY0).unwrap();
+        a.admit("b", &l, &dest(OK_DEST), t0, DAY0).unwrap();
+        assert_eq!(
+            a.admit("c", &l, &dest(OK_DEST), t0, DAY0),
+            Err(Refusal::Busy)
+        );
         a.reconfigure(TrunkConfig {
             edge_max_calls: 3,
             premium_deny_prefixes: vec!["+4420".into()],
@@ -887,13 +973,16 @@ mod tests {
         // The two channels taken before the reload are still counted.
         assert_eq!(a.channels_in_use(), 2);
         assert_eq!(
-            a.admit("c", &l, "+442071234567", t0, DAY0),
+            a.admit("c", &l, &dest("+442071234567"), t0, DAY0),
             Err(Refusal::DestinationDenied)
         );
-        assert!(a.admit("c", &l, OK_DEST, t0, DAY0).is_ok());
-        assert_eq!(a.admit("d", &l, OK_DEST, t0, DAY0), Err(Refusal::Busy));
+        assert!(a.admit("c", &l, &dest(OK_DEST), t0, DAY0).is_ok());
+        assert_eq!(
+            a.admit("d", &l, &dest(OK_DEST), t0, DAY0),
+            Err(Refusal::Busy)
+        );
         a.release(c1, 0, DAY0);
-        assert!(a.admit("d", &l, OK_DEST, t0, DAY0).is_ok());
+        assert!(a.admit("d", &l, &dest(OK_DEST), t0, DAY0).is_ok());
     }
 
     #[test]
@@ -902,24 +991,24 @@ mod tests {
         let l = limits(None, None, Some(1));
         let t0 = Instant::now();
         let start = DAY0 + 3600;
-        let ch = a.admit("k", &l, OK_DEST, t0, start).unwrap();
+        let ch = a.admit("k", &l, &dest(OK_DEST), t0, start).unwrap();
         // A quarter of the free budget at a time.
         assert_eq!(a.answered(ch, start + 2), Some(15));
         assert_eq!(a.budget_check(ch, start + 10), Some(7));
         assert_eq!(a.budget_check(ch, start + 17), Some(11)); // (60-15)/4
         a.release(ch, 60, start + 62);
         assert_eq!(
-            a.admit("k", &l, OK_DEST, t0, start + 63),
+            a.admit("k", &l, &dest(OK_DEST), t0, start + 63),
             Err(Refusal::BudgetExhausted)
         );
         assert_eq!(a.spent_today("k", start + 63), 60);
         // Next UTC day: fresh budget.
         let next_day = DAY0 + 86_400;
-        let ch = a.admit("k", &l, OK_DEST, t0, next_day).unwrap();
+        let ch = a.admit("k", &l, &dest(OK_DEST), t0, next_day).unwrap();
         assert_eq!(a.answered(ch, next_day), Some(15));
         // Unlimited key: None.
         let ch = a
-            .admit("u", &KeyLimits::default(), OK_DEST, t0, next_day)
+            .admit("u", &KeyLimits::default(), &dest(OK_DEST), t0, next_day)
             .unwrap();
         assert_eq!(a.answered(ch, next_day), None);
         assert_eq!(a.budget_check(ch, next_day + 100), None);
@@ -930,7 +1019,7 @@ mod tests {
         let a = alloc();
         let l = limits(None, None, Some(1));
         let t0 = Instant::now();
-        let c1 = a.admit("k", &l, OK_DEST, t0, DAY0).unwrap();
+        let c1 = a.admit("k", &l, &dest(OK_DEST), t0, DAY0).unwrap();
         assert_eq!(a.answered(c1, DAY0), Some(15));
         // 40 s into the first call (it re-checked on time), a second is
         // answered: of the 60 s, 40 are used and c1 is granted 5 more.
@@ -938,14 +1027,14 @@ mod tests {
         assert_eq!(a.budget_check(c1, DAY0 + 26), Some(8));
         assert_eq!(a.budget_check(c1, DAY0 + 34), Some(6));
         assert_eq!(a.budget_check(c1, DAY0 + 40), Some(5));
-        let c2 = a.admit("k", &l, OK_DEST, t0, DAY0 + 40).unwrap();
+        let c2 = a.admit("k", &l, &dest(OK_DEST), t0, DAY0 + 40).unwrap();
         // free: 60 - 45 (granted to c1) = 15 -> 3.
         assert_eq!(a.answered(c2, DAY0 + 40), Some(3));
         // Second answered() on the same channel keeps the first answer time.
         assert_eq!(a.answered(c2, DAY0 + 42), Some(1));
         // At 60 s of the first call's time the budget is used: refused.
         assert_eq!(
-            a.admit("k", &l, OK_DEST, t0, DAY0 + 60),
+            a.admit("k", &l, &dest(OK_DEST), t0, DAY0 + 60),
             Err(Refusal::BudgetExhausted)
         );
         a.release(c1, 60, DAY0 + 60);
@@ -965,7 +1054,7 @@ mod tests {
         let t0 = Instant::now();
         let chs: Vec<(ChannelId, i64)> = chains
             .iter()
-            .map(|(c, at)| (a.admit_chain(c, OK_DEST, t0, DAY0).unwrap(), *at))
+            .map(|(c, at)| (a.admit_chain(c, &dest(OK_DEST), t0, DAY0).unwrap(), *at))
             .collect();
         let mut next: Vec<Option<i64>> = vec![None; chs.len()];
         let mut billed = vec![0; chs.len()];
@@ -1011,10 +1100,12 @@ mod tests {
             assert_eq!(a.channels_in_use(), 0);
         }
         // Spent: the next call is refused.
-        let ch = a.admit_chain(&key, OK_DEST, Instant::now(), DAY0).unwrap();
+        let ch = a
+            .admit_chain(&key, &dest(OK_DEST), Instant::now(), DAY0)
+            .unwrap();
         a.release(ch, 60, DAY0 + 1);
         assert_eq!(
-            a.admit_chain(&key, OK_DEST, Instant::now(), DAY0 + 2),
+            a.admit_chain(&key, &dest(OK_DEST), Instant::now(), DAY0 + 2),
             Err(Refusal::BudgetExhausted)
         );
     }
@@ -1036,22 +1127,24 @@ mod tests {
             limits: limits(None, Some(5), None),
         };
         // The parent's only channel is busy: its child gets Busy.
-        let p = a.admit_chain(&[root], OK_DEST, t0, DAY0).unwrap();
+        let p = a.admit_chain(&[root], &dest(OK_DEST), t0, DAY0).unwrap();
         assert_eq!(
-            a.admit_chain(&[child, root], OK_DEST, t0, DAY0),
+            a.admit_chain(&[child, root], &dest(OK_DEST), t0, DAY0),
             Err(Refusal::Busy)
         );
         a.release(p, 0, DAY0);
         // The child's call holds the parent's channel: siblings and the
         // parent itself are Busy until it ends.
-        let c = a.admit_chain(&[child, root], OK_DEST, t0, DAY0).unwrap();
+        let c = a
+            .admit_chain(&[child, root], &dest(OK_DEST), t0, DAY0)
+            .unwrap();
         assert_eq!(a.key_channels("root"), 1);
         assert_eq!(
-            a.admit_chain(&[sibling, root], OK_DEST, t0, DAY0),
+            a.admit_chain(&[sibling, root], &dest(OK_DEST), t0, DAY0),
             Err(Refusal::Busy)
         );
         assert_eq!(
-            a.admit_chain(&[root], OK_DEST, t0, DAY0),
+            a.admit_chain(&[root], &dest(OK_DEST), t0, DAY0),
             Err(Refusal::Busy)
         );
         a.release(c, 30, DAY0 + 30);
@@ -1080,7 +1173,7 @@ mod tests {
         let mut admitted = 0;
         for k in &kids {
             for _ in 0..2 {
-                match a.admit_chain(&[*k, root], OK_DEST, t0, DAY0) {
+                match a.admit_chain(&[*k, root], &dest(OK_DEST), t0, DAY0) {
                     Ok(ch) => {
                         admitted += 1;
                         a.release(ch, 0, DAY0);
@@ -1117,7 +1210,7 @@ mod tests {
         let total: u64 = billed.iter().sum();
         assert!((57..=66).contains(&total), "{billed:?}");
         assert_eq!(
-            a.admit_chain(&chain2, OK_DEST, Instant::now(), DAY0 + 3000),
+            a.admit_chain(&chain2, &dest(OK_DEST), Instant::now(), DAY0 + 3000),
             Err(Refusal::BudgetExhausted)
         );
         assert!(a.spent_today("root", DAY0 + 3000) >= 57);
@@ -1143,7 +1236,7 @@ mod tests {
                         .collect();
                     b.wait();
                     for n in 0..2_000 {
-                        if let Ok(ch) = a.admit_chain(&chain, OK_DEST, t0, DAY0) {
+                        if let Ok(ch) = a.admit_chain(&chain, &dest(OK_DEST), t0, DAY0) {
                             assert!(ids.iter().all(|k| a.key_channels(k) <= 3));
                             a.answered(ch, DAY0);
                             a.budget_check(ch, DAY0 + 1);
@@ -1172,22 +1265,28 @@ mod tests {
         // Even a key at every limit gets 403 for a premium number, and the
         // refusal creates no trunk.
         let l = limits(Some(0), Some(0), Some(0));
-        for d in ["+19005551234", "sip:+44-909-123-4567@x", "tel:+979123456"] {
+        for d in [
+            "+19005551234",
+            "sip:+44-909-123-4567@x",
+            "tel:+979123456789",
+            "19005551234",
+        ] {
             assert_eq!(
-                a.admit("k", &l, d, t0, DAY0),
+                a.admit("k", &l, &dest(d), t0, DAY0),
                 Err(Refusal::DestinationDenied),
                 "{d}"
             );
         }
         assert_eq!(a.trunks(), 0);
-        assert!(a.destination_denied("+4487123"));
+        assert!(a.destination_denied(&dest("+448712345678")));
         // Configurable: an empty list turns it off.
         let open = Allocator::new(TrunkConfig {
             premium_deny_prefixes: vec![],
+            premium_deny_types: vec![],
             ..TrunkConfig::default()
         });
         assert!(open
-            .admit("k", &KeyLimits::default(), "+19005551234", t0, DAY0)
+            .admit("k", &KeyLimits::default(), &dest("+19005551234"), t0, DAY0)
             .is_ok());
     }
 
@@ -1196,8 +1295,8 @@ mod tests {
         let a = alloc();
         let l = limits(None, Some(2), Some(10));
         let t0 = Instant::now();
-        let c1 = a.admit("k", &l, OK_DEST, t0, DAY0).unwrap();
-        let c2 = a.admit("k", &l, OK_DEST, t0, DAY0).unwrap();
+        let c1 = a.admit("k", &l, &dest(OK_DEST), t0, DAY0).unwrap();
+        let c2 = a.admit("k", &l, &dest(OK_DEST), t0, DAY0).unwrap();
         a.answered(c1, DAY0 + 1);
         a.release(c1, 30, DAY0 + 31);
         a.release(c1, 30, DAY0 + 31);
@@ -1220,8 +1319,8 @@ mod tests {
         });
         let l = limits(None, None, Some(1));
         let t0 = Instant::now();
-        let ch = a.admit("k", &l, OK_DEST, t0, DAY0).unwrap();
-        a.admit("busy", &KeyLimits::default(), OK_DEST, t0, DAY0)
+        let ch = a.admit("k", &l, &dest(OK_DEST), t0, DAY0).unwrap();
+        a.admit("busy", &KeyLimits::default(), &dest(OK_DEST), t0, DAY0)
             .unwrap();
         a.answered(ch, DAY0);
         a.release(ch, 60, DAY0 + 60);
@@ -1232,14 +1331,16 @@ mod tests {
         assert_eq!(a.key_channels("k"), 0);
         // The day's spend survived reclaim.
         assert_eq!(
-            a.admit("k", &l, OK_DEST, t0, DAY0 + 130),
+            a.admit("k", &l, &dest(OK_DEST), t0, DAY0 + 130),
             Err(Refusal::BudgetExhausted)
         );
         assert_eq!(a.trunks(), 2);
         // Next day, after reclaim, the old day's spend is forgotten.
         a.reclaim_idle(DAY0 + 86_400 + 10);
         assert_eq!(a.spent_today("k", DAY0 + 86_400 + 10), 0);
-        assert!(a.admit("k", &l, OK_DEST, t0, DAY0 + 86_400 + 10).is_ok());
+        assert!(a
+            .admit("k", &l, &dest(OK_DEST), t0, DAY0 + 86_400 + 10)
+            .is_ok());
     }
 
     #[test]
@@ -1251,17 +1352,17 @@ mod tests {
         a.seed_spent("k", day, 100);
         a.seed_spent("k", day, 90); // never lowers
         assert_eq!(a.spent_today("k", DAY0), 100);
-        let ch = a.admit("k", &l, OK_DEST, t0, DAY0).unwrap();
+        let ch = a.admit("k", &l, &dest(OK_DEST), t0, DAY0).unwrap();
         assert_eq!(a.answered(ch, DAY0), Some(5)); // (120 - 100) / 4
                                                    // Seeding a live trunk works too.
         a.seed_spent("k", day, 120);
         assert_eq!(
-            a.admit("k", &l, OK_DEST, t0, DAY0),
+            a.admit("k", &l, &dest(OK_DEST), t0, DAY0),
             Err(Refusal::BudgetExhausted)
         );
         // A seed for an earlier day does not count today.
         a.seed_spent("old", day - 1, 10_000);
-        assert!(a.admit("old", &l, OK_DEST, t0, DAY0).is_ok());
+        assert!(a.admit("old", &l, &dest(OK_DEST), t0, DAY0).is_ok());
     }
 
     #[test]
@@ -1279,7 +1380,7 @@ mod tests {
                 std::thread::spawn(move || {
                     b.wait();
                     (0..20)
-                        .filter_map(|_| a.admit("k", &l, OK_DEST, t0, DAY0).ok())
+                        .filter_map(|_| a.admit("k", &l, &dest(OK_DEST), t0, DAY0).ok())
                         .collect::<Vec<_>>()
                 })
             })
@@ -1304,7 +1405,7 @@ mod tests {
                 std::thread::spawn(move || {
                     b.wait();
                     for _ in 0..2_000 {
-                        if let Ok(ch) = a.admit("k", &l, OK_DEST, t0, DAY0) {
+                        if let Ok(ch) = a.admit("k", &l, &dest(OK_DEST), t0, DAY0) {
                             let n = holding.fetch_add(1, Ordering::SeqCst) + 1;
                             max_seen.fetch_max(n, Ordering::SeqCst);
                             assert!(a.key_channels("k") <= 5);

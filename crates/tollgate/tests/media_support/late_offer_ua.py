@@ -188,9 +188,9 @@ def routed():
     # 1. A: INVITE without SDP.
     call_id = f"late-{lp}"
     a_from = f"<sip:200@{LO}>;tag=ua"
-    send(a_sip, edge, f"INVITE sip:100@{LO} SIP/2.0",
+    send(a_sip, edge, f"INVITE sip:14155550100@{LO} SIP/2.0",
          [("Via", f"SIP/2.0/UDP {LO}:{lp};branch=z9hG4bKlo1;rport"), ("From", a_from),
-          ("To", f"<sip:100@{LO}>"), ("Call-ID", call_id), ("CSeq", "1 INVITE"),
+          ("To", f"<sip:14155550100@{LO}>"), ("Call-ID", call_id), ("CSeq", "1 INVITE"),
           ("Contact", f"<sip:ua@{LO}:{lp}>"), ("Authorization", f"Bearer {tok}")])
     inv_b = request(b_sip, "INVITE", "the INVITE on leg B")
     res["b_invite_body"] = len(inv_b.body)
@@ -327,9 +327,9 @@ def routed_srtp():
     res = {}
     call_id = f"late-srtp-{lp}"
     a_from = f"<sip:200@{LO}>;tag=ua"
-    send(a_sip, edge, f"INVITE sip:100@{LO} SIP/2.0",
+    send(a_sip, edge, f"INVITE sip:14155550100@{LO} SIP/2.0",
          [("Via", f"SIP/2.0/UDP {LO}:{lp};branch=z9hG4bKls1;rport"), ("From", a_from),
-          ("To", f"<sip:100@{LO}>"), ("Call-ID", call_id), ("CSeq", "1 INVITE"),
+          ("To", f"<sip:14155550100@{LO}>"), ("Call-ID", call_id), ("CSeq", "1 INVITE"),
           ("Contact", f"<sip:ua@{LO}:{lp}>"), ("Authorization", f"Bearer {tok}")])
     inv_b = request(b_sip, "INVITE", "the INVITE on leg B")
     res["b_invite_body"] = len(inv_b.body)
@@ -380,9 +380,9 @@ def echo(tok, edge_port):
     res = {}
     call_id = f"late-echo-{lp}"
     a_from = f"<sip:200@{LO}>;tag=ua"
-    send(a_sip, edge, f"INVITE sip:100@{LO} SIP/2.0",
+    send(a_sip, edge, f"INVITE sip:14155550100@{LO} SIP/2.0",
          [("Via", f"SIP/2.0/UDP {LO}:{lp};branch=z9hG4bKle1;rport"), ("From", a_from),
-          ("To", f"<sip:100@{LO}>"), ("Call-ID", call_id), ("CSeq", "1 INVITE"),
+          ("To", f"<sip:14155550100@{LO}>"), ("Call-ID", call_id), ("CSeq", "1 INVITE"),
           ("Contact", f"<sip:ua@{LO}:{lp}>"), ("Authorization", f"Bearer {tok}")])
     ok = final(a_sip, "z9hG4bKle1", "the 200 on leg A")
     if ok.code != 200:

@@ -54,8 +54,8 @@ def echo_check(s, dest, n=10, seq0=0):
 r1 = rtp_sock()
 body = sdp(r1.getsockname()[1], 1)
 hdr = (f"Via: SIP/2.0/UDP 127.0.0.1:{lp};branch=z9hG4bKri1;rport\r\nFrom: <sip:200@127.0.0.1>;tag=ua\r\n"
-       f"To: <sip:100@127.0.0.1>\r\nCall-ID: reinvite-{lp}\r\nCSeq: 1 INVITE\r\nContact: <sip:ua@127.0.0.1:{lp}>\r\n")
-sip.sendto((f"INVITE sip:100@127.0.0.1 SIP/2.0\r\n{hdr}Authorization: Bearer {tok}\r\n"
+       f"To: <sip:14155550100@127.0.0.1>\r\nCall-ID: reinvite-{lp}\r\nCSeq: 1 INVITE\r\nContact: <sip:ua@127.0.0.1:{lp}>\r\n")
+sip.sendto((f"INVITE sip:14155550100@127.0.0.1 SIP/2.0\r\n{hdr}Authorization: Bearer {tok}\r\n"
             f"Content-Type: application/sdp\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode(), edge)
 code, ok = final("z9hG4bKri1")
 if code != 200: fail(f"INVITE got {code}")
