@@ -824,7 +824,13 @@ mod restarts_and_crashes {
         let key = edge.first_key();
         let tok = token(&key, SERVICE, "alice");
         completed_call(&edge, &tok);
-        // Killed right after the use: no fsync, no graceful shutdown.
+        // The call's CDR is written by the store's group-commit thread: wait
+        // for it, or a kill in between rightly makes it an edge_lost one.
+        poll(Duration::from_secs(10), || {
+            (read_cdrs(&edge.data_dir).0.len() == 1).then_some(())
+        })
+        .expect("the completed call's CDR");
+        // Killed right after: no graceful shutdown.
         kill9_and_wait(&mut edge);
 
         let edge2 = edge_on(&root, 10);
