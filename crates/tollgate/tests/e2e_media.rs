@@ -1087,18 +1087,26 @@ fn load_5000_sequential_and_500_concurrent_calls_free_ports_and_memory() {
     // baseline failed on such a dip with no leak (the census was empty, and
     // the second half ended lower than the first). So each check compares
     // with the highest idle reading before it, with RSS_MARGIN of room:
-    // * slope: the second 2,500 sequential calls may not add more than 8 MiB
+    // * slope: the second 2,500 sequential calls may not add more than RSS_MARGIN
     //   (3.3 KiB per call);
     // * end: after the second half and the 500-call burst (3,000 calls),
-    //   not more than 8 MiB above the baseline or the first half (2.7 KiB
+    //   not more than RSS_MARGIN above the baseline or the first half (2.7 KiB
     //   per call). Leaking a call's relay (2 KiB receive buffer, the task,
     //   4 sockets) with its dialogs and transactions is more than that, and
     //   would show in the census and the ports first;
-    // * peak: the measured burst may not peak more than 8 MiB above the
+    // * peak: the measured burst may not peak more than RSS_MARGIN above the
     //   warm-up's (state of earlier calls is not piling up).
     // What legitimately grows is the bearer replay cache (one jti per call
     // until its exp, ~0.2 KiB each: ~1 MiB for 5,500 calls).
-    const RSS_MARGIN: u64 = 8 * 1024;
+    // 2026-12-04: with libphonenumber's metadata and regexes loaded the idle
+    // RSS is ~95 MiB (was ~50), and idle readings over 5 x 2,500 sequential
+    // calls went 94.5 (baseline) -> 88.9, 91.1, 97.0, 106.0, 105.8 MiB: a
+    // plateau, not a slope, with the census empty after each phase. Two
+    // 2-phase runs failed the old 8 MiB margin (+9.6, +11.6 MiB). The margin
+    // is 16 MiB (6.5 KiB per call over 2,500 calls): a leaked relay with its
+    // dialogs (more than that per call) still fails it, and the census
+    // catches any per-call state exactly.
+    const RSS_MARGIN: u64 = 16 * 1024;
     let slope = rss_half[1].saturating_sub(rss_half[0].max(rss0));
     assert!(
         slope <= RSS_MARGIN,
