@@ -1088,9 +1088,9 @@ fn load_5000_sequential_and_500_concurrent_calls_free_ports_and_memory() {
     // the second half ended lower than the first). So each check compares
     // with the highest idle reading before it, with RSS_MARGIN of room:
     // * slope: the second 2,500 sequential calls may not add more than RSS_MARGIN
-    //   (3.3 KiB per call);
+    //   (6.5 KiB per call);
     // * end: after the second half and the 500-call burst (3,000 calls),
-    //   not more than RSS_MARGIN above the baseline or the first half (2.7 KiB
+    //   not more than RSS_MARGIN above the baseline or the first half (5.5 KiB
     //   per call). Leaking a call's relay (2 KiB receive buffer, the task,
     //   4 sockets) with its dialogs and transactions is more than that, and
     //   would show in the census and the ports first;
