@@ -10,10 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
-use tollgate_keys::{FileKeyStore, FileReplayCache, KeyKind, KeyStore, Limits, ReplayCache};
+use tollgate_keys::{
+    FileKeyStore, FileReplayCache, KeyAdmin, KeyKind, KeyStore, Limits, ReplayCache,
+};
 use tollgate_sip::driver::{self, Control, Sockets};
 use tollgate_sip::tls::{TlsAcceptor, TlsFiles};
 use tollgate_sip::{b2bua, Peer, Route, TimerConfig, Transport};
+use tollgate_state::{OnUnavailable, RedisKeyStore, RedisReplayCache, StateConfig};
 use tollgate_trunk::{Allocator, CallJournal, CdrSink, FileCdrStore};
 
 /// Everything `serve` needs, resolved from defaults, the file and the flags.
@@ -52,6 +55,8 @@ pub struct Settings {
     )>,
     /// `[tls]` files, present when a `tls:` listener is configured.
     pub tls: Option<TlsFiles>,
+    /// `[state]`: shared state of a fleet (SPEC §8); `None`: embedded.
+    pub state: Option<StateConfig>,
 }
 
 pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
@@ -269,7 +274,9 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
             Some(files)
         }
     };
+    let state = config::state(&file)?;
     Ok(Settings {
+        state,
         listen,
         realm,
         digest_algorithms,
@@ -479,30 +486,55 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<(), Failure> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .try_init();
-    let store = Arc::new(FileKeyStore::open(data_dir)?);
-    if store.list().is_empty() {
-        let (_, key) = store.create(
-            "default",
-            KeyKind::Secret,
-            None,
-            Limits::default(),
-            None,
-            crate::unix_now(),
-        )?;
-        println!("tollgate: first secret key (shown once): {}", key.expose());
-    }
+    let (store, fleet): (Arc<dyn KeyAdmin>, _) = match &s.state {
+        None => {
+            let store = Arc::new(FileKeyStore::open(data_dir)?);
+            if store.list().is_empty() {
+                let (_, key) = store.create(
+                    "default",
+                    KeyKind::Secret,
+                    None,
+                    Limits::default(),
+                    None,
+                    crate::unix_now(),
+                )?;
+                println!("tollgate: first secret key (shown once): {}", key.expose());
+            }
+            (store, None)
+        }
+        Some(cfg) => {
+            let store = open_shared_keys(cfg)?;
+            // The first edge on an empty store makes the root key; the
+            // others find it there.
+            if let Some(key) = store.create_root_if_empty(crate::unix_now())? {
+                println!("tollgate: first secret key (shown once): {}", key.expose());
+            }
+            println!("tollgate: shared state up (node {})", cfg.node);
+            (store.clone() as Arc<dyn KeyAdmin>, Some(store))
+        }
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(s.sip_workers.max(2))
         .enable_all()
         .build()
         .map_err(|e| Failure::Other(format!("runtime: {e}")))?;
-    rt.block_on(serve(s, args, store, data_dir.to_path_buf()))
+    rt.block_on(serve(s, args, store, fleet, data_dir.to_path_buf()))
+}
+
+/// Connects to `[state] url` and loads the fleet's keys: Redis must answer
+/// at startup (an edge that cannot see its keys admits nobody), afterwards
+/// an outage is survived.
+pub fn open_shared_keys(cfg: &StateConfig) -> Result<Arc<RedisKeyStore>, Failure> {
+    let shared = tollgate_state::Shared::open(&cfg.url, cfg.timeout)
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    RedisKeyStore::open(shared).map_err(|e| Failure::Other(format!("{e} (cannot load the keys)")))
 }
 
 async fn serve(
     s: Settings,
     args: ServeArgs,
-    store: Arc<FileKeyStore>,
+    store: Arc<dyn KeyAdmin>,
+    fleet: Option<Arc<RedisKeyStore>>,
     data_dir: std::path::PathBuf,
 ) -> Result<(), Failure> {
     // Admin HTTPS certificate: a bad file is a config error (exit 2) before
@@ -587,23 +619,52 @@ async fn serve(
     let mut echo = None;
     let routes = build_routes(&s, &mut echo).await?;
 
-    // Key changes made by `tollgate keys` in another process are seen within 1 s.
+    // Key changes made by `tollgate keys` in another process (or, with
+    // [state], on another node) are seen within 1 s: a stat of keys.json, or
+    // one GET of the fleet's key version, every 200 ms; pub/sub notices
+    // (fleet) come sooner.
     let refresh = store.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         loop {
             tick.tick().await;
-            if let Err(e) = refresh.refresh_if_changed() {
-                tracing::warn!(error = %e, "key store refresh failed; keeping the last good keys");
+            let store = refresh.clone();
+            match tokio::task::spawn_blocking(move || store.refresh()).await {
+                Ok(Err(e)) => tracing::debug!(
+                    error = %e,
+                    "key store refresh failed; keeping the last good keys"
+                ),
+                Ok(Ok(_)) => {}
+                Err(e) => tracing::warn!(error = %e, "key store refresh task failed"),
             }
         }
     });
 
     let mut nonce_secret = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce_secret)
-        .map_err(|_| Failure::Other("no system randomness".into()))?;
+    match &fleet {
+        // The fleet shares one nonce key: a nonce issued by any edge is
+        // answered on any other, and single use fleet-wide.
+        Some(f) => {
+            nonce_secret = f
+                .shared()
+                .nonce_secret()
+                .map_err(|e| Failure::Other(e.to_string()))?;
+            f.start_subscriber();
+            let again = f.clone();
+            f.shared()
+                .start_health(Duration::from_millis(500), move || {
+                    // Whatever changed during the outage.
+                    if let Err(e) = again.reload() {
+                        tracing::warn!(error = %e, "key reload after reconnect failed");
+                    }
+                });
+        }
+        None => ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce_secret)
+            .map_err(|_| Failure::Other("no system randomness".into()))?,
+    }
     let admin_keys = store.clone();
     let keys: Arc<dyn KeyStore> = store;
+    let on_unavailable = s.state.as_ref().map(|c| c.on_unavailable);
     let cfg = b2bua::Config {
         realm: s.realm.clone(),
         digest_algorithms: s.digest_algorithms.clone(),
@@ -658,7 +719,15 @@ async fn serve(
         "replay cache loaded"
     );
     let replay_file = Arc::new(replay_file);
-    let replay: Arc<dyn ReplayCache> = replay_file.clone();
+    let replay: Arc<dyn ReplayCache> = match &fleet {
+        None => replay_file.clone(),
+        // `local`: while Redis is down, this edge's own file decides.
+        Some(f) => Arc::new(RedisReplayCache::new(
+            f.shared().clone(),
+            (on_unavailable == Some(OnUnavailable::Local))
+                .then(|| replay_file.clone() as Arc<dyn ReplayCache>),
+        )),
+    };
     tokio::spawn(async move {
         let errors = metrics::counter!("tollgate_replay_write_errors_total");
         let mut tick = tokio::time::interval(Duration::from_secs(2));
