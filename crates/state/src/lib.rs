@@ -412,9 +412,21 @@ impl RedisKeyStore {
     }
 
     /// Reloads every record from Redis and installs them.
+    ///
+    /// Keys are never deleted (revocation marks them), so a store that comes
+    /// back empty while this node held keys lost its data (a Redis restarted
+    /// without persistence): the node keeps its last good keys and says so,
+    /// rather than refusing every customer.
     pub fn reload(&self) -> Result<(), StateError> {
         let _g = self.reload.lock().unwrap_or_else(PoisonError::into_inner);
         let (map, version) = self.load_all()?;
+        if map.is_empty() && !self.mem.list().is_empty() {
+            tracing::error!(
+                "shared state holds no keys but this edge had some: Redis lost its data \
+                 (run it with AOF); keeping the last good keys"
+            );
+            return Err(StateError::Redis("the shared key set is empty".into()));
+        }
         self.mem.replace_all(map);
         self.version.store(version, Ordering::Relaxed);
         Ok(())

@@ -163,6 +163,41 @@ fn keys_cli(config: &Path, args: &[&str]) -> String {
     tollgate_ok(&all)
 }
 
+/// A plain-HTTP admin request (the harness's admin API is on loopback);
+/// (status, JSON body).
+fn admin(
+    edge: &Edge,
+    method: &str,
+    path: &str,
+    bearer: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    use std::io::{Read as _, Write as _};
+    let addr = edge.listening("admin").expect("admin listener");
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {bearer}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = vec![];
+    s.read_to_end(&mut buf).unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        code,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
 fn state_up(edge: &Edge) -> Option<f64> {
     metric_sum(&scrape(edge.metrics_addr()), "tollgate_state_up", &[])
 }
@@ -275,6 +310,7 @@ fn key_created_revoked_or_rolled_on_one_edge_is_honoured_on_the_other_within_1s(
         took <= BOUND,
         "a key created on edge 1 reached edge 2 after {took:?}"
     );
+    eprintln!("fleet: key created on edge 1 accepted on edge 2 after {took:?}");
     // Revoked through edge 1's config: refused on edge 2 within 1 s.
     keys_cli(&e1.config_path, &["revoke", &key_id(&k)]);
     let took = until(
@@ -288,6 +324,7 @@ fn key_created_revoked_or_rolled_on_one_edge_is_honoured_on_the_other_within_1s(
         took <= BOUND,
         "revocation on edge 1 reached edge 2 after {took:?}"
     );
+    eprintln!("fleet: CLI revoke on edge 1 refused on edge 2 after {took:?}");
     for i in 0..3 {
         assert_invalid_token(
             &invite(e2, &token(&k)),
@@ -323,6 +360,7 @@ fn key_created_revoked_or_rolled_on_one_edge_is_honoured_on_the_other_within_1s(
         took <= BOUND,
         "roll on edge 1 reached edge 2 after {took:?}"
     );
+    eprintln!("fleet: CLI roll on edge 1 refused on edge 2 after {took:?}");
     let r2 = invite(e2, &token(&new));
     assert!(
         passes(&r2),
@@ -336,6 +374,90 @@ fn key_created_revoked_or_rolled_on_one_edge_is_honoured_on_the_other_within_1s(
             == vec![key_id(&k).as_str(), "sk", "revoked", "fleet-victim"]),
         "keys list on edge 2's config shows the revocation made on edge 1:\n{list}"
     );
+}
+
+#[test]
+fn roll_through_the_admin_api_of_one_edge_is_honoured_on_the_other_within_1s() {
+    let redis = Redis::start();
+    let f = fleet(&redis, 2, "refuse");
+    let (e1, e2) = (&f[0].1, &f[1].1);
+    let root = e1.first_key();
+    let (code, created) = admin(e2, "POST", "/v1/keys", &root, r#"{"name":"api-roller"}"#);
+    assert_eq!(code, 201, "POST /v1/keys on edge 2: {created}");
+    let old = created["key"]
+        .as_str()
+        .expect("key in the answer")
+        .to_string();
+    until(
+        e1,
+        &old,
+        "key made on edge 2 usable on edge 1",
+        Duration::from_secs(5),
+        passes,
+    );
+    let (code, rolled) = admin(
+        e2,
+        "POST",
+        &format!("/v1/keys/{}/roll", key_id(&old)),
+        &root,
+        "{}",
+    );
+    assert_eq!(code, 200, "POST /v1/keys/ID/roll on edge 2: {rolled}");
+    let new = rolled["key"]
+        .as_str()
+        .expect("new key in the answer")
+        .to_string();
+    let took = until(
+        e1,
+        &old,
+        "old secret refused on edge 1",
+        Duration::from_secs(5),
+        is_invalid_token,
+    );
+    assert!(
+        took <= BOUND,
+        "a roll on edge 2's admin API reached edge 1 after {took:?}"
+    );
+    eprintln!("fleet: admin-API roll on edge 2 refused on edge 1 after {took:?}");
+    let r = invite(e1, &token(&new));
+    assert!(passes(&r), "the new secret on edge 1:\n{}", r.text());
+}
+
+#[test]
+fn an_edge_whose_redis_is_unreachable_at_start_exits_naming_state_url() {
+    let dir = TestDir::new("fleet-nostart");
+    // A port nothing listens on (bound, then closed).
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = dir.join("tollgate.toml");
+    let mut text = EdgeConfig::default().to_toml();
+    text.push_str(&format!(
+        "[state]\nurl = \"redis://127.0.0.1:{port}/0\"\nnode = \"x\"\n"
+    ));
+    std::fs::write(&cfg, text).unwrap();
+    let data = dir.join("data");
+    let args = [
+        "serve",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    let o = tollgate(&args);
+    assert_eq!(o.status.code(), Some(1), "{}", describe_output(&args, &o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("[state] url"),
+        "the error names [state] url: {err}"
+    );
+    // A bad URL is a config error: exit 2, naming the field.
+    std::fs::write(&cfg, "[state]\nurl = \"http://127.0.0.1:1\"\n").unwrap();
+    let o = tollgate(&args);
+    assert_eq!(o.status.code(), Some(2), "{}", describe_output(&args, &o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("[state] url"));
 }
 
 #[test]
@@ -406,6 +528,28 @@ fn redis_outage_refuses_with_503_and_ends_without_an_edge_restart() {
     let t = token(&root);
     assert!(passes(&invite(&f[0].1, &t)));
     assert_invalid_token(&invite(&f[1].1, &t), "replay across edges after the outage");
+}
+
+#[test]
+fn a_redis_that_lost_its_data_does_not_wipe_the_edges_keys() {
+    let redis = Redis::start();
+    let f = fleet(&redis, 1, "refuse");
+    let e = &f[0].1;
+    let root = e.first_key();
+    assert!(passes(&invite(e, &token(&root))));
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &redis.port.to_string(), "FLUSHALL"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+    // Past several refresh ticks (200 ms) and a notice-less reload.
+    std::thread::sleep(Duration::from_millis(1000));
+    let r = invite(e, &token(&root));
+    assert!(
+        passes(&r),
+        "keys kept after Redis lost its data:\n{}",
+        r.text()
+    );
 }
 
 #[test]
