@@ -28,7 +28,7 @@ use tollgate_keys::store::KeyStore;
 pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO";
 /// `Retry-After` (seconds) of the 503 an INVITE gets while shared state
 /// (SPEC §8) is unreachable and `[state] on_unavailable = "refuse"`.
-pub const STATE_RETRY_AFTER: &str = "5";
+pub const STATE_RETRY_AFTER_SECS: u32 = 5;
 
 /// Media profile of one side (SPEC §5). Carried through the route table now;
 /// the media relay acts on it.
@@ -1022,7 +1022,7 @@ impl B2bua {
                 let mut resp = response_to(&msg, 503, reason_phrase(503), Some(&self.token(8)));
                 resp.headers.push(Header {
                     name: "Retry-After".into(),
-                    value: STATE_RETRY_AFTER.into(),
+                    value: STATE_RETRY_AFTER_SECS.to_string(),
                 });
                 return self.send_stateless(&dest, resp);
             }
@@ -2722,7 +2722,7 @@ mod tests {
         let to_a = r.sent_to(&r.a.clone());
         assert_eq!(to_a.len(), 1, "one stateless answer");
         assert_eq!(to_a[0].status(), Some(503));
-        assert_eq!(to_a[0].header("Retry-After"), Some(STATE_RETRY_AFTER));
+        assert_eq!(to_a[0].header("Retry-After"), Some("5"));
         assert!(r.sent_to(&r.b.clone()).is_empty(), "nothing reaches leg B");
         assert!(r.b2b.calls.is_empty());
     }

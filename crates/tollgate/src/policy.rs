@@ -25,6 +25,9 @@ pub struct TrunkPolicy {
     calls: CallRegistry,
     /// Crash recovery of calls up (`edge_lost` CDRs): only queues here.
     journal: Option<Arc<CallJournal>>,
+    /// `[state] on_unavailable = "refuse"`: while the fleet's shared state
+    /// is down, every new call is refused, credential or not (SPEC §4).
+    state_gate: Option<Arc<tollgate_state::Shared>>,
 }
 
 /// An admitted call as the admin API lists it (`GET /v1/calls`).
@@ -59,7 +62,14 @@ impl TrunkPolicy {
             hooked: HashMap::new(),
             calls: CallRegistry::default(),
             journal: None,
+            state_gate: None,
         }
+    }
+
+    /// Refuses new calls with 503 + Retry-After while `shared` is down.
+    pub fn with_state_gate(mut self, shared: Arc<tollgate_state::Shared>) -> Self {
+        self.state_gate = Some(shared);
+        self
     }
 
     /// Journals admissions, answers and ends, so that a call up at a crash
@@ -164,6 +174,17 @@ impl CallPolicy for TrunkPolicy {
         now: Instant,
         unix: i64,
     ) -> Result<(), Refused> {
+        // Shared state down with `refuse`: a call admitted now would escape
+        // the fleet's limits. (Calls with a credential were refused by the
+        // replay check already; this catches trusted sources.) No Redis
+        // round trip: the health thread's flag.
+        if self.state_gate.as_ref().is_some_and(|s| !s.is_up()) {
+            metrics::counter!("tollgate_state_refusals_total").increment(1);
+            return Err(Refused {
+                code: 503,
+                retry_after: Some(tollgate_sip::b2bua::STATE_RETRY_AFTER_SECS),
+            });
+        }
         // A missing parent or a loop: refused (fail closed), as the
         // source check does.
         let Some(ancestors) = tollgate_keys::store::ancestors(self.keys.as_ref(), key) else {

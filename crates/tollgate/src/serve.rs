@@ -460,6 +460,14 @@ fn describe_metrics() {
         "Media streams latched to an address other than the one the SDP named"
     );
     describe_gauge!(
+        "tollgate_state_up",
+        "1 while the fleet's shared state ([state], Redis) answers, 0 while it does not (absent without [state])"
+    );
+    describe_counter!(
+        "tollgate_state_refusals_total",
+        "New calls refused with 503 because shared state was unreachable and on_unavailable = refuse (credential-less ones; refused credentials count in tollgate_auth_failures_total reason=state_unavailable)"
+    );
+    describe_gauge!(
         "tollgate_media_ports_in_use",
         "Media ports (RTP and RTCP) allocated to calls"
     );
@@ -804,10 +812,13 @@ async fn serve(
     }
     for index in 0..shards {
         let sink: Arc<dyn CdrSink> = cdrs.clone();
-        let policy = crate::policy::TrunkPolicy::new(alloc.clone(), sink, keys.clone())
+        let mut policy = crate::policy::TrunkPolicy::new(alloc.clone(), sink, keys.clone())
             .with_webhooks(webhooks.clone())
             .with_calls(calls.clone())
             .with_journal(journal.clone());
+        if let (Some(f), Some(OnUnavailable::Refuse)) = (&fleet, on_unavailable) {
+            policy = policy.with_state_gate(f.shared().clone());
+        }
         let mut core =
             tollgate_sip::B2bua::new(cfg.clone(), keys.clone(), replay.clone(), nonce_secret)
                 .with_policy(Box::new(policy))

@@ -465,9 +465,27 @@ fn redis_outage_refuses_with_503_and_ends_without_an_edge_restart() {
     let mut redis = Redis::start();
     let mut f = fleet(&redis, 2, "refuse");
     let root = f[0].1.first_key();
+    // A carrier admitted without a credential from 127.0.0.3 (SPEC §3c).
+    keys_cli(
+        &f[0].1.config_path,
+        &[
+            "create",
+            "--name",
+            "carrier",
+            "--source-cidr",
+            "127.0.0.3/32",
+            "--trust-cidr",
+            "127.0.0.3/32",
+        ],
+    );
+    let carrier = |e: &Edge| {
+        UdpUa::from_ip(e.sip_udp, "127.0.0.3").call(&Req::invite(e.sip_udp, SERVICE, "carrier"))
+    };
     for (_, e) in &f {
         let r = invite(e, &token(&root));
         assert!(passes(&r), "before the outage:\n{}", r.text());
+        let r = poll(Duration::from_secs(5), || Some(carrier(e)).filter(passes));
+        assert!(r.is_some(), "trusted carrier admitted before the outage");
     }
     redis.stop();
     for (i, (_, e)) in f.iter().enumerate() {
@@ -491,6 +509,18 @@ fn redis_outage_refuses_with_503_and_ends_without_an_edge_restart() {
             "edge {}: tollgate_state_up must be 0 during the outage",
             i + 1
         );
+    }
+    // Without a credential too: nothing is admitted past the fleet's limits.
+    for (i, (_, e)) in f.iter().enumerate() {
+        let r = carrier(e);
+        assert_eq!(
+            r.code(),
+            Some(503),
+            "edge {}: trusted carrier during the outage:\n{}",
+            i + 1,
+            r.text()
+        );
+        assert!(r.header("Retry-After").is_some(), "{}", r.text());
     }
     // Refused quickly, not after a hang: well inside the UA's timeout.
     let t0 = Instant::now();
@@ -522,6 +552,13 @@ fn redis_outage_refuses_with_503_and_ends_without_an_edge_restart() {
             Some(1.0),
             "edge {}: tollgate_state_up after Redis is back",
             i + 1
+        );
+        let r = carrier(e);
+        assert!(
+            passes(&r),
+            "edge {}: trusted carrier after the outage:\n{}",
+            i + 1,
+            r.text()
         );
     }
     // Fleet-wide again: a token used on edge 1 is refused on edge 2.
