@@ -73,6 +73,9 @@ pub struct StateConfig {
     pub on_unavailable: OnUnavailable,
     /// Connect, read and write timeout of one request.
     pub timeout: Duration,
+    /// PEM of the CAs a `rediss://` server must chain to; `None`: the
+    /// system's roots.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// The crate's error.
@@ -121,13 +124,29 @@ const POOL_MAX: usize = 16;
 impl Shared {
     /// Parses `url` (no connection yet); a bad URL is an error naming
     /// `[state] url` that never repeats the URL (it may carry a password).
-    pub fn open(url: &str, timeout: Duration) -> Result<Arc<Shared>, StateError> {
+    /// `ca_pem`: the CAs a `rediss://` server must chain to (rustls, the
+    /// edge's one TLS stack); `None`: the system's roots.
+    pub fn open(
+        url: &str,
+        timeout: Duration,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Arc<Shared>, StateError> {
         if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
             return Err(StateError::Url(
                 "must start with redis:// or rediss://".into(),
             ));
         }
-        let client = Client::open(url).map_err(|e| StateError::Url(e.to_string()))?;
+        let client = match ca_pem {
+            None => Client::open(url),
+            Some(pem) => Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.to_vec()),
+                },
+            ),
+        }
+        .map_err(|e| StateError::Url(e.to_string()))?;
         Ok(Arc::new(Shared {
             client,
             timeout,
@@ -645,9 +664,13 @@ mod tests {
 
     #[test]
     fn bad_urls_name_the_field_and_hide_the_url() {
-        let e = Shared::open("http://u:hunter2@127.0.0.1:1", Duration::from_millis(50))
-            .unwrap_err()
-            .to_string();
+        let e = Shared::open(
+            "http://u:hunter2@127.0.0.1:1",
+            Duration::from_millis(50),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("[state] url"), "{e}");
         assert!(!e.contains("hunter2"), "{e}");
     }
@@ -655,7 +678,8 @@ mod tests {
     #[test]
     fn down_store_refuses_or_falls_back_without_waiting() {
         // Port 1 on loopback: nothing listens, the connect fails at once.
-        let shared = Shared::open("redis://127.0.0.1:1/0", Duration::from_millis(100)).unwrap();
+        let shared =
+            Shared::open("redis://127.0.0.1:1/0", Duration::from_millis(100), None).unwrap();
         assert!(shared.ping().is_err());
         assert!(!shared.is_up());
         let refuse = RedisReplayCache::new(shared.clone(), None);

@@ -47,6 +47,9 @@ pub struct StateSection {
     pub on_unavailable: Option<String>,
     /// Timeout of one Redis request, connect included (ms; default 250).
     pub timeout_ms: Option<u64>,
+    /// PEM file of the CAs a `rediss://` server must chain to (default: the
+    /// system's roots).
+    pub ca_file: Option<String>,
 }
 
 /// Validates `[state]`; `Ok(None)` without the section.
@@ -57,10 +60,25 @@ pub fn state(file: &FileConfig) -> Result<Option<tollgate_state::StateConfig>, C
     let url = st.url.clone().ok_or_else(|| {
         ConfigError("[state] url: missing (e.g. \"redis://127.0.0.1:6379/0\")".into())
     })?;
+    let ca_pem = match &st.ca_file {
+        None => None,
+        Some(_) if !url.starts_with("rediss://") => {
+            return Err(ConfigError(
+                "[state] ca_file: only with a rediss:// url".into(),
+            ))
+        }
+        Some(f) => {
+            Some(std::fs::read(f).map_err(|e| ConfigError(format!("[state] ca_file: {f}: {e}")))?)
+        }
+    };
     // Checks the scheme and syntax; the message never repeats the URL (it
     // may hold a password).
-    tollgate_state::Shared::open(&url, std::time::Duration::from_millis(250))
-        .map_err(|e| ConfigError(e.to_string()))?;
+    tollgate_state::Shared::open(
+        &url,
+        std::time::Duration::from_millis(250),
+        ca_pem.as_deref(),
+    )
+    .map_err(|e| ConfigError(e.to_string()))?;
     let node = match &st.node {
         Some(n) => n.clone(),
         None => hostname(),
@@ -98,6 +116,7 @@ pub fn state(file: &FileConfig) -> Result<Option<tollgate_state::StateConfig>, C
         lease_s,
         on_unavailable,
         timeout: std::time::Duration::from_millis(timeout_ms),
+        ca_pem,
     }))
 }
 
@@ -400,7 +419,12 @@ mod tests {
         let mut section = String::from("[state]\n");
         for l in block.lines().take_while(|l| l.starts_with('#')) {
             let l = l.trim_start_matches('#').trim();
-            if l.contains(" = ") && !l.starts_with('[') && l.split(' ').nth(1) == Some("=") {
+            // ca_file names a file the test machine has not (and needs rediss://).
+            if l.contains(" = ")
+                && !l.starts_with('[')
+                && !l.starts_with("ca_file")
+                && l.split(' ').nth(1) == Some("=")
+            {
                 section.push_str(l);
                 section.push('\n');
             }
@@ -448,6 +472,14 @@ mod tests {
             (
                 "[state]\nurl = \"redis://127.0.0.1\"\ntimeout_ms = 1\n",
                 "[state] timeout_ms",
+            ),
+            (
+                "[state]\nurl = \"redis://127.0.0.1\"\nca_file = \"/x\"\n",
+                "[state] ca_file",
+            ),
+            (
+                "[state]\nurl = \"rediss://127.0.0.1\"\nca_file = \"/nonexistent/ca.pem\"\n",
+                "[state] ca_file",
             ),
         ] {
             let e = state_of(text).unwrap_err().0;

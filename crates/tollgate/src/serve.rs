@@ -533,7 +533,7 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<(), Failure> {
 /// at startup (an edge that cannot see its keys admits nobody), afterwards
 /// an outage is survived.
 pub fn open_shared_keys(cfg: &StateConfig) -> Result<Arc<RedisKeyStore>, Failure> {
-    let shared = tollgate_state::Shared::open(&cfg.url, cfg.timeout)
+    let shared = tollgate_state::Shared::open(&cfg.url, cfg.timeout, cfg.ca_pem.as_deref())
         .map_err(|e| Failure::Usage(e.to_string()))?;
     RedisKeyStore::open(shared).map_err(|e| Failure::Other(format!("{e} (cannot load the keys)")))
 }

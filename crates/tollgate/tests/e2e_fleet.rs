@@ -24,10 +24,18 @@ struct Redis {
     child: Option<Child>,
     port: u16,
     dir: TestDir,
+    /// TLS only (`rediss://`): (CA PEM path, server cert path, key path).
+    tls: Option<(String, String, String)>,
+    /// `--requirepass` (AUTH).
+    password: Option<String>,
 }
 
 impl Redis {
     fn start() -> Redis {
+        Redis::start_with(None)
+    }
+
+    fn start_with(tls: Option<(String, String, String)>) -> Redis {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
@@ -36,16 +44,75 @@ impl Redis {
             child: None,
             port,
             dir: TestDir::new("redis"),
+            tls,
+            password: None,
         };
         r.restart();
         r
     }
 
+    fn start_with_password(password: &str) -> Redis {
+        let mut r = Redis {
+            child: None,
+            port: TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port(),
+            dir: TestDir::new("redis"),
+            tls: None,
+            password: Some(password.into()),
+        };
+        r.restart();
+        r
+    }
+
+    /// redis-cli's connection arguments.
+    fn cli_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "-h".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            self.port.to_string(),
+        ];
+        if let Some((ca, _, _)) = &self.tls {
+            a.extend(["--tls".into(), "--cacert".into(), ca.clone()]);
+        }
+        if let Some(p) = &self.password {
+            a.extend(["--no-auth-warning".into(), "-a".into(), p.clone()]);
+        }
+        a
+    }
+
     /// (Re)starts on the same port and data dir; AOF keeps the keys.
     fn restart(&mut self) {
         assert!(self.child.is_none(), "redis already running");
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+        let mut cmd = Command::new("redis-server");
+        match &self.tls {
+            None => cmd.args(["--bind", "127.0.0.1", "--port", &self.port.to_string()]),
+            Some((ca, cert, key)) => cmd
+                .args([
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &self.port.to_string(),
+                ])
+                .args([
+                    "--tls-cert-file",
+                    cert,
+                    "--tls-key-file",
+                    key,
+                    "--tls-ca-cert-file",
+                    ca,
+                ])
+                .args(["--tls-auth-clients", "no"]),
+        };
+        if let Some(p) = &self.password {
+            cmd.args(["--requirepass", p]);
+        }
+        let child = cmd
             .args([
                 "--save",
                 "",
@@ -66,7 +133,8 @@ impl Redis {
         self.child = Some(child);
         let up = poll(Duration::from_secs(10), || {
             let out = Command::new("redis-cli")
-                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "PING"])
+                .args(self.cli_args())
+                .arg("PING")
                 .output()
                 .ok()?;
             (String::from_utf8_lossy(&out.stdout).trim() == "PONG").then_some(())
@@ -86,7 +154,17 @@ impl Redis {
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        let auth = self
+            .password
+            .as_ref()
+            .map(|p| format!(":{p}@"))
+            .unwrap_or_default();
+        format!("{scheme}://{auth}127.0.0.1:{}/0", self.port)
     }
 }
 
@@ -575,7 +653,8 @@ fn a_redis_that_lost_its_data_does_not_wipe_the_edges_keys() {
     let root = e.first_key();
     assert!(passes(&invite(e, &token(&root))));
     let out = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &redis.port.to_string(), "FLUSHALL"])
+        .args(redis.cli_args())
+        .arg("FLUSHALL")
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
@@ -586,6 +665,128 @@ fn a_redis_that_lost_its_data_does_not_wipe_the_edges_keys() {
         passes(&r),
         "keys kept after Redis lost its data:\n{}",
         r.text()
+    );
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, in `dir`;
+/// returns (CA path, cert path, key path).
+fn make_pki(dir: &Path, tag: &str) -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        format!("tollgate fleet test CA {tag}"),
+    );
+    ca.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let ca_cert = ca.self_signed(&ca_key).expect("CA cert");
+    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
+    let leaf =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).expect("leaf");
+    let leaf_cert = leaf
+        .signed_by(&leaf_key, &ca_cert, &ca_key)
+        .expect("leaf cert");
+    let path = |n: &str| dir.join(format!("{tag}-{n}")).display().to_string();
+    let (ca_p, cert_p, key_p) = (path("ca.pem"), path("cert.pem"), path("key.pem"));
+    std::fs::write(&ca_p, ca_cert.pem()).unwrap();
+    std::fs::write(&cert_p, leaf_cert.pem()).unwrap();
+    std::fs::write(&key_p, leaf_key.serialize_pem()).unwrap();
+    (ca_p, cert_p, key_p)
+}
+
+#[test]
+fn rediss_with_the_test_ca_works_and_a_wrong_ca_is_refused_naming_state_url() {
+    let pki = TestDir::new("fleet-pki");
+    let good = make_pki(pki.join("").as_path(), "good");
+    let (wrong_ca, _, _) = make_pki(pki.join("").as_path(), "wrong");
+    let redis = Redis::start_with(Some(good.clone()));
+    let tls_toml = |node: &str, ca: &str| {
+        format!("{}ca_file = \"{ca}\"\n", state_toml(&redis, node, "refuse"))
+    };
+    let edges: Vec<(MiniUas, Edge)> = (1..=2)
+        .map(|i| {
+            let uas = MiniUas::start(UasMode::Busy);
+            let edge = Edge::start(EdgeConfig {
+                route_target: Some(uas.route()),
+                extra_toml: tls_toml(&format!("edge-{i}"), &good.0),
+                ..Default::default()
+            });
+            (uas, edge)
+        })
+        .collect();
+    let (e1, e2) = (&edges[0].1, &edges[1].1);
+    let root = e1.first_key();
+    let t = token(&root);
+    let r = invite(e1, &t);
+    assert!(passes(&r), "call admitted over rediss://:\n{}", r.text());
+    assert_invalid_token(&invite(e2, &t), "replay across edges over rediss://");
+    assert_eq!(state_up(e2), Some(1.0));
+    // The wrong CA: the edge does not start, and says where to look.
+    let dir = TestDir::new("fleet-wrongca");
+    let cfg = dir.join("tollgate.toml");
+    let mut text = EdgeConfig::default().to_toml();
+    text.push_str(&tls_toml("edge-x", &wrong_ca));
+    std::fs::write(&cfg, text).unwrap();
+    let data = dir.join("data");
+    let args = [
+        "serve",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    let o = tollgate(&args);
+    assert_eq!(o.status.code(), Some(1), "{}", describe_output(&args, &o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("[state] url"),
+        "the error names [state] url: {err}"
+    );
+    assert!(
+        err.to_lowercase().contains("certificate"),
+        "the error says it is the certificate: {err}"
+    );
+}
+
+#[test]
+fn auth_password_in_the_url_works_and_a_wrong_one_is_refused_without_echoing_it() {
+    let redis = Redis::start_with_password("fleet-pass-0123456789");
+    let f = fleet(&redis, 1, "refuse");
+    let e = &f[0].1;
+    let r = invite(e, &token(&e.first_key()));
+    assert!(passes(&r), "call admitted with AUTH:\n{}", r.text());
+    let dir = TestDir::new("fleet-badauth");
+    let cfg = dir.join("tollgate.toml");
+    let mut text = EdgeConfig::default().to_toml();
+    text.push_str(
+        &state_toml(&redis, "edge-x", "refuse")
+            .replace("fleet-pass-0123456789", "wrong-pass-secret"),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let data = dir.join("data");
+    let args = [
+        "serve",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    let o = tollgate(&args);
+    assert_eq!(o.status.code(), Some(1), "{}", describe_output(&args, &o));
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(
+        err.contains("[state] url"),
+        "the error names [state] url: {err}"
+    );
+    assert!(
+        !err.contains("wrong-pass-secret") && !out.contains("wrong-pass-secret"),
+        "the password is never printed: {out}\n{err}"
     );
 }
 
