@@ -153,6 +153,24 @@ impl Redis {
         }
     }
 
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(self.cli_args())
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout)
+            .trim_end_matches('\n')
+            .to_string()
+    }
+
+    /// SIGSTOP / SIGCONT: a Redis that hangs without closing connections.
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let st = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(st.success(), "kill {sig} {pid}");
+    }
+
     fn url(&self) -> String {
         let scheme = if self.tls.is_some() {
             "rediss"
@@ -787,6 +805,77 @@ fn auth_password_in_the_url_works_and_a_wrong_one_is_refused_without_echoing_it(
     assert!(
         !err.contains("wrong-pass-secret") && !out.contains("wrong-pass-secret"),
         "the password is never printed: {out}\n{err}"
+    );
+}
+
+/// A change that reaches Redis without its pub/sub notice (a lost message)
+/// is still honoured within 1 s: the periodic version check resyncs.
+#[test]
+fn a_missed_notice_cannot_leave_a_revoked_key_working() {
+    let redis = Redis::start();
+    let f = fleet(&redis, 1, "refuse");
+    let e = &f[0].1;
+    let k = keys_cli(&e.config_path, &["create", "--name", "quiet"])
+        .trim()
+        .to_string();
+    until(e, &k, "key usable", Duration::from_secs(5), passes);
+    // Revoke by hand, as another writer would, but publish nothing.
+    let rkey = format!("tg:key:{{{}}}", key_id(&k));
+    let mut rec: serde_json::Value =
+        serde_json::from_str(&redis.cli(&["GET", &rkey])).expect("record JSON");
+    rec["revoked_at"] = serde_json::json!(now_unix());
+    assert_eq!(redis.cli(&["SET", &rkey, &rec.to_string()]), "OK");
+    redis.cli(&["INCR", "tg:keys:version"]);
+    let took = until(
+        e,
+        &k,
+        "revoked without a notice",
+        Duration::from_secs(5),
+        is_invalid_token,
+    );
+    assert!(took <= BOUND, "resync without a notice took {took:?}");
+    eprintln!("fleet: revocation without a pub/sub notice honoured after {took:?}");
+}
+
+/// Redis hangs (SIGSTOP: connections stay open, nothing answers): requests
+/// time out, the edge answers 503 instead of hanging, and recovers after
+/// SIGCONT by itself.
+#[test]
+fn a_hung_redis_gives_503_not_a_hang_and_recovery_is_automatic() {
+    let redis = Redis::start();
+    let f = fleet(&redis, 1, "refuse");
+    let e = &f[0].1;
+    let root = e.first_key();
+    assert!(passes(&invite(e, &token(&root))));
+    redis.signal("-STOP");
+    let t0 = Instant::now();
+    let r = poll(Duration::from_secs(10), || {
+        let r = invite(e, &token(&root));
+        (r.code() == Some(503)).then_some(r)
+    });
+    let r = r.expect("503 while Redis hangs");
+    assert!(r.header("Retry-After").is_some(), "{}", r.text());
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "first 503 after {:?}",
+        t0.elapsed()
+    );
+    eprintln!("fleet: hung Redis -> first 503 after {:?}", t0.elapsed());
+    // Once known down, answers come at once.
+    let t1 = Instant::now();
+    assert_eq!(invite(e, &token(&root)).code(), Some(503));
+    assert!(
+        t1.elapsed() < Duration::from_millis(500),
+        "503 took {:?}",
+        t1.elapsed()
+    );
+    redis.signal("-CONT");
+    until(
+        e,
+        &root,
+        "admitted after SIGCONT",
+        Duration::from_secs(10),
+        passes,
     );
 }
 
