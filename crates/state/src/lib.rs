@@ -40,6 +40,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -645,6 +646,174 @@ impl KeyAdmin for RedisKeyStore {
 
     fn refresh(&self) -> tollgate_keys::Result<bool> {
         Ok(self.refresh_if_changed()?)
+    }
+}
+
+// ---- channels -----------------------------------------------------------------------
+
+/// Fleet-wide concurrent calls (SPEC §8): one lease per call up in a sorted
+/// set per key, `tg:ch:{<root>}:<kid>` (member `<node>:<call>`, score the
+/// lease's end in ms). The whole hierarchy of a root key shares its hash
+/// tag, so the check of a key and all its ancestors is one script in one
+/// slot. The owning node renews its leases every `lease_s / 3`; a node that
+/// dies stops renewing and its channels are free within `lease_s`.
+pub struct FleetChannels {
+    shared: Arc<Shared>,
+    node: String,
+    lease: Duration,
+    admit: redis::Script,
+    /// Leases this node holds: call handle -> (Redis keys, member).
+    held: Mutex<HashMap<u64, (Vec<String>, String)>>,
+}
+
+impl std::fmt::Debug for FleetChannels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetChannels")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+/// KEYS: one sorted set per key of the chain. ARGV: now_ms, lease_end_ms,
+/// member, then one cap per key (0: none). Returns 0 when admitted (the
+/// lease added to every set), else the 1-based index of the full key.
+const ADMIT_LUA: &str = r"
+local now, lease_end, member = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+for i, k in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
+  local cap = tonumber(ARGV[3 + i])
+  if cap > 0 and redis.call('ZCARD', k) >= cap then return i end
+end
+for i, k in ipairs(KEYS) do
+  redis.call('ZADD', k, lease_end, member)
+  redis.call('PEXPIREAT', k, lease_end + 1000)
+end
+return 0
+";
+
+/// A key of the chain as [`FleetChannels::admit`] takes it.
+#[derive(Debug, Clone, Copy)]
+pub struct ChainKey<'a> {
+    /// The key id.
+    pub id: &'a str,
+    /// Its `max_calls` (`None`: no cap).
+    pub max_calls: Option<u32>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl FleetChannels {
+    /// Leases of `node`, each `lease` long.
+    pub fn new(shared: Arc<Shared>, node: &str, lease: Duration) -> Arc<Self> {
+        Arc::new(FleetChannels {
+            shared,
+            node: node.to_owned(),
+            lease,
+            admit: redis::Script::new(ADMIT_LUA),
+            held: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Takes a channel of every key of `chain` (the key, then its ancestors
+    /// up to `root`) for `call`, in one script: `Ok(true)` admitted,
+    /// `Ok(false)` a key is at its cap fleet-wide.
+    pub fn admit(&self, root: &str, chain: &[ChainKey<'_>], call: u64) -> Result<bool, StateError> {
+        if chain.iter().all(|k| k.max_calls.is_none()) {
+            return Ok(true);
+        }
+        let keys: Vec<String> = chain
+            .iter()
+            .map(|k| format!("tg:ch:{{{root}}}:{}", k.id))
+            .collect();
+        let member = format!("{}:{call}", self.node);
+        let now = now_ms();
+        let mut inv = self.admit.prepare_invoke();
+        for k in &keys {
+            inv.key(k);
+        }
+        inv.arg(now)
+            .arg(now + self.lease.as_millis() as i64)
+            .arg(&member);
+        for k in chain {
+            inv.arg(k.max_calls.unwrap_or(0));
+        }
+        let full: i64 = self.shared.run(false, |c| inv.invoke(c))?;
+        if full == 0 {
+            self.held
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(call, (keys, member));
+        }
+        Ok(full == 0)
+    }
+
+    /// Frees `call`'s channels (if it held any). A failure is harmless: the
+    /// lease ends by itself.
+    pub fn release(&self, call: u64) {
+        let held = self
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&call);
+        let Some((keys, member)) = held else { return };
+        let r = self.shared.run(false, |c| {
+            let mut pipe = redis::pipe();
+            for k in &keys {
+                pipe.cmd("ZREM").arg(k).arg(&member).ignore();
+            }
+            pipe.query::<()>(c)
+        });
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "channel release failed; the lease ends by itself");
+        }
+    }
+
+    /// Renews every lease this node holds (one pipeline). Plain `ZADD`, not
+    /// `XX`: after an outage the calls still up count fleet-wide again.
+    pub fn renew(&self) -> Result<(), StateError> {
+        let held: Vec<(Vec<String>, String)> = self
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let end = now_ms() + self.lease.as_millis() as i64;
+        self.shared.run(false, |c| {
+            let mut pipe = redis::pipe();
+            for (keys, member) in &held {
+                for k in keys {
+                    pipe.cmd("ZADD").arg(k).arg(end).arg(member).ignore();
+                    pipe.cmd("PEXPIREAT").arg(k).arg(end + 1000).ignore();
+                }
+            }
+            pipe.query::<()>(c)
+        })
+    }
+
+    /// Starts the renewing thread (every `lease / 3`).
+    pub fn start_renewer(self: &Arc<Self>) {
+        let me = self.clone();
+        let every = (self.lease / 3).max(Duration::from_millis(200));
+        let spawned = std::thread::Builder::new()
+            .name("state-leases".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                if let Err(e) = me.renew() {
+                    tracing::debug!(error = %e, "lease renewal failed");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the lease renewal thread");
+        }
     }
 }
 

@@ -28,6 +28,9 @@ pub struct TrunkPolicy {
     /// `[state] on_unavailable = "refuse"`: while the fleet's shared state
     /// is down, every new call is refused, credential or not (SPEC §4).
     state_gate: Option<Arc<tollgate_state::Shared>>,
+    /// `[state]`: concurrent calls counted fleet-wide (leases in Redis), and
+    /// whether a call may go ahead on local limits when Redis does not answer.
+    fleet_channels: Option<(Arc<tollgate_state::FleetChannels>, bool)>,
 }
 
 /// An admitted call as the admin API lists it (`GET /v1/calls`).
@@ -63,7 +66,19 @@ impl TrunkPolicy {
             calls: CallRegistry::default(),
             journal: None,
             state_gate: None,
+            fleet_channels: None,
         }
+    }
+
+    /// Counts concurrent calls fleet-wide as well; `local_fallback`: admit
+    /// on this edge's limits when Redis does not answer (else 503).
+    pub fn with_fleet_channels(
+        mut self,
+        fleet: Arc<tollgate_state::FleetChannels>,
+        local_fallback: bool,
+    ) -> Self {
+        self.fleet_channels = Some((fleet, local_fallback));
+        self
     }
 
     /// Refuses new calls with 503 + Retry-After while `shared` is down.
@@ -199,6 +214,31 @@ impl CallPolicy for TrunkPolicy {
             .collect();
         match self.alloc.admit_chain(&chain, destination, now, unix) {
             Ok(ch) => {
+                // Then the fleet's count: the key's and every ancestor's
+                // channels on all edges, one script in Redis.
+                if let Some((fleet, local_fallback)) = &self.fleet_channels {
+                    let root = chain.last().map_or(key.id.as_str(), |k| k.id);
+                    let keys: Vec<tollgate_state::ChainKey<'_>> = chain
+                        .iter()
+                        .map(|k| tollgate_state::ChainKey {
+                            id: k.id,
+                            max_calls: k.limits.max_calls,
+                        })
+                        .collect();
+                    let refused = match fleet.admit(root, &keys, call) {
+                        Ok(true) => None,
+                        Ok(false) => Some(status_of(&Refusal::Busy)),
+                        Err(_) if *local_fallback => None,
+                        Err(_) => Some(Refused {
+                            code: 503,
+                            retry_after: Some(tollgate_sip::b2bua::STATE_RETRY_AFTER_SECS),
+                        }),
+                    };
+                    if let Some(r) = refused {
+                        self.alloc.release(ch, 0, unix);
+                        return Err(r);
+                    }
+                }
                 self.channels.insert(call, ch);
                 self.calls.insert(
                     call,
@@ -249,6 +289,9 @@ impl CallPolicy for TrunkPolicy {
         self.calls.remove(&r.call);
         if let Some(ch) = self.channels.remove(&r.call) {
             self.alloc.release(ch, r.billable_secs, r.end);
+        }
+        if let Some((fleet, _)) = &self.fleet_channels {
+            fleet.release(r.call);
         }
         // Per-key outcome counters (attempts and billable seconds are counted
         // by the allocator): bounded labels, a key id and a fixed cause set.

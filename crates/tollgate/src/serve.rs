@@ -810,6 +810,19 @@ async fn serve(
             }
         });
     }
+    // Fleet-wide concurrent calls: leases in Redis, renewed by this node.
+    let fleet_channels = match (&fleet, &s.state) {
+        (Some(f), Some(cfg)) => {
+            let ch = tollgate_state::FleetChannels::new(
+                f.shared().clone(),
+                &cfg.node,
+                Duration::from_secs(cfg.lease_s),
+            );
+            ch.start_renewer();
+            Some(ch)
+        }
+        _ => None,
+    };
     for index in 0..shards {
         let sink: Arc<dyn CdrSink> = cdrs.clone();
         let mut policy = crate::policy::TrunkPolicy::new(alloc.clone(), sink, keys.clone())
@@ -818,6 +831,10 @@ async fn serve(
             .with_journal(journal.clone());
         if let (Some(f), Some(OnUnavailable::Refuse)) = (&fleet, on_unavailable) {
             policy = policy.with_state_gate(f.shared().clone());
+        }
+        if let Some(ch) = &fleet_channels {
+            policy = policy
+                .with_fleet_channels(ch.clone(), on_unavailable == Some(OnUnavailable::Local));
         }
         let mut core =
             tollgate_sip::B2bua::new(cfg.clone(), keys.clone(), replay.clone(), nonce_secret)

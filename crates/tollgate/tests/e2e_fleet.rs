@@ -879,6 +879,135 @@ fn a_hung_redis_gives_503_not_a_hang_and_recovery_is_automatic() {
     );
 }
 
+/// A call with a fresh token of `key` on `edge`: `Some` (answered and
+/// ACKed, to hang up later) or `None` (486); anything else panics.
+fn call_up(edge: &Edge, key: &str) -> Option<(UdpUa, Req, SipMsg)> {
+    let mut ua = UdpUa::new(edge.sip_udp);
+    let inv = Req::invite(edge.sip_udp, SERVICE, "sipp").bearer(&token(key));
+    let r = ua.call(&inv);
+    match r.code() {
+        Some(200) => {
+            ua.send(&inv.in_dialog(&r, "ACK", inv.cseq));
+            Some((ua, inv, r))
+        }
+        Some(486) => None,
+        _ => panic!("call on {}: unexpected answer\n{}", edge.sip_udp, r.text()),
+    }
+}
+
+fn hang_up((mut ua, inv, r): (UdpUa, Req, SipMsg)) {
+    let bye = inv.in_dialog(&r, "BYE", inv.cseq + 1);
+    let fin = ua
+        .transact(&bye, Duration::from_secs(10))
+        .expect("answer to BYE")
+        .fin;
+    assert_eq!(fin.code(), Some(200), "BYE: {}", fin.text());
+}
+
+/// `--max-calls 3` with long calls spread over 3 edges: exactly 3 up at
+/// once, the rest 486; a hang-up frees a channel for any edge; a `kill -9`
+/// of an edge frees its channels for the others within `lease_s`.
+#[test]
+fn max_calls_hold_fleet_wide_and_a_dead_edges_channels_return_within_lease_s() {
+    const LEASE_S: u64 = 2;
+    let redis = Redis::start();
+    let uas = MiniUas::start(UasMode::Answer);
+    let mut edges: Vec<Edge> = (1..=3)
+        .map(|i| {
+            Edge::start(EdgeConfig {
+                route_target: Some(uas.route()),
+                extra_toml: format!(
+                    "{}lease_s = {LEASE_S}\n",
+                    state_toml(&redis, &format!("edge-{i}"), "refuse")
+                ),
+                ..Default::default()
+            })
+        })
+        .collect();
+    let k = keys_cli(
+        &edges[0].config_path,
+        &["create", "--name", "three", "--max-calls", "3"],
+    )
+    .trim()
+    .to_string();
+    // Known on every edge (a probe call, hung up at once).
+    for e in &edges {
+        let up = poll(Duration::from_secs(5), || {
+            let mut ua = UdpUa::new(e.sip_udp);
+            let inv = Req::invite(e.sip_udp, SERVICE, "sipp").bearer(&token(&k));
+            let r = ua.call(&inv);
+            (r.code() == Some(200)).then(|| {
+                ua.send(&inv.in_dialog(&r, "ACK", inv.cseq));
+                (ua, inv, r)
+            })
+        })
+        .expect("key usable on every edge");
+        hang_up(up);
+    }
+    // Two attempts per edge, round robin: 3 up, 3 busy.
+    let mut up = Vec::new();
+    let mut busy = 0;
+    for _ in 0..2 {
+        for (i, e) in edges.iter().enumerate() {
+            match call_up(e, &k) {
+                Some(c) => up.push((i, c)),
+                None => busy += 1,
+            }
+        }
+    }
+    assert_eq!(
+        (up.len(), busy),
+        (3, 3),
+        "6 attempts over 3 edges with --max-calls 3"
+    );
+    // A hang-up frees one channel, usable on another edge.
+    let (i, c) = up.remove(0);
+    hang_up(c);
+    let other = (i + 1) % 3;
+    let again = poll(Duration::from_secs(5), || call_up(&edges[other], &k));
+    up.push((
+        other,
+        again.expect("a freed channel is usable on another edge"),
+    ));
+    assert!(
+        call_up(&edges[i], &k).is_none(),
+        "still 3 up: the 4th is busy"
+    );
+    // kill -9 of an edge holding calls: its channels come back within lease_s.
+    let victim = up[0].0;
+    let held = up.iter().filter(|(j, _)| *j == victim).count();
+    let st = Command::new("kill")
+        .args(["-9", &edges[victim].pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let killed_at = Instant::now();
+    let survivor = (victim + 1) % 3;
+    let mut regained = Vec::new();
+    while regained.len() < held {
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(LEASE_S * 3 + 3),
+            "the dead edge's {held} channels were not freed (got {})",
+            regained.len()
+        );
+        match call_up(&edges[survivor], &k) {
+            Some(c) => regained.push(c),
+            None => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    let took = killed_at.elapsed();
+    eprintln!("fleet: {held} channels of a kill -9'd edge free after {took:?} (lease_s {LEASE_S})");
+    assert!(
+        took <= Duration::from_secs(LEASE_S) + Duration::from_millis(1500),
+        "freed after {took:?}, lease_s = {LEASE_S}"
+    );
+    assert!(
+        call_up(&edges[survivor], &k).is_none(),
+        "and never more than 3"
+    );
+    assert!(!edges[victim].is_running(), "the victim is dead");
+}
+
 #[test]
 fn redis_outage_with_local_admits_on_the_edges_own_state() {
     let mut redis = Redis::start();
