@@ -674,22 +674,59 @@ impl std::fmt::Debug for FleetChannels {
     }
 }
 
-/// KEYS: one sorted set per key of the chain. ARGV: now_ms, lease_end_ms,
-/// member, then one cap per key (0: none). Returns 0 when admitted (the
-/// lease added to every set), else the 1-based index of the full key.
+/// The per-INVITE admission, one script: calls per second (GCRA, a burst
+/// of one second, as the embedded token bucket) and concurrent calls, of
+/// the key and every ancestor, checked first and only then taken, so a
+/// refusal consumes nothing.
+///
+/// KEYS: for each key of the chain, its channel set then its CPS state
+/// (`tg:ch:{<root>}:<kid>`, `tg:cps:{<root>}:<kid>`). ARGV: now_ms,
+/// lease_end_ms, member, then per key max_calls and cps (-1: none).
+/// Returns {0, 0} admitted, {1, ms} rate limited (ms until a call would
+/// pass), {2, 0} a key at its channel cap.
 const ADMIT_LUA: &str = r"
 local now, lease_end, member = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-for i, k in ipairs(KEYS) do
-  redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
-  local cap = tonumber(ARGV[3 + i])
-  if cap > 0 and redis.call('ZCARD', k) >= cap then return i end
+local n = #KEYS / 2
+local tats = {}
+for i = 1, n do
+  local ch, cps_key = KEYS[2 * i - 1], KEYS[2 * i]
+  local cap, cps = tonumber(ARGV[2 + 2 * i]), tonumber(ARGV[3 + 2 * i])
+  if cps >= 0 then
+    if cps == 0 then return {1, 86400000} end
+    local t = 1000 / cps
+    local tat = tonumber(redis.call('GET', cps_key) or now)
+    if tat < now then tat = now end
+    local new_tat = tat + t
+    if new_tat - now > 1000 then return {1, math.ceil(new_tat - now - 1000)} end
+    tats[i] = new_tat
+  end
+  if cap >= 0 then
+    redis.call('ZREMRANGEBYSCORE', ch, '-inf', now)
+    if redis.call('ZCARD', ch) >= cap then return {2, 0} end
+  end
 end
-for i, k in ipairs(KEYS) do
-  redis.call('ZADD', k, lease_end, member)
-  redis.call('PEXPIREAT', k, lease_end + 1000)
+for i = 1, n do
+  local ch, cps_key = KEYS[2 * i - 1], KEYS[2 * i]
+  if tats[i] then redis.call('SET', cps_key, tats[i], 'PX', 2000) end
+  if tonumber(ARGV[2 + 2 * i]) >= 0 then
+    redis.call('ZADD', ch, lease_end, member)
+    redis.call('PEXPIREAT', ch, lease_end + 1000)
+  end
 end
-return 0
+return {0, 0}
 ";
+
+/// The fleet's answer to one admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Admitted; the call holds a lease on every capped key of the chain.
+    Admitted,
+    /// A key (or ancestor) is over its calls per second fleet-wide: retry
+    /// after this many seconds (at least 1).
+    RateLimited(u32),
+    /// A key (or ancestor) is at its concurrent calls fleet-wide.
+    Busy,
+}
 
 /// A key of the chain as [`FleetChannels::admit`] takes it.
 #[derive(Debug, Clone, Copy)]
@@ -698,6 +735,8 @@ pub struct ChainKey<'a> {
     pub id: &'a str,
     /// Its `max_calls` (`None`: no cap).
     pub max_calls: Option<u32>,
+    /// Its `cps` (`None`: no limit).
+    pub cps: Option<u32>,
 }
 
 fn now_ms() -> i64 {
@@ -719,17 +758,26 @@ impl FleetChannels {
         })
     }
 
-    /// Takes a channel of every key of `chain` (the key, then its ancestors
-    /// up to `root`) for `call`, in one script: `Ok(true)` admitted,
-    /// `Ok(false)` a key is at its cap fleet-wide.
-    pub fn admit(&self, root: &str, chain: &[ChainKey<'_>], call: u64) -> Result<bool, StateError> {
-        if chain.iter().all(|k| k.max_calls.is_none()) {
-            return Ok(true);
-        }
-        let keys: Vec<String> = chain
+    /// The fleet's admission of `call` for `chain` (the key, then its
+    /// ancestors up to `root`): one script, one round trip; none at all
+    /// when no key of the chain has a cps or max_calls limit.
+    pub fn admit(
+        &self,
+        root: &str,
+        chain: &[ChainKey<'_>],
+        call: u64,
+    ) -> Result<Admission, StateError> {
+        if chain
             .iter()
-            .map(|k| format!("tg:ch:{{{root}}}:{}", k.id))
-            .collect();
+            .all(|k| k.max_calls.is_none() && k.cps.is_none())
+        {
+            return Ok(Admission::Admitted);
+        }
+        let mut keys = Vec::with_capacity(chain.len() * 2);
+        for k in chain {
+            keys.push(format!("tg:ch:{{{root}}}:{}", k.id));
+            keys.push(format!("tg:cps:{{{root}}}:{}", k.id));
+        }
         let member = format!("{}:{call}", self.node);
         let now = now_ms();
         let mut inv = self.admit.prepare_invoke();
@@ -740,16 +788,31 @@ impl FleetChannels {
             .arg(now + self.lease.as_millis() as i64)
             .arg(&member);
         for k in chain {
-            inv.arg(k.max_calls.unwrap_or(0));
+            inv.arg(k.max_calls.map_or(-1, i64::from));
+            inv.arg(k.cps.map_or(-1, i64::from));
         }
-        let full: i64 = self.shared.run(false, |c| inv.invoke(c))?;
-        if full == 0 {
-            self.held
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(call, (keys, member));
-        }
-        Ok(full == 0)
+        let (verdict, ms): (i64, i64) = self.shared.run(false, |c| inv.invoke(c))?;
+        Ok(match verdict {
+            0 => {
+                let capped: Vec<String> = chain
+                    .iter()
+                    .zip(keys.chunks(2))
+                    .filter(|(k, _)| k.max_calls.is_some())
+                    .map(|(_, ks)| ks[0].clone())
+                    .collect();
+                if !capped.is_empty() {
+                    self.held
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(call, (capped, member));
+                }
+                Admission::Admitted
+            }
+            1 => {
+                Admission::RateLimited(u32::try_from((ms + 999) / 1000).unwrap_or(u32::MAX).max(1))
+            }
+            _ => Admission::Busy,
+        })
     }
 
     /// Frees `call`'s channels (if it held any). A failure is harmless: the

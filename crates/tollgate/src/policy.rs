@@ -223,11 +223,17 @@ impl CallPolicy for TrunkPolicy {
                         .map(|k| tollgate_state::ChainKey {
                             id: k.id,
                             max_calls: k.limits.max_calls,
+                            cps: k.limits.cps,
                         })
                         .collect();
                     let refused = match fleet.admit(root, &keys, call) {
-                        Ok(true) => None,
-                        Ok(false) => Some(status_of(&Refusal::Busy)),
+                        Ok(tollgate_state::Admission::Admitted) => None,
+                        Ok(tollgate_state::Admission::Busy) => Some(status_of(&Refusal::Busy)),
+                        Ok(tollgate_state::Admission::RateLimited(secs)) => {
+                            Some(status_of(&Refusal::RateLimited {
+                                retry_after_secs: secs,
+                            }))
+                        }
                         Err(_) if *local_fallback => None,
                         Err(_) => Some(Refused {
                             code: 503,
@@ -235,6 +241,18 @@ impl CallPolicy for TrunkPolicy {
                         }),
                     };
                     if let Some(r) = refused {
+                        let reason = match r.code {
+                            486 => "busy",
+                            503 if r.retry_after
+                                == Some(tollgate_sip::b2bua::STATE_RETRY_AFTER_SECS)
+                                && self.state_gate.is_some() =>
+                            {
+                                "state_unavailable"
+                            }
+                            _ => "rate_limited",
+                        };
+                        metrics::counter!("tollgate_fleet_refusals_total", "reason" => reason)
+                            .increment(1);
                         self.alloc.release(ch, 0, unix);
                         return Err(r);
                     }

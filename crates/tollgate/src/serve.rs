@@ -467,6 +467,10 @@ fn describe_metrics() {
         "tollgate_state_refusals_total",
         "New calls refused with 503 because shared state was unreachable and on_unavailable = refuse (credential-less ones; refused credentials count in tollgate_auth_failures_total reason=state_unavailable)"
     );
+    describe_counter!(
+        "tollgate_fleet_refusals_total",
+        "New calls the fleet-wide admission ([state]) refused, by reason: rate_limited (503), busy (486), state_unavailable (503)"
+    );
     describe_gauge!(
         "tollgate_media_ports_in_use",
         "Media ports (RTP and RTCP) allocated to calls"

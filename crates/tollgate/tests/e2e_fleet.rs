@@ -1008,6 +1008,64 @@ fn max_calls_hold_fleet_wide_and_a_dead_edges_channels_return_within_lease_s() {
     assert!(!edges[victim].is_running(), "the victim is dead");
 }
 
+/// A `--cps 10` key offered 20 calls/s on each of 3 edges for 10 s:
+/// 100 +- 10 admitted in total (each edge alone would admit about 100).
+#[test]
+fn cps_holds_fleet_wide_over_three_edges() {
+    let redis = Redis::start();
+    let f = fleet(&redis, 3, "refuse");
+    let k = keys_cli(
+        &f[0].1.config_path,
+        &["create", "--name", "ten", "--cps", "10"],
+    )
+    .trim()
+    .to_string();
+    for (_, e) in &f {
+        until(e, &k, "key usable", Duration::from_secs(5), passes);
+    }
+    // Let the probes' tokens come back (the bucket holds one second).
+    std::thread::sleep(Duration::from_millis(1200));
+    let addrs: Vec<std::net::SocketAddr> = f.iter().map(|(_, e)| e.sip_udp).collect();
+    let start = Instant::now() + Duration::from_millis(100);
+    let results: Vec<(u32, u32, u32)> = std::thread::scope(|s| {
+        let hs: Vec<_> = addrs
+            .iter()
+            .map(|&a| {
+                let k = k.clone();
+                s.spawn(move || {
+                    let (mut ok, mut limited, mut other) = (0, 0, 0);
+                    let mut ua = UdpUa::new(a);
+                    for i in 0..200u32 {
+                        let at = start + Duration::from_millis(50) * i;
+                        if let Some(d) = at.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(d);
+                        }
+                        let r = ua.call(&Req::invite(a, SERVICE, "sipp").bearer(&token(&k)));
+                        match r.code() {
+                            Some(486) => ok += 1,
+                            Some(503) if r.header("Retry-After").is_some() => limited += 1,
+                            _ => other += 1,
+                        }
+                    }
+                    (ok, limited, other)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let admitted: u32 = results.iter().map(|r| r.0).sum();
+    let other: u32 = results.iter().map(|r| r.2).sum();
+    eprintln!("fleet: --cps 10, 3 edges x 20/s x 10 s: {results:?} (admitted, 503, other) = {admitted} admitted");
+    assert_eq!(
+        other, 0,
+        "only 486 (admitted) or 503 + Retry-After: {results:?}"
+    );
+    assert!(
+        (90..=110).contains(&admitted),
+        "100 +- 10 admitted fleet-wide, got {admitted}: {results:?}"
+    );
+}
+
 #[test]
 fn redis_outage_with_local_admits_on_the_edges_own_state() {
     let mut redis = Redis::start();
