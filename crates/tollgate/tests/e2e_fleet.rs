@@ -519,21 +519,12 @@ fn roll_through_the_admin_api_of_one_edge_is_honoured_on_the_other_within_1s() {
     assert!(passes(&r), "the new secret on edge 1:\n{}", r.text());
 }
 
-#[test]
-fn an_edge_whose_redis_is_unreachable_at_start_exits_naming_state_url() {
-    let dir = TestDir::new("fleet-nostart");
-    // A port nothing listens on (bound, then closed).
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+/// `tollgate serve` with the harness's config plus `state`: must exit with
+/// `code` before listening, naming `[state] url` or `[state] ...`; (stdout, stderr).
+fn serve_refused(tag: &str, state: &str, code: i32) -> (String, String) {
+    let dir = TestDir::new(tag);
     let cfg = dir.join("tollgate.toml");
-    let mut text = EdgeConfig::default().to_toml();
-    text.push_str(&format!(
-        "[state]\nurl = \"redis://127.0.0.1:{port}/0\"\nnode = \"x\"\n"
-    ));
-    std::fs::write(&cfg, text).unwrap();
+    std::fs::write(&cfg, EdgeConfig::default().to_toml() + state).unwrap();
     let data = dir.join("data");
     let args = [
         "serve",
@@ -543,17 +534,38 @@ fn an_edge_whose_redis_is_unreachable_at_start_exits_naming_state_url() {
         data.to_str().unwrap(),
     ];
     let o = tollgate(&args);
-    assert_eq!(o.status.code(), Some(1), "{}", describe_output(&args, &o));
-    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "{}",
+        describe_output(&args, &o)
+    );
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
     assert!(
         err.contains("[state] url"),
         "the error names [state] url: {err}"
     );
+    (out, err)
+}
+
+#[test]
+fn an_edge_whose_redis_is_unreachable_at_start_exits_naming_state_url() {
+    // A port nothing listens on (bound, then closed).
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    serve_refused(
+        "fleet-nostart",
+        &format!("[state]\nurl = \"redis://127.0.0.1:{port}/0\"\nnode = \"x\"\n"),
+        1,
+    );
     // A bad URL is a config error: exit 2, naming the field.
-    std::fs::write(&cfg, "[state]\nurl = \"http://127.0.0.1:1\"\n").unwrap();
-    let o = tollgate(&args);
-    assert_eq!(o.status.code(), Some(2), "{}", describe_output(&args, &o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("[state] url"));
+    serve_refused("fleet-badurl", "[state]\nurl = \"http://127.0.0.1:1\"\n", 2);
 }
 
 #[test]
@@ -743,26 +755,7 @@ fn rediss_with_the_test_ca_works_and_a_wrong_ca_is_refused_naming_state_url() {
     assert_invalid_token(&invite(e2, &t), "replay across edges over rediss://");
     assert_eq!(state_up(e2), Some(1.0));
     // The wrong CA: the edge does not start, and says where to look.
-    let dir = TestDir::new("fleet-wrongca");
-    let cfg = dir.join("tollgate.toml");
-    let mut text = EdgeConfig::default().to_toml();
-    text.push_str(&tls_toml("edge-x", &wrong_ca));
-    std::fs::write(&cfg, text).unwrap();
-    let data = dir.join("data");
-    let args = [
-        "serve",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-    ];
-    let o = tollgate(&args);
-    assert_eq!(o.status.code(), Some(1), "{}", describe_output(&args, &o));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains("[state] url"),
-        "the error names [state] url: {err}"
-    );
+    let (_, err) = serve_refused("fleet-wrongca", &tls_toml("edge-x", &wrong_ca), 1);
     assert!(
         err.to_lowercase().contains("certificate"),
         "the error says it is the certificate: {err}"
@@ -776,32 +769,9 @@ fn auth_password_in_the_url_works_and_a_wrong_one_is_refused_without_echoing_it(
     let e = &f[0].1;
     let r = invite(e, &token(&e.first_key()));
     assert!(passes(&r), "call admitted with AUTH:\n{}", r.text());
-    let dir = TestDir::new("fleet-badauth");
-    let cfg = dir.join("tollgate.toml");
-    let mut text = EdgeConfig::default().to_toml();
-    text.push_str(
-        &state_toml(&redis, "edge-x", "refuse")
-            .replace("fleet-pass-0123456789", "wrong-pass-secret"),
-    );
-    std::fs::write(&cfg, text).unwrap();
-    let data = dir.join("data");
-    let args = [
-        "serve",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-    ];
-    let o = tollgate(&args);
-    assert_eq!(o.status.code(), Some(1), "{}", describe_output(&args, &o));
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr),
-    );
-    assert!(
-        err.contains("[state] url"),
-        "the error names [state] url: {err}"
-    );
+    let wrong = state_toml(&redis, "edge-x", "refuse")
+        .replace("fleet-pass-0123456789", "wrong-pass-secret");
+    let (out, err) = serve_refused("fleet-badauth", &wrong, 1);
     assert!(
         !err.contains("wrong-pass-secret") && !out.contains("wrong-pass-secret"),
         "the password is never printed: {out}\n{err}"
