@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace, installing what the tests need first
 # (SIPp from Debian's sip-tester; promtool and prometheus from Debian's
-# prometheus; PyYAML from python3-yaml for the deploy-kit checks). Tests that
+# prometheus; PyYAML from python3-yaml for the deploy-kit checks; redis-server
+# for the fleet tests, which start their own on a free port). Tests that
 # need one of them fail, never skip, when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,8 @@ need_pkgs=()
 command -v sipp >/dev/null 2>&1 || need_pkgs+=(sip-tester)
 command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
 has_yaml || need_pkgs+=(python3-yaml)
+had_redis=1
+command -v redis-server >/dev/null 2>&1 || { need_pkgs+=(redis-server); had_redis=0; }
 had_prometheus=1
 if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
     need_pkgs+=(prometheus)
@@ -34,8 +37,15 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
         echo "test.sh: stopping and disabling the prometheus service the package started"
         $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
     fi
+    # Likewise redis-server's service on :6379: the fleet tests never use it.
+    if [ "$had_redis" -eq 0 ] && command -v systemctl >/dev/null 2>&1 \
+        && systemctl is-active --quiet redis-server 2>/dev/null; then
+        echo "test.sh: stopping and disabling the redis-server service the package started"
+        $SUDO systemctl disable --now redis-server >/dev/null 2>&1 || true
+    fi
 fi
 command -v sipp >/dev/null || { echo "test.sh: sipp is still missing" >&2; exit 1; }
+command -v redis-server >/dev/null || { echo "test.sh: redis-server is still missing" >&2; exit 1; }
 command -v promtool >/dev/null || { echo "test.sh: promtool is still missing" >&2; exit 1; }
 command -v prometheus >/dev/null || { echo "test.sh: prometheus is still missing" >&2; exit 1; }
 has_yaml || { echo "test.sh: python3 cannot import yaml (python3-yaml)" >&2; exit 1; }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use crate::digest::{self, Algorithm, DigestError, NonceIssuer};
 use crate::jwt::{self, Claims};
 use crate::number::{Dest, NumberPlan, Prefix};
-use crate::replay::ReplayCache;
+use crate::replay::{ReplayCache, Use};
 use crate::store::{source_allowed, KeyRecord, KeyStore, Scope};
 use crate::KeyKind;
 
@@ -138,6 +138,12 @@ pub enum Outcome {
     /// The destination is a number attempt that does not canonicalize and
     /// the policy needs a number: `484 Address Incomplete`.
     AddressIncomplete,
+    /// The credential could not be checked because shared state (SPEC §8)
+    /// is unreachable: `503` with `Retry-After`, never a `401`.
+    Unavailable {
+        /// Metrics label; never sent.
+        reason: &'static str,
+    },
 }
 
 impl Outcome {
@@ -149,8 +155,15 @@ impl Outcome {
             Outcome::AddressIncomplete => "address_incomplete",
             Outcome::InvalidToken { reason, .. }
             | Outcome::InvalidDigest { reason, .. }
-            | Outcome::Forbidden { reason } => reason,
+            | Outcome::Forbidden { reason }
+            | Outcome::Unavailable { reason } => reason,
         }
+    }
+}
+
+fn unavailable() -> Outcome {
+    Outcome::Unavailable {
+        reason: "state_unavailable",
     }
 }
 
@@ -353,11 +366,13 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
         if !to_ok || !from_ok {
             return invalid("claim_mismatch");
         }
-        if !self
+        match self
             .replay
-            .first_use(&format!("{kid}:{}", claims.jti), claims.exp, cfg.now)
+            .record_use(&format!("{kid}:{}", claims.jti), claims.exp, cfg.now)
         {
-            return invalid("replayed");
+            Use::First => {}
+            Use::Replayed => return invalid("replayed"),
+            Use::Unavailable => return unavailable(),
         }
         self.admit(rec, Method::Bearer, Some(claims), inv, call, cfg)
     }
@@ -424,11 +439,13 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
             return invalid("stale_nonce", true);
         }
         let expires_at = i64::try_from(expiry).unwrap_or(i64::MAX);
-        if !self
+        match self
             .replay
-            .first_use(&format!("nonce:{}", resp.nonce), expires_at, cfg.now)
+            .record_use(&format!("nonce:{}", resp.nonce), expires_at, cfg.now)
         {
-            return invalid("nonce_reused", true);
+            Use::First => {}
+            Use::Replayed => return invalid("nonce_reused", true),
+            Use::Unavailable => return unavailable(),
         }
         self.admit(rec, Method::Digest, None, inv, call, cfg)
     }
@@ -652,6 +669,48 @@ mod tests {
 
     fn bearer(key: &ApiKey, c: &Claims) -> String {
         format!("Bearer {}", jwt::mint(key, c))
+    }
+
+    /// A shared cache that cannot be reached (SPEC §8, `refuse`).
+    struct DownCache;
+    impl ReplayCache for DownCache {
+        fn first_use(&self, _: &str, _: i64, _: i64) -> bool {
+            false
+        }
+        fn record_use(&self, _: &str, _: i64, _: i64) -> Use {
+            Use::Unavailable
+        }
+    }
+
+    #[test]
+    fn unreachable_replay_cache_is_unavailable_not_a_401() {
+        let store = Arc::new(MemoryKeyStore::new());
+        let f = Fixture {
+            auth: Authenticator::new(store.clone(), Arc::new(DownCache), [42; 32]),
+            store,
+        };
+        let key = f.key(KeyKind::Secret, Limits::default());
+        let o = f.check(&[&bearer(&key, &claims("j1"))]);
+        assert!(
+            matches!(
+                o,
+                Outcome::Unavailable {
+                    reason: "state_unavailable"
+                }
+            ),
+            "{o:?}"
+        );
+        assert_eq!(o.reason(), "state_unavailable");
+        // Only a credential that checks out reaches the cache: an unknown
+        // key is still a 401.
+        let stranger = ApiKey::try_generate(KeyKind::Secret).unwrap();
+        assert_invalid_token(f.check(&[&bearer(&stranger, &claims("j2"))]), "unknown_key");
+        // Digest: the right answer to a fresh nonce is unavailable too.
+        let n = nonce(&f, NOW);
+        let pw = key.digest_password();
+        let authz = digest_authz(key.id(), &pw, Algorithm::Md5, &n, RURI, true);
+        let o = f.check(&[&authz]);
+        assert!(matches!(o, Outcome::Unavailable { .. }), "{o:?}");
     }
 
     fn assert_invalid_token(o: Outcome, want: &str) {

@@ -30,8 +30,10 @@ pub use apikey::{digest_password, key_hash, signing_key, webhook_secret, ApiKey,
 pub use credential::{AuthConfig, Authenticator, InviteView, Method, Outcome, Principal};
 pub use digest::{Algorithm, DigestError, DigestResponse, NonceIssuer};
 pub use jwt::{Claims, TokenError};
-pub use replay::{FileReplayCache, MemoryReplayCache, ReplayCache, ReplayLoad};
-pub use store::{FileKeyStore, KeyRecord, KeyStore, Limits, MemoryKeyStore, Scope, SecretMaterial};
+pub use replay::{FileReplayCache, MemoryReplayCache, ReplayCache, ReplayLoad, Use};
+pub use store::{
+    FileKeyStore, KeyAdmin, KeyRecord, KeyStore, Limits, MemoryKeyStore, Scope, SecretMaterial,
+};
 
 use std::path::PathBuf;
 
@@ -73,6 +75,9 @@ pub enum KeyError {
         #[source]
         source: serde_json::Error,
     },
+    /// The shared key store (SPEC §8) could not be reached or answered badly.
+    #[error("shared state unavailable: {0}")]
+    Unavailable(String),
     /// The operating system's random generator failed.
     #[error("system random number generator failed")]
     Rng,

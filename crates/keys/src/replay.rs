@@ -26,6 +26,29 @@ pub trait ReplayCache: Send + Sync {
     /// same `id` has not expired (`expires_at > now`). Callers namespace ids:
     /// `"<kid>:<jti>"` for tokens, `"nonce:<nonce>"` for digest nonces.
     fn first_use(&self, id: &str, expires_at: i64, now: i64) -> bool;
+
+    /// As [`first_use`](ReplayCache::first_use), but able to say that the
+    /// cache could not be asked (a shared store that is down): the credential
+    /// is then neither accepted nor called replayed. Embedded caches never
+    /// are unavailable; this default wraps `first_use`.
+    fn record_use(&self, id: &str, expires_at: i64, now: i64) -> Use {
+        if self.first_use(id, expires_at, now) {
+            Use::First
+        } else {
+            Use::Replayed
+        }
+    }
+}
+
+/// The answer of [`ReplayCache::record_use`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// First use: recorded.
+    First,
+    /// Used before and not expired.
+    Replayed,
+    /// The cache could not be reached: refuse with a retry, not a 401.
+    Unavailable,
 }
 
 /// In-memory [`ReplayCache`] on a sharded concurrent map.

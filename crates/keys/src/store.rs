@@ -386,6 +386,32 @@ pub trait KeyStore: Send + Sync + 'static {
     fn trusted_for(&self, ip: IpAddr, now: u64) -> Option<Arc<KeyRecord>>;
 }
 
+/// The write side of a key store (CLI and admin API), beside [`KeyStore`].
+///
+/// Methods block (file lock and fsync, or a network round trip): call them
+/// off the async runtime. Implemented by [`FileKeyStore`] (embedded) and by
+/// the shared store of a fleet (crates/state).
+pub trait KeyAdmin: KeyStore {
+    /// Creates a key; returns its record and the key (shown once, never stored).
+    fn create(
+        &self,
+        name: &str,
+        kind: KeyKind,
+        scopes: Option<Vec<Scope>>,
+        limits: Limits,
+        parent: Option<&str>,
+        now: u64,
+    ) -> Result<(Arc<KeyRecord>, ApiKey)>;
+    /// Gives key `id` a new secret and returns the new key.
+    fn roll(&self, id: &str, grace_secs: Option<u64>, now: u64) -> Result<ApiKey>;
+    /// Revokes key `id` and its descendants, at `now`. Idempotent.
+    fn revoke(&self, id: &str, now: u64) -> Result<()>;
+    /// Sets (or clears) the key's default webhook.
+    fn set_webhook(&self, id: &str, url: Option<&str>) -> Result<()>;
+    /// Reloads what other processes changed; returns whether anything did.
+    fn refresh(&self) -> Result<bool>;
+}
+
 /// Most parent links followed by [`ancestors`] and [`within_subtree`].
 pub const MAX_DEPTH: usize = 64;
 
@@ -539,7 +565,8 @@ impl TrustIndex {
     }
 }
 
-type KeyMap = HashMap<String, Arc<KeyRecord>>;
+/// Records by id: what the mutations below work on.
+pub type KeyMap = HashMap<String, Arc<KeyRecord>>;
 
 fn sorted(map: &KeyMap) -> Vec<Arc<KeyRecord>> {
     let mut v: Vec<_> = map.values().cloned().collect();
@@ -547,9 +574,13 @@ fn sorted(map: &KeyMap) -> Vec<Arc<KeyRecord>> {
     v
 }
 
-// ---- mutations shared by both stores -------------------------------------------
+// ---- mutations shared by every store ------------------------------------------
+//
+// Public so that a store on another medium (crates/state: Redis) applies
+// exactly the same rules to the records it loaded.
 
-fn create_in(
+/// [`FileKeyStore::create`] on a map of records.
+pub fn create_in(
     map: &mut KeyMap,
     name: &str,
     kind: KeyKind,
@@ -645,7 +676,8 @@ fn create_in(
     Ok((rec, key))
 }
 
-fn set_webhook_in(map: &mut KeyMap, id: &str, url: Option<&str>) -> Result<()> {
+/// [`FileKeyStore::set_webhook`] on a map of records.
+pub fn set_webhook_in(map: &mut KeyMap, id: &str, url: Option<&str>) -> Result<()> {
     let rec = map
         .get_mut(id)
         .ok_or_else(|| KeyError::NotFound(id.to_owned()))?;
@@ -658,7 +690,8 @@ fn set_webhook_in(map: &mut KeyMap, id: &str, url: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-fn roll_in(map: &mut KeyMap, id: &str, grace_secs: Option<u64>, now: u64) -> Result<ApiKey> {
+/// [`FileKeyStore::roll`] on a map of records.
+pub fn roll_in(map: &mut KeyMap, id: &str, grace_secs: Option<u64>, now: u64) -> Result<ApiKey> {
     let rec = map
         .get_mut(id)
         .ok_or_else(|| KeyError::NotFound(id.to_owned()))?;
@@ -681,7 +714,8 @@ fn roll_in(map: &mut KeyMap, id: &str, grace_secs: Option<u64>, now: u64) -> Res
     Ok(key)
 }
 
-fn revoke_in(map: &mut KeyMap, id: &str, now: u64) -> Result<()> {
+/// [`FileKeyStore::revoke`] on a map of records (the key and its descendants).
+pub fn revoke_in(map: &mut KeyMap, id: &str, now: u64) -> Result<()> {
     if !map.contains_key(id) {
         return Err(KeyError::NotFound(id.to_owned()));
     }
@@ -746,6 +780,23 @@ impl MemoryKeyStore {
             Ok(())
         })
         .expect("infallible");
+    }
+
+    /// Replaces every record at once (one snapshot swap, index rebuilt):
+    /// how a shared store installs what it loaded.
+    pub fn replace_all(&self, keys: KeyMap) {
+        let snapshot = Snapshot::of(keys);
+        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = snapshot;
+    }
+
+    /// The records now held, by id (a cheap clone of the snapshot's map).
+    pub fn snapshot(&self) -> KeyMap {
+        (*self
+            .keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys)
+            .clone()
     }
 
     /// As [`FileKeyStore::create`].
@@ -1069,6 +1120,32 @@ impl FileKeyStore {
             .map_err(io_err(&self.dir))?;
         let m = fs::metadata(&self.path).map_err(io_err(&self.path))?;
         Ok(Stamp::of(&m))
+    }
+}
+
+impl KeyAdmin for FileKeyStore {
+    fn create(
+        &self,
+        name: &str,
+        kind: KeyKind,
+        scopes: Option<Vec<Scope>>,
+        limits: Limits,
+        parent: Option<&str>,
+        now: u64,
+    ) -> Result<(Arc<KeyRecord>, ApiKey)> {
+        FileKeyStore::create(self, name, kind, scopes, limits, parent, now)
+    }
+    fn roll(&self, id: &str, grace_secs: Option<u64>, now: u64) -> Result<ApiKey> {
+        FileKeyStore::roll(self, id, grace_secs, now)
+    }
+    fn revoke(&self, id: &str, now: u64) -> Result<()> {
+        FileKeyStore::revoke(self, id, now)
+    }
+    fn set_webhook(&self, id: &str, url: Option<&str>) -> Result<()> {
+        FileKeyStore::set_webhook(self, id, url)
+    }
+    fn refresh(&self) -> Result<bool> {
+        self.refresh_if_changed()
     }
 }
 

@@ -27,6 +27,9 @@ use tollgate_keys::store::KeyStore;
 
 /// Methods this edge relays inside a dialog or answers itself.
 pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO";
+/// `Retry-After` (seconds) of the 503 an INVITE gets while shared state
+/// (SPEC §8) is unreachable and `[state] on_unavailable = "refuse"`.
+pub const STATE_RETRY_AFTER_SECS: u32 = 5;
 
 /// Media profile of one side (SPEC §5). Carried through the route table now;
 /// the media relay acts on it.
@@ -1024,6 +1027,17 @@ impl B2bua {
                 metrics::counter!("tollgate_auth_failures_total", "reason" => "address_incomplete")
                     .increment(1);
                 let resp = response_to(&msg, 484, reason_phrase(484), Some(&self.token(8)));
+                return self.send_stateless(&dest, resp);
+            }
+            // Shared state unreachable with on_unavailable = "refuse" (SPEC
+            // §4): not the caller's fault, so no lockout and no 401.
+            Outcome::Unavailable { reason } => {
+                metrics::counter!("tollgate_auth_failures_total", "reason" => reason).increment(1);
+                let mut resp = response_to(&msg, 503, reason_phrase(503), Some(&self.token(8)));
+                resp.headers.push(Header {
+                    name: "Retry-After".into(),
+                    value: STATE_RETRY_AFTER_SECS.to_string(),
+                });
                 return self.send_stateless(&dest, resp);
             }
         };
@@ -2609,6 +2623,10 @@ mod tests {
     }
 
     fn rig() -> Rig {
+        rig_with(Arc::new(MemoryReplayCache::new()))
+    }
+
+    fn rig_with(replay: Arc<dyn ReplayCache>) -> Rig {
         let store = Arc::new(MemoryKeyStore::new());
         let (_, key) = store
             .create(
@@ -2641,7 +2659,7 @@ mod tests {
             checks_numbers: true,
         };
         Rig {
-            b2b: B2bua::new(cfg, store, Arc::new(MemoryReplayCache::new()), [7; 32]),
+            b2b: B2bua::new(cfg, store, replay, [7; 32]),
             t: Instant::now(),
             key,
             a: udp(5070),
@@ -2704,6 +2722,33 @@ mod tests {
                 self.b2b.handle_timeout(self.t);
             }
         }
+    }
+
+    /// A shared replay cache that cannot be reached (SPEC §8, `refuse`).
+    struct DownCache;
+    impl ReplayCache for DownCache {
+        fn first_use(&self, _: &str, _: i64, _: i64) -> bool {
+            false
+        }
+        fn record_use(&self, _: &str, _: i64, _: i64) -> tollgate_keys::Use {
+            tollgate_keys::Use::Unavailable
+        }
+    }
+
+    #[test]
+    fn shared_state_unreachable_is_503_with_retry_after() {
+        let mut r = rig_with(Arc::new(DownCache));
+        let tok = r.token("j-down");
+        r.a_sends(&invite(
+            &format!("Authorization: Bearer {tok}\r\n"),
+            "z9hG4bKd1",
+        ));
+        let to_a = r.sent_to(&r.a.clone());
+        assert_eq!(to_a.len(), 1, "one stateless answer");
+        assert_eq!(to_a[0].status(), Some(503));
+        assert_eq!(to_a[0].header("Retry-After"), Some("5"));
+        assert!(r.sent_to(&r.b.clone()).is_empty(), "nothing reaches leg B");
+        assert!(r.b2b.calls.is_empty());
     }
 
     fn invite(auth: &str, branch: &str) -> String {

@@ -46,7 +46,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
-use tollgate_keys::{ApiKey, FileKeyStore, KeyError, KeyKind, KeyRecord, KeyStore, Limits, Scope};
+use tollgate_keys::{ApiKey, KeyAdmin, KeyError, KeyKind, KeyRecord, KeyStore, Limits, Scope};
 use tollgate_sip::driver::Control;
 use tollgate_sip::EndCause;
 use tollgate_trunk::{FileCdrStore, KeyUsage};
@@ -83,7 +83,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the handlers share.
 pub struct AdminState {
-    pub keys: Arc<FileKeyStore>,
+    pub keys: Arc<dyn KeyAdmin>,
     pub cdrs: Arc<FileCdrStore>,
     pub calls: CallRegistry,
     pub control: mpsc::Sender<Control>,
@@ -174,6 +174,12 @@ fn key_error(e: KeyError) -> ApiError {
             StatusCode::CONFLICT,
             "key_revoked",
             format!("key {id:?} is revoked"),
+        ),
+        // The fleet's shared state (SPEC §8) is down: try again shortly.
+        KeyError::Unavailable(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "state_unavailable",
+            "shared state unreachable; retry shortly",
         ),
         other => {
             tracing::error!(error = %other, "admin API: key store operation failed");
@@ -995,6 +1001,7 @@ mod tests {
     use axum::body::Body;
     use axum::http::Request;
     use std::collections::BTreeSet;
+    use tollgate_keys::FileKeyStore;
     use tower::ServiceExt as _;
 
     const OPENAPI: &str = include_str!("../../../docs/admin-openapi.yaml");

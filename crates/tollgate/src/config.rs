@@ -29,6 +29,8 @@ pub struct FileConfig {
     pub tls: TlsSection,
     #[serde(default)]
     pub numbers: NumbersSection,
+    /// `[state]`: a fleet's shared state on Redis (SPEC §8); absent: embedded.
+    pub state: Option<StateSection>,
 }
 
 /// `[numbers]`: how numbers are canonicalized to E.164 (SPEC §4a).
@@ -58,6 +60,102 @@ pub fn number_plan(s: &NumbersSection) -> Result<tollgate_keys::number::NumberPl
                     .into(),
             )
         })
+}
+
+/// `[state]` (SPEC §8): every promise of §2-§4 holds for the fleet of edges
+/// that name the same Redis.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSection {
+    /// `redis://[user:password@]host:port/db` or `rediss://...` (TLS).
+    pub url: Option<String>,
+    /// Unique per edge; default: the hostname.
+    pub node: Option<String>,
+    /// A dead edge's channels are freed within this (seconds; default 10).
+    pub lease_s: Option<u64>,
+    /// `refuse` (default): new INVITEs get 503 + Retry-After while Redis is
+    /// unreachable; `local`: they are checked on this edge's embedded state.
+    pub on_unavailable: Option<String>,
+    /// Timeout of one Redis request, connect included (ms; default 250).
+    pub timeout_ms: Option<u64>,
+    /// PEM file of the CAs a `rediss://` server must chain to (default: the
+    /// system's roots).
+    pub ca_file: Option<String>,
+}
+
+/// Validates `[state]`; `Ok(None)` without the section.
+pub fn state(file: &FileConfig) -> Result<Option<tollgate_state::StateConfig>, ConfigError> {
+    let Some(st) = &file.state else {
+        return Ok(None);
+    };
+    let url = st.url.clone().ok_or_else(|| {
+        ConfigError("[state] url: missing (e.g. \"redis://127.0.0.1:6379/0\")".into())
+    })?;
+    let ca_pem = match &st.ca_file {
+        None => None,
+        Some(_) if !url.starts_with("rediss://") => {
+            return Err(ConfigError(
+                "[state] ca_file: only with a rediss:// url".into(),
+            ))
+        }
+        Some(f) => {
+            Some(std::fs::read(f).map_err(|e| ConfigError(format!("[state] ca_file: {f}: {e}")))?)
+        }
+    };
+    // Checks the scheme and syntax; the message never repeats the URL (it
+    // may hold a password).
+    tollgate_state::Shared::open(
+        &url,
+        std::time::Duration::from_millis(250),
+        ca_pem.as_deref(),
+    )
+    .map_err(|e| ConfigError(e.to_string()))?;
+    let node = match &st.node {
+        Some(n) => n.clone(),
+        None => hostname(),
+    };
+    if node.is_empty()
+        || node.len() > 64
+        || !node
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+    {
+        return Err(ConfigError(
+            "[state] node: 1 to 64 characters [A-Za-z0-9._-]".into(),
+        ));
+    }
+    let lease_s = st.lease_s.unwrap_or(10);
+    if !(1..=300).contains(&lease_s) {
+        return Err(ConfigError("[state] lease_s: must be 1..=300".into()));
+    }
+    let on_unavailable = match st.on_unavailable.as_deref().unwrap_or("refuse") {
+        "refuse" => tollgate_state::OnUnavailable::Refuse,
+        "local" => tollgate_state::OnUnavailable::Local,
+        other => {
+            return Err(ConfigError(format!(
+                "[state] on_unavailable: {other:?} is not refuse or local"
+            )))
+        }
+    };
+    let timeout_ms = st.timeout_ms.unwrap_or(250);
+    if !(10..=5000).contains(&timeout_ms) {
+        return Err(ConfigError("[state] timeout_ms: must be 10..=5000".into()));
+    }
+    Ok(Some(tollgate_state::StateConfig {
+        url,
+        node,
+        lease_s,
+        on_unavailable,
+        timeout: std::time::Duration::from_millis(timeout_ms),
+        ca_pem,
+    }))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// `[tls]`: certificate and key for `tls:` SIP listeners (PEM files); with
@@ -351,5 +449,88 @@ mod tests {
             .starts_with("numbers.international_prefixes"));
         let e = toml::from_str::<FileConfig>("[sip]\nlisten_on = []\n").unwrap_err();
         assert!(e.to_string().contains("listen_on"));
+    }
+
+    /// deploy/tollgate.toml documents `[state]` commented out (a single
+    /// edge needs none): uncommented, it is valid.
+    #[test]
+    fn deploy_example_state_section_is_valid_uncommented() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/tollgate.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let block = text
+            .split("\n# [state]\n")
+            .nth(1)
+            .expect("a [state] example");
+        let mut section = String::from("[state]\n");
+        for l in block.lines().take_while(|l| l.starts_with('#')) {
+            let l = l.trim_start_matches('#').trim();
+            // ca_file names a file the test machine has not (and needs rediss://).
+            if l.contains(" = ")
+                && !l.starts_with('[')
+                && !l.starts_with("ca_file")
+                && l.split(' ').nth(1) == Some("=")
+            {
+                section.push_str(l);
+                section.push('\n');
+            }
+        }
+        let st = state_of(&section).unwrap().unwrap();
+        assert_eq!(st.url, "redis://127.0.0.1:6379/0");
+        assert_eq!(st.node, "edge-1");
+        assert_eq!(st.on_unavailable, tollgate_state::OnUnavailable::Refuse);
+    }
+
+    fn state_of(toml_text: &str) -> Result<Option<tollgate_state::StateConfig>, ConfigError> {
+        state(&toml::from_str::<FileConfig>(toml_text).unwrap())
+    }
+
+    #[test]
+    fn state_section_validated_with_the_field_named() {
+        assert!(state_of("").unwrap().is_none());
+        let s = state_of("[state]\nurl = \"redis://127.0.0.1:6379/0\"\nnode = \"edge-1\"\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!((s.node.as_str(), s.lease_s), ("edge-1", 10));
+        assert_eq!(s.on_unavailable, tollgate_state::OnUnavailable::Refuse);
+        assert_eq!(s.timeout, std::time::Duration::from_millis(250));
+        let local = state_of(
+            "[state]\nurl = \"rediss://u:p@127.0.0.1:6380\"\non_unavailable = \"local\"\nlease_s = 3\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(local.on_unavailable, tollgate_state::OnUnavailable::Local);
+        for (text, field) in [
+            ("[state]\nnode = \"a\"\n", "[state] url"),
+            ("[state]\nurl = \"http://x:1\"\n", "[state] url"),
+            (
+                "[state]\nurl = \"redis://127.0.0.1\"\nnode = \"a b\"\n",
+                "[state] node",
+            ),
+            (
+                "[state]\nurl = \"redis://127.0.0.1\"\nlease_s = 0\n",
+                "[state] lease_s",
+            ),
+            (
+                "[state]\nurl = \"redis://127.0.0.1\"\non_unavailable = \"maybe\"\n",
+                "[state] on_unavailable",
+            ),
+            (
+                "[state]\nurl = \"redis://127.0.0.1\"\ntimeout_ms = 1\n",
+                "[state] timeout_ms",
+            ),
+            (
+                "[state]\nurl = \"redis://127.0.0.1\"\nca_file = \"/x\"\n",
+                "[state] ca_file",
+            ),
+            (
+                "[state]\nurl = \"rediss://127.0.0.1\"\nca_file = \"/nonexistent/ca.pem\"\n",
+                "[state] ca_file",
+            ),
+        ] {
+            let e = state_of(text).unwrap_err().0;
+            assert!(e.starts_with(field), "{text}: {e}");
+        }
+        let e = toml::from_str::<FileConfig>("[state]\nurls = \"x\"\n").unwrap_err();
+        assert!(e.to_string().contains("urls"));
     }
 }

@@ -20,7 +20,7 @@ use config::{parse_duration, ConfigError};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
-use tollgate_keys::{ApiKey, Claims, FileKeyStore, KeyKind, Limits, Scope};
+use tollgate_keys::{ApiKey, Claims, FileKeyStore, KeyAdmin, KeyKind, Limits, Scope};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -42,9 +42,15 @@ struct Cli {
 enum Command {
     /// Run the edge (the default).
     Serve(ServeArgs),
-    /// Manage API keys in the data directory.
-    #[command(subcommand)]
-    Keys(KeysCmd),
+    /// Manage API keys in the data directory, or with `--config FILE`
+    /// naming a `[state]`, in the fleet's shared state.
+    Keys {
+        /// TOML configuration file; its `[state]` (if any) names the store.
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: KeysCmd,
+    },
     /// Per-call bearer tokens.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -217,7 +223,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => serve::run(&cli.data_dir, cli.serve),
         Some(Command::Serve(args)) => serve::run(&cli.data_dir, args),
-        Some(Command::Keys(k)) => keys(&cli.data_dir, k),
+        Some(Command::Keys { config, cmd }) => keys(&cli.data_dir, config.as_deref(), cmd),
         Some(Command::Token(TokenCmd::Mint {
             key,
             to,
@@ -290,11 +296,22 @@ fn check_key(arg: &str) -> Result<(), Failure> {
     }
 }
 
-fn keys(dir: &std::path::Path, cmd: KeysCmd) -> Result<(), Failure> {
+fn keys(
+    dir: &std::path::Path,
+    config: Option<&std::path::Path>,
+    cmd: KeysCmd,
+) -> Result<(), Failure> {
     if let KeysCmd::Check { key } = &cmd {
         return check_key(key);
     }
-    let store = FileKeyStore::open(dir)?;
+    let state = match config {
+        Some(p) => config::state(&config::load(p)?)?,
+        None => None,
+    };
+    let store: std::sync::Arc<dyn KeyAdmin> = match &state {
+        Some(cfg) => serve::open_shared_keys(cfg)?,
+        None => std::sync::Arc::new(FileKeyStore::open(dir)?),
+    };
     let now = unix_now();
     match cmd {
         KeysCmd::Create(a) => {
@@ -355,7 +372,7 @@ fn keys(dir: &std::path::Path, cmd: KeysCmd) -> Result<(), Failure> {
             println!("{}", key.expose());
         }
         KeysCmd::List => {
-            let mut all = tollgate_keys::KeyStore::list(&store);
+            let mut all = store.list();
             all.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
             for k in all {
                 let kind = match k.kind {

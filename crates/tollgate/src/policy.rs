@@ -25,6 +25,12 @@ pub struct TrunkPolicy {
     calls: CallRegistry,
     /// Crash recovery of calls up (`edge_lost` CDRs): only queues here.
     journal: Option<Arc<CallJournal>>,
+    /// `[state] on_unavailable = "refuse"`: while the fleet's shared state
+    /// is down, every new call is refused, credential or not (SPEC §4).
+    state_gate: Option<Arc<tollgate_state::Shared>>,
+    /// `[state]`: concurrent calls counted fleet-wide (leases in Redis), and
+    /// whether a call may go ahead on local limits when Redis does not answer.
+    fleet_channels: Option<(Arc<tollgate_state::FleetChannels>, bool)>,
 }
 
 /// An admitted call as the admin API lists it (`GET /v1/calls`).
@@ -59,7 +65,26 @@ impl TrunkPolicy {
             hooked: HashMap::new(),
             calls: CallRegistry::default(),
             journal: None,
+            state_gate: None,
+            fleet_channels: None,
         }
+    }
+
+    /// Counts concurrent calls fleet-wide as well; `local_fallback`: admit
+    /// on this edge's limits when Redis does not answer (else 503).
+    pub fn with_fleet_channels(
+        mut self,
+        fleet: Arc<tollgate_state::FleetChannels>,
+        local_fallback: bool,
+    ) -> Self {
+        self.fleet_channels = Some((fleet, local_fallback));
+        self
+    }
+
+    /// Refuses new calls with 503 + Retry-After while `shared` is down.
+    pub fn with_state_gate(mut self, shared: Arc<tollgate_state::Shared>) -> Self {
+        self.state_gate = Some(shared);
+        self
     }
 
     /// Journals admissions, answers and ends, so that a call up at a crash
@@ -164,6 +189,17 @@ impl CallPolicy for TrunkPolicy {
         now: Instant,
         unix: i64,
     ) -> Result<(), Refused> {
+        // Shared state down with `refuse`: a call admitted now would escape
+        // the fleet's limits. (Calls with a credential were refused by the
+        // replay check already; this catches trusted sources.) No Redis
+        // round trip: the health thread's flag.
+        if self.state_gate.as_ref().is_some_and(|s| !s.is_up()) {
+            metrics::counter!("tollgate_state_refusals_total").increment(1);
+            return Err(Refused {
+                code: 503,
+                retry_after: Some(tollgate_sip::b2bua::STATE_RETRY_AFTER_SECS),
+            });
+        }
         // A missing parent or a loop: refused (fail closed), as the
         // source check does.
         let Some(ancestors) = tollgate_keys::store::ancestors(self.keys.as_ref(), key) else {
@@ -178,6 +214,49 @@ impl CallPolicy for TrunkPolicy {
             .collect();
         match self.alloc.admit_chain(&chain, destination, now, unix) {
             Ok(ch) => {
+                // Then the fleet's count: the key's and every ancestor's
+                // channels on all edges, one script in Redis.
+                if let Some((fleet, local_fallback)) = &self.fleet_channels {
+                    let root = chain.last().map_or(key.id.as_str(), |k| k.id);
+                    let keys: Vec<tollgate_state::ChainKey<'_>> = chain
+                        .iter()
+                        .map(|k| tollgate_state::ChainKey {
+                            id: k.id,
+                            max_calls: k.limits.max_calls,
+                            cps: k.limits.cps,
+                        })
+                        .collect();
+                    let refused = match fleet.admit(root, &keys, call) {
+                        Ok(tollgate_state::Admission::Admitted) => None,
+                        Ok(tollgate_state::Admission::Busy) => Some(status_of(&Refusal::Busy)),
+                        Ok(tollgate_state::Admission::RateLimited(secs)) => {
+                            Some(status_of(&Refusal::RateLimited {
+                                retry_after_secs: secs,
+                            }))
+                        }
+                        Err(_) if *local_fallback => None,
+                        Err(_) => Some(Refused {
+                            code: 503,
+                            retry_after: Some(tollgate_sip::b2bua::STATE_RETRY_AFTER_SECS),
+                        }),
+                    };
+                    if let Some(r) = refused {
+                        let reason = match r.code {
+                            486 => "busy",
+                            503 if r.retry_after
+                                == Some(tollgate_sip::b2bua::STATE_RETRY_AFTER_SECS)
+                                && self.state_gate.is_some() =>
+                            {
+                                "state_unavailable"
+                            }
+                            _ => "rate_limited",
+                        };
+                        metrics::counter!("tollgate_fleet_refusals_total", "reason" => reason)
+                            .increment(1);
+                        self.alloc.release(ch, 0, unix);
+                        return Err(r);
+                    }
+                }
                 self.channels.insert(call, ch);
                 self.calls.insert(
                     call,
@@ -228,6 +307,9 @@ impl CallPolicy for TrunkPolicy {
         self.calls.remove(&r.call);
         if let Some(ch) = self.channels.remove(&r.call) {
             self.alloc.release(ch, r.billable_secs, r.end);
+        }
+        if let Some((fleet, _)) = &self.fleet_channels {
+            fleet.release(r.call);
         }
         // Per-key outcome counters (attempts and billable seconds are counted
         // by the allocator): bounded labels, a key id and a fixed cause set.

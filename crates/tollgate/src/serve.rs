@@ -10,10 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
-use tollgate_keys::{FileKeyStore, FileReplayCache, KeyKind, KeyStore, Limits, ReplayCache};
+use tollgate_keys::{
+    FileKeyStore, FileReplayCache, KeyAdmin, KeyKind, KeyStore, Limits, ReplayCache,
+};
 use tollgate_sip::driver::{self, Control, Sockets};
 use tollgate_sip::tls::{TlsAcceptor, TlsFiles};
 use tollgate_sip::{b2bua, Peer, Route, TimerConfig, Transport};
+use tollgate_state::{OnUnavailable, RedisKeyStore, RedisReplayCache, StateConfig};
 use tollgate_trunk::{Allocator, CallJournal, CdrSink, FileCdrStore};
 
 /// Everything `serve` needs, resolved from defaults, the file and the flags.
@@ -52,6 +55,8 @@ pub struct Settings {
     )>,
     /// `[tls]` files, present when a `tls:` listener is configured.
     pub tls: Option<TlsFiles>,
+    /// `[state]`: shared state of a fleet (SPEC §8); `None`: embedded.
+    pub state: Option<StateConfig>,
 }
 
 pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
@@ -267,7 +272,9 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
             Some(files)
         }
     };
+    let state = config::state(&file)?;
     Ok(Settings {
+        state,
         listen,
         realm,
         digest_algorithms,
@@ -451,6 +458,18 @@ fn describe_metrics() {
         "Media streams latched to an address other than the one the SDP named"
     );
     describe_gauge!(
+        "tollgate_state_up",
+        "1 while the fleet's shared state ([state], Redis) answers, 0 while it does not (absent without [state])"
+    );
+    describe_counter!(
+        "tollgate_state_refusals_total",
+        "New calls refused with 503 because shared state was unreachable and on_unavailable = refuse (credential-less ones; refused credentials count in tollgate_auth_failures_total reason=state_unavailable)"
+    );
+    describe_counter!(
+        "tollgate_fleet_refusals_total",
+        "New calls the fleet-wide admission ([state]) refused, by reason: rate_limited (503), busy (486), state_unavailable (503)"
+    );
+    describe_gauge!(
         "tollgate_media_ports_in_use",
         "Media ports (RTP and RTCP) allocated to calls"
     );
@@ -477,30 +496,55 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<(), Failure> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .try_init();
-    let store = Arc::new(FileKeyStore::open(data_dir)?);
-    if store.list().is_empty() {
-        let (_, key) = store.create(
-            "default",
-            KeyKind::Secret,
-            None,
-            Limits::default(),
-            None,
-            crate::unix_now(),
-        )?;
-        println!("tollgate: first secret key (shown once): {}", key.expose());
-    }
+    let (store, fleet): (Arc<dyn KeyAdmin>, _) = match &s.state {
+        None => {
+            let store = Arc::new(FileKeyStore::open(data_dir)?);
+            if store.list().is_empty() {
+                let (_, key) = store.create(
+                    "default",
+                    KeyKind::Secret,
+                    None,
+                    Limits::default(),
+                    None,
+                    crate::unix_now(),
+                )?;
+                println!("tollgate: first secret key (shown once): {}", key.expose());
+            }
+            (store, None)
+        }
+        Some(cfg) => {
+            let store = open_shared_keys(cfg)?;
+            // The first edge on an empty store makes the root key; the
+            // others find it there.
+            if let Some(key) = store.create_root_if_empty(crate::unix_now())? {
+                println!("tollgate: first secret key (shown once): {}", key.expose());
+            }
+            println!("tollgate: shared state up (node {})", cfg.node);
+            (store.clone() as Arc<dyn KeyAdmin>, Some(store))
+        }
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(s.sip_workers.max(2))
         .enable_all()
         .build()
         .map_err(|e| Failure::Other(format!("runtime: {e}")))?;
-    rt.block_on(serve(s, args, store, data_dir.to_path_buf()))
+    rt.block_on(serve(s, args, store, fleet, data_dir.to_path_buf()))
+}
+
+/// Connects to `[state] url` and loads the fleet's keys: Redis must answer
+/// at startup (an edge that cannot see its keys admits nobody), afterwards
+/// an outage is survived.
+pub fn open_shared_keys(cfg: &StateConfig) -> Result<Arc<RedisKeyStore>, Failure> {
+    let shared = tollgate_state::Shared::open(&cfg.url, cfg.timeout, cfg.ca_pem.as_deref())
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    RedisKeyStore::open(shared).map_err(|e| Failure::Other(format!("{e} (cannot load the keys)")))
 }
 
 async fn serve(
     s: Settings,
     args: ServeArgs,
-    store: Arc<FileKeyStore>,
+    store: Arc<dyn KeyAdmin>,
+    fleet: Option<Arc<RedisKeyStore>>,
     data_dir: std::path::PathBuf,
 ) -> Result<(), Failure> {
     // Admin HTTPS certificate: a bad file is a config error (exit 2) before
@@ -585,23 +629,52 @@ async fn serve(
     let mut echo = None;
     let routes = build_routes(&s, &mut echo).await?;
 
-    // Key changes made by `tollgate keys` in another process are seen within 1 s.
+    // Key changes made by `tollgate keys` in another process (or, with
+    // [state], on another node) are seen within 1 s: a stat of keys.json, or
+    // one GET of the fleet's key version, every 200 ms; pub/sub notices
+    // (fleet) come sooner.
     let refresh = store.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         loop {
             tick.tick().await;
-            if let Err(e) = refresh.refresh_if_changed() {
-                tracing::warn!(error = %e, "key store refresh failed; keeping the last good keys");
+            let store = refresh.clone();
+            match tokio::task::spawn_blocking(move || store.refresh()).await {
+                Ok(Err(e)) => tracing::debug!(
+                    error = %e,
+                    "key store refresh failed; keeping the last good keys"
+                ),
+                Ok(Ok(_)) => {}
+                Err(e) => tracing::warn!(error = %e, "key store refresh task failed"),
             }
         }
     });
 
     let mut nonce_secret = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce_secret)
-        .map_err(|_| Failure::Other("no system randomness".into()))?;
+    match &fleet {
+        // The fleet shares one nonce key: a nonce issued by any edge is
+        // answered on any other, and single use fleet-wide.
+        Some(f) => {
+            nonce_secret = f
+                .shared()
+                .nonce_secret()
+                .map_err(|e| Failure::Other(e.to_string()))?;
+            f.start_subscriber();
+            let again = f.clone();
+            f.shared()
+                .start_health(Duration::from_millis(500), move || {
+                    // Whatever changed during the outage.
+                    if let Err(e) = again.reload() {
+                        tracing::warn!(error = %e, "key reload after reconnect failed");
+                    }
+                });
+        }
+        None => ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce_secret)
+            .map_err(|_| Failure::Other("no system randomness".into()))?,
+    }
     let admin_keys = store.clone();
     let keys: Arc<dyn KeyStore> = store;
+    let on_unavailable = s.state.as_ref().map(|c| c.on_unavailable);
     let cfg = b2bua::Config {
         realm: s.realm.clone(),
         digest_algorithms: s.digest_algorithms.clone(),
@@ -658,7 +731,15 @@ async fn serve(
         "replay cache loaded"
     );
     let replay_file = Arc::new(replay_file);
-    let replay: Arc<dyn ReplayCache> = replay_file.clone();
+    let replay: Arc<dyn ReplayCache> = match &fleet {
+        None => replay_file.clone(),
+        // `local`: while Redis is down, this edge's own file decides.
+        Some(f) => Arc::new(RedisReplayCache::new(
+            f.shared().clone(),
+            (on_unavailable == Some(OnUnavailable::Local))
+                .then(|| replay_file.clone() as Arc<dyn ReplayCache>),
+        )),
+    };
     tokio::spawn(async move {
         let errors = metrics::counter!("tollgate_replay_write_errors_total");
         let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -733,12 +814,32 @@ async fn serve(
             }
         });
     }
+    // Fleet-wide concurrent calls: leases in Redis, renewed by this node.
+    let fleet_channels = match (&fleet, &s.state) {
+        (Some(f), Some(cfg)) => {
+            let ch = tollgate_state::FleetChannels::new(
+                f.shared().clone(),
+                &cfg.node,
+                Duration::from_secs(cfg.lease_s),
+            );
+            ch.start_renewer();
+            Some(ch)
+        }
+        _ => None,
+    };
     for index in 0..shards {
         let sink: Arc<dyn CdrSink> = cdrs.clone();
-        let policy = crate::policy::TrunkPolicy::new(alloc.clone(), sink, keys.clone())
+        let mut policy = crate::policy::TrunkPolicy::new(alloc.clone(), sink, keys.clone())
             .with_webhooks(webhooks.clone())
             .with_calls(calls.clone())
             .with_journal(journal.clone());
+        if let (Some(f), Some(OnUnavailable::Refuse)) = (&fleet, on_unavailable) {
+            policy = policy.with_state_gate(f.shared().clone());
+        }
+        if let Some(ch) = &fleet_channels {
+            policy = policy
+                .with_fleet_channels(ch.clone(), on_unavailable == Some(OnUnavailable::Local));
+        }
         let mut core =
             tollgate_sip::B2bua::new(cfg.clone(), keys.clone(), replay.clone(), nonce_secret)
                 .with_policy(Box::new(policy))

@@ -1,0 +1,929 @@
+//! Shared state of a fleet of edges on Redis (or Valkey), SPEC §8.
+//!
+//! Behind the traits the rest of the edge already uses, so nothing above
+//! them knows which store it has:
+//!
+//! * [`RedisReplayCache`]: a [`ReplayCache`] whose first use of a `jti` or
+//!   digest nonce is one `SET key 1 NX EXAT <exp>`, so a credential used on
+//!   one node is refused on every other.
+//! * [`RedisKeyStore`]: a [`KeyStore`] + [`KeyAdmin`] whose source of truth is
+//!   Redis; each node serves reads from an in-memory snapshot (with the
+//!   trusted-source index) refreshed on a pub/sub notice and by a version
+//!   check every few hundred milliseconds, so a missed notice cannot leave a
+//!   revoked key working.
+//! * [`Shared`]: the connection pool, timeouts and the up/down flag behind
+//!   the `tollgate_state_up` gauge.
+//!
+//! # Keys in Redis
+//!
+//! Every key that belongs to one API key carries its id as a Redis Cluster
+//! hash tag, so one key's state lives in one slot:
+//!
+//! | key | value |
+//! |---|---|
+//! | `tg:key:{<kid>}` | the [`KeyRecord`] as JSON (verification material only, never a key) |
+//! | `tg:replay:{<kid>}:<jti>` | `1`, expiring at the token's `exp` |
+//! | `tg:replay:{nonce:<nonce>}` | `1`, expiring with the nonce |
+//! | `tg:keys` | set of key ids |
+//! | `tg:keys:version` | incremented by every key change |
+//! | `tg:keys:lock` | writers' lock (token, 5 s expiry) |
+//! | `tg:nonce_secret` | hex HMAC key of digest nonces, shared by the fleet |
+//!
+//! # Blocking
+//!
+//! The traits are synchronous and called on the SIP shard threads. Each call
+//! takes a pooled synchronous connection with read/write timeouts of
+//! [`StateConfig::timeout`] (default 250 ms): on loopback or a LAN one round
+//! trip is well under a millisecond. While Redis is known down (the health
+//! thread pings every 500 ms) calls fail at once without touching the
+//! network, so an outage costs the shards nothing.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use redis::{Client, Connection};
+use tollgate_keys::store::{self, KeyMap};
+use tollgate_keys::{
+    ApiKey, KeyAdmin, KeyError, KeyKind, KeyRecord, KeyStore, Limits, MemoryKeyStore, ReplayCache,
+    Scope, Use,
+};
+
+/// What `[state] on_unavailable` says new INVITEs get while Redis is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnavailable {
+    /// `503` with `Retry-After`.
+    Refuse,
+    /// Checked against the node's embedded state alone.
+    Local,
+}
+
+/// `[state]` as the edge uses it.
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    /// `redis://` or `rediss://` URL.
+    pub url: String,
+    /// This edge's name in the fleet.
+    pub node: String,
+    /// A dead edge's channels are freed within this (next increment).
+    pub lease_s: u64,
+    /// See [`OnUnavailable`].
+    pub on_unavailable: OnUnavailable,
+    /// Connect, read and write timeout of one request.
+    pub timeout: Duration,
+    /// PEM of the CAs a `rediss://` server must chain to; `None`: the
+    /// system's roots.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+/// The crate's error.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The URL cannot be used.
+    #[error("[state] url: {0}")]
+    Url(String),
+    /// Redis is down or answered with an error.
+    #[error("[state] url: {0}")]
+    Redis(String),
+    /// Redis is known to be down: not tried.
+    #[error("shared state is down")]
+    Down,
+}
+
+impl From<StateError> for KeyError {
+    fn from(e: StateError) -> KeyError {
+        KeyError::Unavailable(e.to_string())
+    }
+}
+
+fn redis_err(e: redis::RedisError) -> StateError {
+    StateError::Redis(e.to_string())
+}
+
+/// Connections to one Redis and whether it answers.
+pub struct Shared {
+    client: Client,
+    timeout: Duration,
+    pool: Mutex<Vec<Connection>>,
+    up: AtomicBool,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("up", &self.is_up())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Most idle connections kept (one per SIP shard is plenty).
+const POOL_MAX: usize = 16;
+
+impl Shared {
+    /// Parses `url` (no connection yet); a bad URL is an error naming
+    /// `[state] url` that never repeats the URL (it may carry a password).
+    /// `ca_pem`: the CAs a `rediss://` server must chain to (rustls, the
+    /// edge's one TLS stack); `None`: the system's roots.
+    pub fn open(
+        url: &str,
+        timeout: Duration,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Arc<Shared>, StateError> {
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err(StateError::Url(
+                "must start with redis:// or rediss://".into(),
+            ));
+        }
+        let client = match ca_pem {
+            None => Client::open(url),
+            Some(pem) => Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.to_vec()),
+                },
+            ),
+        }
+        .map_err(|e| StateError::Url(e.to_string()))?;
+        Ok(Arc::new(Shared {
+            client,
+            timeout,
+            pool: Mutex::new(Vec::new()),
+            up: AtomicBool::new(false),
+        }))
+    }
+
+    /// Whether the last request (or health ping) got an answer.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    fn set_up(&self, up: bool) {
+        if self.up.swap(up, Ordering::Relaxed) != up {
+            metrics::gauge!("tollgate_state_up").set(if up { 1.0 } else { 0.0 });
+            if up {
+                tracing::info!("shared state reachable");
+            } else {
+                tracing::error!("shared state unreachable");
+            }
+        }
+    }
+
+    fn connect(&self) -> Result<Connection, StateError> {
+        let c = self
+            .client
+            .get_connection_with_timeout(self.timeout)
+            .map_err(redis_err)?;
+        c.set_read_timeout(Some(self.timeout)).map_err(redis_err)?;
+        c.set_write_timeout(Some(self.timeout)).map_err(redis_err)?;
+        Ok(c)
+    }
+
+    /// Runs `f` on a pooled connection. Fails at once while Redis is known
+    /// down unless `probe`; a transport error marks it down and drops the
+    /// connection.
+    fn run<T>(
+        &self,
+        probe: bool,
+        f: impl FnOnce(&mut Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, StateError> {
+        if !probe && !self.is_up() {
+            return Err(StateError::Down);
+        }
+        let pooled = self
+            .pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let mut con = match pooled {
+            Some(c) => c,
+            None => match self.connect() {
+                Ok(c) => c,
+                Err(e) => {
+                    self.set_up(false);
+                    return Err(e);
+                }
+            },
+        };
+        match f(&mut con) {
+            Ok(v) => {
+                self.set_up(true);
+                let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+                if pool.len() < POOL_MAX {
+                    pool.push(con);
+                }
+                Ok(v)
+            }
+            Err(e) => {
+                // A server-side error (wrong type, script error) leaves the
+                // connection usable and Redis up; anything else does not.
+                if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
+                    self.set_up(false);
+                    self.pool
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clear();
+                }
+                Err(redis_err(e))
+            }
+        }
+    }
+
+    /// One `PING`, tried even while down: the first connection at startup
+    /// and the health thread's probe.
+    pub fn ping(&self) -> Result<(), StateError> {
+        self.run(true, |c| redis::cmd("PING").query::<String>(c))
+            .map(|_| ())
+    }
+
+    /// Starts the health thread: a `PING` every `every`, keeping
+    /// [`Shared::is_up`] and `tollgate_state_up` current; `on_up` runs each
+    /// time Redis comes back.
+    pub fn start_health(self: &Arc<Self>, every: Duration, on_up: impl Fn() + Send + 'static) {
+        let me = self.clone();
+        metrics::gauge!("tollgate_state_up").set(if me.is_up() { 1.0 } else { 0.0 });
+        let spawned = std::thread::Builder::new()
+            .name("state-health".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                let was = me.is_up();
+                let now_up = me.ping().is_ok();
+                if now_up && !was {
+                    on_up();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the shared-state health thread");
+        }
+    }
+
+    /// The fleet's digest nonce key: the first node stores a random one,
+    /// every node reads the same, so a nonce issued by one edge is answered
+    /// on another (and single use fleet-wide through the replay cache).
+    pub fn nonce_secret(&self) -> Result<[u8; 32], StateError> {
+        let mut fresh = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut fresh)
+            .map_err(|_| StateError::Redis("no system randomness".into()))?;
+        let hexed = hex::encode(fresh);
+        let stored: String = self.run(false, |c| {
+            redis::cmd("SET")
+                .arg(NONCE_SECRET)
+                .arg(&hexed)
+                .arg("NX")
+                .query::<Option<String>>(c)?;
+            redis::cmd("GET").arg(NONCE_SECRET).query(c)
+        })?;
+        let bytes = hex::decode(stored.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| StateError::Redis(format!("{NONCE_SECRET} is not 64 hex digits")))?;
+        Ok(bytes)
+    }
+}
+
+const NONCE_SECRET: &str = "tg:nonce_secret";
+const KEYS_SET: &str = "tg:keys";
+const KEYS_VERSION: &str = "tg:keys:version";
+const KEYS_LOCK: &str = "tg:keys:lock";
+/// Channel on which every key change is announced (payload: the version).
+pub const KEYS_CHANNEL: &str = "tg:keys:changed";
+
+fn record_key(id: &str) -> String {
+    format!("tg:key:{{{id}}}")
+}
+
+/// The Redis key of a replay id: `"<kid>:<jti>"` is tagged by its key id,
+/// `"nonce:<nonce>"` by the whole id.
+pub fn replay_key(id: &str) -> String {
+    match id.split_once(':') {
+        Some(("nonce", _)) | None => format!("tg:replay:{{{id}}}"),
+        Some((kid, rest)) => format!("tg:replay:{{{kid}}}:{rest}"),
+    }
+}
+
+// ---- replay ------------------------------------------------------------------------
+
+/// A fleet-wide [`ReplayCache`] on Redis, with an optional embedded
+/// fallback (`on_unavailable = "local"`) used while Redis is down.
+pub struct RedisReplayCache {
+    shared: Arc<Shared>,
+    fallback: Option<Arc<dyn ReplayCache>>,
+}
+
+impl RedisReplayCache {
+    /// Without `fallback`, a use while Redis is down is
+    /// [`Use::Unavailable`] (the INVITE gets 503 + Retry-After).
+    pub fn new(shared: Arc<Shared>, fallback: Option<Arc<dyn ReplayCache>>) -> Self {
+        RedisReplayCache { shared, fallback }
+    }
+}
+
+impl ReplayCache for RedisReplayCache {
+    fn first_use(&self, id: &str, expires_at: i64, now: i64) -> bool {
+        self.record_use(id, expires_at, now) == Use::First
+    }
+
+    fn record_use(&self, id: &str, expires_at: i64, now: i64) -> Use {
+        // EXAT in the past would delete the key at once: keep it a second.
+        let exat = expires_at.max(now.saturating_add(1));
+        let key = replay_key(id);
+        let r = self.shared.run(false, |c| {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(1)
+                .arg("NX")
+                .arg("EXAT")
+                .arg(exat)
+                .query::<Option<String>>(c)
+        });
+        match r {
+            Ok(Some(_)) => Use::First,
+            Ok(None) => Use::Replayed,
+            Err(_) => match &self.fallback {
+                Some(local) => local.record_use(id, expires_at, now),
+                None => Use::Unavailable,
+            },
+        }
+    }
+}
+
+// ---- keys --------------------------------------------------------------------------
+
+/// A fleet-wide key store: Redis is the source of truth, reads come from
+/// the node's snapshot.
+pub struct RedisKeyStore {
+    shared: Arc<Shared>,
+    mem: MemoryKeyStore,
+    /// `tg:keys:version` of the snapshot (-1: never loaded).
+    version: AtomicI64,
+    /// Serialises reloads within this process.
+    reload: Mutex<()>,
+}
+
+impl std::fmt::Debug for RedisKeyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisKeyStore")
+            .field("version", &self.version.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long a writer waits for the writers' lock.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+impl RedisKeyStore {
+    /// Loads every key from Redis (which must answer).
+    pub fn open(shared: Arc<Shared>) -> Result<Arc<Self>, StateError> {
+        shared.ping()?;
+        let s = Arc::new(RedisKeyStore {
+            shared,
+            mem: MemoryKeyStore::new(),
+            version: AtomicI64::new(-1),
+            reload: Mutex::new(()),
+        });
+        s.reload()?;
+        Ok(s)
+    }
+
+    /// The connections this store uses.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    fn version_now(&self) -> Result<i64, StateError> {
+        self.shared.run(false, |c| {
+            redis::cmd("GET")
+                .arg(KEYS_VERSION)
+                .query::<Option<i64>>(c)
+                .map(|v| v.unwrap_or(0))
+        })
+    }
+
+    fn load_all(&self) -> Result<(KeyMap, i64), StateError> {
+        self.shared.run(false, |c| {
+            let version: Option<i64> = redis::cmd("GET").arg(KEYS_VERSION).query(c)?;
+            let ids: Vec<String> = redis::cmd("SMEMBERS").arg(KEYS_SET).query(c)?;
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.cmd("GET").arg(record_key(id));
+            }
+            let values: Vec<Option<String>> = if ids.is_empty() {
+                Vec::new()
+            } else {
+                pipe.query(c)?
+            };
+            let mut map = KeyMap::with_capacity(ids.len());
+            for (id, v) in ids.iter().zip(values) {
+                let Some(v) = v else { continue };
+                match serde_json::from_str::<KeyRecord>(&v) {
+                    Ok(rec) if rec.id == *id => {
+                        map.insert(rec.id.clone(), Arc::new(rec));
+                    }
+                    // Position and line only: the record's text is never logged.
+                    Ok(_) => tracing::error!(key = %id, "shared key record names another id; skipped"),
+                    Err(e) => tracing::error!(key = %id, line = e.line(), column = e.column(), "shared key record unreadable; skipped"),
+                }
+            }
+            Ok((map, version.unwrap_or(0)))
+        })
+    }
+
+    /// Reloads every record from Redis and installs them.
+    ///
+    /// Keys are never deleted (revocation marks them), so a store that comes
+    /// back empty while this node held keys lost its data (a Redis restarted
+    /// without persistence): the node keeps its last good keys and says so,
+    /// rather than refusing every customer.
+    pub fn reload(&self) -> Result<(), StateError> {
+        let _g = self.reload.lock().unwrap_or_else(PoisonError::into_inner);
+        let (map, version) = self.load_all()?;
+        if map.is_empty() && !self.mem.list().is_empty() {
+            tracing::error!(
+                "shared state holds no keys but this edge had some: Redis lost its data \
+                 (run it with AOF); keeping the last good keys"
+            );
+            return Err(StateError::Redis("the shared key set is empty".into()));
+        }
+        self.mem.replace_all(map);
+        self.version.store(version, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reloads if `tg:keys:version` moved since the snapshot: one `GET` when
+    /// nothing changed.
+    pub fn refresh_if_changed(&self) -> Result<bool, StateError> {
+        if self.version_now()? == self.version.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        self.reload()?;
+        Ok(true)
+    }
+
+    /// Starts the subscriber thread: each notice on [`KEYS_CHANNEL`] reloads
+    /// the keys at once (reconnecting by itself after an outage).
+    pub fn start_subscriber(self: &Arc<Self>) {
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("state-keys-sub".into())
+            .spawn(move || loop {
+                if let Err(e) = me.subscribe_once() {
+                    tracing::debug!(error = %e, "key notices: subscription ended");
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the key-notice thread");
+        }
+    }
+
+    fn subscribe_once(&self) -> Result<(), StateError> {
+        let mut con = self.shared.connect()?;
+        let mut ps = con.as_pubsub();
+        ps.subscribe(KEYS_CHANNEL).map_err(redis_err)?;
+        ps.set_read_timeout(Some(Duration::from_secs(1)))
+            .map_err(redis_err)?;
+        // Whatever changed while not subscribed.
+        if let Err(e) = self.reload() {
+            tracing::debug!(error = %e, "key reload after subscribing failed");
+        }
+        loop {
+            match ps.get_message() {
+                Ok(_) => {
+                    if let Err(e) = self.refresh_if_changed() {
+                        tracing::warn!(error = %e, "key reload on notice failed");
+                    }
+                }
+                Err(e) if e.is_timeout() => {}
+                Err(e) => return Err(redis_err(e)),
+            }
+        }
+    }
+
+    /// Runs `f` on the current records under the fleet's writers' lock, then
+    /// writes the records it changed, bumps the version and announces it.
+    fn mutate<T>(
+        &self,
+        f: impl FnOnce(&mut KeyMap) -> tollgate_keys::Result<T>,
+    ) -> tollgate_keys::Result<T> {
+        let token = hex::encode(random16()?);
+        let deadline = Instant::now() + LOCK_WAIT;
+        loop {
+            let got: Option<String> = self.shared.run(false, |c| {
+                redis::cmd("SET")
+                    .arg(KEYS_LOCK)
+                    .arg(&token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(5000)
+                    .query(c)
+            })?;
+            if got.is_some() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(KeyError::Unavailable(
+                    "the fleet's key lock is held by another writer".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = self.mutate_locked(f);
+        let unlock = redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+        );
+        if let Err(e) = self.shared.run(false, |c| {
+            unlock.key(KEYS_LOCK).arg(&token).invoke::<i64>(c)
+        }) {
+            tracing::warn!(error = %e, "key lock release failed (expires by itself)");
+        }
+        out
+    }
+
+    fn mutate_locked<T>(
+        &self,
+        f: impl FnOnce(&mut KeyMap) -> tollgate_keys::Result<T>,
+    ) -> tollgate_keys::Result<T> {
+        let (before, _) = self.load_all()?;
+        let mut map = before.clone();
+        let out = f(&mut map)?;
+        let changed: Vec<&Arc<KeyRecord>> = map
+            .values()
+            .filter(|r| before.get(&r.id).is_none_or(|b| **b != ***r))
+            .collect();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for rec in &changed {
+            let json = serde_json::to_string(&***rec)
+                .map_err(|e| KeyError::Invalid(format!("key record: {e}")))?;
+            pipe.cmd("SET").arg(record_key(&rec.id)).arg(json).ignore();
+            pipe.cmd("SADD").arg(KEYS_SET).arg(&rec.id).ignore();
+        }
+        pipe.cmd("INCR").arg(KEYS_VERSION);
+        let (version,): (i64,) = self.shared.run(false, |c| pipe.query(c))?;
+        self.shared.run(false, |c| {
+            redis::cmd("PUBLISH")
+                .arg(KEYS_CHANNEL)
+                .arg(version)
+                .query::<i64>(c)
+        })?;
+        let _g = self.reload.lock().unwrap_or_else(PoisonError::into_inner);
+        self.mem.replace_all(map);
+        self.version.store(version, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// On a store with no key at all, creates the root secret key and
+    /// returns it (to print once); `None` when a key exists already (another
+    /// edge was first). Under the writers' lock, so two edges starting at
+    /// once make one root key.
+    pub fn create_root_if_empty(&self, now: u64) -> tollgate_keys::Result<Option<ApiKey>> {
+        self.mutate(|m| {
+            if !m.is_empty() {
+                return Ok(None);
+            }
+            let (_, key) = store::create_in(
+                m,
+                "default",
+                KeyKind::Secret,
+                None,
+                Limits::default(),
+                None,
+                now,
+            )?;
+            Ok(Some(key))
+        })
+    }
+}
+
+fn random16() -> Result<[u8; 16], KeyError> {
+    let mut b = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        .map_err(|_| KeyError::Rng)?;
+    Ok(b)
+}
+
+impl KeyStore for RedisKeyStore {
+    fn get(&self, id: &str) -> Option<Arc<KeyRecord>> {
+        self.mem.get(id)
+    }
+
+    fn list(&self) -> Vec<Arc<KeyRecord>> {
+        self.mem.list()
+    }
+
+    fn trusted_for(&self, ip: std::net::IpAddr, now: u64) -> Option<Arc<KeyRecord>> {
+        self.mem.trusted_for(ip, now)
+    }
+}
+
+impl KeyAdmin for RedisKeyStore {
+    fn create(
+        &self,
+        name: &str,
+        kind: KeyKind,
+        scopes: Option<Vec<Scope>>,
+        limits: Limits,
+        parent: Option<&str>,
+        now: u64,
+    ) -> tollgate_keys::Result<(Arc<KeyRecord>, ApiKey)> {
+        self.mutate(|m| store::create_in(m, name, kind, scopes, limits, parent, now))
+    }
+
+    fn roll(&self, id: &str, grace_secs: Option<u64>, now: u64) -> tollgate_keys::Result<ApiKey> {
+        self.mutate(|m| store::roll_in(m, id, grace_secs, now))
+    }
+
+    fn revoke(&self, id: &str, now: u64) -> tollgate_keys::Result<()> {
+        self.mutate(|m| store::revoke_in(m, id, now))
+    }
+
+    fn set_webhook(&self, id: &str, url: Option<&str>) -> tollgate_keys::Result<()> {
+        self.mutate(|m| store::set_webhook_in(m, id, url))
+    }
+
+    fn refresh(&self) -> tollgate_keys::Result<bool> {
+        Ok(self.refresh_if_changed()?)
+    }
+}
+
+// ---- channels -----------------------------------------------------------------------
+
+/// Fleet-wide concurrent calls (SPEC §8): one lease per call up in a sorted
+/// set per key, `tg:ch:{<root>}:<kid>` (member `<node>:<call>`, score the
+/// lease's end in ms). The whole hierarchy of a root key shares its hash
+/// tag, so the check of a key and all its ancestors is one script in one
+/// slot. The owning node renews its leases every `lease_s / 3`; a node that
+/// dies stops renewing and its channels are free within `lease_s`.
+pub struct FleetChannels {
+    shared: Arc<Shared>,
+    node: String,
+    lease: Duration,
+    admit: redis::Script,
+    /// Leases this node holds: call handle -> (Redis keys, member).
+    held: Mutex<HashMap<u64, (Vec<String>, String)>>,
+}
+
+impl std::fmt::Debug for FleetChannels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetChannels")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The per-INVITE admission, one script: calls per second (GCRA, a burst
+/// of one second, as the embedded token bucket) and concurrent calls, of
+/// the key and every ancestor, checked first and only then taken, so a
+/// refusal consumes nothing.
+///
+/// KEYS: for each key of the chain, its channel set then its CPS state
+/// (`tg:ch:{<root>}:<kid>`, `tg:cps:{<root>}:<kid>`). ARGV: now_ms,
+/// lease_end_ms, member, then per key max_calls and cps (-1: none).
+/// Returns {0, 0} admitted, {1, ms} rate limited (ms until a call would
+/// pass), {2, 0} a key at its channel cap.
+const ADMIT_LUA: &str = r"
+local now, lease_end, member = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local n = #KEYS / 2
+local tats = {}
+for i = 1, n do
+  local ch, cps_key = KEYS[2 * i - 1], KEYS[2 * i]
+  local cap, cps = tonumber(ARGV[2 + 2 * i]), tonumber(ARGV[3 + 2 * i])
+  if cps >= 0 then
+    if cps == 0 then return {1, 86400000} end
+    local t = 1000 / cps
+    local tat = tonumber(redis.call('GET', cps_key) or now)
+    if tat < now then tat = now end
+    local new_tat = tat + t
+    if new_tat - now > 1000 then return {1, math.ceil(new_tat - now - 1000)} end
+    tats[i] = new_tat
+  end
+  if cap >= 0 then
+    redis.call('ZREMRANGEBYSCORE', ch, '-inf', now)
+    if redis.call('ZCARD', ch) >= cap then return {2, 0} end
+  end
+end
+for i = 1, n do
+  local ch, cps_key = KEYS[2 * i - 1], KEYS[2 * i]
+  if tats[i] then redis.call('SET', cps_key, tats[i], 'PX', 2000) end
+  if tonumber(ARGV[2 + 2 * i]) >= 0 then
+    redis.call('ZADD', ch, lease_end, member)
+    redis.call('PEXPIREAT', ch, lease_end + 1000)
+  end
+end
+return {0, 0}
+";
+
+/// The fleet's answer to one admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Admitted; the call holds a lease on every capped key of the chain.
+    Admitted,
+    /// A key (or ancestor) is over its calls per second fleet-wide: retry
+    /// after this many seconds (at least 1).
+    RateLimited(u32),
+    /// A key (or ancestor) is at its concurrent calls fleet-wide.
+    Busy,
+}
+
+/// A key of the chain as [`FleetChannels::admit`] takes it.
+#[derive(Debug, Clone, Copy)]
+pub struct ChainKey<'a> {
+    /// The key id.
+    pub id: &'a str,
+    /// Its `max_calls` (`None`: no cap).
+    pub max_calls: Option<u32>,
+    /// Its `cps` (`None`: no limit).
+    pub cps: Option<u32>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl FleetChannels {
+    /// Leases of `node`, each `lease` long.
+    pub fn new(shared: Arc<Shared>, node: &str, lease: Duration) -> Arc<Self> {
+        Arc::new(FleetChannels {
+            shared,
+            node: node.to_owned(),
+            lease,
+            admit: redis::Script::new(ADMIT_LUA),
+            held: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The fleet's admission of `call` for `chain` (the key, then its
+    /// ancestors up to `root`): one script, one round trip; none at all
+    /// when no key of the chain has a cps or max_calls limit.
+    pub fn admit(
+        &self,
+        root: &str,
+        chain: &[ChainKey<'_>],
+        call: u64,
+    ) -> Result<Admission, StateError> {
+        if chain
+            .iter()
+            .all(|k| k.max_calls.is_none() && k.cps.is_none())
+        {
+            return Ok(Admission::Admitted);
+        }
+        let mut keys = Vec::with_capacity(chain.len() * 2);
+        for k in chain {
+            keys.push(format!("tg:ch:{{{root}}}:{}", k.id));
+            keys.push(format!("tg:cps:{{{root}}}:{}", k.id));
+        }
+        let member = format!("{}:{call}", self.node);
+        let now = now_ms();
+        let mut inv = self.admit.prepare_invoke();
+        for k in &keys {
+            inv.key(k);
+        }
+        inv.arg(now)
+            .arg(now + self.lease.as_millis() as i64)
+            .arg(&member);
+        for k in chain {
+            inv.arg(k.max_calls.map_or(-1, i64::from));
+            inv.arg(k.cps.map_or(-1, i64::from));
+        }
+        let (verdict, ms): (i64, i64) = self.shared.run(false, |c| inv.invoke(c))?;
+        Ok(match verdict {
+            0 => {
+                let capped: Vec<String> = chain
+                    .iter()
+                    .zip(keys.chunks(2))
+                    .filter(|(k, _)| k.max_calls.is_some())
+                    .map(|(_, ks)| ks[0].clone())
+                    .collect();
+                if !capped.is_empty() {
+                    self.held
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(call, (capped, member));
+                }
+                Admission::Admitted
+            }
+            1 => {
+                Admission::RateLimited(u32::try_from((ms + 999) / 1000).unwrap_or(u32::MAX).max(1))
+            }
+            _ => Admission::Busy,
+        })
+    }
+
+    /// Frees `call`'s channels (if it held any). A failure is harmless: the
+    /// lease ends by itself.
+    pub fn release(&self, call: u64) {
+        let held = self
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&call);
+        let Some((keys, member)) = held else { return };
+        let r = self.shared.run(false, |c| {
+            let mut pipe = redis::pipe();
+            for k in &keys {
+                pipe.cmd("ZREM").arg(k).arg(&member).ignore();
+            }
+            pipe.query::<()>(c)
+        });
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "channel release failed; the lease ends by itself");
+        }
+    }
+
+    /// Renews every lease this node holds (one pipeline). Plain `ZADD`, not
+    /// `XX`: after an outage the calls still up count fleet-wide again.
+    pub fn renew(&self) -> Result<(), StateError> {
+        let held: Vec<(Vec<String>, String)> = self
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let end = now_ms() + self.lease.as_millis() as i64;
+        self.shared.run(false, |c| {
+            let mut pipe = redis::pipe();
+            for (keys, member) in &held {
+                for k in keys {
+                    pipe.cmd("ZADD").arg(k).arg(end).arg(member).ignore();
+                    pipe.cmd("PEXPIREAT").arg(k).arg(end + 1000).ignore();
+                }
+            }
+            pipe.query::<()>(c)
+        })
+    }
+
+    /// Starts the renewing thread (every `lease / 3`).
+    pub fn start_renewer(self: &Arc<Self>) {
+        let me = self.clone();
+        let every = (self.lease / 3).max(Duration::from_millis(200));
+        let spawned = std::thread::Builder::new()
+            .name("state-leases".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                if let Err(e) = me.renew() {
+                    tracing::debug!(error = %e, "lease renewal failed");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the lease renewal thread");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_keys_carry_one_hash_tag_per_api_key() {
+        assert_eq!(
+            replay_key("abc123def456:j-1"),
+            "tg:replay:{abc123def456}:j-1"
+        );
+        assert_eq!(replay_key("nonce:XYZ"), "tg:replay:{nonce:XYZ}");
+        assert_eq!(record_key("abc123def456"), "tg:key:{abc123def456}");
+    }
+
+    #[test]
+    fn bad_urls_name_the_field_and_hide_the_url() {
+        let e = Shared::open(
+            "http://u:hunter2@127.0.0.1:1",
+            Duration::from_millis(50),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("[state] url"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn down_store_refuses_or_falls_back_without_waiting() {
+        // Port 1 on loopback: nothing listens, the connect fails at once.
+        let shared =
+            Shared::open("redis://127.0.0.1:1/0", Duration::from_millis(100), None).unwrap();
+        assert!(shared.ping().is_err());
+        assert!(!shared.is_up());
+        let refuse = RedisReplayCache::new(shared.clone(), None);
+        let t = Instant::now();
+        assert_eq!(refuse.record_use("k:j", 100, 10), Use::Unavailable);
+        assert!(!refuse.first_use("k:j", 100, 10));
+        assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+        let local = RedisReplayCache::new(
+            shared,
+            Some(Arc::new(tollgate_keys::MemoryReplayCache::new())),
+        );
+        assert_eq!(local.record_use("k:j", 100, 10), Use::First);
+        assert_eq!(local.record_use("k:j", 100, 10), Use::Replayed);
+    }
+}

@@ -1,0 +1,1062 @@
+//! A fleet of edges on one real Redis (SPEC §8, issue 12 first increment):
+//! single use of tokens and digest nonces fleet-wide, key changes on one
+//! node honoured on the others within 1 s, and a Redis outage that refuses
+//! new INVITEs with 503 + Retry-After (or admits them on local state) and
+//! ends without an edge restart.
+//!
+//! Each test starts its own `redis-server` (Debian's package) on a free
+//! loopback port with AOF in a temp dir, never a system service, and kills
+//! it at the end.
+//!
+//! cargo test -p tollgate --test e2e_fleet
+mod common;
+use common::*;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// SPEC's 1 s plus scheduling slack on a loaded 2-core box (as e2e_revoke).
+const BOUND: Duration = Duration::from_millis(1300);
+
+/// A `redis-server` of our own on 127.0.0.1:`port`.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: TestDir,
+    /// TLS only (`rediss://`): (CA PEM path, server cert path, key path).
+    tls: Option<(String, String, String)>,
+    /// `--requirepass` (AUTH).
+    password: Option<String>,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        Redis::start_with(None)
+    }
+
+    fn start_with(tls: Option<(String, String, String)>) -> Redis {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut r = Redis {
+            child: None,
+            port,
+            dir: TestDir::new("redis"),
+            tls,
+            password: None,
+        };
+        r.restart();
+        r
+    }
+
+    fn start_with_password(password: &str) -> Redis {
+        let mut r = Redis {
+            child: None,
+            port: TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port(),
+            dir: TestDir::new("redis"),
+            tls: None,
+            password: Some(password.into()),
+        };
+        r.restart();
+        r
+    }
+
+    /// redis-cli's connection arguments.
+    fn cli_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "-h".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            self.port.to_string(),
+        ];
+        if let Some((ca, _, _)) = &self.tls {
+            a.extend(["--tls".into(), "--cacert".into(), ca.clone()]);
+        }
+        if let Some(p) = &self.password {
+            a.extend(["--no-auth-warning".into(), "-a".into(), p.clone()]);
+        }
+        a
+    }
+
+    /// (Re)starts on the same port and data dir; AOF keeps the keys.
+    fn restart(&mut self) {
+        assert!(self.child.is_none(), "redis already running");
+        let mut cmd = Command::new("redis-server");
+        match &self.tls {
+            None => cmd.args(["--bind", "127.0.0.1", "--port", &self.port.to_string()]),
+            Some((ca, cert, key)) => cmd
+                .args([
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &self.port.to_string(),
+                ])
+                .args([
+                    "--tls-cert-file",
+                    cert,
+                    "--tls-key-file",
+                    key,
+                    "--tls-ca-cert-file",
+                    ca,
+                ])
+                .args(["--tls-auth-clients", "no"]),
+        };
+        if let Some(p) = &self.password {
+            cmd.args(["--requirepass", p]);
+        }
+        let child = cmd
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(self.dir.join(""))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start redis-server (apt-get install redis-server): {e}")
+            });
+        self.child = Some(child);
+        let up = poll(Duration::from_secs(10), || {
+            let out = Command::new("redis-cli")
+                .args(self.cli_args())
+                .arg("PING")
+                .output()
+                .ok()?;
+            (String::from_utf8_lossy(&out.stdout).trim() == "PONG").then_some(())
+        });
+        assert!(
+            up.is_some(),
+            "redis-server on port {} did not answer PING",
+            self.port
+        );
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(self.cli_args())
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout)
+            .trim_end_matches('\n')
+            .to_string()
+    }
+
+    /// SIGSTOP / SIGCONT: a Redis that hangs without closing connections.
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let st = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(st.success(), "kill {sig} {pid}");
+    }
+
+    fn url(&self) -> String {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        let auth = self
+            .password
+            .as_ref()
+            .map(|p| format!(":{p}@"))
+            .unwrap_or_default();
+        format!("{scheme}://{auth}127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn state_toml(redis: &Redis, node: &str, on_unavailable: &str) -> String {
+    format!(
+        "[state]\nurl = \"{}\"\nnode = \"{node}\"\non_unavailable = \"{on_unavailable}\"\n",
+        redis.url()
+    )
+}
+
+/// `n` edges on `redis`, each routed to its own busy UAS (486: auth passed).
+fn fleet(redis: &Redis, n: usize, on_unavailable: &str) -> Vec<(MiniUas, Edge)> {
+    (0..n)
+        .map(|i| {
+            let uas = MiniUas::start(UasMode::Busy);
+            let edge = Edge::start(EdgeConfig {
+                route_target: Some(uas.route()),
+                extra_toml: state_toml(redis, &format!("edge-{}", i + 1), on_unavailable),
+                ..Default::default()
+            });
+            (uas, edge)
+        })
+        .collect()
+}
+
+fn token(key: &str) -> String {
+    let n = now_unix();
+    jwt_for(key, &claims(n - 5, n + 300, SERVICE, "sipp"))
+}
+
+fn invite(edge: &Edge, bearer: &str) -> SipMsg {
+    UdpUa::new(edge.sip_udp).call(&Req::invite(edge.sip_udp, SERVICE, "sipp").bearer(bearer))
+}
+
+fn passes(r: &SipMsg) -> bool {
+    r.code() == Some(486)
+}
+
+/// Probes `edge` with fresh tokens of `key` every 50 ms until `want`;
+/// returns how long it took (panics after `limit`).
+fn until(
+    edge: &Edge,
+    key: &str,
+    what: &str,
+    limit: Duration,
+    want: impl Fn(&SipMsg) -> bool,
+) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let r = invite(edge, &token(key));
+        if want(&r) {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "[{what}] not reached after {limit:?}; last response:\n{}",
+            r.text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `tollgate keys --config CFG ARGS`, asserting success; stdout.
+fn keys_cli(config: &Path, args: &[&str]) -> String {
+    let cfg = config.to_str().unwrap();
+    let mut all = vec!["keys", "--config", cfg];
+    all.extend_from_slice(args);
+    tollgate_ok(&all)
+}
+
+/// A plain-HTTP admin request (the harness's admin API is on loopback);
+/// (status, JSON body).
+fn admin(
+    edge: &Edge,
+    method: &str,
+    path: &str,
+    bearer: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    use std::io::{Read as _, Write as _};
+    let addr = edge.listening("admin").expect("admin listener");
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {bearer}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = vec![];
+    s.read_to_end(&mut buf).unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        code,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+fn state_up(edge: &Edge) -> Option<f64> {
+    metric_sum(&scrape(edge.metrics_addr()), "tollgate_state_up", &[])
+}
+
+#[test]
+fn first_edge_makes_the_root_key_and_a_token_used_on_one_edge_is_refused_on_the_other() {
+    let redis = Redis::start();
+    let f = fleet(&redis, 2, "refuse");
+    let (e1, e2) = (&f[0].1, &f[1].1);
+    let root = e1.first_key();
+    assert!(
+        e2.first_key.is_none(),
+        "only the first edge on an empty store creates a root key; the second printed one"
+    );
+    let t = token(&root);
+    let r = invite(e1, &t);
+    assert!(passes(&r), "fresh token on edge 1:\n{}", r.text());
+    assert_invalid_token(&invite(e2, &t), "the same token (jti) on edge 2");
+    assert_invalid_token(&invite(e1, &t), "the same token again on edge 1");
+    // Edge 2 knows the key: a fresh token of it passes there.
+    let r = invite(e2, &token(&root));
+    assert!(passes(&r), "fresh token on edge 2:\n{}", r.text());
+    assert_eq!(f[0].0.count("INVITE") + f[1].0.count("INVITE"), 2);
+    assert_eq!(state_up(e1), Some(1.0), "tollgate_state_up on edge 1");
+}
+
+#[test]
+fn digest_nonce_used_on_one_edge_is_refused_on_the_other() {
+    let redis = Redis::start();
+    let f = fleet(&redis, 2, "refuse");
+    let (e1, e2) = (&f[0].1, &f[1].1);
+    let key = e1.first_key();
+    let (user, pass) = (key_id(&key), digest_password(&key));
+    // A challenge from `challenger`, answered with a Request-URI naming
+    // `named`, sent to `to`.
+    let answer = |challenger: &Edge, named: &Edge, to: &Edge| -> (Req, SipMsg) {
+        let mut ua = UdpUa::new(challenger.sip_udp);
+        let first = Req::invite(challenger.sip_udp, SERVICE, "pbx");
+        let ch = www_auth(&ua.call(&first));
+        let p = ch
+            .iter()
+            .find(|(s, _)| s.eq_ignore_ascii_case("Digest"))
+            .expect("a Digest challenge")
+            .1
+            .clone();
+        let mut r = Req::invite(named.sip_udp, SERVICE, "pbx");
+        r.call_id = first.call_id.clone();
+        r.cseq = first.cseq + 1;
+        let auth = digest_authorization(
+            &p,
+            &user,
+            &pass,
+            "INVITE",
+            &r.ruri,
+            "00000001",
+            &unique("cn"),
+        );
+        let r = r.header("Authorization", &auth);
+        let fin = UdpUa::new(to.sip_udp).call(&r);
+        (r, fin)
+    };
+    // The fleet shares the nonce key: edge 1's nonce is answered on edge 2,
+    // whichever edge the Request-URI names.
+    let (_, fin) = answer(e1, e2, e2);
+    assert!(
+        passes(&fin),
+        "edge 1's nonce answered on edge 2:\n{}",
+        fin.text()
+    );
+    let (_, fin) = answer(e1, e1, e2);
+    assert!(
+        passes(&fin),
+        "edge 1's nonce, URI naming edge 1, sent to edge 2:\n{}",
+        fin.text()
+    );
+    // A nonce used on edge 1 is refused on edge 2.
+    let (used, fin) = answer(e1, e1, e1);
+    assert!(passes(&fin), "first use on edge 1:\n{}", fin.text());
+    let mut replay = used.clone();
+    replay.call_id = unique("call-") + "@tgtest";
+    replay.branch = unique("z9hG4bK-tg");
+    let fin = UdpUa::new(e2.sip_udp).call(&replay);
+    assert_eq!(
+        fin.code(),
+        Some(401),
+        "nonce used on edge 1, replayed on edge 2:\n{}",
+        fin.text()
+    );
+    assert_eq!(f[0].0.count("INVITE") + f[1].0.count("INVITE"), 3);
+}
+
+#[test]
+fn key_created_revoked_or_rolled_on_one_edge_is_honoured_on_the_other_within_1s() {
+    let redis = Redis::start();
+    let f = fleet(&redis, 2, "refuse");
+    let (e1, e2) = (&f[0].1, &f[1].1);
+    // Created through edge 1's config: usable on edge 2 within 1 s.
+    let k = keys_cli(&e1.config_path, &["create", "--name", "fleet-victim"])
+        .trim()
+        .to_string();
+    assert_key_format(&k);
+    let took = until(
+        e2,
+        &k,
+        "new key accepted on edge 2",
+        Duration::from_secs(5),
+        passes,
+    );
+    assert!(
+        took <= BOUND,
+        "a key created on edge 1 reached edge 2 after {took:?}"
+    );
+    eprintln!("fleet: key created on edge 1 accepted on edge 2 after {took:?}");
+    // Revoked through edge 1's config: refused on edge 2 within 1 s.
+    keys_cli(&e1.config_path, &["revoke", &key_id(&k)]);
+    let took = until(
+        e2,
+        &k,
+        "revoked key refused on edge 2",
+        Duration::from_secs(5),
+        is_invalid_token,
+    );
+    assert!(
+        took <= BOUND,
+        "revocation on edge 1 reached edge 2 after {took:?}"
+    );
+    eprintln!("fleet: CLI revoke on edge 1 refused on edge 2 after {took:?}");
+    for i in 0..3 {
+        assert_invalid_token(
+            &invite(e2, &token(&k)),
+            &format!("revoked key on edge 2, probe {i}"),
+        );
+        assert_invalid_token(
+            &invite(e1, &token(&k)),
+            &format!("revoked key on edge 1, probe {i}"),
+        );
+    }
+    // Rolled: the old secret stops on edge 2, the new one works there.
+    let r = keys_cli(&e2.config_path, &["create", "--name", "roller"])
+        .trim()
+        .to_string();
+    until(
+        e1,
+        &r,
+        "roller usable on edge 1",
+        Duration::from_secs(5),
+        passes,
+    );
+    let new = keys_cli(&e1.config_path, &["roll", &key_id(&r)])
+        .trim()
+        .to_string();
+    let took = until(
+        e2,
+        &r,
+        "old secret refused on edge 2",
+        Duration::from_secs(5),
+        is_invalid_token,
+    );
+    assert!(
+        took <= BOUND,
+        "roll on edge 1 reached edge 2 after {took:?}"
+    );
+    eprintln!("fleet: CLI roll on edge 1 refused on edge 2 after {took:?}");
+    let r2 = invite(e2, &token(&new));
+    assert!(
+        passes(&r2),
+        "rolled key's new secret on edge 2:\n{}",
+        r2.text()
+    );
+    // The list is the fleet's, from either config.
+    let list = keys_cli(&e2.config_path, &["list"]);
+    assert!(
+        list.lines().any(|l| l.split('\t').collect::<Vec<_>>()
+            == vec![key_id(&k).as_str(), "sk", "revoked", "fleet-victim"]),
+        "keys list on edge 2's config shows the revocation made on edge 1:\n{list}"
+    );
+}
+
+#[test]
+fn roll_through_the_admin_api_of_one_edge_is_honoured_on_the_other_within_1s() {
+    let redis = Redis::start();
+    let f = fleet(&redis, 2, "refuse");
+    let (e1, e2) = (&f[0].1, &f[1].1);
+    let root = e1.first_key();
+    let (code, created) = admin(e2, "POST", "/v1/keys", &root, r#"{"name":"api-roller"}"#);
+    assert_eq!(code, 201, "POST /v1/keys on edge 2: {created}");
+    let old = created["key"]
+        .as_str()
+        .expect("key in the answer")
+        .to_string();
+    until(
+        e1,
+        &old,
+        "key made on edge 2 usable on edge 1",
+        Duration::from_secs(5),
+        passes,
+    );
+    let (code, rolled) = admin(
+        e2,
+        "POST",
+        &format!("/v1/keys/{}/roll", key_id(&old)),
+        &root,
+        "{}",
+    );
+    assert_eq!(code, 200, "POST /v1/keys/ID/roll on edge 2: {rolled}");
+    let new = rolled["key"]
+        .as_str()
+        .expect("new key in the answer")
+        .to_string();
+    let took = until(
+        e1,
+        &old,
+        "old secret refused on edge 1",
+        Duration::from_secs(5),
+        is_invalid_token,
+    );
+    assert!(
+        took <= BOUND,
+        "a roll on edge 2's admin API reached edge 1 after {took:?}"
+    );
+    eprintln!("fleet: admin-API roll on edge 2 refused on edge 1 after {took:?}");
+    let r = invite(e1, &token(&new));
+    assert!(passes(&r), "the new secret on edge 1:\n{}", r.text());
+}
+
+/// `tollgate serve` with the harness's config plus `state`: must exit with
+/// `code` before listening, naming `[state] url` or `[state] ...`; (stdout, stderr).
+fn serve_refused(tag: &str, state: &str, code: i32) -> (String, String) {
+    let dir = TestDir::new(tag);
+    let cfg = dir.join("tollgate.toml");
+    std::fs::write(&cfg, EdgeConfig::default().to_toml() + state).unwrap();
+    let data = dir.join("data");
+    let args = [
+        "serve",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    let o = tollgate(&args);
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "{}",
+        describe_output(&args, &o)
+    );
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert!(
+        err.contains("[state] url"),
+        "the error names [state] url: {err}"
+    );
+    (out, err)
+}
+
+#[test]
+fn an_edge_whose_redis_is_unreachable_at_start_exits_naming_state_url() {
+    // A port nothing listens on (bound, then closed).
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    serve_refused(
+        "fleet-nostart",
+        &format!("[state]\nurl = \"redis://127.0.0.1:{port}/0\"\nnode = \"x\"\n"),
+        1,
+    );
+    // A bad URL is a config error: exit 2, naming the field.
+    serve_refused("fleet-badurl", "[state]\nurl = \"http://127.0.0.1:1\"\n", 2);
+}
+
+#[test]
+fn redis_outage_refuses_with_503_and_ends_without_an_edge_restart() {
+    let mut redis = Redis::start();
+    let mut f = fleet(&redis, 2, "refuse");
+    let root = f[0].1.first_key();
+    // A carrier admitted without a credential from 127.0.0.3 (SPEC §3c).
+    keys_cli(
+        &f[0].1.config_path,
+        &[
+            "create",
+            "--name",
+            "carrier",
+            "--source-cidr",
+            "127.0.0.3/32",
+            "--trust-cidr",
+            "127.0.0.3/32",
+        ],
+    );
+    let carrier = |e: &Edge| {
+        UdpUa::from_ip(e.sip_udp, "127.0.0.3").call(&Req::invite(e.sip_udp, SERVICE, "carrier"))
+    };
+    for (_, e) in &f {
+        let r = invite(e, &token(&root));
+        assert!(passes(&r), "before the outage:\n{}", r.text());
+        let r = poll(Duration::from_secs(5), || Some(carrier(e)).filter(passes));
+        assert!(r.is_some(), "trusted carrier admitted before the outage");
+    }
+    redis.stop();
+    for (i, (_, e)) in f.iter().enumerate() {
+        let r = poll(Duration::from_secs(10), || {
+            let r = invite(e, &token(&root));
+            (r.code() == Some(503)).then_some(r)
+        })
+        .unwrap_or_else(|| panic!("edge {} never answered 503 with Redis down", i + 1));
+        let ra = r
+            .header("Retry-After")
+            .unwrap_or_else(|| panic!("503 without Retry-After:\n{}", r.text()));
+        assert!(
+            ra.trim().parse::<u32>().is_ok_and(|s| s > 0),
+            "Retry-After {ra:?}"
+        );
+        let up = poll(Duration::from_secs(5), || {
+            (state_up(e) == Some(0.0)).then_some(())
+        });
+        assert!(
+            up.is_some(),
+            "edge {}: tollgate_state_up must be 0 during the outage",
+            i + 1
+        );
+    }
+    // Without a credential too: nothing is admitted past the fleet's limits.
+    for (i, (_, e)) in f.iter().enumerate() {
+        let r = carrier(e);
+        assert_eq!(
+            r.code(),
+            Some(503),
+            "edge {}: trusted carrier during the outage:\n{}",
+            i + 1,
+            r.text()
+        );
+        assert!(r.header("Retry-After").is_some(), "{}", r.text());
+    }
+    // Refused quickly, not after a hang: well inside the UA's timeout.
+    let t0 = Instant::now();
+    let r = invite(&f[1].1, &token(&root));
+    assert_eq!(r.code(), Some(503), "{}", r.text());
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "503 took {:?}",
+        t0.elapsed()
+    );
+    for (i, (_, e)) in f.iter_mut().enumerate() {
+        assert!(
+            e.is_running(),
+            "edge {} exited during the Redis outage",
+            i + 1
+        );
+    }
+    redis.restart();
+    for (i, (_, e)) in f.iter().enumerate() {
+        until(
+            e,
+            &root,
+            &format!("edge {} admits again", i + 1),
+            Duration::from_secs(10),
+            passes,
+        );
+        assert_eq!(
+            state_up(e),
+            Some(1.0),
+            "edge {}: tollgate_state_up after Redis is back",
+            i + 1
+        );
+        let r = carrier(e);
+        assert!(
+            passes(&r),
+            "edge {}: trusted carrier after the outage:\n{}",
+            i + 1,
+            r.text()
+        );
+    }
+    // Fleet-wide again: a token used on edge 1 is refused on edge 2.
+    let t = token(&root);
+    assert!(passes(&invite(&f[0].1, &t)));
+    assert_invalid_token(&invite(&f[1].1, &t), "replay across edges after the outage");
+}
+
+#[test]
+fn a_redis_that_lost_its_data_does_not_wipe_the_edges_keys() {
+    let redis = Redis::start();
+    let f = fleet(&redis, 1, "refuse");
+    let e = &f[0].1;
+    let root = e.first_key();
+    assert!(passes(&invite(e, &token(&root))));
+    let out = Command::new("redis-cli")
+        .args(redis.cli_args())
+        .arg("FLUSHALL")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+    // Past several refresh ticks (200 ms) and a notice-less reload.
+    std::thread::sleep(Duration::from_millis(1000));
+    let r = invite(e, &token(&root));
+    assert!(
+        passes(&r),
+        "keys kept after Redis lost its data:\n{}",
+        r.text()
+    );
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, in `dir`;
+/// returns (CA path, cert path, key path).
+fn make_pki(dir: &Path, tag: &str) -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        format!("tollgate fleet test CA {tag}"),
+    );
+    ca.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let ca_cert = ca.self_signed(&ca_key).expect("CA cert");
+    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
+    let leaf =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).expect("leaf");
+    let leaf_cert = leaf
+        .signed_by(&leaf_key, &ca_cert, &ca_key)
+        .expect("leaf cert");
+    let path = |n: &str| dir.join(format!("{tag}-{n}")).display().to_string();
+    let (ca_p, cert_p, key_p) = (path("ca.pem"), path("cert.pem"), path("key.pem"));
+    std::fs::write(&ca_p, ca_cert.pem()).unwrap();
+    std::fs::write(&cert_p, leaf_cert.pem()).unwrap();
+    std::fs::write(&key_p, leaf_key.serialize_pem()).unwrap();
+    (ca_p, cert_p, key_p)
+}
+
+#[test]
+fn rediss_with_the_test_ca_works_and_a_wrong_ca_is_refused_naming_state_url() {
+    let pki = TestDir::new("fleet-pki");
+    let good = make_pki(pki.join("").as_path(), "good");
+    let (wrong_ca, _, _) = make_pki(pki.join("").as_path(), "wrong");
+    let redis = Redis::start_with(Some(good.clone()));
+    let tls_toml = |node: &str, ca: &str| {
+        format!("{}ca_file = \"{ca}\"\n", state_toml(&redis, node, "refuse"))
+    };
+    let edges: Vec<(MiniUas, Edge)> = (1..=2)
+        .map(|i| {
+            let uas = MiniUas::start(UasMode::Busy);
+            let edge = Edge::start(EdgeConfig {
+                route_target: Some(uas.route()),
+                extra_toml: tls_toml(&format!("edge-{i}"), &good.0),
+                ..Default::default()
+            });
+            (uas, edge)
+        })
+        .collect();
+    let (e1, e2) = (&edges[0].1, &edges[1].1);
+    let root = e1.first_key();
+    let t = token(&root);
+    let r = invite(e1, &t);
+    assert!(passes(&r), "call admitted over rediss://:\n{}", r.text());
+    assert_invalid_token(&invite(e2, &t), "replay across edges over rediss://");
+    assert_eq!(state_up(e2), Some(1.0));
+    // The wrong CA: the edge does not start, and says where to look.
+    let (_, err) = serve_refused("fleet-wrongca", &tls_toml("edge-x", &wrong_ca), 1);
+    assert!(
+        err.to_lowercase().contains("certificate"),
+        "the error says it is the certificate: {err}"
+    );
+}
+
+#[test]
+fn auth_password_in_the_url_works_and_a_wrong_one_is_refused_without_echoing_it() {
+    let redis = Redis::start_with_password("fleet-pass-0123456789");
+    let f = fleet(&redis, 1, "refuse");
+    let e = &f[0].1;
+    let r = invite(e, &token(&e.first_key()));
+    assert!(passes(&r), "call admitted with AUTH:\n{}", r.text());
+    let wrong = state_toml(&redis, "edge-x", "refuse")
+        .replace("fleet-pass-0123456789", "wrong-pass-secret");
+    let (out, err) = serve_refused("fleet-badauth", &wrong, 1);
+    assert!(
+        !err.contains("wrong-pass-secret") && !out.contains("wrong-pass-secret"),
+        "the password is never printed: {out}\n{err}"
+    );
+}
+
+/// A change that reaches Redis without its pub/sub notice (a lost message)
+/// is still honoured within 1 s: the periodic version check resyncs.
+#[test]
+fn a_missed_notice_cannot_leave_a_revoked_key_working() {
+    let redis = Redis::start();
+    let f = fleet(&redis, 1, "refuse");
+    let e = &f[0].1;
+    let k = keys_cli(&e.config_path, &["create", "--name", "quiet"])
+        .trim()
+        .to_string();
+    until(e, &k, "key usable", Duration::from_secs(5), passes);
+    // Revoke by hand, as another writer would, but publish nothing.
+    let rkey = format!("tg:key:{{{}}}", key_id(&k));
+    let mut rec: serde_json::Value =
+        serde_json::from_str(&redis.cli(&["GET", &rkey])).expect("record JSON");
+    rec["revoked_at"] = serde_json::json!(now_unix());
+    assert_eq!(redis.cli(&["SET", &rkey, &rec.to_string()]), "OK");
+    redis.cli(&["INCR", "tg:keys:version"]);
+    let took = until(
+        e,
+        &k,
+        "revoked without a notice",
+        Duration::from_secs(5),
+        is_invalid_token,
+    );
+    assert!(took <= BOUND, "resync without a notice took {took:?}");
+    eprintln!("fleet: revocation without a pub/sub notice honoured after {took:?}");
+}
+
+/// Redis hangs (SIGSTOP: connections stay open, nothing answers): requests
+/// time out, the edge answers 503 instead of hanging, and recovers after
+/// SIGCONT by itself.
+#[test]
+fn a_hung_redis_gives_503_not_a_hang_and_recovery_is_automatic() {
+    let redis = Redis::start();
+    let f = fleet(&redis, 1, "refuse");
+    let e = &f[0].1;
+    let root = e.first_key();
+    assert!(passes(&invite(e, &token(&root))));
+    redis.signal("-STOP");
+    let t0 = Instant::now();
+    let r = poll(Duration::from_secs(10), || {
+        let r = invite(e, &token(&root));
+        (r.code() == Some(503)).then_some(r)
+    });
+    let r = r.expect("503 while Redis hangs");
+    assert!(r.header("Retry-After").is_some(), "{}", r.text());
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "first 503 after {:?}",
+        t0.elapsed()
+    );
+    eprintln!("fleet: hung Redis -> first 503 after {:?}", t0.elapsed());
+    // Once known down, answers come at once.
+    let t1 = Instant::now();
+    assert_eq!(invite(e, &token(&root)).code(), Some(503));
+    assert!(
+        t1.elapsed() < Duration::from_millis(500),
+        "503 took {:?}",
+        t1.elapsed()
+    );
+    redis.signal("-CONT");
+    until(
+        e,
+        &root,
+        "admitted after SIGCONT",
+        Duration::from_secs(10),
+        passes,
+    );
+}
+
+/// A call with a fresh token of `key` on `edge`: `Some` (answered and
+/// ACKed, to hang up later) or `None` (486); anything else panics.
+fn call_up(edge: &Edge, key: &str) -> Option<(UdpUa, Req, SipMsg)> {
+    let mut ua = UdpUa::new(edge.sip_udp);
+    let inv = Req::invite(edge.sip_udp, SERVICE, "sipp").bearer(&token(key));
+    let r = ua.call(&inv);
+    match r.code() {
+        Some(200) => {
+            ua.send(&inv.in_dialog(&r, "ACK", inv.cseq));
+            Some((ua, inv, r))
+        }
+        Some(486) => None,
+        _ => panic!("call on {}: unexpected answer\n{}", edge.sip_udp, r.text()),
+    }
+}
+
+fn hang_up((mut ua, inv, r): (UdpUa, Req, SipMsg)) {
+    let bye = inv.in_dialog(&r, "BYE", inv.cseq + 1);
+    let fin = ua
+        .transact(&bye, Duration::from_secs(10))
+        .expect("answer to BYE")
+        .fin;
+    assert_eq!(fin.code(), Some(200), "BYE: {}", fin.text());
+}
+
+/// `--max-calls 3` with long calls spread over 3 edges: exactly 3 up at
+/// once, the rest 486; a hang-up frees a channel for any edge; a `kill -9`
+/// of an edge frees its channels for the others within `lease_s`.
+#[test]
+fn max_calls_hold_fleet_wide_and_a_dead_edges_channels_return_within_lease_s() {
+    const LEASE_S: u64 = 2;
+    let redis = Redis::start();
+    let uas = MiniUas::start(UasMode::Answer);
+    let mut edges: Vec<Edge> = (1..=3)
+        .map(|i| {
+            Edge::start(EdgeConfig {
+                route_target: Some(uas.route()),
+                extra_toml: format!(
+                    "{}lease_s = {LEASE_S}\n",
+                    state_toml(&redis, &format!("edge-{i}"), "refuse")
+                ),
+                ..Default::default()
+            })
+        })
+        .collect();
+    let k = keys_cli(
+        &edges[0].config_path,
+        &["create", "--name", "three", "--max-calls", "3"],
+    )
+    .trim()
+    .to_string();
+    // Known on every edge (a probe call, hung up at once).
+    for e in &edges {
+        let up = poll(Duration::from_secs(5), || {
+            let mut ua = UdpUa::new(e.sip_udp);
+            let inv = Req::invite(e.sip_udp, SERVICE, "sipp").bearer(&token(&k));
+            let r = ua.call(&inv);
+            (r.code() == Some(200)).then(|| {
+                ua.send(&inv.in_dialog(&r, "ACK", inv.cseq));
+                (ua, inv, r)
+            })
+        })
+        .expect("key usable on every edge");
+        hang_up(up);
+    }
+    // Two attempts per edge, round robin: 3 up, 3 busy.
+    let mut up = Vec::new();
+    let mut busy = 0;
+    for _ in 0..2 {
+        for (i, e) in edges.iter().enumerate() {
+            match call_up(e, &k) {
+                Some(c) => up.push((i, c)),
+                None => busy += 1,
+            }
+        }
+    }
+    assert_eq!(
+        (up.len(), busy),
+        (3, 3),
+        "6 attempts over 3 edges with --max-calls 3"
+    );
+    // A hang-up frees one channel, usable on another edge.
+    let (i, c) = up.remove(0);
+    hang_up(c);
+    let other = (i + 1) % 3;
+    let again = poll(Duration::from_secs(5), || call_up(&edges[other], &k));
+    up.push((
+        other,
+        again.expect("a freed channel is usable on another edge"),
+    ));
+    assert!(
+        call_up(&edges[i], &k).is_none(),
+        "still 3 up: the 4th is busy"
+    );
+    // kill -9 of an edge holding calls: its channels come back within lease_s.
+    let victim = up[0].0;
+    let held = up.iter().filter(|(j, _)| *j == victim).count();
+    let st = Command::new("kill")
+        .args(["-9", &edges[victim].pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let killed_at = Instant::now();
+    let survivor = (victim + 1) % 3;
+    let mut regained = Vec::new();
+    while regained.len() < held {
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(LEASE_S * 3 + 3),
+            "the dead edge's {held} channels were not freed (got {})",
+            regained.len()
+        );
+        match call_up(&edges[survivor], &k) {
+            Some(c) => regained.push(c),
+            None => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    let took = killed_at.elapsed();
+    eprintln!("fleet: {held} channels of a kill -9'd edge free after {took:?} (lease_s {LEASE_S})");
+    assert!(
+        took <= Duration::from_secs(LEASE_S) + Duration::from_millis(1500),
+        "freed after {took:?}, lease_s = {LEASE_S}"
+    );
+    assert!(
+        call_up(&edges[survivor], &k).is_none(),
+        "and never more than 3"
+    );
+    assert!(!edges[victim].is_running(), "the victim is dead");
+}
+
+/// A `--cps 10` key offered 20 calls/s on each of 3 edges for 10 s:
+/// 100 +- 10 admitted in total (each edge alone would admit about 100).
+#[test]
+fn cps_holds_fleet_wide_over_three_edges() {
+    let redis = Redis::start();
+    let f = fleet(&redis, 3, "refuse");
+    let k = keys_cli(
+        &f[0].1.config_path,
+        &["create", "--name", "ten", "--cps", "10"],
+    )
+    .trim()
+    .to_string();
+    for (_, e) in &f {
+        until(e, &k, "key usable", Duration::from_secs(5), passes);
+    }
+    // Let the probes' tokens come back (the bucket holds one second).
+    std::thread::sleep(Duration::from_millis(1200));
+    let addrs: Vec<std::net::SocketAddr> = f.iter().map(|(_, e)| e.sip_udp).collect();
+    let start = Instant::now() + Duration::from_millis(100);
+    let results: Vec<(u32, u32, u32)> = std::thread::scope(|s| {
+        let hs: Vec<_> = addrs
+            .iter()
+            .map(|&a| {
+                let k = k.clone();
+                s.spawn(move || {
+                    let (mut ok, mut limited, mut other) = (0, 0, 0);
+                    let mut ua = UdpUa::new(a);
+                    for i in 0..200u32 {
+                        let at = start + Duration::from_millis(50) * i;
+                        if let Some(d) = at.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(d);
+                        }
+                        let r = ua.call(&Req::invite(a, SERVICE, "sipp").bearer(&token(&k)));
+                        match r.code() {
+                            Some(486) => ok += 1,
+                            Some(503) if r.header("Retry-After").is_some() => limited += 1,
+                            _ => other += 1,
+                        }
+                    }
+                    (ok, limited, other)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let admitted: u32 = results.iter().map(|r| r.0).sum();
+    let other: u32 = results.iter().map(|r| r.2).sum();
+    eprintln!("fleet: --cps 10, 3 edges x 20/s x 10 s: {results:?} (admitted, 503, other) = {admitted} admitted");
+    assert_eq!(
+        other, 0,
+        "only 486 (admitted) or 503 + Retry-After: {results:?}"
+    );
+    assert!(
+        (90..=110).contains(&admitted),
+        "100 +- 10 admitted fleet-wide, got {admitted}: {results:?}"
+    );
+}
+
+#[test]
+fn redis_outage_with_local_admits_on_the_edges_own_state() {
+    let mut redis = Redis::start();
+    let f = fleet(&redis, 1, "local");
+    let e = &f[0].1;
+    let root = e.first_key();
+    redis.stop();
+    let up = poll(Duration::from_secs(5), || {
+        (state_up(e) == Some(0.0)).then_some(())
+    });
+    assert!(up.is_some(), "tollgate_state_up must drop to 0");
+    let t = token(&root);
+    let r = invite(e, &t);
+    assert!(
+        passes(&r),
+        "local: admitted during the outage:\n{}",
+        r.text()
+    );
+    // Still single use on this edge.
+    assert_invalid_token(
+        &invite(e, &t),
+        "local: replay on the same edge during the outage",
+    );
+}
