@@ -50,6 +50,10 @@ pub struct AuthConfig {
     pub digest_algorithms: Vec<Algorithm>,
     /// Lifetime of the nonces we issue, seconds.
     pub nonce_lifetime_secs: u64,
+    /// Whether a fresh challenge also offers `Bearer realm="…"` (SPEC §4,
+    /// `[sip] bearer_challenge`, default false): digest-only stacks such as
+    /// libre/baresip reject a 401 carrying any non-Digest challenge.
+    pub bearer_challenge: bool,
     /// Current Unix time, seconds.
     pub now: i64,
 }
@@ -95,8 +99,9 @@ pub struct Principal {
 pub enum Outcome {
     /// Authenticated and allowed by the key's policy.
     Accepted(Principal),
-    /// No credential: `401` with these `WWW-Authenticate` values (Bearer, then
-    /// one Digest per configured algorithm).
+    /// No credential: `401` with these `WWW-Authenticate` values (Bearer if
+    /// [`AuthConfig::bearer_challenge`], then one Digest per configured
+    /// algorithm).
     Challenge {
         /// `WWW-Authenticate` header values, in order.
         headers: Vec<String>,
@@ -208,7 +213,9 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
     /// The `WWW-Authenticate` values of a fresh challenge.
     pub fn challenge_headers(&self, cfg: &AuthConfig, stale: bool) -> Vec<String> {
         let mut h = Vec::with_capacity(1 + cfg.digest_algorithms.len());
-        h.push(format!("Bearer realm={}", digest::quote(&cfg.realm)));
+        if cfg.bearer_challenge {
+            h.push(format!("Bearer realm={}", digest::quote(&cfg.realm)));
+        }
         for alg in &cfg.digest_algorithms {
             let nonce = self.nonces.issue(cfg.now);
             h.push(digest::challenge_with(&cfg.realm, *alg, &nonce, stale));
@@ -470,6 +477,7 @@ mod tests {
             realm: "tollgate".into(),
             digest_algorithms: vec![Algorithm::Md5, Algorithm::Sha256],
             nonce_lifetime_secs: 300,
+            bearer_challenge: false,
             now,
         }
     }
@@ -516,10 +524,8 @@ mod tests {
         match o {
             Outcome::InvalidDigest { headers, reason } => {
                 assert_eq!(reason, want);
-                assert_eq!(headers.len(), 3);
-                assert!(headers[1..]
-                    .iter()
-                    .all(|h| h.ends_with(", stale=true") == stale));
+                assert_eq!(headers.len(), 2);
+                assert!(headers.iter().all(|h| h.ends_with(", stale=true") == stale));
             }
             o => panic!("expected InvalidDigest({want}), got {o:?}"),
         }
@@ -530,7 +536,7 @@ mod tests {
         let Outcome::Challenge { headers } = f.check_at(&[], now, "192.0.2.1") else {
             panic!()
         };
-        let h = &headers[1];
+        let h = &headers[0];
         let start = h.find("nonce=\"").unwrap() + 7;
         h[start..start + h[start..].find('"').unwrap()].to_owned()
     }
@@ -575,16 +581,44 @@ mod tests {
         let Outcome::Challenge { headers } = o else {
             panic!("{o:?}")
         };
-        assert_eq!(headers.len(), 3);
-        assert_eq!(headers[0], "Bearer realm=\"tollgate\"");
-        assert!(headers[1].starts_with("Digest realm=\"tollgate\", nonce=\""));
-        assert!(headers[1].ends_with("algorithm=MD5, qop=\"auth\""));
-        assert!(headers[2].ends_with("algorithm=SHA-256, qop=\"auth\""));
+        // Digest only by default (SPEC §4): libre rejects a 401 carrying
+        // any non-Digest challenge.
+        assert_eq!(headers.len(), 2, "{headers:?}");
+        assert!(headers[0].starts_with("Digest realm=\"tollgate\", nonce=\""));
+        assert!(headers[0].ends_with("algorithm=MD5, qop=\"auth\""));
+        assert!(headers[1].ends_with("algorithm=SHA-256, qop=\"auth\""));
         // Unknown schemes count as no credential.
         assert!(matches!(
             f.check(&["Basic YWxhZGRpbjpvcGVuc2VzYW1l"]),
             Outcome::Challenge { .. }
         ));
+    }
+
+    #[test]
+    fn bearer_challenge_offered_only_when_configured() {
+        let f = Fixture::new();
+        let inv = InviteView {
+            method: "INVITE",
+            request_uri: RURI,
+            request_user: "+14155550100",
+            from_user: "alice",
+            asserted_user: None,
+            authorization: &[],
+            source_ip: "192.0.2.1".parse().unwrap(),
+        };
+        let on = AuthConfig {
+            bearer_challenge: true,
+            ..cfg(NOW)
+        };
+        let Outcome::Challenge { headers } = f.auth.check(&inv, &on) else {
+            panic!()
+        };
+        assert_eq!(headers.len(), 3, "{headers:?}");
+        assert_eq!(headers[0], "Bearer realm=\"tollgate\"");
+        assert!(headers[1..].iter().all(|h| h.starts_with("Digest ")));
+        // A wrong digest answer is re-challenged the same way.
+        assert_eq!(f.auth.challenge_headers(&on, true).len(), 3);
+        assert_eq!(f.auth.challenge_headers(&cfg(NOW), true).len(), 2);
     }
 
     #[test]
@@ -1029,7 +1063,7 @@ mod tests {
         };
         let o = f.auth.check(&inv, &c);
         assert!(
-            matches!(o, Outcome::InvalidDigest { reason: "bad_alg", ref headers } if headers.len() == 2),
+            matches!(o, Outcome::InvalidDigest { reason: "bad_alg", ref headers } if headers.len() == 1),
             "{o:?}"
         );
         // Garbage.

@@ -84,6 +84,9 @@ pub struct SipSection {
     pub t1_ms: Option<u64>,
     pub invite_timeout_s: Option<u64>,
     pub nonce_lifetime_s: Option<u64>,
+    /// Offer `Bearer realm=…` on a credential-less INVITE's 401 as well as
+    /// Digest (SPEC §4; default false: libre/baresip reject such a 401).
+    pub bearer_challenge: Option<bool>,
     pub workers: Option<usize>,
     /// SIGTERM: how long calls in progress may go on before the edge BYEs them.
     pub drain_timeout_s: Option<u64>,
