@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace, installing what the tests need first
 # (SIPp from Debian's sip-tester; promtool and prometheus from Debian's
-# prometheus; PyYAML from python3-yaml for the deploy-kit checks). Tests that
+# prometheus; PyYAML from python3-yaml for the deploy-kit checks; the interop
+# matrix's user agents and proxies: baresip-core, kamailio). Tests that
 # need one of them fail, never skip, when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,9 @@ need_pkgs=()
 command -v sipp >/dev/null 2>&1 || need_pkgs+=(sip-tester)
 command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
 has_yaml || need_pkgs+=(python3-yaml)
+# tests/interop.rs: real user agents and proxies (issue 11).
+command -v baresip >/dev/null 2>&1 || need_pkgs+=(baresip-core)
+command -v kamailio >/dev/null 2>&1 || [ -x /usr/sbin/kamailio ] || need_pkgs+=(kamailio)
 had_prometheus=1
 if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
     need_pkgs+=(prometheus)
@@ -34,11 +38,18 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
         echo "test.sh: stopping and disabling the prometheus service the package started"
         $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
     fi
+    # Same for kamailio's service on :5060: the interop tests run their own.
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet kamailio 2>/dev/null; then
+        echo "test.sh: stopping and disabling the kamailio service the package started"
+        $SUDO systemctl disable --now kamailio >/dev/null 2>&1 || true
+    fi
 fi
 command -v sipp >/dev/null || { echo "test.sh: sipp is still missing" >&2; exit 1; }
 command -v promtool >/dev/null || { echo "test.sh: promtool is still missing" >&2; exit 1; }
 command -v prometheus >/dev/null || { echo "test.sh: prometheus is still missing" >&2; exit 1; }
 has_yaml || { echo "test.sh: python3 cannot import yaml (python3-yaml)" >&2; exit 1; }
+command -v baresip >/dev/null || { echo "test.sh: baresip is still missing (baresip-core)" >&2; exit 1; }
+[ -x /usr/sbin/kamailio ] || command -v kamailio >/dev/null || { echo "test.sh: kamailio is still missing" >&2; exit 1; }
 # pylibsrtp: the independent SRTP implementation the media tests compare with.
 crates/media/scripts/install-test-deps.sh
 # detect-secrets in a venv: the secret-scanning rule's test runs it.

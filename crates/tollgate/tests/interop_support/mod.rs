@@ -1,0 +1,423 @@
+//! Helpers of the interop matrix (tests/interop.rs): real user agents and
+//! proxies driven as child processes, a tone WAV in, the frequency of what
+//! came back measured (an independent DFT scan, no product code).
+#![allow(dead_code)]
+
+use crate::common::*;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The matrix never skips: a missing user agent fails, naming its package.
+pub fn require(bin: &str, package: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin"] {
+        let p = Path::new(dir).join(bin);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!(
+        "interop: `{bin}` not found: install the Debian package `{package}` \
+         (scripts/test.sh installs it); this case fails rather than skips"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Audio: a tone WAV, and the dominant frequency of a WAV
+// ---------------------------------------------------------------------------
+
+/// Writes `secs` of a `freq` Hz sine, 8 kHz mono 16-bit PCM.
+pub fn write_tone_wav(path: &Path, freq: f64, secs: f64) {
+    let rate = 8000u32;
+    let n = (rate as f64 * secs) as u32;
+    let mut data = Vec::with_capacity(n as usize * 2);
+    for i in 0..n {
+        let v = (2.0 * std::f64::consts::PI * freq * i as f64 / rate as f64).sin() * 12000.0;
+        data.extend_from_slice(&(v as i16).to_le_bytes());
+    }
+    let mut w = Vec::with_capacity(44 + data.len());
+    w.extend_from_slice(b"RIFF");
+    w.extend_from_slice(&(36 + data.len() as u32).to_le_bytes());
+    w.extend_from_slice(b"WAVEfmt ");
+    w.extend_from_slice(&16u32.to_le_bytes());
+    w.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    w.extend_from_slice(&1u16.to_le_bytes()); // mono
+    w.extend_from_slice(&rate.to_le_bytes());
+    w.extend_from_slice(&(rate * 2).to_le_bytes());
+    w.extend_from_slice(&2u16.to_le_bytes());
+    w.extend_from_slice(&16u16.to_le_bytes());
+    w.extend_from_slice(b"data");
+    w.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    w.extend_from_slice(&data);
+    fs::write(path, w).unwrap();
+}
+
+/// 16-bit PCM samples of channel 0 and the sample rate of a WAV file.
+/// The data chunk's size field is ignored (a writer killed mid-call leaves
+/// it unset): everything after the `data` header is taken.
+pub fn read_wav(path: &Path) -> (Vec<f64>, u32) {
+    let b = fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    assert!(
+        b.len() >= 12 && &b[..4] == b"RIFF" && &b[8..12] == b"WAVE",
+        "{} is not a WAV file",
+        path.display()
+    );
+    let (mut pos, mut rate, mut channels, mut bits) = (12, 0u32, 1u16, 16u16);
+    while pos + 8 <= b.len() {
+        let id = &b[pos..pos + 4];
+        let len = u32::from_le_bytes(b[pos + 4..pos + 8].try_into().unwrap()) as usize;
+        let body = pos + 8;
+        if id == b"fmt " && body + 16 <= b.len() {
+            channels = u16::from_le_bytes([b[body + 2], b[body + 3]]);
+            rate = u32::from_le_bytes(b[body + 4..body + 8].try_into().unwrap());
+            bits = u16::from_le_bytes([b[body + 14], b[body + 15]]);
+        }
+        if id == b"data" {
+            assert_eq!(bits, 16, "{}: expected 16-bit PCM", path.display());
+            let frame = 2 * channels.max(1) as usize;
+            let s = b[body..]
+                .chunks_exact(frame)
+                .map(|c| i16::from_le_bytes([c[0], c[1]]) as f64)
+                .collect();
+            return (s, rate);
+        }
+        pos = body + len + (len & 1);
+    }
+    panic!("{}: no data chunk", path.display());
+}
+
+/// Root mean square of `s`.
+pub fn rms(s: &[f64]) -> f64 {
+    if s.is_empty() {
+        return 0.0;
+    }
+    (s.iter().map(|x| x * x).sum::<f64>() / s.len() as f64).sqrt()
+}
+
+/// The loudest frequency of `s` (Hann window, DFT scanned in 5 Hz steps
+/// from 100 Hz to 3900 Hz).
+pub fn dominant_hz(s: &[f64], rate: u32) -> f64 {
+    let n = s.len();
+    let w: Vec<f64> = s
+        .iter()
+        .enumerate()
+        .map(|(i, x)| x * (0.5 - 0.5 * (2.0 * std::f64::consts::PI * i as f64 / n as f64).cos()))
+        .collect();
+    let mut best = (0.0, 0.0);
+    let mut f = 100.0;
+    while f <= 3900.0 {
+        let k = 2.0 * std::f64::consts::PI * f / rate as f64;
+        let (mut re, mut im) = (0.0, 0.0);
+        for (i, x) in w.iter().enumerate() {
+            re += x * (k * i as f64).cos();
+            im -= x * (k * i as f64).sin();
+        }
+        let p = re * re + im * im;
+        if p > best.1 {
+            best = (f, p);
+        }
+        f += 5.0;
+    }
+    best.0
+}
+
+/// The last `secs` of the loudest stretch of a recording: asserts that the
+/// recording holds at least that much audio above silence and that its
+/// frequency is `want_hz` (+-15 Hz).
+pub fn assert_tone(path: &Path, want_hz: f64, secs: f64, what: &str) -> f64 {
+    let (s, rate) = read_wav(path);
+    assert!(rate > 0, "{what}: {} has no sample rate", path.display());
+    let win = (rate as f64 * secs) as usize;
+    // Non-silent samples only (leading silence before media flowed, and the
+    // tail after the hang-up, are not the tone).
+    let frame = rate as usize / 50;
+    let loud: Vec<f64> = s
+        .chunks(frame)
+        .filter(|c| rms(c) > 1000.0)
+        .flatten()
+        .copied()
+        .collect();
+    assert!(
+        loud.len() >= win,
+        "{what}: {} holds {:.2} s of audio above silence (rms>1000), want >= {secs} s \
+         (of {:.2} s recorded, rms {:.0})",
+        path.display(),
+        loud.len() as f64 / rate as f64,
+        s.len() as f64 / rate as f64,
+        rms(&s)
+    );
+    let seg = &loud[loud.len() - win..];
+    let hz = dominant_hz(seg, rate);
+    assert!(
+        (hz - want_hz).abs() <= 15.0,
+        "{what}: received tone is {hz} Hz, sent {want_hz} Hz ({})",
+        path.display()
+    );
+    hz
+}
+
+// ---------------------------------------------------------------------------
+// Child processes
+// ---------------------------------------------------------------------------
+
+/// A child process killed (by its own pid) when dropped; its output goes to
+/// `log`.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
+        let out = fs::File::create(&log).unwrap();
+        let err = out.try_clone().unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            child,
+            log,
+            name: name.into(),
+        }
+    }
+
+    pub fn tail(&self, n: usize) -> String {
+        let t = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = t.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        poll(timeout, || self.child.try_wait().ok().flatten()).is_some()
+    }
+
+    pub fn log_contains(&self, s: &str) -> bool {
+        fs::read_to_string(&self.log).is_ok_and(|t| t.contains(s))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// baresip (libre), driven through its ctrl_tcp module
+// ---------------------------------------------------------------------------
+
+pub struct Baresip {
+    pub proc: Proc,
+    pub dir: PathBuf,
+    pub sip: SocketAddr,
+    ctrl: TcpStream,
+    events: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+/// One baresip account: `user`/`password` answer the edge's digest
+/// challenge, `server` is where its requests go.
+pub struct BaresipAccount<'a> {
+    pub user: &'a str,
+    pub password: &'a str,
+    pub server: SocketAddr,
+    /// Extra `;param` of the account line (e.g. `;outbound="sip:..."`).
+    pub extra: &'a str,
+}
+
+impl Baresip {
+    /// Starts baresip with its own config dir under `dir`: audio source
+    /// `tone` (aufile), received audio dumped by the sndfile filter into
+    /// `dir/rec`, ALSA's null device as player, SIP, RTP and ctrl_tcp on
+    /// the ports of one [`alloc_ports`] block, all on 127.0.0.1.
+    pub fn start(dir: &Path, acct: &BaresipAccount<'_>, tone: &Path) -> Baresip {
+        let bin = require("baresip", "baresip-core");
+        let ports = alloc_ports();
+        let conf = dir.join("baresip");
+        let rec = dir.join("baresip-rec");
+        fs::create_dir_all(&conf).unwrap();
+        fs::create_dir_all(&rec).unwrap();
+        let config = format!(
+            "poll_method epoll\n\
+             sip_listen 127.0.0.1:{sip}\n\
+             net_interface 127.0.0.1\n\
+             audio_source aufile,{tone}\n\
+             audio_player alsa,null\n\
+             audio_alert alsa,null\n\
+             audio_srate 8000\n\
+             audio_channels 1\n\
+             rtp_ports {rtp_lo}-{rtp_hi}\n\
+             module_path /usr/lib/baresip/modules\n\
+             module g711.so\n\
+             module alsa.so\n\
+             module aufile.so\n\
+             module sndfile.so\n\
+             module_app account.so\n\
+             module_app menu.so\n\
+             module_app ctrl_tcp.so\n\
+             snd_path {rec}\n\
+             ctrl_tcp_listen 127.0.0.1:{ctrl}\n",
+            sip = ports.sip,
+            tone = tone.display(),
+            rtp_lo = ports.media,
+            rtp_hi = ports.media + 3,
+            rec = rec.display(),
+            ctrl = ports.control,
+        );
+        fs::write(conf.join("config"), config).unwrap();
+        fs::write(
+            conf.join("accounts"),
+            format!(
+                "<sip:{u}@{s}>;auth_pass={p};regint=0;audio_codecs=PCMU{x}\n",
+                u = acct.user,
+                s = acct.server,
+                p = acct.password,
+                x = acct.extra
+            ),
+        )
+        .unwrap();
+        let proc = Proc::spawn(
+            "baresip",
+            Command::new(bin).arg("-s").arg("-f").arg(&conf),
+            dir.join("baresip.log"),
+        );
+        let addr: SocketAddr = ([127, 0, 0, 1], ports.control).into();
+        let ctrl =
+            poll(Duration::from_secs(15), || TcpStream::connect(addr).ok()).unwrap_or_else(|| {
+                panic!(
+                    "baresip's ctrl_tcp never listened on {addr}:\n{}",
+                    proc.tail(30)
+                )
+            });
+        let (tx, rx) = mpsc::channel();
+        let reader = ctrl.try_clone().unwrap();
+        thread::spawn(move || {
+            let mut r = BufReader::new(reader);
+            // netstrings: "<len>:<json>,"
+            loop {
+                let mut len = Vec::new();
+                if r.read_until(b':', &mut len)
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .is_none()
+                {
+                    break;
+                }
+                let Ok(n) = String::from_utf8_lossy(&len[..len.len() - 1])
+                    .trim()
+                    .parse::<usize>()
+                else {
+                    break;
+                };
+                let mut body = vec![0u8; n + 1];
+                if r.read_exact(&mut body).is_err() {
+                    break;
+                }
+                body.pop();
+                if tx
+                    .send(String::from_utf8_lossy(&body).into_owned())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Baresip {
+            proc,
+            dir: rec,
+            sip: ([127, 0, 0, 1], ports.sip).into(),
+            ctrl,
+            events: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Sends a ctrl_tcp command (a menu command without the slash).
+    pub fn command(&mut self, command: &str, params: &str) {
+        let body = format!("{{\"command\":\"{command}\",\"params\":\"{params}\",\"token\":\"t\"}}");
+        let ns = format!("{}:{body},", body.len());
+        self.ctrl.write_all(ns.as_bytes()).unwrap();
+    }
+
+    /// Waits for a ctrl_tcp event of `kind` (e.g. `CALL_ESTABLISHED`).
+    pub fn wait_event(&mut self, kind: &str, timeout: Duration) -> String {
+        let want = format!("\"type\":\"{kind}\"");
+        if let Some(e) = self.seen.iter().find(|e| e.contains(&want)) {
+            return e.clone();
+        }
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(e) => {
+                    self.seen.push(e.clone());
+                    if e.contains(&want) {
+                        return e;
+                    }
+                }
+                Err(_) => panic!(
+                    "baresip: no {kind} event within {timeout:?}; events: {:?}\nlog:\n{}",
+                    self.seen,
+                    self.proc.tail(60)
+                ),
+            }
+        }
+    }
+
+    /// The sndfile dump of the audio baresip received and decoded.
+    pub fn received_wav(&self) -> PathBuf {
+        let found = fs::read_dir(&self.dir)
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.to_string_lossy().ends_with("-dec.wav"));
+        found.unwrap_or_else(|| {
+            panic!(
+                "baresip dumped no received audio in {}:\n{}",
+                self.dir.display(),
+                self.proc.tail(40)
+            )
+        })
+    }
+
+    /// `/quit`, then waits for the process to end (files closed).
+    pub fn quit(&mut self) {
+        self.command("quit", "");
+        if !self.proc.wait_exit(Duration::from_secs(15)) {
+            panic!("baresip did not quit:\n{}", self.proc.tail(30));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The edge's side of a call
+// ---------------------------------------------------------------------------
+
+/// Waits until the edge has no call up and returns its CDR lines.
+pub fn wait_calls_done(edge: &Edge, n: usize) -> Vec<String> {
+    let path = edge.data_dir.join("cdrs.jsonl");
+    poll(Duration::from_secs(20), || {
+        let t = fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<String> = t.lines().map(String::from).collect();
+        (lines.len() >= n).then_some(lines)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the edge wrote fewer than {n} CDRs in {}:\n{}",
+            path.display(),
+            edge.stderr_tail(30)
+        )
+    })
+}
