@@ -1977,6 +1977,16 @@ impl B2bua {
         let mut resp = response_to(req, code, &reason, Some(&tag));
         if (101..300).contains(&code) {
             resp.headers.push(self.contact(t));
+            // RFC 3261 §12.1.1: a dialog-creating response copies the
+            // request's Record-Route, in order, so a proxy in front (a
+            // carrier's Kamailio) stays on the path of ACK and BYE.
+            if req.method() == Some("INVITE") && req.to_tag().is_none() {
+                let rr = req
+                    .headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case("Record-Route"));
+                resp.headers.extend(rr.cloned());
+            }
         }
         for h in &from.headers {
             match &*h.name {
@@ -2856,6 +2866,40 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
             assert_eq!(r.b2b.calls_active(), 0, "from_b={from_b}");
             assert!(r.b2b.by_client.is_empty());
         }
+    }
+
+    #[test]
+    fn record_route_of_leg_a_is_echoed_and_routes_the_edge_bye() {
+        let mut r = rig();
+        let tok = r.token("rr1");
+        let rr = "Record-Route: <sip:127.0.0.1:5070;lr;ftag=a1>\r\n\
+                  Record-Route: <sip:127.0.0.3;lr>\r\n";
+        r.a_sends(&invite(
+            &format!("{rr}Authorization: Bearer {tok}\r\n"),
+            "z9hG4bKrr1",
+        ));
+        r.sent_to(&r.a.clone());
+        let inv = r.sent_to(&r.b.clone()).remove(0);
+        assert_eq!(
+            inv.headers_named("Record-Route").count(),
+            0,
+            "leg B is a fresh dialog"
+        );
+        r.b_sends(reply_from_b(&inv, 180, "b1"));
+        r.b_sends(reply_from_b(&inv, 200, "b1"));
+        let to_a = r.sent_to(&r.a.clone());
+        let want = ["<sip:127.0.0.1:5070;lr;ftag=a1>", "<sip:127.0.0.3;lr>"];
+        for m in &to_a {
+            let got: Vec<_> = m.headers_named("Record-Route").collect();
+            assert_eq!(got, want, "{:?}", m.status());
+        }
+        // The edge's BYE on leg A follows that route set (UAS: same order).
+        let from = "<sip:agent@127.0.0.1>;tag=b1";
+        let to = inv.header("From").unwrap().to_string();
+        r.b_sends(in_dialog("BYE", from, &to, inv.call_id().unwrap(), 2, 5080));
+        let bye = r.sent_to(&r.a.clone()).remove(0);
+        assert_eq!(bye.method(), Some("BYE"));
+        assert_eq!(bye.headers_named("Route").collect::<Vec<_>>(), want);
     }
 
     #[test]

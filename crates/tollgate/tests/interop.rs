@@ -42,21 +42,9 @@ fn baresip_digest_call_tone_echoed_and_bye() {
         },
         &tone,
     );
-    ua.command("dial", &format!("sip:{SERVICE}@{}", edge.sip_udp));
-    ua.wait_event("CALL_ESTABLISHED", SETUP);
-    // Media: 3 s of decoded audio came back through the edge's relay.
-    let got = poll(Duration::from_secs(30), || {
-        let p = std::fs::read_dir(&ua.dir)
-            .ok()?
-            .filter_map(|e| e.ok())
-            .find(|e| e.file_name().to_string_lossy().ends_with("-dec.wav"))?;
-        (p.metadata().ok()?.len() > 44 + 16_000 * 4).then_some(())
-    });
-    assert!(
-        got.is_some(),
-        "baresip received under 4 s of audio:\n{}",
-        ua.proc.tail(40)
-    );
+    ua.dial(&format!("sip:{SERVICE}@{}", edge.sip_udp));
+    // Media: 4 s of decoded audio came back through the edge's relay.
+    ua.wait_received_audio(0, 4);
     ua.command("hangup", "");
     ua.wait_event("CALL_CLOSED", SETUP);
     let cdrs = wait_calls_done(&edge, 1);
@@ -65,6 +53,90 @@ fn baresip_digest_call_tone_echoed_and_bye() {
         "baresip's BYE must end the call normally: {cdrs:?}"
     );
     ua.quit();
-    let hz = assert_tone(&ua.received_wav(), TONE_HZ, 2.0, "baresip -> edge -> echo");
+    let hz = assert_tone(
+        &ua.received_wavs()[0],
+        TONE_HZ,
+        2.0,
+        "baresip -> edge -> echo",
+    );
     eprintln!("baresip: received {hz} Hz (sent {TONE_HZ} Hz)");
+}
+
+#[test]
+fn kamailio_in_front_uac_digest_record_route_bye_both_ways() {
+    let edge = Edge::start(EdgeConfig::default());
+    let key = edge.first_key();
+    let dir = TestDir::new("interop-kamailio");
+    let tone = dir.join("tone.wav");
+    write_tone_wav(&tone, TONE_HZ, 60.0);
+    // The carrier's UA (baresip) talks to Kamailio without credentials;
+    // Kamailio answers the edge's 401 (default offer: SHA-256 then MD5) with
+    // the key's digest credentials. Each needs the other's address: pick
+    // Kamailio's port first.
+    let kam_port = alloc_ports().sip;
+    let kam_addr: std::net::SocketAddr = ([127, 0, 0, 1], kam_port).into();
+    let mut ua = Baresip::start(
+        &dir.path,
+        &BaresipAccount {
+            user: "carrier",
+            password: "",
+            server: kam_addr,
+            extra: "",
+        },
+        &tone,
+    );
+    let kam_dir = dir.join("kamailio");
+    std::fs::create_dir_all(&kam_dir).unwrap();
+    let kam = Kamailio::start(
+        &kam_dir,
+        kam_port,
+        edge.sip_udp,
+        ua.sip,
+        &key_id(&key),
+        &digest_password(&key),
+    );
+    let log = |k: &Kamailio| k.proc.tail(60);
+
+    // Call 1: BYE from the caller, through the proxy.
+    ua.dial(&format!("sip:{SERVICE}@{kam_addr}"));
+    ua.wait_received_audio(0, 4);
+    ua.command("hangup", "");
+    ua.wait_event("CALL_CLOSED", SETUP);
+    let cdrs = wait_calls_done(&edge, 1);
+    assert!(
+        cdrs[0].contains("\"cause\":\"normal\"") && cdrs[0].contains("\"sip_code\":200"),
+        "call 1 ends normally: {cdrs:?}\nkamailio:\n{}",
+        log(&kam)
+    );
+    assert!(
+        kam.routed("ACK") >= 1,
+        "the ACK of the 2xx crossed the proxy (Record-Route):\n{}",
+        log(&kam)
+    );
+    assert_eq!(
+        kam.routed("BYE"),
+        1,
+        "the caller's BYE crossed the proxy:\n{}",
+        log(&kam)
+    );
+
+    // Call 2: the edge hangs up (admin API); its BYE crosses the proxy.
+    ua.dial(&format!("sip:{SERVICE}@{kam_addr}"));
+    ua.wait_received_audio(1, 2);
+    admin_hang_up_only_call(&edge, &key);
+    ua.wait_event("CALL_CLOSED", SETUP);
+    wait_calls_done(&edge, 2);
+    assert_eq!(
+        kam.routed("BYE"),
+        2,
+        "the edge's BYE crossed the proxy:\n{}",
+        log(&kam)
+    );
+    ua.quit();
+    let wavs = ua.received_wavs();
+    assert_eq!(wavs.len(), 2, "one received-audio dump per call: {wavs:?}");
+    for (i, w) in wavs.iter().enumerate() {
+        let hz = assert_tone(w, TONE_HZ, 1.5, &format!("kamailio call {}", i + 1));
+        eprintln!("kamailio call {}: received {hz} Hz", i + 1);
+    }
 }

@@ -281,10 +281,14 @@ impl Baresip {
         fs::write(
             conf.join("accounts"),
             format!(
-                "<sip:{u}@{s}>;auth_pass={p};regint=0;audio_codecs=PCMU{x}\n",
+                "<sip:{u}@{s}>;{p}regint=0;audio_codecs=PCMU{x}\n",
                 u = acct.user,
                 s = acct.server,
-                p = acct.password,
+                p = if acct.password.is_empty() {
+                    String::new()
+                } else {
+                    format!("auth_pass={};", acct.password)
+                },
                 x = acct.extra
             ),
         )
@@ -377,19 +381,40 @@ impl Baresip {
         }
     }
 
-    /// The sndfile dump of the audio baresip received and decoded.
-    pub fn received_wav(&self) -> PathBuf {
-        let found = fs::read_dir(&self.dir)
+    /// The sndfile dumps of the audio baresip received and decoded, one per
+    /// call, oldest first.
+    pub fn received_wavs(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = fs::read_dir(&self.dir)
             .unwrap()
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.to_string_lossy().ends_with("-dec.wav"));
-        found.unwrap_or_else(|| {
-            panic!(
-                "baresip dumped no received audio in {}:\n{}",
-                self.dir.display(),
-                self.proc.tail(40)
-            )
-        })
+            .filter(|p| p.to_string_lossy().ends_with("-dec.wav"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Waits until the newest received-audio dump holds `secs` of audio
+    /// (8 kHz, 16 bit) beyond the `before` dumps already there.
+    pub fn wait_received_audio(&self, before: usize, secs: u64) {
+        let want = 44 + 16_000 * secs;
+        let got = poll(Duration::from_secs(30), || {
+            let v = self.received_wavs();
+            let p = v.get(before)?;
+            (p.metadata().ok()?.len() > want).then_some(())
+        });
+        assert!(
+            got.is_some(),
+            "baresip received under {secs} s of audio in call {}:\n{}",
+            before + 1,
+            self.proc.tail(40)
+        );
+    }
+
+    /// Dials `uri` and waits until the call is up.
+    pub fn dial(&mut self, uri: &str) {
+        self.seen.clear();
+        self.command("dial", uri);
+        self.wait_event("CALL_ESTABLISHED", Duration::from_secs(30));
     }
 
     /// `/quit`, then waits for the process to end (files closed).
@@ -420,4 +445,194 @@ pub fn wait_calls_done(edge: &Edge, n: usize) -> Vec<String> {
             edge.stderr_tail(30)
         )
     })
+}
+
+// ---------------------------------------------------------------------------
+// Kamailio as the carrier's proxy in front of the edge
+// ---------------------------------------------------------------------------
+
+pub struct Kamailio {
+    pub proc: Proc,
+    pub sip: SocketAddr,
+}
+
+impl Kamailio {
+    /// A stateful proxy on 127.0.0.1 that Record-Routes every INVITE,
+    /// sends requests from `edge` to `ua` and all others to `edge`, and
+    /// answers the edge's 401 with `user`/`password` (uac module,
+    /// `uac_auth()` in a failure route): a carrier interconnect that
+    /// authenticates with the key's digest credentials.
+    /// `port`: where it listens (UDP, 127.0.0.1).
+    pub fn start(
+        dir: &Path,
+        port: u16,
+        edge: SocketAddr,
+        ua: SocketAddr,
+        user: &str,
+        password: &str,
+    ) -> Kamailio {
+        let bin = require("kamailio", "kamailio");
+        let cfg = format!(
+            r#"#!KAMAILIO
+debug=2
+log_stderror=yes
+children=1
+auto_aliases=no
+listen=udp:127.0.0.1:{port}
+mpath="/usr/lib/x86_64-linux-gnu/kamailio/modules/"
+loadmodule "tm.so"
+loadmodule "sl.so"
+loadmodule "rr.so"
+loadmodule "pv.so"
+loadmodule "maxfwd.so"
+loadmodule "textops.so"
+loadmodule "siputils.so"
+loadmodule "uac.so"
+loadmodule "xlog.so"
+modparam("rr", "append_fromtag", 1)
+modparam("uac", "credential", "{user}:tollgate:{password}")
+
+request_route {{
+    xlog("L_INFO", "kamailio: $rm $ru from $si:$sp\n");
+    if (!mf_process_maxfwd_header("10")) {{
+        sl_send_reply("483", "Too Many Hops");
+        exit;
+    }}
+    if (has_totag()) {{
+        if (loose_route()) {{
+            t_relay();
+            exit;
+        }}
+        if (is_method("ACK")) {{
+            if (t_check_trans()) {{
+                t_relay();
+            }}
+            exit;
+        }}
+        sl_send_reply("404", "Not here");
+        exit;
+    }}
+    if (is_method("CANCEL")) {{
+        if (t_check_trans()) {{
+            t_relay();
+        }}
+        exit;
+    }}
+    if (is_method("INVITE")) {{
+        record_route();
+    }}
+    if ($si == "{edge_ip}" && $sp == {edge_port}) {{
+        $du = "sip:{ua}";
+    }} else {{
+        $du = "sip:{edge}";
+    }}
+    t_on_failure("AUTH");
+    t_relay();
+    exit;
+}}
+
+failure_route[AUTH] {{
+    if (t_is_canceled()) {{
+        exit;
+    }}
+    if (t_check_status("401|407")) {{
+        if (uac_auth()) {{
+            t_relay();
+        }}
+        exit;
+    }}
+}}
+"#,
+            edge_ip = edge.ip(),
+            edge_port = edge.port(),
+        );
+        let path = dir.join("kamailio.cfg");
+        fs::write(&path, cfg).unwrap();
+        let proc = Proc::spawn(
+            "kamailio",
+            Command::new(bin)
+                .args(["-DD", "-E", "-w"])
+                .arg(dir)
+                .arg("-P")
+                .arg(dir.join("kamailio.pid"))
+                .arg("-f")
+                .arg(&path),
+            dir.join("kamailio.log"),
+        );
+        let mut k = Kamailio {
+            proc,
+            sip: ([127, 0, 0, 1], port).into(),
+        };
+        let up = poll(Duration::from_secs(15), || {
+            if k.proc.child.try_wait().ok().flatten().is_some() {
+                return Some(false);
+            }
+            udp_listening(port).then_some(true)
+        });
+        assert_eq!(
+            up,
+            Some(true),
+            "kamailio did not start on {}:\n{}",
+            k.sip,
+            k.proc.tail(40)
+        );
+        k
+    }
+
+    /// Methods the proxy routed (from its `kamailio: METHOD` log lines).
+    pub fn routed(&self, method: &str) -> usize {
+        fs::read_to_string(&self.proc.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&format!("kamailio: {method} ")))
+            .count()
+    }
+}
+
+/// Plain HTTP/1.0 request with a bearer key; returns (status, body).
+pub fn http_with_key(addr: SocketAddr, method: &str, path: &str, key: &str) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = vec![];
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, body.to_string())
+}
+
+/// Hangs up the edge's only call through the admin API (the edge sends
+/// the BYEs).
+pub fn admin_hang_up_only_call(edge: &Edge, key: &str) {
+    let admin = edge
+        .listening("admin")
+        .expect("the edge printed its admin address");
+    let (code, body) = http_with_key(admin, "GET", "/v1/calls", key);
+    assert_eq!(code, 200, "GET /v1/calls: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let calls = v["calls"].as_array().cloned().unwrap_or_default();
+    assert_eq!(calls.len(), 1, "one call up: {body}");
+    let id = calls[0]["id"].as_str().expect("call id").to_string();
+    let enc: String = id
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let (code, body) = http_with_key(admin, "DELETE", &format!("/v1/calls/{enc}"), key);
+    assert_eq!(code, 202, "DELETE /v1/calls/{id}: {body}");
 }
