@@ -2,7 +2,9 @@
 # Runs every test of the workspace, installing what the tests need first
 # (SIPp from Debian's sip-tester; promtool and prometheus from Debian's
 # prometheus; PyYAML from python3-yaml for the deploy-kit checks; the interop
-# matrix's user agents and proxies: baresip-core, kamailio). Tests that
+# matrix's user agents and proxies: baresip-core, kamailio, linphone-cli; the
+# linphonec case runs in a network namespace: unshare from util-linux, ip from
+# iproute2). Tests that
 # need one of them fail, never skip, when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +20,8 @@ has_yaml || need_pkgs+=(python3-yaml)
 # tests/interop.rs: real user agents and proxies (issue 11).
 command -v baresip >/dev/null 2>&1 || need_pkgs+=(baresip-core)
 command -v kamailio >/dev/null 2>&1 || [ -x /usr/sbin/kamailio ] || need_pkgs+=(kamailio)
+command -v linphonec >/dev/null 2>&1 || need_pkgs+=(linphone-cli)
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /usr/bin/ip ] || need_pkgs+=(iproute2)
 had_prometheus=1
 if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
     need_pkgs+=(prometheus)
@@ -50,6 +54,7 @@ command -v prometheus >/dev/null || { echo "test.sh: prometheus is still missing
 has_yaml || { echo "test.sh: python3 cannot import yaml (python3-yaml)" >&2; exit 1; }
 command -v baresip >/dev/null || { echo "test.sh: baresip is still missing (baresip-core)" >&2; exit 1; }
 [ -x /usr/sbin/kamailio ] || command -v kamailio >/dev/null || { echo "test.sh: kamailio is still missing" >&2; exit 1; }
+command -v linphonec >/dev/null || { echo "test.sh: linphonec is still missing (linphone-cli)" >&2; exit 1; }
 # pylibsrtp: the independent SRTP implementation the media tests compare with.
 crates/media/scripts/install-test-deps.sh
 # detect-secrets in a venv: the secret-scanning rule's test runs it.

@@ -140,3 +140,68 @@ fn kamailio_in_front_uac_digest_record_route_bye_both_ways() {
         eprintln!("kamailio call {}: received {hz} Hz", i + 1);
     }
 }
+
+/// linphonec advertises its interface address (not the address it talks
+/// to) in SDP, and needs a non-loopback interface to start its transports:
+/// the test runs in its own network namespace, where the edge listens on
+/// the veth address.
+#[test]
+fn linphonec_digest_sha256_call_tone_echoed_and_bye() {
+    if reexec_in_netns("linphonec_digest_sha256_call_tone_echoed_and_bye") {
+        return;
+    }
+    require("linphonec", "linphone-cli");
+    let edge = Edge::start(EdgeConfig {
+        tcp: false,
+        // The product default offer: SHA-256 first, then MD5.
+        digest_algorithms: None,
+        extra_args: vec![
+            "--sip-listen".into(),
+            format!("udp:{NETNS_IP}:0"),
+            "--media-ip".into(),
+            NETNS_IP.into(),
+        ],
+        ..EdgeConfig::default()
+    });
+    let sip = edge
+        .listening("sip udp")
+        .expect("the edge printed its SIP address");
+    assert_eq!(sip.ip().to_string(), NETNS_IP, "edge on the veth address");
+    let key = edge.first_key();
+    let dir = TestDir::new("interop-linphonec");
+    let tone = dir.join("tone.wav");
+    write_tone_wav(&tone, TONE_HZ, 30.0);
+    let ports = alloc_ports();
+    let mut ua = Linphonec::start(
+        &dir.path,
+        &key_id(&key),
+        &digest_password(&key),
+        sip,
+        ports.sip,
+        ports.media,
+        &tone,
+    );
+    ua.cmd(&format!("call sip:{SERVICE}@{sip}"));
+    ua.wait_line("connected", SETUP);
+    // Media: the recording grows with audio that came back (liblinphone
+    // records at the codec's rate, Opus 48 kHz here, and writes the WAV
+    // header when it closes the file).
+    let grown = poll(Duration::from_secs(30), || {
+        (loud_secs_so_far(&ua.recording, 48_000) >= 3.0).then_some(())
+    });
+    assert!(
+        grown.is_some(),
+        "linphonec received under 3 s of audio:\n{}",
+        ua.output()
+    );
+    ua.cmd("terminate");
+    ua.wait_line("ended", SETUP);
+    let cdrs = wait_calls_done(&edge, 1);
+    assert!(
+        cdrs[0].contains("\"cause\":\"normal\"") && cdrs[0].contains("\"sip_code\":200"),
+        "linphonec's BYE ends the call normally: {cdrs:?}"
+    );
+    ua.quit();
+    let hz = assert_tone(&ua.recording, TONE_HZ, 2.0, "linphonec -> edge -> echo");
+    eprintln!("linphonec: received {hz} Hz (sent {TONE_HZ} Hz)");
+}

@@ -91,6 +91,32 @@ pub fn read_wav(path: &Path) -> (Vec<f64>, u32) {
     panic!("{}: no data chunk", path.display());
 }
 
+/// Seconds above silence in a recording still being written (its sizes
+/// may not be final yet): the bytes after the 44-byte header as 16-bit
+/// PCM at the header's rate (`rate` while the writer has not filled the
+/// header in yet), in chunks of 160, counted where the chunk's rms is over
+/// 1000.
+pub fn loud_secs_so_far(path: &Path, rate: u32) -> f64 {
+    let b = fs::read(path).unwrap_or_default();
+    let rate = b
+        .get(24..28)
+        .map(|r| u32::from_le_bytes(r.try_into().unwrap()))
+        .filter(|r| (8000..=96_000).contains(r))
+        .unwrap_or(rate);
+    let s: Vec<f64> = b
+        .get(44..)
+        .unwrap_or_default()
+        .chunks_exact(2)
+        .map(|c| i16::from_le_bytes([c[0], c[1]]) as f64)
+        .collect();
+    let n: usize = s
+        .chunks(160)
+        .filter(|c| rms(c) > 1000.0)
+        .map(<[f64]>::len)
+        .sum();
+    n as f64 / rate as f64
+}
+
 /// Root mean square of `s`.
 pub fn rms(s: &[f64]) -> f64 {
     if s.is_empty() {
@@ -151,8 +177,15 @@ pub fn assert_tone(path: &Path, want_hz: f64, secs: f64, what: &str) -> f64 {
         s.len() as f64 / rate as f64,
         rms(&s)
     );
-    let seg = &loud[loud.len() - win..];
-    let hz = dominant_hz(seg, rate);
+    // Decimate to about 8 kHz (the tone is far below 4 kHz; the scan is a
+    // plain DFT).
+    let step = (rate / 8000).max(1) as usize;
+    let seg: Vec<f64> = loud[loud.len() - win..]
+        .iter()
+        .step_by(step)
+        .copied()
+        .collect();
+    let hz = dominant_hz(&seg, rate / step as u32);
     assert!(
         (hz - want_hz).abs() <= 15.0,
         "{what}: received tone is {hz} Hz, sent {want_hz} Hz ({})",
@@ -635,4 +668,209 @@ pub fn admin_hang_up_only_call(edge: &Edge, key: &str) {
         .collect();
     let (code, body) = http_with_key(admin, "DELETE", &format!("/v1/calls/{enc}"), key);
     assert_eq!(code, 202, "DELETE /v1/calls/{id}: {body}");
+}
+
+// ---------------------------------------------------------------------------
+// A network namespace for user agents that put their interface address in SDP
+// ---------------------------------------------------------------------------
+
+/// Set inside the namespace for the re-executed test.
+pub const NETNS_ENV: &str = "TOLLGATE_INTEROP_NETNS";
+
+/// The address of the namespace's veth end, where the edge and the user
+/// agent meet. A documentation address (TEST-NET-1, RFC 5737): it exists
+/// only inside the namespace, which has no link to anywhere.
+pub const NETNS_IP: &str = "192.0.2.77";
+
+/// Runs the test `name` again, inside a new network namespace (`unshare
+/// -n`) holding only loopback and a veth pair whose both ends stay in it,
+/// so no packet of that test can leave the machine. Returns true in the
+/// parent (the child's result is asserted), false inside the namespace,
+/// after setting it up (the caller then runs the test body).
+pub fn reexec_in_netns(name: &str) -> bool {
+    if std::env::var_os(NETNS_ENV).is_some() {
+        for args in [
+            vec!["link", "set", "lo", "up"],
+            vec!["link", "add", "tg0", "type", "veth", "peer", "name", "tg1"],
+            vec!["addr", "add", &format!("{NETNS_IP}/24"), "dev", "tg0"],
+            vec!["link", "set", "tg0", "up"],
+            vec!["link", "set", "tg1", "up"],
+            // A default route, so stacks that look for "the network" find
+            // tg0; whatever takes it ends at tg1, inside the namespace.
+            vec!["route", "add", "default", "dev", "tg0"],
+        ] {
+            let ip = require("ip", "iproute2");
+            let out = Command::new(ip).args(&args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "ip {args:?} in the namespace: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        return false;
+    }
+    let unshare = require("unshare", "util-linux");
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new(unshare)
+        .arg("-n")
+        .arg(&exe)
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(NETNS_ENV, "1")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run unshare: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "{name} inside `unshare -n` (needs root, as CI runs scripts/test.sh) failed:\n{text}"
+    );
+    eprintln!("{text}");
+    true
+}
+
+// ---------------------------------------------------------------------------
+// linphonec (liblinphone, belle-sip), driven through its stdin
+// ---------------------------------------------------------------------------
+
+pub struct Linphonec {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    pub log: PathBuf,
+    pub recording: PathBuf,
+}
+
+impl Linphonec {
+    /// linphonec with a fresh config in `dir`: digest account `user` /
+    /// `password` at `server`, SIP on `sip_port`, the sound card replaced by
+    /// files (plays `tone`, records what it receives).
+    pub fn start(
+        dir: &Path,
+        user: &str,
+        password: &str,
+        server: SocketAddr,
+        sip_port: u16,
+        rtp_port: u16,
+        tone: &Path,
+    ) -> Linphonec {
+        let bin = require("linphonec", "linphone-cli");
+        let rc = dir.join("linphonerc");
+        fs::write(
+            &rc,
+            format!(
+                "[sip]\nsip_tcp_port=0\ndefault_proxy=0\n\
+                 [rtp]\naudio_rtp_port={rtp_port}\n\
+                 [video]\nenabled=0\ncapture=0\ndisplay=0\n\
+                 [sound]\nechocancellation=0\n\
+                 [auth_info_0]\nusername={user}\nuserid={user}\npasswd={password}\nrealm=tollgate\n\
+                 [proxy_0]\nreg_proxy=<sip:{server}>\nreg_identity=sip:{user}@{ip}\nreg_sendregister=0\n",
+                ip = server.ip(),
+            ),
+        )
+        .unwrap();
+        let log = dir.join("linphone.log");
+        let mut child = Command::new(bin)
+            .arg("-c")
+            .arg(&rc)
+            .arg("-d")
+            .arg("6")
+            .arg("-l")
+            .arg(&log)
+            .env("HOME", dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start linphonec: {e}"));
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        {
+            let lines = lines.clone();
+            thread::spawn(move || {
+                // linphonec prints its prompt without a newline: split on
+                // newlines and on the prompt.
+                let mut r = BufReader::new(stdout);
+                let mut buf = Vec::new();
+                while r
+                    .read_until(b'\n', &mut buf)
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .is_some()
+                {
+                    let l = String::from_utf8_lossy(&buf).replace("linphonec> ", "");
+                    lines.lock().unwrap().push(l.trim().to_string());
+                    buf.clear();
+                }
+            });
+        }
+        let recording = dir.join("linphone-received.wav");
+        let mut l = Linphonec {
+            child,
+            stdin,
+            lines,
+            log,
+            recording,
+        };
+        l.cmd(&format!("ports sip {sip_port}"));
+        l.wait_line(
+            &format!("Setting sip port to {sip_port}"),
+            Duration::from_secs(20),
+        );
+        l.cmd("soundcard use files");
+        l.cmd(&format!("play {}", tone.display()));
+        let rec = l.recording.display().to_string();
+        l.cmd(&format!("record {rec}"));
+        l
+    }
+
+    pub fn cmd(&mut self, c: &str) {
+        writeln!(self.stdin, "{c}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    pub fn output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits for an output line containing `s`.
+    pub fn wait_line(&self, s: &str, timeout: Duration) -> String {
+        poll(timeout, || {
+            self.lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(s))
+                .cloned()
+        })
+        .unwrap_or_else(|| {
+            let log = fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            panic!(
+                "linphonec: no line with {s:?} within {timeout:?}; output:\n{}\nlog tail:\n{}",
+                self.output(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        })
+    }
+
+    pub fn quit(&mut self) {
+        self.cmd("quit");
+        let done = poll(Duration::from_secs(20), || {
+            self.child.try_wait().ok().flatten()
+        });
+        assert!(done.is_some(), "linphonec did not quit:\n{}", self.output());
+    }
+}
+
+impl Drop for Linphonec {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
