@@ -59,6 +59,8 @@ command -v linphonec >/dev/null || { echo "test.sh: linphonec is still missing (
 crates/media/scripts/install-test-deps.sh
 # detect-secrets in a venv: the secret-scanning rule's test runs it.
 scripts/install-secret-scan-deps.sh
+# pjsua2 (PJSIP's Python binding) in a venv: the interop matrix's PJSIP case.
+scripts/install-interop-deps.sh
 
 cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads=4

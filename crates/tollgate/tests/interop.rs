@@ -205,3 +205,43 @@ fn linphonec_digest_sha256_call_tone_echoed_and_bye() {
     let hz = assert_tone(&ua.recording, TONE_HZ, 2.0, "linphonec -> edge -> echo");
     eprintln!("linphonec: received {hz} Hz (sent {TONE_HZ} Hz)");
 }
+
+/// PJSIP (pjsua2 2.15): digest against the default offer, a tone echoed,
+/// hold (re-INVITE a=sendonly) and resume (a=sendrecv) through the edge,
+/// BYE from the caller.
+#[test]
+fn pjsua2_digest_call_hold_resume_tone_echoed_and_bye() {
+    let edge = Edge::start(EdgeConfig {
+        digest_algorithms: None,
+        ..EdgeConfig::default()
+    });
+    let key = edge.first_key();
+    let dir = TestDir::new("interop-pjsua2");
+    let tone = dir.join("tone.wav");
+    write_tone_wav(&tone, TONE_HZ, 30.0);
+    let out = dir.join("pjsua2-received.wav");
+    let events = run_pjsua2_call(
+        &dir.path,
+        edge.sip_udp,
+        &key_id(&key),
+        &digest_password(&key),
+        &tone,
+        &out,
+    );
+    for step in [
+        "confirmed 200",
+        "held",
+        "resumed",
+        "disconnected 200",
+        "done",
+    ] {
+        assert!(events.contains(step), "pjsua2 missed {step:?}:\n{events}");
+    }
+    let cdrs = wait_calls_done(&edge, 1);
+    assert!(
+        cdrs[0].contains("\"cause\":\"normal\"") && cdrs[0].contains("\"sip_code\":200"),
+        "one call, through hold and resume, ended normally by pjsua2's BYE: {cdrs:?}"
+    );
+    let hz = assert_tone(&out, TONE_HZ, 2.0, "pjsua2 -> edge -> echo");
+    eprintln!("pjsua2: received {hz} Hz (sent {TONE_HZ} Hz)");
+}

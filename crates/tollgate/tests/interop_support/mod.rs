@@ -874,3 +874,74 @@ impl Drop for Linphonec {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// PJSIP through pjsua2 (Python), the stack of Asterisk's chan_pjsip
+// ---------------------------------------------------------------------------
+
+/// The Python of the venv scripts/install-interop-deps.sh makes (or
+/// `$TOLLGATE_INTEROP_VENV`), checked to import pjsua2.
+pub fn pjsua2_python() -> PathBuf {
+    let venv = std::env::var_os("TOLLGATE_INTEROP_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest_dir().join("../../.venv/interop"));
+    let py = venv.join("bin/python");
+    let ok = Command::new(&py)
+        .args(["-c", "import pjsua2"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "interop: {} cannot import pjsua2: run scripts/install-interop-deps.sh \
+         (PyPI pjsua2-python in a venv; scripts/test.sh runs it); this case fails rather than skips",
+        py.display()
+    );
+    py
+}
+
+/// Runs interop_support/pjsua2_ua.py (one call: tone, hold, resume, BYE)
+/// to completion; returns its output.
+pub fn run_pjsua2_call(
+    dir: &Path,
+    edge: SocketAddr,
+    user: &str,
+    password: &str,
+    tone: &Path,
+    out: &Path,
+) -> String {
+    let py = pjsua2_python();
+    let script = manifest_dir().join("tests/interop_support/pjsua2_ua.py");
+    let ports = alloc_ports();
+    let mut p = Proc::spawn(
+        "pjsua2",
+        Command::new(py)
+            .arg(script)
+            .arg(edge.to_string())
+            .arg(user)
+            .arg(password)
+            .arg(ports.sip.to_string())
+            .arg(SERVICE)
+            .arg(tone)
+            .arg(out),
+        dir.join("pjsua2.log"),
+    );
+    let done = p.wait_exit(Duration::from_secs(90));
+    let log = fs::read_to_string(&p.log).unwrap_or_default();
+    let events: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("EVENT") || l.starts_with("FAIL"))
+        .collect();
+    let ok = done
+        && p.child
+            .try_wait()
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.success());
+    assert!(
+        ok,
+        "pjsua2 call failed (exited: {done}); events:\n{}\nlog tail:\n{}",
+        events.join("\n"),
+        p.tail(60)
+    );
+    events.join("\n")
+}
