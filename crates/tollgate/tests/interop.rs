@@ -62,6 +62,81 @@ fn baresip_digest_call_tone_echoed_and_bye() {
     eprintln!("baresip: received {hz} Hz (sent {TONE_HZ} Hz)");
 }
 
+/// baresip: RFC 4733 DTMF through the relay (the echo returns the events,
+/// baresip reports them), hold (re-INVITE a=sendonly, answered recvonly)
+/// and resume (a=sendrecv) with media flowing again, then a BYE from the
+/// edge (admin API hang-up).
+#[test]
+fn baresip_dtmf_hold_resume_and_bye_from_the_edge() {
+    let edge = edge_for_libre();
+    let key = edge.first_key();
+    let dir = TestDir::new("interop-baresip-dtmf");
+    let tone = dir.join("tone.wav");
+    write_tone_wav(&tone, TONE_HZ, 60.0);
+    let mut ua = Baresip::start(
+        &dir.path,
+        &BaresipAccount {
+            user: &key_id(&key),
+            password: &digest_password(&key),
+            server: edge.sip_udp,
+            extra: "",
+        },
+        &tone,
+    );
+    ua.dial(&format!("sip:{SERVICE}@{}", edge.sip_udp));
+    ua.wait_received_audio(0, 3);
+    ua.command("sndcode", "7");
+    let ev = ua.wait_event("CALL_DTMF_START", SETUP);
+    assert!(
+        ev.contains("\"param\":\"7\""),
+        "the DTMF digit came back through the edge as 7: {ev}"
+    );
+    ua.command("hold", "");
+    let held = poll(SETUP, || {
+        let log = std::fs::read_to_string(&ua.proc.log).ok()?;
+        log.contains("a=sendonly").then_some(())?;
+        log.contains("a=recvonly").then_some(())
+    });
+    assert!(
+        held.is_some(),
+        "hold: re-INVITE a=sendonly answered a=recvonly through the edge:\n{}",
+        ua.proc.tail(80)
+    );
+    // After the resume, the echo's RTP flows to baresip again (counted by
+    // the edge's relay: baresip 1.0's sndfile dump stops at the first
+    // re-INVITE, so the tone is measured on what came before the hold).
+    let to_a = || {
+        metric_sum(
+            &scrape(edge.metrics_addr()),
+            "tollgate_media_packets_total",
+            &[("direction", "b_to_a"), ("proto", "rtp")],
+        )
+        .unwrap_or(0.0)
+    };
+    let before = to_a();
+    ua.command("resume", "");
+    let resumed = poll(SETUP, || (to_a() >= before + 100.0).then_some(()));
+    assert!(
+        resumed.is_some(),
+        "after resume, 2 s more RTP came back through the edge (from {before} packets):\n{}",
+        ua.proc.tail(60)
+    );
+    admin_hang_up_only_call(&edge, &key);
+    ua.wait_event("CALL_CLOSED", SETUP);
+    let cdrs = wait_calls_done(&edge, 1);
+    assert!(
+        cdrs[0].contains("\"sip_code\":200"),
+        "one answered call, ended by the edge: {cdrs:?}"
+    );
+    ua.quit();
+    assert_tone(
+        &ua.received_wavs()[0],
+        TONE_HZ,
+        2.0,
+        "baresip after hold/resume",
+    );
+}
+
 #[test]
 fn kamailio_in_front_uac_digest_record_route_bye_both_ways() {
     let edge = Edge::start(EdgeConfig::default());

@@ -223,9 +223,14 @@ impl Proc {
         }
     }
 
+    /// The last `n` lines of its output (baresip's `\r`-separated bit-rate
+    /// ticker left out).
     pub fn tail(&self, n: usize) -> String {
         let t = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = t.lines().collect();
+        let lines: Vec<&str> = t
+            .split(['\n', '\r'])
+            .filter(|l| !l.trim().is_empty() && !l.contains("(bit/s)"))
+            .collect();
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
