@@ -747,6 +747,24 @@ impl B2bua {
         }
     }
 
+    /// Our Contact in a response to `req`: a SIPS URI over TLS only where
+    /// the request used one (RFC 3261 §12.1.1); a `sip:` request over TLS
+    /// gets `sip:...;transport=tls`, since stacks such as libre (baresip)
+    /// end the call on a `sips:` Contact they did not ask for.
+    fn contact_answering(&self, t: Transport, req: &Message) -> Header {
+        let sips = req
+            .request_uri()
+            .is_some_and(|u| u.get(..5).is_some_and(|s| s.eq_ignore_ascii_case("sips:")));
+        if t == Transport::Tls && !sips {
+            Header {
+                name: "Contact".into(),
+                value: format!("<sip:tollgate@{};transport=tls>", self.local(t)),
+            }
+        } else {
+            self.contact(t)
+        }
+    }
+
     fn send_stateless(&mut self, peer: &Peer, resp: Message) {
         if let Some(code) = resp.status() {
             metrics::counter!("tollgate_sip_responses_total", "code" => code_label(code))
@@ -1976,7 +1994,7 @@ impl B2bua {
         };
         let mut resp = response_to(req, code, &reason, Some(&tag));
         if (101..300).contains(&code) {
-            resp.headers.push(self.contact(t));
+            resp.headers.push(self.contact_answering(t, req));
             // RFC 3261 §12.1.1: a dialog-creating response copies the
             // request's Record-Route, in order, so a proxy in front (a
             // carrier's Kamailio) stays on the path of ACK and BYE.
@@ -2900,6 +2918,21 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
         let bye = r.sent_to(&r.a.clone()).remove(0);
         assert_eq!(bye.method(), Some("BYE"));
         assert_eq!(bye.headers_named("Route").collect::<Vec<_>>(), want);
+    }
+
+    #[test]
+    fn contact_over_tls_follows_the_request_scheme() {
+        let r = rig();
+        let sip = parse(invite("", "z9hG4bKc1").as_bytes()).unwrap();
+        let sips = invite("", "z9hG4bKc2").replace("INVITE sip:", "INVITE sips:");
+        let sips = parse(sips.as_bytes()).unwrap();
+        let c = |t, m: &Message| r.b2b.contact_answering(t, m).value;
+        assert_eq!(
+            c(Transport::Tls, &sip),
+            "<sip:tollgate@127.0.0.1:5060;transport=tls>"
+        );
+        assert_eq!(c(Transport::Tls, &sips), "<sips:tollgate@127.0.0.1:5060>");
+        assert_eq!(c(Transport::Udp, &sip), "<sip:tollgate@127.0.0.1:5060>");
     }
 
     #[test]

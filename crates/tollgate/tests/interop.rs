@@ -38,7 +38,9 @@ fn baresip_digest_call_tone_echoed_and_bye() {
             user: &key_id(&key),
             password: &digest_password(&key),
             server: edge.sip_udp,
+            uri_params: "",
             extra: "",
+            config: "",
         },
         &tone,
     );
@@ -79,7 +81,9 @@ fn baresip_dtmf_hold_resume_and_bye_from_the_edge() {
             user: &key_id(&key),
             password: &digest_password(&key),
             server: edge.sip_udp,
+            uri_params: "",
             extra: "",
+            config: "",
         },
         &tone,
     );
@@ -156,7 +160,9 @@ fn kamailio_in_front_uac_digest_record_route_bye_both_ways() {
             user: "carrier",
             password: "",
             server: kam_addr,
+            uri_params: "",
             extra: "",
+            config: "",
         },
         &tone,
     );
@@ -319,4 +325,78 @@ fn pjsua2_digest_call_hold_resume_tone_echoed_and_bye() {
     );
     let hz = assert_tone(&out, TONE_HZ, 2.0, "pjsua2 -> edge -> echo");
     eprintln!("pjsua2: received {hz} Hz (sent {TONE_HZ} Hz)");
+}
+
+/// baresip over TLS with `mediaenc=srtp-mand`: SDES keys ride the TLS
+/// signaling, the edge decrypts leg A's SRTP for the (plain RTP) echo and
+/// encrypts what comes back; the tone survives both ways.
+#[test]
+fn baresip_tls_srtp_mandatory_call_tone_echoed_and_bye() {
+    let dir = TestDir::new("interop-baresip-tls");
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert = dir.join("server.pem");
+    let key_file = dir.join("server.key");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key_file, ck.key_pair.serialize_pem()).unwrap();
+    let edge = Edge::start(EdgeConfig {
+        tcp: false,
+        digest_algorithms: Some(vec!["MD5".into()]),
+        extra_toml: format!(
+            "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert.display(),
+            key_file.display()
+        ),
+        extra_args: vec![
+            "--sip-listen".into(),
+            "udp:127.0.0.1:0".into(),
+            "--sip-listen".into(),
+            "tls:127.0.0.1:0".into(),
+        ],
+        ..EdgeConfig::default()
+    });
+    let tls = edge.listening("sip tls").expect("the edge listens on TLS");
+    let key = edge.first_key();
+    let tone = dir.join("tone.wav");
+    write_tone_wav(&tone, TONE_HZ, 30.0);
+    let mut ua = Baresip::start(
+        &dir.path,
+        &BaresipAccount {
+            user: &key_id(&key),
+            password: &digest_password(&key),
+            server: tls,
+            uri_params: ";transport=tls",
+            extra: ";mediaenc=srtp-mand",
+            config: &format!("sip_cafile {}", cert.display()),
+        },
+        &tone,
+    );
+    // baresip adds the account's ;transport=tls to the dialled URI.
+    ua.dial(&format!("sip:{SERVICE}@{tls}"));
+    ua.wait_received_audio(0, 4);
+    let log = std::fs::read_to_string(&ua.proc.log).unwrap_or_default();
+    assert!(
+        log.contains("RTP/SAVP") && log.contains("a=crypto:"),
+        "the call's SDP is SRTP with SDES keys:\n{}",
+        ua.proc.tail(60)
+    );
+    ua.command("hangup", "");
+    ua.wait_event("CALL_CLOSED", SETUP);
+    let cdrs = wait_calls_done(&edge, 1);
+    assert!(
+        cdrs[0].contains("\"cause\":\"normal\"") && cdrs[0].contains("\"sip_code\":200"),
+        "the TLS call ends normally: {cdrs:?}"
+    );
+    let m = scrape(edge.metrics_addr());
+    for t in ["decrypt", "encrypt"] {
+        let n = metric_sum(&m, "tollgate_media_packets_total", &[("transform", t)]).unwrap_or(0.0);
+        assert!(n >= 100.0, "the relay did SRTP {t} ({n} packets)");
+    }
+    ua.quit();
+    let hz = assert_tone(
+        &ua.received_wavs()[0],
+        TONE_HZ,
+        2.0,
+        "baresip SRTP over TLS",
+    );
+    eprintln!("baresip TLS+SRTP: received {hz} Hz (sent {TONE_HZ} Hz)");
 }

@@ -272,8 +272,12 @@ pub struct BaresipAccount<'a> {
     pub user: &'a str,
     pub password: &'a str,
     pub server: SocketAddr,
-    /// Extra `;param` of the account line (e.g. `;outbound="sip:..."`).
+    /// Parameters of the account's URI (e.g. `;transport=tls`).
+    pub uri_params: &'a str,
+    /// Extra `;param` of the account line (e.g. `;mediaenc=srtp-mand`).
     pub extra: &'a str,
+    /// Extra lines of baresip's `config` (e.g. `sip_cafile ...`).
+    pub config: &'a str,
 }
 
 impl Baresip {
@@ -303,25 +307,29 @@ impl Baresip {
              module alsa.so\n\
              module aufile.so\n\
              module sndfile.so\n\
+             module srtp.so\n\
              module_app account.so\n\
              module_app menu.so\n\
              module_app ctrl_tcp.so\n\
              snd_path {rec}\n\
-             ctrl_tcp_listen 127.0.0.1:{ctrl}\n",
+             ctrl_tcp_listen 127.0.0.1:{ctrl}\n\
+             {extra}\n",
             sip = ports.sip,
             tone = tone.display(),
             rtp_lo = ports.media,
             rtp_hi = ports.media + 3,
             rec = rec.display(),
             ctrl = ports.control,
+            extra = acct.config,
         );
         fs::write(conf.join("config"), config).unwrap();
         fs::write(
             conf.join("accounts"),
             format!(
-                "<sip:{u}@{s}>;{p}regint=0;audio_codecs=PCMU{x}\n",
+                "<sip:{u}@{s}{up}>;{p}regint=0;audio_codecs=PCMU{x}\n",
                 u = acct.user,
                 s = acct.server,
+                up = acct.uri_params,
                 p = if acct.password.is_empty() {
                     String::new()
                 } else {
