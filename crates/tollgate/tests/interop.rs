@@ -30,30 +30,14 @@ fn baresip_digest_call_tone_echoed_and_bye() {
     let edge = edge_for_libre();
     let key = edge.first_key();
     let dir = TestDir::new("interop-baresip");
-    let tone = dir.join("tone.wav");
-    write_tone_wav(&tone, TONE_HZ, 30.0);
-    let mut ua = Baresip::start(
-        &dir.path,
-        &BaresipAccount {
-            user: &key_id(&key),
-            password: &digest_password(&key),
-            server: edge.sip_udp,
-            uri_params: "",
-            extra: "",
-            config: "",
-        },
-        &tone,
-    );
+    let mut ua = baresip_on(&edge, &key, &dir, TONE_HZ, 30.0);
     ua.dial(&format!("sip:{SERVICE}@{}", edge.sip_udp));
     // Media: 4 s of decoded audio came back through the edge's relay.
     ua.wait_received_audio(0, 4);
     ua.command("hangup", "");
     ua.wait_event("CALL_CLOSED", SETUP);
     let cdrs = wait_calls_done(&edge, 1);
-    assert!(
-        cdrs[0].contains("\"cause\":\"normal\"") && cdrs[0].contains("\"sip_code\":200"),
-        "baresip's BYE must end the call normally: {cdrs:?}"
-    );
+    assert_normal_end(&cdrs[0], "baresip's BYE");
     ua.quit();
     let hz = assert_tone(
         &ua.received_wavs()[0],
@@ -73,20 +57,7 @@ fn baresip_dtmf_hold_resume_and_bye_from_the_edge() {
     let edge = edge_for_libre();
     let key = edge.first_key();
     let dir = TestDir::new("interop-baresip-dtmf");
-    let tone = dir.join("tone.wav");
-    write_tone_wav(&tone, TONE_HZ, 60.0);
-    let mut ua = Baresip::start(
-        &dir.path,
-        &BaresipAccount {
-            user: &key_id(&key),
-            password: &digest_password(&key),
-            server: edge.sip_udp,
-            uri_params: "",
-            extra: "",
-            config: "",
-        },
-        &tone,
-    );
+    let mut ua = baresip_on(&edge, &key, &dir, TONE_HZ, 60.0);
     ua.dial(&format!("sip:{SERVICE}@{}", edge.sip_udp));
     ua.wait_received_audio(0, 3);
     ua.command("sndcode", "7");
@@ -184,11 +155,7 @@ fn kamailio_in_front_uac_digest_record_route_bye_both_ways() {
     ua.command("hangup", "");
     ua.wait_event("CALL_CLOSED", SETUP);
     let cdrs = wait_calls_done(&edge, 1);
-    assert!(
-        cdrs[0].contains("\"cause\":\"normal\"") && cdrs[0].contains("\"sip_code\":200"),
-        "call 1 ends normally: {cdrs:?}\nkamailio:\n{}",
-        log(&kam)
-    );
+    assert_normal_end(&cdrs[0], "call 1, the caller's BYE through kamailio");
     assert!(
         kam.routed("ACK") >= 1,
         "the ACK of the 2xx crossed the proxy (Record-Route):\n{}",
@@ -278,10 +245,7 @@ fn linphonec_digest_sha256_call_tone_echoed_and_bye() {
     ua.cmd("terminate");
     ua.wait_line("ended", SETUP);
     let cdrs = wait_calls_done(&edge, 1);
-    assert!(
-        cdrs[0].contains("\"cause\":\"normal\"") && cdrs[0].contains("\"sip_code\":200"),
-        "linphonec's BYE ends the call normally: {cdrs:?}"
-    );
+    assert_normal_end(&cdrs[0], "linphonec's BYE");
     ua.quit();
     let hz = assert_tone(&ua.recording, TONE_HZ, 2.0, "linphonec -> edge -> echo");
     eprintln!("linphonec: received {hz} Hz (sent {TONE_HZ} Hz)");
@@ -319,10 +283,7 @@ fn pjsua2_digest_call_hold_resume_tone_echoed_and_bye() {
         assert!(events.contains(step), "pjsua2 missed {step:?}:\n{events}");
     }
     let cdrs = wait_calls_done(&edge, 1);
-    assert!(
-        cdrs[0].contains("\"cause\":\"normal\"") && cdrs[0].contains("\"sip_code\":200"),
-        "one call, through hold and resume, ended normally by pjsua2's BYE: {cdrs:?}"
-    );
+    assert_normal_end(&cdrs[0], "pjsua2's BYE after hold and resume");
     let hz = assert_tone(&out, TONE_HZ, 2.0, "pjsua2 -> edge -> echo");
     eprintln!("pjsua2: received {hz} Hz (sent {TONE_HZ} Hz)");
 }
@@ -382,10 +343,7 @@ fn baresip_tls_srtp_mandatory_call_tone_echoed_and_bye() {
     ua.command("hangup", "");
     ua.wait_event("CALL_CLOSED", SETUP);
     let cdrs = wait_calls_done(&edge, 1);
-    assert!(
-        cdrs[0].contains("\"cause\":\"normal\"") && cdrs[0].contains("\"sip_code\":200"),
-        "the TLS call ends normally: {cdrs:?}"
-    );
+    assert_normal_end(&cdrs[0], "baresip's BYE over TLS");
     let m = scrape(edge.metrics_addr());
     for t in ["decrypt", "encrypt"] {
         let n = metric_sum(&m, "tollgate_media_packets_total", &[("transform", t)]).unwrap_or(0.0);

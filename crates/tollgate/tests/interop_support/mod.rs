@@ -637,25 +637,12 @@ failure_route[AUTH] {{
 
 /// Plain HTTP/1.0 request with a bearer key; returns (status, body).
 pub fn http_with_key(addr: SocketAddr, method: &str, path: &str, key: &str) -> (u16, String) {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
-         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    http_request(
+        addr,
+        method,
+        path,
+        &format!("Authorization: Bearer {key}\r\n"),
     )
-    .unwrap();
-    let mut buf = vec![];
-    let _ = s.read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, body.to_string())
 }
 
 /// Hangs up the edge's only call through the admin API (the edge sends
@@ -957,4 +944,32 @@ pub fn run_pjsua2_call(
         p.tail(60)
     );
     events.join("\n")
+}
+
+/// The CDR of a call that a BYE ended normally (`cause` normal, answered
+/// with 200).
+pub fn assert_normal_end(cdr: &str, what: &str) {
+    assert!(
+        cdr.contains("\"cause\":\"normal\"") && cdr.contains("\"sip_code\":200"),
+        "{what}: the call must end normally: {cdr}"
+    );
+}
+
+/// baresip with a digest account for `key` on the edge's UDP address,
+/// playing a `secs`-long tone WAV written into `dir`.
+pub fn baresip_on(edge: &Edge, key: &str, dir: &TestDir, hz: f64, secs: f64) -> Baresip {
+    let tone = dir.join("tone.wav");
+    write_tone_wav(&tone, hz, secs);
+    Baresip::start(
+        &dir.path,
+        &BaresipAccount {
+            user: &key_id(key),
+            password: &digest_password(key),
+            server: edge.sip_udp,
+            uri_params: "",
+            extra: "",
+            config: "",
+        },
+        &tone,
+    )
 }
