@@ -198,8 +198,8 @@ pub fn assert_tone(path: &Path, want_hz: f64, secs: f64, what: &str) -> f64 {
 // Child processes
 // ---------------------------------------------------------------------------
 
-/// A child process killed (by its own pid) when dropped; its output goes to
-/// `log`.
+/// A child process in a process group of its own, ended with its children
+/// (kamailio forks workers) when dropped; its output goes to `log`.
 pub struct Proc {
     pub child: Child,
     pub log: PathBuf,
@@ -210,12 +210,14 @@ impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
         let out = fs::File::create(&log).unwrap();
         let err = out.try_clone().unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let child = std::os::unix::process::CommandExt::process_group(
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::from(out))
+                .stderr(Stdio::from(err)),
+            0,
+        )
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         Proc {
             child,
             log,
@@ -246,10 +248,27 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        if self.child.try_wait().ok().flatten().is_some() {
+            return; // ended (and reaped): its pid is no longer ours to signal
         }
+        // The group this process leads (its pid): SIGTERM lets kamailio
+        // stop its workers; SIGKILL for whatever is left.
+        let group = format!("-{}", self.child.id());
+        for sig in ["-TERM", "-KILL"] {
+            let _ = Command::new("kill")
+                .args([sig, "--", &group])
+                .stderr(Stdio::null())
+                .status();
+            if poll(Duration::from_secs(3), || {
+                self.child.try_wait().ok().flatten()
+            })
+            .is_some()
+            {
+                break;
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
