@@ -54,8 +54,33 @@ pub struct AuthConfig {
     /// `[sip] bearer_challenge`, default false): digest-only stacks such as
     /// libre/baresip reject a 401 carrying any non-Digest challenge.
     pub bearer_challenge: bool,
+    /// Sources whose digest stack needs another offer (e.g. MD5 only for
+    /// libre): the first entry whose CIDRs hold the source replaces
+    /// `digest_algorithms` for it.
+    pub digest_by_source: Vec<DigestBySource>,
     /// Current Unix time, seconds.
     pub now: i64,
+}
+
+/// `[[sip.digest_by_source]]`: the digest algorithms offered to, and
+/// accepted from, the sources in `cidrs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DigestBySource {
+    /// The sources this entry is for.
+    pub cidrs: Vec<ipnet::IpNet>,
+    /// Offered in this order, and the only ones accepted from them.
+    pub algorithms: Vec<Algorithm>,
+}
+
+impl AuthConfig {
+    /// The digest algorithms offered to and accepted from `source`, in offer
+    /// order.
+    pub fn digest_algorithms_for(&self, source: IpAddr) -> &[Algorithm] {
+        self.digest_by_source
+            .iter()
+            .find(|o| o.cidrs.iter().any(|c| c.contains(&source)))
+            .map_or(&self.digest_algorithms, |o| &o.algorithms)
+    }
 }
 
 /// The default digest algorithms, in offer order (RFC 8760).
@@ -210,13 +235,14 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
         }
     }
 
-    /// The `WWW-Authenticate` values of a fresh challenge.
-    pub fn challenge_headers(&self, cfg: &AuthConfig, stale: bool) -> Vec<String> {
-        let mut h = Vec::with_capacity(1 + cfg.digest_algorithms.len());
+    /// The `WWW-Authenticate` values of a fresh challenge to `source`.
+    pub fn challenge_headers(&self, cfg: &AuthConfig, stale: bool, source: IpAddr) -> Vec<String> {
+        let algorithms = cfg.digest_algorithms_for(source);
+        let mut h = Vec::with_capacity(1 + algorithms.len());
         if cfg.bearer_challenge {
             h.push(format!("Bearer realm={}", digest::quote(&cfg.realm)));
         }
-        for alg in &cfg.digest_algorithms {
+        for alg in algorithms {
             let nonce = self.nonces.issue(cfg.now);
             h.push(digest::challenge_with(&cfg.realm, *alg, &nonce, stale));
         }
@@ -268,7 +294,7 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
 
     fn check_digest(&self, values: &[&str], inv: &InviteView<'_>, cfg: &AuthConfig) -> Outcome {
         let invalid = |reason, stale| Outcome::InvalidDigest {
-            headers: self.challenge_headers(cfg, stale),
+            headers: self.challenge_headers(cfg, stale, inv.source_ip),
             reason,
         };
         // Several Digest credentials may be present (one per realm); use ours.
@@ -294,7 +320,10 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
                 false,
             );
         };
-        if !cfg.digest_algorithms.contains(&resp.algorithm) {
+        if !cfg
+            .digest_algorithms_for(inv.source_ip)
+            .contains(&resp.algorithm)
+        {
             return invalid("bad_alg", false);
         }
         let expiry = match self.nonces.issued_at(&resp.nonce) {
@@ -338,7 +367,7 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
         match self.store.trusted_for(inv.source_ip, Self::now_u64(cfg)) {
             Some(rec) => self.admit(rec, Method::SourceIp, None, inv),
             None => Outcome::Challenge {
-                headers: self.challenge_headers(cfg, false),
+                headers: self.challenge_headers(cfg, false, inv.source_ip),
             },
         }
     }
@@ -478,6 +507,7 @@ mod tests {
             digest_algorithms: vec![Algorithm::Md5, Algorithm::Sha256],
             nonce_lifetime_secs: 300,
             bearer_challenge: false,
+            digest_by_source: Vec::new(),
             now,
         }
     }
@@ -617,8 +647,58 @@ mod tests {
         assert_eq!(headers[0], "Bearer realm=\"tollgate\"");
         assert!(headers[1..].iter().all(|h| h.starts_with("Digest ")));
         // A wrong digest answer is re-challenged the same way.
-        assert_eq!(f.auth.challenge_headers(&on, true).len(), 3);
-        assert_eq!(f.auth.challenge_headers(&cfg(NOW), true).len(), 2);
+        let ip = "192.0.2.1".parse().unwrap();
+        assert_eq!(f.auth.challenge_headers(&on, true, ip).len(), 3);
+        assert_eq!(f.auth.challenge_headers(&cfg(NOW), true, ip).len(), 2);
+    }
+
+    #[test]
+    fn digest_by_source_replaces_the_offer_and_the_accepted_algorithms() {
+        let f = Fixture::new();
+        let k = f.key(KeyKind::Secret, Limits::default());
+        let pw = k.digest_password();
+        let mut c = cfg(NOW);
+        c.digest_algorithms = vec![Algorithm::Sha256, Algorithm::Md5];
+        c.digest_by_source = vec![DigestBySource {
+            cidrs: vec!["198.51.100.0/24".parse().unwrap()],
+            algorithms: vec![Algorithm::Md5],
+        }];
+        let libre: IpAddr = "198.51.100.7".parse().unwrap();
+        let other: IpAddr = "192.0.2.1".parse().unwrap();
+        let h = f.auth.challenge_headers(&c, false, libre);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h[0].ends_with("algorithm=MD5, qop=\"auth\""));
+        let h = f.auth.challenge_headers(&c, false, other);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert!(h[0].contains("algorithm=SHA-256"));
+        // What a source is offered is what it may answer with.
+        let nonce_of = |h: &str| {
+            let s = h.find("nonce=\"").unwrap() + 7;
+            h[s..s + h[s..].find('"').unwrap()].to_owned()
+        };
+        let check = |ip: IpAddr, alg: Algorithm| {
+            let n = nonce_of(&f.auth.challenge_headers(&c, false, ip)[0]);
+            let authz = digest_authz(k.id(), &pw, alg, &n, RURI, true);
+            let inv = InviteView {
+                method: "INVITE",
+                request_uri: RURI,
+                request_user: TO,
+                from_user: FROM,
+                asserted_user: None,
+                authorization: &[&authz],
+                source_ip: ip,
+            };
+            f.auth.check(&inv, &c)
+        };
+        assert_accepted(check(libre, Algorithm::Md5), Method::Digest);
+        assert!(matches!(
+            check(libre, Algorithm::Sha256),
+            Outcome::InvalidDigest {
+                reason: "bad_alg",
+                ..
+            }
+        ));
+        assert_accepted(check(other, Algorithm::Sha256), Method::Digest);
     }
 
     #[test]

@@ -19,7 +19,9 @@ use std::collections::{BinaryHeap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tollgate_keys::credential::{AuthConfig, Authenticator, InviteView, Outcome, Principal};
+use tollgate_keys::credential::{
+    AuthConfig, Authenticator, DigestBySource, InviteView, Outcome, Principal,
+};
 use tollgate_keys::digest::Algorithm;
 use tollgate_keys::replay::ReplayCache;
 use tollgate_keys::store::KeyStore;
@@ -86,6 +88,8 @@ pub struct Config {
     /// `[sip] bearer_challenge`: a credential-less INVITE's 401 offers
     /// `Bearer realm=…` too, not only Digest (SPEC §4; default false).
     pub bearer_challenge: bool,
+    /// `[[sip.digest_by_source]]`: another digest offer for some sources.
+    pub digest_by_source: Vec<DigestBySource>,
     pub timers: TimerConfig,
     /// Leg B gave no final answer in this time: CANCEL it and answer 408.
     pub invite_timeout: Duration,
@@ -618,6 +622,7 @@ impl B2bua {
             digest_algorithms: cfg.digest_algorithms.clone(),
             nonce_lifetime_secs: cfg.nonce_lifetime_secs,
             bearer_challenge: cfg.bearer_challenge,
+            digest_by_source: cfg.digest_by_source.clone(),
             now: 0,
         };
         Self {
@@ -2637,6 +2642,7 @@ mod tests {
             digest_algorithms: vec![Algorithm::Sha256, Algorithm::Md5],
             nonce_lifetime_secs: 300,
             bearer_challenge: false,
+            digest_by_source: Vec::new(),
             timers: TimerConfig::default(),
             invite_timeout: Duration::from_secs(60),
             local: HashMap::from([(Transport::Udp, SocketAddr::from(([127, 0, 0, 1], 5060)))]),

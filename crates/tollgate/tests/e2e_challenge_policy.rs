@@ -82,3 +82,49 @@ fn bearer_challenge_must_be_a_boolean() {
         "must name the field: {stderr}"
     );
 }
+
+#[test]
+fn digest_by_source_errors_name_the_entry_and_field() {
+    let dir = TestDir::new("chpolicy-src");
+    let data = dir.join("data").display().to_string();
+    for (entry, field) in [
+        (
+            "cidrs = [\"nope\"]\nalgorithms = [\"MD5\"]\n",
+            "sip.digest_by_source[0].cidrs",
+        ),
+        (
+            "cidrs = []\nalgorithms = [\"MD5\"]\n",
+            "sip.digest_by_source[0].cidrs",
+        ),
+        (
+            "cidrs = [\"127.0.0.1/32\"]\nalgorithms = [\"SHA1\"]\n",
+            "sip.digest_by_source[0].algorithms",
+        ),
+        (
+            "cidrs = [\"127.0.0.1/32\"]\nalgorithms = []\n",
+            "sip.digest_by_source[0].algorithms",
+        ),
+        (
+            "cidrs = [\"127.0.0.1/32\"]\nalgorithm = [\"MD5\"]\n",
+            "algorithm",
+        ),
+    ] {
+        let cfg = dir.join(&format!("{}.toml", unique("cfg")));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[sip]\nlisten = [\"udp:127.0.0.1:0\"]\n\n[[sip.digest_by_source]]\n{entry}\n\
+                 [metrics]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n"
+            ),
+        )
+        .unwrap();
+        let cfg = cfg.display().to_string();
+        let out = tollgate(&["serve", "--data-dir", &data, "--config", &cfg]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "[{entry}] {stderr}");
+        assert!(
+            stderr.contains(field),
+            "[{entry}] must name {field}: {stderr}"
+        );
+    }
+}

@@ -17,17 +17,39 @@ const SETUP: Duration = Duration::from_secs(30);
 /// libre (baresip) refuses a 401 carrying any challenge that is not
 /// `Digest ... algorithm=MD5` (whatever the order: it walks every
 /// WWW-Authenticate and gives up with ENOSYS on SHA-256, EBADMSG on Bearer),
-/// so a libre peer needs `digest_algorithms = ["MD5"]`.
+/// so the edge offers MD5 alone to the libre peer's source
+/// (`[[sip.digest_by_source]]`) and the default offer to everyone else.
+const LIBRE_SOURCE: &str =
+    "[[sip.digest_by_source]]\ncidrs = [\"127.0.0.1/32\"]\nalgorithms = [\"MD5\"]\n";
+
 fn edge_for_libre() -> Edge {
     Edge::start(EdgeConfig {
-        digest_algorithms: Some(vec!["MD5".into()]),
+        digest_algorithms: None,
+        extra_toml: LIBRE_SOURCE.into(),
         ..EdgeConfig::default()
     })
+}
+
+/// The algorithms of the digest challenges a credential-less INVITE from
+/// `ip` gets.
+fn offered_to(edge: &Edge, ip: &str) -> Vec<String> {
+    let mut ua = UdpUa::from_ip(edge.sip_udp, ip);
+    let fin = ua.call(&Req::invite(edge.sip_udp, SERVICE, "probe"));
+    www_auth(&fin)
+        .into_iter()
+        .map(|(_, p)| p.get("algorithm").cloned().unwrap_or_default())
+        .collect()
 }
 
 #[test]
 fn baresip_digest_call_tone_echoed_and_bye() {
     let edge = edge_for_libre();
+    assert_eq!(offered_to(&edge, "127.0.0.1"), ["MD5"], "libre's source");
+    assert_eq!(
+        offered_to(&edge, "127.0.0.2"),
+        ["SHA-256", "MD5"],
+        "everyone else keeps the default offer"
+    );
     let key = edge.first_key();
     let dir = TestDir::new("interop-baresip");
     let mut ua = baresip_on(&edge, &key, &dir, TONE_HZ, 30.0);
@@ -301,9 +323,9 @@ fn baresip_tls_srtp_mandatory_call_tone_echoed_and_bye() {
     std::fs::write(&key_file, ck.key_pair.serialize_pem()).unwrap();
     let edge = Edge::start(EdgeConfig {
         tcp: false,
-        digest_algorithms: Some(vec!["MD5".into()]),
+        digest_algorithms: None,
         extra_toml: format!(
-            "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n{LIBRE_SOURCE}",
             cert.display(),
             key_file.display()
         ),
