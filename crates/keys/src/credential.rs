@@ -566,9 +566,26 @@ mod tests {
         let Outcome::Challenge { headers } = f.check_at(&[], now, "192.0.2.1") else {
             panic!()
         };
-        let h = &headers[0];
+        nonce_in(&headers[0])
+    }
+
+    /// The nonce of one Digest challenge.
+    fn nonce_in(h: &str) -> String {
         let start = h.find("nonce=\"").unwrap() + 7;
         h[start..start + h[start..].find('"').unwrap()].to_owned()
+    }
+
+    /// An INVITE to [`TO`] from [`FROM`] with `authorization`, from `ip`.
+    fn invite_from<'a>(authorization: &'a [&'a str], ip: IpAddr) -> InviteView<'a> {
+        InviteView {
+            method: "INVITE",
+            request_uri: RURI,
+            request_user: TO,
+            from_user: FROM,
+            asserted_user: None,
+            authorization,
+            source_ip: ip,
+        }
     }
 
     fn digest_authz(
@@ -627,15 +644,7 @@ mod tests {
     #[test]
     fn bearer_challenge_offered_only_when_configured() {
         let f = Fixture::new();
-        let inv = InviteView {
-            method: "INVITE",
-            request_uri: RURI,
-            request_user: "+14155550100",
-            from_user: "alice",
-            asserted_user: None,
-            authorization: &[],
-            source_ip: "192.0.2.1".parse().unwrap(),
-        };
+        let inv = invite_from(&[], "192.0.2.1".parse().unwrap());
         let on = AuthConfig {
             bearer_challenge: true,
             ..cfg(NOW)
@@ -672,23 +681,10 @@ mod tests {
         assert_eq!(h.len(), 2, "{h:?}");
         assert!(h[0].contains("algorithm=SHA-256"));
         // What a source is offered is what it may answer with.
-        let nonce_of = |h: &str| {
-            let s = h.find("nonce=\"").unwrap() + 7;
-            h[s..s + h[s..].find('"').unwrap()].to_owned()
-        };
         let check = |ip: IpAddr, alg: Algorithm| {
-            let n = nonce_of(&f.auth.challenge_headers(&c, false, ip)[0]);
+            let n = nonce_in(&f.auth.challenge_headers(&c, false, ip)[0]);
             let authz = digest_authz(k.id(), &pw, alg, &n, RURI, true);
-            let inv = InviteView {
-                method: "INVITE",
-                request_uri: RURI,
-                request_user: TO,
-                from_user: FROM,
-                asserted_user: None,
-                authorization: &[&authz],
-                source_ip: ip,
-            };
-            f.auth.check(&inv, &c)
+            f.auth.check(&invite_from(&[&authz], ip), &c)
         };
         assert_accepted(check(libre, Algorithm::Md5), Method::Digest);
         assert!(matches!(
@@ -1132,16 +1128,10 @@ mod tests {
         let mut c = cfg(NOW);
         c.digest_algorithms = vec![Algorithm::Sha256];
         let n2 = nonce(&f, NOW);
-        let inv = InviteView {
-            method: "INVITE",
-            request_uri: RURI,
-            request_user: TO,
-            from_user: FROM,
-            asserted_user: None,
-            authorization: &[&a(k.id(), &pw, &n2, RURI)],
-            source_ip: "192.0.2.1".parse().unwrap(),
-        };
-        let o = f.auth.check(&inv, &c);
+        let authz = a(k.id(), &pw, &n2, RURI);
+        let o = f
+            .auth
+            .check(&invite_from(&[&authz], "192.0.2.1".parse().unwrap()), &c);
         assert!(
             matches!(o, Outcome::InvalidDigest { reason: "bad_alg", ref headers } if headers.len() == 1),
             "{o:?}"
