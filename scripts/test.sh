@@ -2,7 +2,10 @@
 # Runs every test of the workspace, installing what the tests need first
 # (SIPp from Debian's sip-tester; promtool and prometheus from Debian's
 # prometheus; PyYAML from python3-yaml for the deploy-kit checks; redis-server
-# for the fleet tests, which start their own on a free port). Tests that
+# for the fleet tests, which start their own on a free port; the interop
+# matrix's user agents and proxies: baresip-core, kamailio, linphone-cli; the
+# linphonec case runs in a network namespace: unshare from util-linux, ip from
+# iproute2). Tests that
 # need one of them fail, never skip, when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +20,11 @@ command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
 has_yaml || need_pkgs+=(python3-yaml)
 had_redis=1
 command -v redis-server >/dev/null 2>&1 || { need_pkgs+=(redis-server); had_redis=0; }
+# tests/interop.rs: real user agents and proxies (issue 11).
+command -v baresip >/dev/null 2>&1 || need_pkgs+=(baresip-core)
+command -v kamailio >/dev/null 2>&1 || [ -x /usr/sbin/kamailio ] || need_pkgs+=(kamailio)
+command -v linphonec >/dev/null 2>&1 || need_pkgs+=(linphone-cli)
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /usr/bin/ip ] || need_pkgs+=(iproute2)
 had_prometheus=1
 if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
     need_pkgs+=(prometheus)
@@ -43,16 +51,26 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
         echo "test.sh: stopping and disabling the redis-server service the package started"
         $SUDO systemctl disable --now redis-server >/dev/null 2>&1 || true
     fi
+    # Same for kamailio's service on :5060: the interop tests run their own.
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet kamailio 2>/dev/null; then
+        echo "test.sh: stopping and disabling the kamailio service the package started"
+        $SUDO systemctl disable --now kamailio >/dev/null 2>&1 || true
+    fi
 fi
 command -v sipp >/dev/null || { echo "test.sh: sipp is still missing" >&2; exit 1; }
 command -v redis-server >/dev/null || { echo "test.sh: redis-server is still missing" >&2; exit 1; }
 command -v promtool >/dev/null || { echo "test.sh: promtool is still missing" >&2; exit 1; }
 command -v prometheus >/dev/null || { echo "test.sh: prometheus is still missing" >&2; exit 1; }
 has_yaml || { echo "test.sh: python3 cannot import yaml (python3-yaml)" >&2; exit 1; }
+command -v baresip >/dev/null || { echo "test.sh: baresip is still missing (baresip-core)" >&2; exit 1; }
+[ -x /usr/sbin/kamailio ] || command -v kamailio >/dev/null || { echo "test.sh: kamailio is still missing" >&2; exit 1; }
+command -v linphonec >/dev/null || { echo "test.sh: linphonec is still missing (linphone-cli)" >&2; exit 1; }
 # pylibsrtp: the independent SRTP implementation the media tests compare with.
 crates/media/scripts/install-test-deps.sh
 # detect-secrets in a venv: the secret-scanning rule's test runs it.
 scripts/install-secret-scan-deps.sh
+# pjsua2 (PJSIP's Python binding) in a venv: the interop matrix's PJSIP case.
+scripts/install-interop-deps.sh
 
 cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads=4

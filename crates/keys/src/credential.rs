@@ -51,6 +51,14 @@ pub struct AuthConfig {
     pub digest_algorithms: Vec<Algorithm>,
     /// Lifetime of the nonces we issue, seconds.
     pub nonce_lifetime_secs: u64,
+    /// Whether a fresh challenge also offers `Bearer realm="…"` (SPEC §4,
+    /// `[sip] bearer_challenge`, default false): digest-only stacks such as
+    /// libre/baresip reject a 401 carrying any non-Digest challenge.
+    pub bearer_challenge: bool,
+    /// Sources whose digest stack needs another offer (e.g. MD5 only for
+    /// libre): the first entry whose CIDRs hold the source replaces
+    /// `digest_algorithms` for it.
+    pub digest_by_source: Vec<DigestBySource>,
     /// Current Unix time, seconds.
     pub now: i64,
     /// How numbers are canonicalized (`[numbers]`, SPEC §4a).
@@ -58,6 +66,27 @@ pub struct AuthConfig {
     /// An edge-wide number policy is on (the premium deny list): every
     /// destination that is a number attempt must canonicalize, else `484`.
     pub edge_checks_numbers: bool,
+}
+
+/// `[[sip.digest_by_source]]`: the digest algorithms offered to, and
+/// accepted from, the sources in `cidrs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DigestBySource {
+    /// The sources this entry is for.
+    pub cidrs: Vec<ipnet::IpNet>,
+    /// Offered in this order, and the only ones accepted from them.
+    pub algorithms: Vec<Algorithm>,
+}
+
+impl AuthConfig {
+    /// The digest algorithms offered to and accepted from `source`, in offer
+    /// order.
+    pub fn digest_algorithms_for(&self, source: IpAddr) -> &[Algorithm] {
+        self.digest_by_source
+            .iter()
+            .find(|o| o.cidrs.iter().any(|c| c.contains(&source)))
+            .map_or(&self.digest_algorithms, |o| &o.algorithms)
+    }
 }
 
 /// The default digest algorithms, in offer order (RFC 8760).
@@ -109,8 +138,9 @@ pub struct Principal {
 pub enum Outcome {
     /// Authenticated and allowed by the key's policy.
     Accepted(Principal),
-    /// No credential: `401` with these `WWW-Authenticate` values (Bearer, then
-    /// one Digest per configured algorithm).
+    /// No credential: `401` with these `WWW-Authenticate` values (Bearer if
+    /// [`AuthConfig::bearer_challenge`], then one Digest per configured
+    /// algorithm).
     Challenge {
         /// `WWW-Authenticate` header values, in order.
         headers: Vec<String>,
@@ -315,11 +345,14 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
         }
     }
 
-    /// The `WWW-Authenticate` values of a fresh challenge.
-    pub fn challenge_headers(&self, cfg: &AuthConfig, stale: bool) -> Vec<String> {
-        let mut h = Vec::with_capacity(1 + cfg.digest_algorithms.len());
-        h.push(format!("Bearer realm={}", digest::quote(&cfg.realm)));
-        for alg in &cfg.digest_algorithms {
+    /// The `WWW-Authenticate` values of a fresh challenge to `source`.
+    pub fn challenge_headers(&self, cfg: &AuthConfig, stale: bool, source: IpAddr) -> Vec<String> {
+        let algorithms = cfg.digest_algorithms_for(source);
+        let mut h = Vec::with_capacity(1 + algorithms.len());
+        if cfg.bearer_challenge {
+            h.push(format!("Bearer realm={}", digest::quote(&cfg.realm)));
+        }
+        for alg in algorithms {
             let nonce = self.nonces.issue(cfg.now);
             h.push(digest::challenge_with(&cfg.realm, *alg, &nonce, stale));
         }
@@ -385,7 +418,7 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
         cfg: &AuthConfig,
     ) -> Outcome {
         let invalid = |reason, stale| Outcome::InvalidDigest {
-            headers: self.challenge_headers(cfg, stale),
+            headers: self.challenge_headers(cfg, stale, inv.source_ip),
             reason,
         };
         // Several Digest credentials may be present (one per realm); use ours.
@@ -411,7 +444,10 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
                 false,
             );
         };
-        if !cfg.digest_algorithms.contains(&resp.algorithm) {
+        if !cfg
+            .digest_algorithms_for(inv.source_ip)
+            .contains(&resp.algorithm)
+        {
             return invalid("bad_alg", false);
         }
         let expiry = match self.nonces.issued_at(&resp.nonce) {
@@ -462,7 +498,7 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
         match self.store.trusted_for(inv.source_ip, Self::now_u64(cfg)) {
             Some(rec) => self.admit(rec, Method::SourceIp, None, inv, call, cfg),
             None => Outcome::Challenge {
-                headers: self.challenge_headers(cfg, false),
+                headers: self.challenge_headers(cfg, false, inv.source_ip),
             },
         }
     }
@@ -647,6 +683,8 @@ mod tests {
             realm: "tollgate".into(),
             digest_algorithms: vec![Algorithm::Md5, Algorithm::Sha256],
             nonce_lifetime_secs: 300,
+            bearer_challenge: false,
+            digest_by_source: Vec::new(),
             now,
             numbers: NumberPlan::default(),
             edge_checks_numbers: true,
@@ -737,10 +775,8 @@ mod tests {
         match o {
             Outcome::InvalidDigest { headers, reason } => {
                 assert_eq!(reason, want);
-                assert_eq!(headers.len(), 3);
-                assert!(headers[1..]
-                    .iter()
-                    .all(|h| h.ends_with(", stale=true") == stale));
+                assert_eq!(headers.len(), 2);
+                assert!(headers.iter().all(|h| h.ends_with(", stale=true") == stale));
             }
             o => panic!("expected InvalidDigest({want}), got {o:?}"),
         }
@@ -751,9 +787,26 @@ mod tests {
         let Outcome::Challenge { headers } = f.check_at(&[], now, "192.0.2.1") else {
             panic!()
         };
-        let h = &headers[1];
+        nonce_in(&headers[0])
+    }
+
+    /// The nonce of one Digest challenge.
+    fn nonce_in(h: &str) -> String {
         let start = h.find("nonce=\"").unwrap() + 7;
         h[start..start + h[start..].find('"').unwrap()].to_owned()
+    }
+
+    /// An INVITE to [`TO`] from [`FROM`] with `authorization`, from `ip`.
+    fn invite_from<'a>(authorization: &'a [&'a str], ip: IpAddr) -> InviteView<'a> {
+        InviteView {
+            method: "INVITE",
+            request_uri: RURI,
+            request_user: TO,
+            from_user: FROM,
+            asserted_user: None,
+            authorization,
+            source_ip: ip,
+        }
     }
 
     fn digest_authz(
@@ -796,16 +849,73 @@ mod tests {
         let Outcome::Challenge { headers } = o else {
             panic!("{o:?}")
         };
-        assert_eq!(headers.len(), 3);
-        assert_eq!(headers[0], "Bearer realm=\"tollgate\"");
-        assert!(headers[1].starts_with("Digest realm=\"tollgate\", nonce=\""));
-        assert!(headers[1].ends_with("algorithm=MD5, qop=\"auth\""));
-        assert!(headers[2].ends_with("algorithm=SHA-256, qop=\"auth\""));
+        // Digest only by default (SPEC §4): libre rejects a 401 carrying
+        // any non-Digest challenge.
+        assert_eq!(headers.len(), 2, "{headers:?}");
+        assert!(headers[0].starts_with("Digest realm=\"tollgate\", nonce=\""));
+        assert!(headers[0].ends_with("algorithm=MD5, qop=\"auth\""));
+        assert!(headers[1].ends_with("algorithm=SHA-256, qop=\"auth\""));
         // Unknown schemes count as no credential.
         assert!(matches!(
             f.check(&["Basic YWxhZGRpbjpvcGVuc2VzYW1l"]),
             Outcome::Challenge { .. }
         ));
+    }
+
+    #[test]
+    fn bearer_challenge_offered_only_when_configured() {
+        let f = Fixture::new();
+        let inv = invite_from(&[], "192.0.2.1".parse().unwrap());
+        let on = AuthConfig {
+            bearer_challenge: true,
+            ..cfg(NOW)
+        };
+        let Outcome::Challenge { headers } = f.auth.check(&inv, &on) else {
+            panic!()
+        };
+        assert_eq!(headers.len(), 3, "{headers:?}");
+        assert_eq!(headers[0], "Bearer realm=\"tollgate\"");
+        assert!(headers[1..].iter().all(|h| h.starts_with("Digest ")));
+        // A wrong digest answer is re-challenged the same way.
+        let ip = "192.0.2.1".parse().unwrap();
+        assert_eq!(f.auth.challenge_headers(&on, true, ip).len(), 3);
+        assert_eq!(f.auth.challenge_headers(&cfg(NOW), true, ip).len(), 2);
+    }
+
+    #[test]
+    fn digest_by_source_replaces_the_offer_and_the_accepted_algorithms() {
+        let f = Fixture::new();
+        let k = f.key(KeyKind::Secret, Limits::default());
+        let pw = k.digest_password();
+        let mut c = cfg(NOW);
+        c.digest_algorithms = vec![Algorithm::Sha256, Algorithm::Md5];
+        c.digest_by_source = vec![DigestBySource {
+            cidrs: vec!["198.51.100.0/24".parse().unwrap()],
+            algorithms: vec![Algorithm::Md5],
+        }];
+        let libre: IpAddr = "198.51.100.7".parse().unwrap();
+        let other: IpAddr = "192.0.2.1".parse().unwrap();
+        let h = f.auth.challenge_headers(&c, false, libre);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h[0].ends_with("algorithm=MD5, qop=\"auth\""));
+        let h = f.auth.challenge_headers(&c, false, other);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert!(h[0].contains("algorithm=SHA-256"));
+        // What a source is offered is what it may answer with.
+        let check = |ip: IpAddr, alg: Algorithm| {
+            let n = nonce_in(&f.auth.challenge_headers(&c, false, ip)[0]);
+            let authz = digest_authz(k.id(), &pw, alg, &n, RURI, true);
+            f.auth.check(&invite_from(&[&authz], ip), &c)
+        };
+        assert_accepted(check(libre, Algorithm::Md5), Method::Digest);
+        assert!(matches!(
+            check(libre, Algorithm::Sha256),
+            Outcome::InvalidDigest {
+                reason: "bad_alg",
+                ..
+            }
+        ));
+        assert_accepted(check(other, Algorithm::Sha256), Method::Digest);
     }
 
     #[test]
@@ -1250,18 +1360,12 @@ mod tests {
         let mut c = cfg(NOW);
         c.digest_algorithms = vec![Algorithm::Sha256];
         let n2 = nonce(&f, NOW);
-        let inv = InviteView {
-            method: "INVITE",
-            request_uri: RURI,
-            request_user: TO,
-            from_user: FROM,
-            asserted_user: None,
-            authorization: &[&a(k.id(), &pw, &n2, RURI)],
-            source_ip: "192.0.2.1".parse().unwrap(),
-        };
-        let o = f.auth.check(&inv, &c);
+        let authz = a(k.id(), &pw, &n2, RURI);
+        let o = f
+            .auth
+            .check(&invite_from(&[&authz], "192.0.2.1".parse().unwrap()), &c);
         assert!(
-            matches!(o, Outcome::InvalidDigest { reason: "bad_alg", ref headers } if headers.len() == 2),
+            matches!(o, Outcome::InvalidDigest { reason: "bad_alg", ref headers } if headers.len() == 1),
             "{o:?}"
         );
         // Garbage.

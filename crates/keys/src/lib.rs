@@ -27,7 +27,9 @@ pub mod store;
 mod ct;
 
 pub use apikey::{digest_password, key_hash, signing_key, webhook_secret, ApiKey, KeyKind};
-pub use credential::{AuthConfig, Authenticator, InviteView, Method, Outcome, Principal};
+pub use credential::{
+    AuthConfig, Authenticator, DigestBySource, InviteView, Method, Outcome, Principal,
+};
 pub use digest::{Algorithm, DigestError, DigestResponse, NonceIssuer};
 pub use jwt::{Claims, TokenError};
 pub use replay::{FileReplayCache, MemoryReplayCache, ReplayCache, ReplayLoad, Use};

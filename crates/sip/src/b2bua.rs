@@ -19,7 +19,9 @@ use std::collections::{BinaryHeap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tollgate_keys::credential::{AuthConfig, Authenticator, InviteView, Outcome, Principal};
+use tollgate_keys::credential::{
+    AuthConfig, Authenticator, DigestBySource, InviteView, Outcome, Principal,
+};
 use tollgate_keys::digest::Algorithm;
 use tollgate_keys::number::{Dest, NumberPlan};
 use tollgate_keys::replay::ReplayCache;
@@ -87,6 +89,11 @@ pub struct Config {
     pub realm: String,
     pub digest_algorithms: Vec<Algorithm>,
     pub nonce_lifetime_secs: u64,
+    /// `[sip] bearer_challenge`: a credential-less INVITE's 401 offers
+    /// `Bearer realm=…` too, not only Digest (SPEC §4; default false).
+    pub bearer_challenge: bool,
+    /// `[[sip.digest_by_source]]`: another digest offer for some sources.
+    pub digest_by_source: Vec<DigestBySource>,
     pub timers: TimerConfig,
     /// Leg B gave no final answer in this time: CANCEL it and answer 408.
     pub invite_timeout: Duration,
@@ -623,6 +630,8 @@ impl B2bua {
             realm: cfg.realm.clone(),
             digest_algorithms: cfg.digest_algorithms.clone(),
             nonce_lifetime_secs: cfg.nonce_lifetime_secs,
+            bearer_challenge: cfg.bearer_challenge,
+            digest_by_source: cfg.digest_by_source.clone(),
             now: 0,
             numbers: cfg.numbers.clone(),
             edge_checks_numbers: cfg.checks_numbers,
@@ -751,6 +760,24 @@ impl B2bua {
         Header {
             name: "Contact".into(),
             value: format!("<{scheme}:tollgate@{l}{tp}>"),
+        }
+    }
+
+    /// Our Contact in a response to `req`: a SIPS URI over TLS only where
+    /// the request used one (RFC 3261 §12.1.1); a `sip:` request over TLS
+    /// gets `sip:...;transport=tls`, since stacks such as libre (baresip)
+    /// end the call on a `sips:` Contact they did not ask for.
+    fn contact_answering(&self, t: Transport, req: &Message) -> Header {
+        let sips = req
+            .request_uri()
+            .is_some_and(|u| u.get(..5).is_some_and(|s| s.eq_ignore_ascii_case("sips:")));
+        if t == Transport::Tls && !sips {
+            Header {
+                name: "Contact".into(),
+                value: format!("<sip:tollgate@{};transport=tls>", self.local(t)),
+            }
+        } else {
+            self.contact(t)
         }
     }
 
@@ -2008,7 +2035,17 @@ impl B2bua {
         };
         let mut resp = response_to(req, code, &reason, Some(&tag));
         if (101..300).contains(&code) {
-            resp.headers.push(self.contact(t));
+            resp.headers.push(self.contact_answering(t, req));
+            // RFC 3261 §12.1.1: a dialog-creating response copies the
+            // request's Record-Route, in order, so a proxy in front (a
+            // carrier's Kamailio) stays on the path of ACK and BYE.
+            if req.method() == Some("INVITE") && req.to_tag().is_none() {
+                let rr = req
+                    .headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case("Record-Route"));
+                resp.headers.extend(rr.cloned());
+            }
         }
         for h in &from.headers {
             match &*h.name {
@@ -2644,6 +2681,8 @@ mod tests {
             realm: "tollgate".into(),
             digest_algorithms: vec![Algorithm::Sha256, Algorithm::Md5],
             nonce_lifetime_secs: 300,
+            bearer_challenge: false,
+            digest_by_source: Vec::new(),
             timers: TimerConfig::default(),
             invite_timeout: Duration::from_secs(60),
             local: HashMap::from([(Transport::Udp, SocketAddr::from(([127, 0, 0, 1], 5060)))]),
@@ -2923,6 +2962,55 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
     }
 
     #[test]
+    fn record_route_of_leg_a_is_echoed_and_routes_the_edge_bye() {
+        let mut r = rig();
+        let tok = r.token("rr1");
+        let rr = "Record-Route: <sip:127.0.0.1:5070;lr;ftag=a1>\r\n\
+                  Record-Route: <sip:127.0.0.3;lr>\r\n";
+        r.a_sends(&invite(
+            &format!("{rr}Authorization: Bearer {tok}\r\n"),
+            "z9hG4bKrr1",
+        ));
+        r.sent_to(&r.a.clone());
+        let inv = r.sent_to(&r.b.clone()).remove(0);
+        assert_eq!(
+            inv.headers_named("Record-Route").count(),
+            0,
+            "leg B is a fresh dialog"
+        );
+        r.b_sends(reply_from_b(&inv, 180, "b1"));
+        r.b_sends(reply_from_b(&inv, 200, "b1"));
+        let to_a = r.sent_to(&r.a.clone());
+        let want = ["<sip:127.0.0.1:5070;lr;ftag=a1>", "<sip:127.0.0.3;lr>"];
+        for m in &to_a {
+            let got: Vec<_> = m.headers_named("Record-Route").collect();
+            assert_eq!(got, want, "{:?}", m.status());
+        }
+        // The edge's BYE on leg A follows that route set (UAS: same order).
+        let from = "<sip:agent@127.0.0.1>;tag=b1";
+        let to = inv.header("From").unwrap().to_string();
+        r.b_sends(in_dialog("BYE", from, &to, inv.call_id().unwrap(), 2, 5080));
+        let bye = r.sent_to(&r.a.clone()).remove(0);
+        assert_eq!(bye.method(), Some("BYE"));
+        assert_eq!(bye.headers_named("Route").collect::<Vec<_>>(), want);
+    }
+
+    #[test]
+    fn contact_over_tls_follows_the_request_scheme() {
+        let r = rig();
+        let sip = parse(invite("", "z9hG4bKc1").as_bytes()).unwrap();
+        let sips = invite("", "z9hG4bKc2").replace("INVITE sip:", "INVITE sips:");
+        let sips = parse(sips.as_bytes()).unwrap();
+        let c = |t, m: &Message| r.b2b.contact_answering(t, m).value;
+        assert_eq!(
+            c(Transport::Tls, &sip),
+            "<sip:tollgate@127.0.0.1:5060;transport=tls>"
+        );
+        assert_eq!(c(Transport::Tls, &sips), "<sips:tollgate@127.0.0.1:5060>");
+        assert_eq!(c(Transport::Udp, &sip), "<sip:tollgate@127.0.0.1:5060>");
+    }
+
+    #[test]
     fn reinvite_and_update_pass_through_in_both_directions() {
         let mut r = rig();
         let inv = answered_call(&mut r);
@@ -3068,8 +3156,9 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
         let resp = r.sent_to(&r.a.clone()).remove(0);
         assert_eq!(resp.status(), Some(401));
         let ch: Vec<_> = resp.headers_named("WWW-Authenticate").collect();
-        assert!(ch[0].starts_with("Bearer realm=\"tollgate\""));
-        assert!(ch.iter().any(|c| c.starts_with("Digest ")));
+        // Digest only by default (SPEC §4).
+        assert!(!ch.is_empty());
+        assert!(ch.iter().all(|c| c.starts_with("Digest ")), "{ch:?}");
         r.a_sends(&invite(
             "Authorization: Bearer abc.def.ghi\r\n",
             "z9hG4bKn2",

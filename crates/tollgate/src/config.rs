@@ -215,12 +215,62 @@ pub struct SipSection {
     pub t1_ms: Option<u64>,
     pub invite_timeout_s: Option<u64>,
     pub nonce_lifetime_s: Option<u64>,
+    /// Offer `Bearer realm=…` on a credential-less INVITE's 401 as well as
+    /// Digest (SPEC §4; default false: libre/baresip reject such a 401).
+    pub bearer_challenge: Option<bool>,
     pub workers: Option<usize>,
     /// SIGTERM: how long calls in progress may go on before the edge BYEs them.
     pub drain_timeout_s: Option<u64>,
     /// `[sip.lockout]`: sources that guess credentials are ignored.
     #[serde(default)]
     pub lockout: LockoutSection,
+    /// `[[sip.digest_by_source]]`: another digest offer for some sources.
+    #[serde(default)]
+    pub digest_by_source: Vec<DigestBySourceSection>,
+}
+
+/// `[[sip.digest_by_source]]`: sources in `cidrs` are offered (and may
+/// answer with) `algorithms` instead of `[sip] digest_algorithms`; the
+/// first entry holding the source wins. For digest stacks that refuse a 401
+/// carrying an algorithm they lack (libre/baresip: MD5 only).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DigestBySourceSection {
+    pub cidrs: Vec<String>,
+    pub algorithms: Vec<String>,
+}
+
+/// Validates `[[sip.digest_by_source]]`; errors name the entry and field.
+pub fn parse_digest_by_source(
+    v: &[DigestBySourceSection],
+) -> Result<Vec<tollgate_keys::DigestBySource>, ConfigError> {
+    v.iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let field = |f: &str| format!("sip.digest_by_source[{i}].{f}");
+            if e.cidrs.is_empty() {
+                return Err(ConfigError(format!(
+                    "{}: at least one CIDR",
+                    field("cidrs")
+                )));
+            }
+            let cidrs = e
+                .cidrs
+                .iter()
+                .map(|c| {
+                    c.parse::<ipnet::IpNet>()
+                        .or_else(|_| c.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                        .map_err(|_| {
+                            ConfigError(format!("{}: {c:?} is not a CIDR", field("cidrs")))
+                        })
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(tollgate_keys::DigestBySource {
+                cidrs,
+                algorithms: parse_algorithms(&field("algorithms"), &e.algorithms)?,
+            })
+        })
+        .collect()
 }
 
 /// `[sip.lockout]` (SPEC §4): more than `failures` bad credentials from one

@@ -36,13 +36,34 @@ async fn rtp_echo(sock: Arc<UdpSocket>) {
 }
 
 /// The answer to an SDP offer: same media line and attributes, our address
-/// and port.
+/// and port, and the direction that answers the offer's (RFC 3264 §6.1: a
+/// `sendonly` offer, a hold, is answered `recvonly`; `recvonly` with
+/// `sendonly`; `inactive` with `inactive`).
 pub fn answer_sdp(offer: &[u8], rtp: SocketAddr) -> Option<String> {
     let offer = std::str::from_utf8(offer).ok()?;
     let mut media = None;
     let mut attrs = Vec::new();
+    // The direction at session level (before any m=) and in the audio
+    // section (which wins).
+    let (mut session_dir, mut audio_dir, mut any_media) = (None, None, false);
     for line in offer.lines() {
         let line = line.trim_end();
+        let dir = match line {
+            "a=sendonly" => Some("recvonly"),
+            "a=recvonly" => Some("sendonly"),
+            "a=inactive" => Some("inactive"),
+            "a=sendrecv" => Some("sendrecv"),
+            _ => None,
+        };
+        if dir.is_some() {
+            if media.is_some() {
+                audio_dir = dir;
+            } else if !any_media {
+                session_dir = dir;
+            }
+            continue;
+        }
+        any_media |= line.starts_with("m=");
         if let Some(m) = line.strip_prefix("m=audio ") {
             let mut it = m.splitn(3, ' ');
             let (_port, proto, fmts) = (it.next()?, it.next()?, it.next()?);
@@ -67,7 +88,8 @@ pub fn answer_sdp(offer: &[u8], rtp: SocketAddr) -> Option<String> {
         sdp.push_str(&a);
         sdp.push_str("\r\n");
     }
-    sdp.push_str("a=sendrecv\r\n");
+    let direction = audio_dir.or(session_dir).unwrap_or("sendrecv");
+    sdp.push_str(&format!("a={direction}\r\n"));
     Some(sdp)
 }
 
@@ -208,6 +230,40 @@ mod tests {
         assert!(ans.contains("telephone-event"));
         assert!(!ans.contains("H264"));
         assert!(answer_sdp(b"garbage", "127.0.0.1:7000".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn answers_hold_and_resume_with_the_matching_direction() {
+        let rtp: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let offer = |dir: &str| {
+            format!(
+                "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+                 m=audio 4000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n{dir}"
+            )
+        };
+        for (dir, want) in [
+            ("a=sendonly\r\n", "a=recvonly\r\n"),
+            ("a=recvonly\r\n", "a=sendonly\r\n"),
+            ("a=inactive\r\n", "a=inactive\r\n"),
+            ("a=sendrecv\r\n", "a=sendrecv\r\n"),
+            ("", "a=sendrecv\r\n"),
+        ] {
+            let ans = answer_sdp(offer(dir).as_bytes(), rtp).unwrap();
+            assert!(ans.ends_with(want), "{dir:?} -> {ans}");
+            assert_eq!(
+                ans.matches("a=sendrecv").count()
+                    + ans.matches("only").count()
+                    + ans.matches("inactive").count(),
+                1,
+                "one direction: {ans}"
+            );
+        }
+        // A session-level hold applies when the audio section says nothing.
+        let session = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+                       a=sendonly\r\nm=audio 4000 RTP/AVP 0\r\n";
+        assert!(answer_sdp(session.as_bytes(), rtp)
+            .unwrap()
+            .ends_with("a=recvonly\r\n"));
     }
 
     #[test]

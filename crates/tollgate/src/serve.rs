@@ -27,6 +27,11 @@ pub struct Settings {
     pub t1: Duration,
     pub invite_timeout: Duration,
     pub nonce_lifetime_secs: u64,
+    /// `[sip] bearer_challenge`: offer `Bearer realm=…` on a credential-less
+    /// INVITE's 401 as well as Digest (SPEC §4; default false).
+    pub bearer_challenge: bool,
+    /// `[[sip.digest_by_source]]`.
+    pub digest_by_source: Vec<tollgate_keys::DigestBySource>,
     pub media_ip: std::net::IpAddr,
     pub media_ports: (u16, u16),
     pub media_timeout: Duration,
@@ -281,6 +286,8 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         t1: Duration::from_millis(t1_ms),
         invite_timeout: Duration::from_secs(invite_timeout_s),
         nonce_lifetime_secs,
+        bearer_challenge: file.sip.bearer_challenge.unwrap_or(false),
+        digest_by_source: config::parse_digest_by_source(&file.sip.digest_by_source)?,
         media_ip,
         media_ports,
         media_timeout: Duration::from_secs(media_timeout_s),
@@ -679,6 +686,8 @@ async fn serve(
         realm: s.realm.clone(),
         digest_algorithms: s.digest_algorithms.clone(),
         nonce_lifetime_secs: s.nonce_lifetime_secs,
+        bearer_challenge: s.bearer_challenge,
+        digest_by_source: s.digest_by_source.clone(),
         timers: TimerConfig {
             t1: s.t1,
             ..TimerConfig::default()

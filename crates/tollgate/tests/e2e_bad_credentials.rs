@@ -73,11 +73,11 @@ fn fresh(to: &str, from: &str) -> String {
 }
 
 #[test]
-fn no_credential_401_both_challenges() {
+fn no_credential_401_digest_challenges() {
     let (fx, _) = Fx::start(|_| ());
     let mut ua = UdpUa::new(fx.edge.sip_udp);
     let fin = ua.call(&Req::invite(fx.edge.sip_udp, SERVICE, "sipp"));
-    assert_both_challenges(&fin);
+    assert_digest_challenges(&fin);
     fx.assert_nothing_reached_destination();
 }
 

@@ -125,7 +125,12 @@ fn options_to_edge_gets_200_udp_and_tcp() {
 
 #[test]
 fn invite_without_credential_gets_401_with_bearer_and_digest() {
-    let edge = Edge::start(EdgeConfig::default());
+    // The Bearer challenge is opt-in (SPEC §4); e2e_challenge_policy.rs
+    // checks the Digest-only default.
+    let edge = Edge::start(EdgeConfig {
+        sip_extra: "bearer_challenge = true".into(),
+        ..EdgeConfig::default()
+    });
     let mut ua = UdpUa::new(edge.sip_udp);
     let r = Req::invite(edge.sip_udp, SERVICE, "sipp");
     let out = ua

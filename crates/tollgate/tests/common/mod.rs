@@ -1759,8 +1759,25 @@ pub fn assert_invalid_token(resp: &SipMsg, case: &str) {
     );
 }
 
-/// The plain (no credential) challenge: 401 with a Bearer challenge (no
-/// error) and at least one Digest challenge, same realm.
+/// The default no-credential challenge (SPEC §4): 401 with Digest
+/// challenges only (realm and nonce), no Bearer or other scheme.
+pub fn assert_digest_challenges(resp: &SipMsg) {
+    let ch = www_auth(resp);
+    let all_digest = ch.iter().all(|(s, p)| {
+        s.eq_ignore_ascii_case("Digest")
+            && p.get("realm").map(String::as_str) == Some(REALM)
+            && p.get("nonce").is_some_and(|n| !n.is_empty())
+    });
+    assert!(
+        resp.code() == Some(401) && !ch.is_empty() && all_digest,
+        "expected 401 with only Digest realm=\"{REALM}\" nonce=... challenges, got:\n{}",
+        resp.text()
+    );
+}
+
+/// The no-credential challenge with `[sip] bearer_challenge = true`: 401
+/// with a Bearer challenge (no error) and at least one Digest challenge,
+/// same realm.
 pub fn assert_both_challenges(resp: &SipMsg) {
     let ch = www_auth(resp);
     let bearer = ch.iter().any(|(s, p)| {
@@ -2236,12 +2253,18 @@ fn json_value(b: &[u8], i: &mut usize) -> Option<Json> {
 
 /// Plain HTTP/1.0 GET; returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path, "")
+}
+
+/// Plain HTTP/1.0 request with no body; `headers` are extra header lines,
+/// each ending in CRLF. Returns (status, body).
+pub fn http_request(addr: SocketAddr, method: &str, path: &str, headers: &str) -> (u16, String) {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut buf = vec![];
