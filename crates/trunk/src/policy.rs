@@ -16,7 +16,7 @@
 //!   not type as premium ([`DEFAULT_PREMIUM_DENY_PREFIXES`]), plus whatever
 //!   the operator adds.
 
-use tollgate_keys::number::{prefix_list, Dest, NumberPlan, NumberType, Prefix};
+use tollgate_keys::number::{prefix_list, Dest, NumberPlan, NumberType, Prefix, E164};
 
 /// The default revenue-share deny prefixes (E.164), on top of the type check.
 ///
@@ -69,6 +69,24 @@ pub fn number_type(name: &str) -> Option<NumberType> {
 pub struct DenyList {
     prefixes: Vec<Prefix>,
     types: Vec<NumberType>,
+    /// The type check of numbers seen lately (E.164 -> denied): typing a
+    /// number runs libphonenumber's regexes (1-11 us, up to 7 times for a
+    /// number the metadata does not know), while an edge sees the same
+    /// destinations again and again. Bounded: emptied when full.
+    typed: TypeCache,
+}
+
+/// Entries of [`DenyList`]'s type cache before it is emptied.
+const TYPE_CACHE_MAX: usize = 4096;
+
+#[derive(Debug, Default)]
+struct TypeCache(dashmap::DashMap<Box<str>, bool>);
+
+impl Clone for TypeCache {
+    /// A fresh, empty cache: a copied list (a reload) types afresh.
+    fn clone(&self) -> Self {
+        TypeCache::default()
+    }
 }
 
 impl DenyList {
@@ -99,7 +117,24 @@ impl DenyList {
         Ok(DenyList {
             prefixes,
             types: ts,
+            typed: TypeCache::default(),
         })
+    }
+
+    /// [`E164::is_of_type_or_near`] through the cache.
+    fn of_type(&self, n: &E164) -> bool {
+        if self.types.is_empty() {
+            return false;
+        }
+        if let Some(hit) = self.typed.0.get(n.as_str()) {
+            return *hit;
+        }
+        let denied = n.is_of_type_or_near(&self.types);
+        if self.typed.0.len() >= TYPE_CACHE_MAX {
+            self.typed.0.clear();
+        }
+        self.typed.0.insert(n.as_str().into(), denied);
+        denied
     }
 
     /// True if the list checks anything (then every number attempt must be
@@ -113,9 +148,7 @@ impl DenyList {
     /// (the credential check answers those `484` before they get here).
     pub fn denies(&self, destination: &Dest) -> bool {
         match destination {
-            Dest::Number(n) => {
-                destination.matches_any(&self.prefixes) || n.is_of_type_or_near(&self.types)
-            }
+            Dest::Number(n) => destination.matches_any(&self.prefixes) || self.of_type(n),
             Dest::Name(_) => false,
             Dest::Invalid(_) => self.is_active(),
         }
@@ -137,6 +170,23 @@ mod tests {
 
     fn dest(s: &str) -> Dest {
         NumberPlan::default().canonicalize(s)
+    }
+
+    #[test]
+    fn the_type_cache_answers_as_the_metadata_and_stays_bounded() {
+        let d = default_list();
+        for _ in 0..3 {
+            assert!(d.denies(&dest("+19005550100")));
+            assert!(d.denies(&dest("01144909090123"))); // near a GB 0909 number
+            assert!(!d.denies(&dest("+14155550100")));
+            assert!(!d.denies(&dest("+15551230000")));
+        }
+        for i in 0..(TYPE_CACHE_MAX as u64 + 10) {
+            d.denies(&dest(&format!("+1415555{:04}", i % 10_000)));
+        }
+        assert!(d.typed.0.len() <= TYPE_CACHE_MAX);
+        assert!(d.denies(&dest("+19005550100")));
+        assert!(d.clone().typed.0.is_empty(), "a reloaded list types afresh");
     }
 
     #[test]
