@@ -45,47 +45,41 @@ mod hierarchy_limits {
         let edge = Edge::start_in(dir, cfg(EdgeConfig::routed_to(uas.addr.port())));
         let mut ua = UdpUa::new(edge.sip_udp);
 
-        let (inv, ok) = call(&mut ua, &parent);
-        assert_eq!(code(&ok), 200, "parent's call:\n{}", ok.text());
-        ack(&ua, &inv, &ok);
-        for (who, key) in [("child", &child), ("sibling", &sibling)] {
-            let (_, busy) = call(&mut ua, key);
-            assert_eq!(
-                code(&busy),
-                486,
-                "{who} while the parent's channel is busy:\n{}",
-                busy.text()
-            );
-        }
-        assert_eq!(hang_up(&mut ua, &inv, &ok), Some(200));
-        assert_channels(
+        // The parent's call holds its only channel: its children are busy.
+        holding_a_call(
             &edge,
-            0.0,
-            Duration::from_secs(10),
-            "after the parent's call",
+            &mut ua,
+            ("parent", &parent),
+            &[("child", &child), ("sibling", &sibling)],
         );
-
-        // The child's call now holds the parent's channel: the parent and
+        // The child's call holds the parent's channel too: the parent and
         // the sibling are busy until it ends.
-        let (inv, ok) = call(&mut ua, &child);
-        assert_eq!(code(&ok), 200, "child's call:\n{}", ok.text());
-        ack(&ua, &inv, &ok);
-        for (who, key) in [("parent", &parent), ("sibling", &sibling)] {
-            let (_, busy) = call(&mut ua, key);
+        holding_a_call(
+            &edge,
+            &mut ua,
+            ("child", &child),
+            &[("parent", &parent), ("sibling", &sibling)],
+        );
+    }
+
+    /// While `holder`'s call is up, each of `busy` gets 486; then the call
+    /// ends and every channel is free again.
+    fn holding_a_call(edge: &Edge, ua: &mut UdpUa, holder: (&str, &str), busy: &[(&str, &String)]) {
+        let (inv, ok) = call(ua, holder.1);
+        assert_eq!(code(&ok), 200, "{}'s call:\n{}", holder.0, ok.text());
+        ack(ua, &inv, &ok);
+        for (who, key) in busy {
+            let (_, refused) = call(ua, key);
             assert_eq!(
-                code(&busy),
+                code(&refused),
                 486,
-                "{who} while the child's call is up:\n{}",
-                busy.text()
+                "{who} while {}'s call is up:\n{}",
+                holder.0,
+                refused.text()
             );
         }
-        assert_eq!(hang_up(&mut ua, &inv, &ok), Some(200));
-        assert_channels(
-            &edge,
-            0.0,
-            Duration::from_secs(10),
-            "after the child's call",
-        );
+        assert_eq!(hang_up(ua, &inv, &ok), Some(200));
+        assert_channels(edge, 0.0, Duration::from_secs(10), "after the call");
     }
 
     /// Attack: ten children of a `--cps 1` key each take their own calls per
