@@ -784,21 +784,11 @@ mod restarts_and_crashes {
 
     /// GET `path` on the edge's admin API with the bearer `key`; the body.
     fn admin_get(edge: &Edge, key: &str, path: &str) -> String {
-        use std::io::{Read, Write};
         let addr = edge.listening("admin").expect("admin address");
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        assert!(out.starts_with("HTTP/1.1 200"), "GET {path}: {out}");
-        out.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default()
+        let auth = format!("Authorization: Bearer {key}\r\n");
+        let (code, body) = http_request(addr, "GET", path, &auth);
+        assert_eq!(code, 200, "GET {path}: {body}");
+        body
     }
 
     /// A complete call to the built-in echo with a bearer token.

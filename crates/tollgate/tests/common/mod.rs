@@ -2259,12 +2259,24 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 /// Plain HTTP/1.0 request with no body; `headers` are extra header lines,
 /// each ending in CRLF. Returns (status, body).
 pub fn http_request(addr: SocketAddr, method: &str, path: &str, headers: &str) -> (u16, String) {
+    http_request_with_body(addr, method, path, headers, "")
+}
+
+/// [`http_request`] with a request body (`Content-Length` set from it).
+pub fn http_request_with_body(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String) {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )
     .unwrap();
     let mut buf = vec![];
