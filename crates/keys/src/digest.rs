@@ -439,6 +439,114 @@ pub fn verify(resp: &DigestResponse, method: &str, password: &str) -> bool {
     crate::ct::eq(expected.as_bytes(), given.as_bytes())
 }
 
+/// A `WWW-Authenticate` or `Proxy-Authenticate` challenge with the `Digest`
+/// scheme, from a peer the edge calls (a carrier answering leg B's INVITE
+/// with 401/407, RFC 3261 §22.2). Untrusted: it only chooses how our answer
+/// is computed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DigestChallenge {
+    /// `realm`, answered as given.
+    pub realm: String,
+    /// `nonce`, the peer's.
+    pub nonce: String,
+    /// `algorithm`; MD5 when absent.
+    pub algorithm: Algorithm,
+    /// The challenge offered `qop=auth` (we then answer with it).
+    pub qop_auth: bool,
+    /// `opaque`, echoed back.
+    pub opaque: Option<String>,
+}
+
+/// Parses a `Digest` challenge. A `qop` list without `auth` or an
+/// algorithm other than MD5/SHA-256 cannot be answered. Never panics.
+pub fn parse_challenge(value: &str) -> Result<DigestChallenge, DigestError> {
+    if value.len() > MAX_AUTHORIZATION_LEN {
+        return Err(DigestError::Malformed);
+    }
+    let v = value.trim_start();
+    let (scheme, rest) = v.split_at(v.find([' ', '\t']).ok_or(DigestError::Malformed)?);
+    if !scheme.eq_ignore_ascii_case("Digest") {
+        return Err(DigestError::Malformed);
+    }
+    let (mut realm, mut nonce, mut algorithm, mut qop, mut opaque) = (None, None, None, None, None);
+    for (name, val) in parse_params(rest).ok_or(DigestError::Malformed)? {
+        let slot = match name.to_ascii_lowercase().as_str() {
+            "realm" => &mut realm,
+            "nonce" => &mut nonce,
+            "algorithm" => &mut algorithm,
+            "qop" => &mut qop,
+            "opaque" => &mut opaque,
+            _ => continue,
+        };
+        if slot.replace(val).is_some() {
+            return Err(DigestError::Malformed);
+        }
+    }
+    let algorithm = match algorithm {
+        None => Algorithm::Md5,
+        Some(a) => Algorithm::from_name(&a).ok_or(DigestError::UnsupportedAlgorithm)?,
+    };
+    let qop_auth = match qop {
+        None => false,
+        Some(q) if q.split(',').any(|o| o.trim().eq_ignore_ascii_case("auth")) => true,
+        Some(_) => return Err(DigestError::UnsupportedAlgorithm),
+    };
+    Ok(DigestChallenge {
+        realm: realm.ok_or(DigestError::Malformed)?,
+        nonce: nonce.ok_or(DigestError::Malformed)?,
+        algorithm,
+        qop_auth,
+        opaque,
+    })
+}
+
+impl DigestChallenge {
+    /// The `Authorization` (or `Proxy-Authorization`) value answering this
+    /// challenge for `method` on `uri` (RFC 3261 §22.4 with RFC 8760);
+    /// `cnonce` is the caller's fresh random, used with `qop=auth`.
+    pub fn authorization(
+        &self,
+        username: &str,
+        password: &str,
+        method: &str,
+        uri: &str,
+        cnonce: &str,
+    ) -> String {
+        let resp = DigestResponse {
+            username: username.to_owned(),
+            realm: self.realm.clone(),
+            nonce: self.nonce.clone(),
+            uri: uri.to_owned(),
+            response: String::new(),
+            algorithm: self.algorithm,
+            cnonce: self.qop_auth.then(|| cnonce.to_owned()),
+            nc: self.qop_auth.then(|| "00000001".to_owned()),
+            qop: self.qop_auth.then(|| "auth".to_owned()),
+            opaque: self.opaque.clone(),
+        };
+        // qop is auth or absent: expected_response always answers.
+        let response = expected_response(&resp, method, password).unwrap_or_default();
+        let mut s = format!(
+            "Digest username={}, realm={}, nonce={}, uri={}, response=\"{response}\", algorithm={}",
+            quote(username),
+            quote(&self.realm),
+            quote(&self.nonce),
+            quote(uri),
+            self.algorithm.name()
+        );
+        if self.qop_auth {
+            s.push_str(&format!(
+                ", qop=auth, nc=00000001, cnonce={}",
+                quote(cnonce)
+            ));
+        }
+        if let Some(o) = &self.opaque {
+            s.push_str(&format!(", opaque={}", quote(o)));
+        }
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -612,5 +720,33 @@ mod tests {
         )
         .unwrap();
         assert!(!format!("{r:?}").contains("deadbeefcafe"));
+    }
+
+    #[test]
+    fn a_challenge_from_a_peer_is_answered_so_that_it_verifies() {
+        for (text, qop) in [
+            ("Digest realm=\"carrier\", nonce=\"abc\", algorithm=MD5, qop=\"auth,auth-int\", opaque=\"o1\"", true),
+            ("Digest nonce=\"n2\", realm=\"carrier\"", false),
+            ("digest realm=\"c\", nonce=\"n3\", algorithm=SHA-256, qop=auth", true),
+        ] {
+            let ch = parse_challenge(text).unwrap();
+            assert_eq!(ch.qop_auth, qop, "{text}");
+            let value = ch.authorization("trunk1", "s3cret", "INVITE", "sip:+4420@gw", "cn1");
+            let resp = parse_authorization(&value).unwrap();
+            assert_eq!(resp.realm, ch.realm);
+            assert_eq!(resp.opaque, ch.opaque);
+            assert!(verify(&resp, "INVITE", "s3cret"), "{value}");
+            assert!(!verify(&resp, "INVITE", "other"), "{value}");
+        }
+        for bad in [
+            "Basic realm=\"x\"",
+            "Digest realm=\"x\"",
+            "Digest realm=\"x\", nonce=\"n\", qop=\"auth-int\"",
+            "Digest realm=\"x\", nonce=\"n\", algorithm=MD5-sess",
+            "Digest realm=\"x\", realm=\"y\", nonce=\"n\"",
+            "Digest",
+        ] {
+            assert!(parse_challenge(bad).is_err(), "{bad}");
+        }
     }
 }

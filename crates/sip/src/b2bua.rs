@@ -9,9 +9,12 @@ use crate::message::{
     self, header_user, name_addr_uri, reason_phrase, response_to, Header, Message, SipUri,
     StartLine,
 };
+use crate::route::OutboundAuth;
 use crate::transaction::{
     Peer, RequestMatch, TimerConfig, Transmit, Transport, TxnEvent, TxnKey, TxnLayer,
 };
+mod attempt;
+
 use bytes::Bytes;
 use ring::rand::SecureRandom;
 use std::cmp::Reverse;
@@ -23,7 +26,7 @@ use tollgate_keys::credential::{
     AuthConfig, Authenticator, DigestBySource, InviteView, Outcome, Principal,
 };
 use tollgate_keys::digest::Algorithm;
-use tollgate_keys::number::{Dest, NumberPlan};
+use tollgate_keys::number::{Dest, NumberPlan, Prefix};
 use tollgate_keys::replay::ReplayCache;
 use tollgate_keys::store::KeyStore;
 
@@ -47,6 +50,9 @@ pub enum MediaProfile {
 pub struct Route {
     /// Matches the token's `model` claim; `None` is a default route.
     pub model: Option<String>,
+    /// Matches canonical destinations starting with it (SPEC §4a, §9);
+    /// the longest matching prefix wins ([`crate::route::pick`]).
+    pub prefix: Option<Prefix>,
     /// The target SIP URI (its host must be an IP literal; names are resolved
     /// by the binary before the route reaches here).
     pub target: SipUri,
@@ -56,6 +62,8 @@ pub struct Route {
     /// SDES keys (`a=crypto`) may cross cleartext (UDP/TCP) signaling on
     /// this route's calls, either leg (default false; see [`sdes_allowed`]).
     pub sdes_over_cleartext: bool,
+    /// Digest credentials answering a carrier's 401/407 on leg B.
+    pub auth: Option<Arc<OutboundAuth>>,
 }
 
 /// The SDES rule: SDES keys (`a=crypto`, RFC 4568) are only exchanged with a
@@ -263,6 +271,8 @@ pub struct Call {
     deadline: Option<Instant>,
     /// Client transactions of this call (to forget them when it ends).
     clients: Vec<TxnKey>,
+    /// What leg B may still try (digest answer, SPEC §9).
+    attempts: attempt::Attempts,
 }
 
 impl Call {
@@ -1111,17 +1121,7 @@ impl B2bua {
 
     fn pick_route(&self, principal: &Principal) -> Option<usize> {
         let model = principal.claims.as_ref().and_then(|c| c.model.as_deref());
-        if let Some(model) = model {
-            if let Some(i) = self
-                .cfg
-                .routes
-                .iter()
-                .position(|r| r.model.as_deref() == Some(model))
-            {
-                return Some(i);
-            }
-        }
-        self.cfg.routes.iter().position(|r| r.model.is_none())
+        crate::route::pick(&self.cfg.routes, model, &principal.destination)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1421,6 +1421,10 @@ impl B2bua {
                 last_ack: [None, None],
                 deadline: Some(deadline),
                 clients: vec![b_key.clone()],
+                attempts: attempt::Attempts {
+                    auth: route.auth.clone(),
+                    ..Default::default()
+                },
             },
         );
     }
@@ -2243,6 +2247,7 @@ impl B2bua {
             return;
         };
         let state = call.state;
+        let b_cseq = attempt::invite_cseq(call.b_invite_msg.as_ref());
         let a_invite = call.a_invite.clone();
         let signaling = call.b.peer.addr.ip();
         if code == 100 {
@@ -2307,7 +2312,7 @@ impl B2bua {
             if state == CallState::Cancelled {
                 // A gave up before B answered: confirm and hang up B.
                 call.state = CallState::Terminating;
-                self.send_ack(id, Side::B, 1, None);
+                self.send_ack(id, Side::B, b_cseq, None);
                 self.send_bye(now, id, Side::B);
                 return;
             }
@@ -2338,7 +2343,7 @@ impl B2bua {
                         } else {
                             None
                         };
-                        self.send_ack(id, Side::B, 1, reject);
+                        self.send_ack(id, Side::B, b_cseq, reject);
                         self.send_bye(now, id, Side::B);
                         self.reply(now, &a_invite, code, Vec::new(), Some(&a_tag));
                         self.end_call(id, EndCause::Rejected(code));
@@ -2354,7 +2359,7 @@ impl B2bua {
                             call.state = CallState::Terminating;
                             call.answered = None; // A is refused: not answered
                         }
-                        self.send_ack(id, Side::B, 1, None);
+                        self.send_ack(id, Side::B, b_cseq, None);
                         self.send_bye(now, id, Side::B);
                         self.reply(now, &a_invite, code, Vec::new(), Some(&a_tag));
                         self.end_call(id, EndCause::Rejected(code));
@@ -2371,7 +2376,7 @@ impl B2bua {
             call.pending_ack = Some(PendingAck {
                 from: Side::A,
                 server: a_invite.clone(),
-                other_cseq: 1,
+                other_cseq: b_cseq,
                 other_answered: true,
                 answer_expected: late_offer,
                 offer: if late_offer {
@@ -2394,6 +2399,9 @@ impl B2bua {
         }
         // 3xx-6xx: the transaction layer ACKed it.
         self.by_client.remove(&key);
+        if state == CallState::Setup && self.leg_b_failed(now, id, &msg, code) {
+            return;
+        }
         if state == CallState::Setup {
             self.relay_response(now, id, Side::A, &a_invite, &msg);
             self.end_call(id, EndCause::Rejected(code));
@@ -2688,6 +2696,8 @@ mod tests {
             local: HashMap::from([(Transport::Udp, SocketAddr::from(([127, 0, 0, 1], 5060)))]),
             routes: vec![Route {
                 model: None,
+                prefix: None,
+                auth: None,
                 target,
                 target_text: "sip:agent@127.0.0.1:5080".into(),
                 peer: b.clone(),

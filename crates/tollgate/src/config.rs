@@ -320,6 +320,9 @@ pub struct AdminSection {
 #[serde(deny_unknown_fields)]
 pub struct RouteSection {
     pub model: Option<String>,
+    /// Destinations starting with this (canonical E.164, SPEC §4a; or a
+    /// name, matched exactly) take this route; the longest prefix wins.
+    pub prefix: Option<String>,
     pub target: String,
     #[serde(default)]
     pub media: Option<String>,
@@ -327,6 +330,75 @@ pub struct RouteSection {
     /// this route's calls (both legs). Default false: see ARCHITECTURE.md.
     #[serde(default)]
     pub sdes_over_cleartext: Option<bool>,
+    /// `[routes.auth]`: digest credentials for a carrier that challenges
+    /// leg B's INVITE (401/407).
+    pub auth: Option<RouteAuthSection>,
+}
+
+/// `[routes.auth]`: the password in the file, or (better) the name of an
+/// environment variable holding it. Never logged.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteAuthSection {
+    pub username: String,
+    pub password: Option<String>,
+    pub password_env: Option<String>,
+}
+
+impl std::fmt::Debug for RouteAuthSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteAuthSection")
+            .field("username", &self.username)
+            .field("password_env", &self.password_env)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Validates `[routes.auth]` of the route at `field` (`routes[i]`); the
+/// secret is taken from the file or the environment and never echoed.
+pub fn route_auth(
+    field: &str,
+    a: &RouteAuthSection,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<tollgate_sip::route::OutboundAuth, ConfigError> {
+    if a.username.is_empty() || a.username.contains(['"', '\\']) || !a.username.is_ascii() {
+        return Err(ConfigError(format!(
+            "{field}.auth.username: must be non-empty ASCII without quotes"
+        )));
+    }
+    let password = match (&a.password, &a.password_env) {
+        (Some(p), None) => p.clone(),
+        (None, Some(var)) => env(var).filter(|p| !p.is_empty()).ok_or_else(|| {
+            ConfigError(format!(
+                "{field}.auth.password_env: environment variable {var:?} is not set"
+            ))
+        })?,
+        _ => {
+            return Err(ConfigError(format!(
+                "{field}.auth.password: give password or password_env (one of them)"
+            )))
+        }
+    };
+    if password.is_empty() {
+        return Err(ConfigError(format!("{field}.auth.password: empty")));
+    }
+    Ok(tollgate_sip::route::OutboundAuth::new(
+        a.username.clone(),
+        password,
+    ))
+}
+
+/// A route's `prefix`, canonical under the edge's number plan.
+pub fn route_prefix(
+    field: &str,
+    plan: &tollgate_keys::number::NumberPlan,
+    p: &str,
+) -> Result<tollgate_keys::number::Prefix, ConfigError> {
+    plan.prefix(p).ok_or_else(|| {
+        ConfigError(format!(
+            "{field}.prefix: {p:?} is not a number prefix (e.g. \"+44\") or a name"
+        ))
+    })
 }
 
 /// A configuration error: exit code 2, message names the field.
@@ -582,5 +654,49 @@ mod tests {
         }
         let e = toml::from_str::<FileConfig>("[state]\nurls = \"x\"\n").unwrap_err();
         assert!(e.to_string().contains("urls"));
+    }
+
+    #[test]
+    fn route_prefix_and_auth_validated_with_the_field_named() {
+        let text = "[[routes]]\nprefix = \"011 44\"\ntarget = \"sip:127.0.0.1:5090\"\n[routes.auth]\nusername = \"trunk\"\npassword_env = \"TG_PW\"\n";
+        let file = toml::from_str::<FileConfig>(text).unwrap();
+        let r = &file.routes[0];
+        let plan = number_plan(&file.numbers).unwrap();
+        let p = route_prefix("routes[0]", &plan, r.prefix.as_deref().unwrap()).unwrap();
+        assert_eq!(p.as_str(), "+44");
+        assert!(route_prefix("routes[0]", &plan, "+")
+            .unwrap_err()
+            .0
+            .starts_with("routes[0].prefix"));
+        let a = r.auth.as_ref().unwrap();
+        assert!(!format!("{a:?}").contains("TG_PW=") && format!("{a:?}").contains("trunk"));
+        let env = |v: &str| (v == "TG_PW").then(|| "pw-from-env".to_owned());
+        let auth = route_auth("routes[0]", a, env).unwrap();
+        assert_eq!(auth.username, "trunk");
+        let unset = route_auth("routes[0]", a, |_| None).unwrap_err().0;
+        assert!(unset.starts_with("routes[0].auth.password_env"), "{unset}");
+        for (body, field) in [
+            ("username = \"u\"\n", "routes[0].auth.password"),
+            (
+                "username = \"u\"\npassword = \"p\"\npassword_env = \"X\"\n",
+                "routes[0].auth.password",
+            ),
+            (
+                "username = \"\"\npassword = \"p\"\n",
+                "routes[0].auth.username",
+            ),
+            (
+                "username = \"u\"\npassword = \"\"\n",
+                "routes[0].auth.password",
+            ),
+        ] {
+            let t = format!("[[routes]]\ntarget = \"sip:127.0.0.1\"\n[routes.auth]\n{body}");
+            let f = toml::from_str::<FileConfig>(&t).unwrap();
+            let e = route_auth("routes[0]", f.routes[0].auth.as_ref().unwrap(), |_| None)
+                .unwrap_err()
+                .0;
+            assert!(e.starts_with(field), "{body}: {e}");
+            assert!(!e.contains("\"p\""), "{e}");
+        }
     }
 }

@@ -50,18 +50,41 @@ pub struct Settings {
     pub admin_tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// `[webhooks]`: call events (webhook.rs).
     pub webhooks: crate::webhook::WebhookConfig,
-    /// `None` target means the built-in echo destination; the flag is the
-    /// route's `sdes_over_cleartext`.
-    pub routes: Vec<(
-        Option<String>,
-        Option<String>,
-        tollgate_sip::MediaProfile,
-        bool,
-    )>,
+    pub routes: Vec<RouteSettings>,
     /// `[tls]` files, present when a `tls:` listener is configured.
     pub tls: Option<TlsFiles>,
     /// `[state]`: shared state of a fleet (SPEC §8); `None`: embedded.
     pub state: Option<StateConfig>,
+}
+
+/// One `[[routes]]` entry, checked.
+#[derive(Debug, Clone)]
+pub struct RouteSettings {
+    pub model: Option<String>,
+    pub prefix: Option<tollgate_keys::number::Prefix>,
+    /// `None`: the built-in echo destination.
+    pub target: Option<String>,
+    pub media: tollgate_sip::MediaProfile,
+    pub sdes_over_cleartext: bool,
+    pub auth: Option<Arc<tollgate_sip::route::OutboundAuth>>,
+}
+
+impl RouteSettings {
+    fn default_to(target: Option<String>) -> Self {
+        RouteSettings {
+            model: None,
+            prefix: None,
+            target,
+            media: tollgate_sip::MediaProfile::Auto,
+            sdes_over_cleartext: false,
+            auth: None,
+        }
+    }
+
+    /// Applies to every call (no model, no prefix).
+    fn is_default(&self) -> bool {
+        self.model.is_none() && self.prefix.is_none()
+    }
 }
 
 pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
@@ -233,22 +256,34 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
                 transport.label()
             )));
         }
-        routes.push((r.model.clone(), Some(r.target.clone()), media, sdes));
+        let prefix = match &r.prefix {
+            Some(p) => Some(config::route_prefix(&field, &trunk.numbers, p)?),
+            None => None,
+        };
+        let auth = match &r.auth {
+            Some(a) => Some(Arc::new(config::route_auth(&field, a, |v| {
+                std::env::var(v).ok()
+            })?)),
+            None => None,
+        };
+        routes.push(RouteSettings {
+            model: r.model.clone(),
+            prefix,
+            target: Some(r.target.clone()),
+            media,
+            sdes_over_cleartext: sdes,
+            auth,
+        });
     }
     if let Some(t) = &args.route_default {
         config::parse_target("--route-default", t)?;
-        match routes.iter_mut().find(|r| r.0.is_none()) {
-            Some(r) => r.1 = Some(t.clone()),
-            None => routes.push((
-                None,
-                Some(t.clone()),
-                tollgate_sip::MediaProfile::Auto,
-                false,
-            )),
+        match routes.iter_mut().find(|r| r.is_default()) {
+            Some(r) => r.target = Some(t.clone()),
+            None => routes.push(RouteSettings::default_to(Some(t.clone()))),
         }
     }
-    if !routes.iter().any(|r| r.0.is_none()) {
-        routes.push((None, None, tollgate_sip::MediaProfile::Auto, false));
+    if !routes.iter().any(RouteSettings::is_default) {
+        routes.push(RouteSettings::default_to(None));
     }
     let tls = match (
         listen.iter().any(|(t, _)| *t == Transport::Tls),
@@ -1015,8 +1050,8 @@ pub fn reload_tls(acceptor: Option<&TlsAcceptor>) -> bool {
 /// built-in echo destination, started on first need and kept across reloads.
 async fn build_routes(s: &Settings, echo: &mut Option<SocketAddr>) -> Result<Vec<Route>, Failure> {
     let mut routes = Vec::new();
-    for (model, target, media, sdes) in &s.routes {
-        let text = match target {
+    for r in &s.routes {
+        let text = match &r.target {
             Some(t) => t.clone(),
             None => {
                 let addr = match *echo {
@@ -1035,7 +1070,8 @@ async fn build_routes(s: &Settings, echo: &mut Option<SocketAddr>) -> Result<Vec
         };
         let (uri, transport, addr) = config::parse_target("route target", &text)?;
         routes.push(Route {
-            model: model.clone(),
+            model: r.model.clone(),
+            prefix: r.prefix.clone(),
             target: uri,
             target_text: text,
             peer: Peer {
@@ -1043,8 +1079,9 @@ async fn build_routes(s: &Settings, echo: &mut Option<SocketAddr>) -> Result<Vec
                 addr,
                 flow: None,
             },
-            media: *media,
-            sdes_over_cleartext: *sdes,
+            media: r.media,
+            sdes_over_cleartext: r.sdes_over_cleartext,
+            auth: r.auth.clone(),
         });
     }
     Ok(routes)

@@ -1,0 +1,136 @@
+//! Leg B's attempts within one call: the INVITE sent again with digest
+//! credentials after a carrier's 401/407 (RFC 3261 §22.2). Each attempt is a
+//! new client transaction (new branch, CSeq + 1, same Call-ID and From tag),
+//! so the call keeps one identity and one CDR.
+
+use super::{B2bua, CallState, EndCause, Purpose};
+use crate::message::{Header, Message};
+use crate::route::OutboundAuth;
+use crate::transaction::Peer;
+use std::sync::Arc;
+use std::time::Instant;
+use tollgate_keys::digest::parse_challenge;
+
+/// What a call may still try on leg B.
+#[derive(Debug, Default)]
+pub(super) struct Attempts {
+    /// The route's credentials for a carrier's challenge.
+    pub auth: Option<Arc<OutboundAuth>>,
+    /// A challenge of the current target was answered already: a second
+    /// one means the credentials are wrong.
+    pub challenged: bool,
+}
+
+impl B2bua {
+    /// A final 3xx-6xx from leg B while leg A waits: true if it is dealt
+    /// with here (another INVITE went out, or leg A got its answer and the
+    /// call ended); false to relay it to leg A.
+    pub(super) fn leg_b_failed(&mut self, now: Instant, id: u64, msg: &Message, code: u16) -> bool {
+        let Some(call) = self.calls.get(&id) else {
+            return false;
+        };
+        if call.state != CallState::Setup || call.cancel_pending {
+            return false;
+        }
+        match code {
+            401 | 407 => {
+                if self.answer_challenge(now, id, msg, code) {
+                    return true;
+                }
+                // The destination's challenge is not leg A's to answer
+                // (its credentials are the edge's): the route lacks or has
+                // wrong credentials.
+                self.refuse_a(now, id, 503, "destination refused the route's credentials");
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Answers leg A's INVITE with `code` and a `Warning` saying why, and
+    /// ends the call (leg B has given its final answer).
+    fn refuse_a(&mut self, now: Instant, id: u64, code: u16, why: &str) {
+        let Some(call) = self.calls.get(&id) else {
+            return;
+        };
+        let (a_invite, tag) = (call.a_invite.clone(), call.a.local_tag.clone());
+        let warning = Header {
+            name: "Warning".into(),
+            value: format!("399 tollgate \"{why}\""),
+        };
+        self.reply(now, &a_invite, code, vec![warning], Some(&tag));
+        self.end_call(id, EndCause::Rejected(code));
+    }
+
+    /// Answers a 401 (`WWW-Authenticate`) or 407 (`Proxy-Authenticate`)
+    /// once per target with the route's credentials.
+    fn answer_challenge(&mut self, now: Instant, id: u64, msg: &Message, code: u16) -> bool {
+        let Some(call) = self.calls.get_mut(&id) else {
+            return false;
+        };
+        let Some(auth) = call.attempts.auth.clone() else {
+            return false;
+        };
+        if call.attempts.challenged {
+            tracing::warn!(call = id, user = %auth.username, code, "leg B refused the route's digest credentials");
+            return false;
+        }
+        let Some(mut inv) = call.b_invite_msg.clone() else {
+            return false;
+        };
+        let (ask, answer) = if code == 401 {
+            ("WWW-Authenticate", "Authorization")
+        } else {
+            ("Proxy-Authenticate", "Proxy-Authorization")
+        };
+        let Some(challenge) = msg.headers_named(ask).find_map(|v| parse_challenge(v).ok()) else {
+            return false;
+        };
+        call.attempts.challenged = true;
+        let peer = call.b.peer.clone();
+        let cnonce = self.token(12);
+        let uri = inv.request_uri().unwrap_or_default().to_owned();
+        let value =
+            challenge.authorization(&auth.username, auth.password(), "INVITE", &uri, &cnonce);
+        inv.remove_headers("Authorization");
+        inv.remove_headers("Proxy-Authorization");
+        inv.set_header(answer, value);
+        metrics::counter!("tollgate_leg_b_digest_answers_total").increment(1);
+        self.send_invite_b(now, id, inv, peer)
+    }
+
+    /// Sends `inv` (leg B's INVITE, maybe changed) again as a new client
+    /// transaction toward `peer`: new branch, next CSeq.
+    pub(super) fn send_invite_b(
+        &mut self,
+        now: Instant,
+        id: u64,
+        mut inv: Message,
+        peer: Peer,
+    ) -> bool {
+        let seq = inv.cseq().map_or(1, |c| c.seq) + 1;
+        let branch = self.branch();
+        let via = self.via(peer.transport, &branch);
+        inv.set_header("Via", via.value);
+        inv.set_header("CSeq", format!("{seq} INVITE"));
+        let Some(key) = self.txn.request(now, inv.clone(), peer.clone()) else {
+            return false;
+        };
+        metrics::counter!("tollgate_sip_requests_sent_total", "method" => "INVITE").increment(1);
+        let Some(call) = self.calls.get_mut(&id) else {
+            return false;
+        };
+        call.b_invite_msg = Some(inv);
+        call.b.local_cseq = seq;
+        call.b.remote_tag = None;
+        call.b.peer = peer;
+        call.b_provisional = false;
+        self.track(id, key, Purpose::InviteB);
+        true
+    }
+}
+
+/// The CSeq number of leg B's current INVITE (its 2xx is ACKed with it).
+pub(super) fn invite_cseq(inv: Option<&Message>) -> u32 {
+    inv.and_then(|m| m.cseq()).map_or(1, |c| c.seq)
+}

@@ -1,0 +1,279 @@
+//! Destinations (SPEC §9, issue 14): prefix routes toward carriers with the
+//! canonical number in the Request-URI and digest answered on leg B.
+//!
+//! cargo test -p tollgate --test e2e_destinations
+mod common;
+use common::*;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+const CALLER: &str = "+14155550123";
+
+/// How a [`Carrier`] treats INVITE and OPTIONS.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(u8)]
+enum Mode {
+    /// INVITE -> 200 with SDP; OPTIONS -> 200.
+    Answer = 0,
+    /// INVITE without valid digest -> 401 (qop=auth, MD5), with -> 200.
+    Digest = 1,
+    /// INVITE and OPTIONS -> 503.
+    Unavailable = 2,
+    /// Nothing answered at all.
+    Silent = 3,
+}
+
+/// A scripted carrier gateway on 127.0.0.1:<ephemeral> (UDP) that records
+/// every request; its mode can change while the test runs.
+#[allow(dead_code)] // `mode` changes in the failover test
+struct Carrier {
+    addr: SocketAddr,
+    received: Arc<Mutex<Vec<SipMsg>>>,
+    mode: Arc<AtomicU8>,
+    stop: Arc<AtomicBool>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+const CARRIER_REALM: &str = "carrier.test";
+
+impl Carrier {
+    fn start(mode: Mode, user: &'static str, pass: &'static str) -> Carrier {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = sock.local_addr().unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mode_cell = Arc::new(AtomicU8::new(mode as u8));
+        let (rx, st, md) = (received.clone(), stop.clone(), mode_cell.clone());
+        let handle = thread::spawn(move || {
+            let mut buf = vec![0u8; 70000];
+            while !st.load(Ordering::Relaxed) {
+                let Ok((n, src)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                let Some(m) = SipMsg::parse(&buf[..n]) else {
+                    continue;
+                };
+                rx.lock().unwrap().push(m.clone());
+                if m.is_response() {
+                    continue;
+                }
+                let mode = md.load(Ordering::Relaxed);
+                let tag = format!(
+                    "gw{}",
+                    &hex(&sha256(m.call_id().unwrap_or("").as_bytes()))[..8]
+                );
+                let send = |b: Vec<u8>| {
+                    let _ = sock.send_to(&b, src);
+                };
+                let method = m.method().unwrap_or("").to_string();
+                if mode == Mode::Silent as u8 && (method == "INVITE" || method == "OPTIONS") {
+                    continue;
+                }
+                if mode == Mode::Unavailable as u8 && (method == "INVITE" || method == "OPTIONS") {
+                    send(make_response(&m, 503, "Service Unavailable", &tag, "", ""));
+                    continue;
+                }
+                match method.as_str() {
+                    "INVITE" => {
+                        if mode == Mode::Digest as u8 && !digest_ok(&m, user, pass) {
+                            let nonce = format!("n{}", &tag[2..]);
+                            let ch = format!(
+                                "WWW-Authenticate: Digest realm=\"{CARRIER_REALM}\", nonce=\"{nonce}\", algorithm=MD5, qop=\"auth\", opaque=\"op1\"\r\n"
+                            );
+                            send(make_response(&m, 401, "Unauthorized", &tag, &ch, ""));
+                            continue;
+                        }
+                        let contact = format!("Contact: <sip:gw@{addr}>\r\n");
+                        let sdp = format!("v=0\r\no=gw 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n", addr.port() + 2);
+                        send(make_response(&m, 200, "OK", &tag, &contact, &sdp));
+                    }
+                    "ACK" => {}
+                    _ => send(make_response(&m, 200, "OK", &tag, "", "")),
+                }
+            }
+        });
+        Carrier {
+            addr,
+            received,
+            mode: mode_cell,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    #[allow(dead_code)]
+    fn set_mode(&self, m: Mode) {
+        self.mode.store(m as u8, Ordering::Relaxed);
+    }
+
+    fn requests(&self, method: &str) -> Vec<SipMsg> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.method() == Some(method))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Carrier {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The carrier's own check of an INVITE's `Authorization` (independent of
+/// the edge's digest code: common's RFC 2617 implementation).
+fn digest_ok(m: &SipMsg, user: &str, pass: &str) -> bool {
+    let Some(v) = m.header("authorization") else {
+        return false;
+    };
+    let (scheme, p) = parse_challenge(v);
+    let get = |k: &str| p.get(k).cloned().unwrap_or_default();
+    if !scheme.eq_ignore_ascii_case("digest")
+        || get("username") != user
+        || get("realm") != CARRIER_REALM
+        || get("opaque") != "op1"
+        || get("qop") != "auth"
+        || Some(get("uri").as_str()) != m.ruri()
+    {
+        return false;
+    }
+    let want = digest_response(
+        "MD5",
+        user,
+        CARRIER_REALM,
+        pass,
+        "INVITE",
+        &get("uri"),
+        &get("nonce"),
+        &get("nc"),
+        &get("cnonce"),
+    );
+    want == get("response")
+}
+
+/// Places a call from leg A to `dialed` with a bearer token for
+/// `canonical`; answered calls are hung up. Returns the final status.
+fn call(edge: &Edge, dialed: &str, canonical: &str) -> u16 {
+    let tok = mint(&edge.first_key(), canonical, CALLER, &[]);
+    let mut ua = UdpUa::new(edge.sip_udp);
+    let req = Req::invite(edge.sip_udp, dialed, CALLER).bearer(&tok);
+    let fin = ua.call(&req);
+    let code = fin.code().unwrap_or(0);
+    if code == 200 {
+        assert_eq!(
+            ua.ack_and_bye(&req, &fin),
+            Some(200),
+            "BYE of the call to {dialed}"
+        );
+    }
+    code
+}
+
+/// CDR lines written so far.
+fn cdrs(edge: &Edge) -> Vec<Json> {
+    std::fs::read_to_string(edge.data_dir.join("cdrs.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(Json::parse)
+        .collect()
+}
+
+fn route_block(prefix: &str, target: &str, extra: &str) -> String {
+    format!("[[routes]]\nprefix = \"{prefix}\"\ntarget = \"{target}\"\nmedia = \"rtp\"\n{extra}\n")
+}
+
+#[test]
+fn prefix_routes_send_the_canonical_number_and_answer_the_carriers_digest() {
+    const USER: &str = "trunk44";
+    const PASS: &str = "carrier44-Secret-pw";
+    let uk = Carrier::start(Mode::Digest, USER, PASS);
+    let us = Carrier::start(Mode::Answer, "-", "-");
+    let toml = route_block(
+        "+44",
+        &format!("sip:{}", uk.addr),
+        &format!("[routes.auth]\nusername = \"{USER}\"\npassword = \"{PASS}\"\n"),
+    ) + &route_block("+1", &format!("sip:{}", us.addr), "");
+    let edge = Edge::start(EdgeConfig {
+        extra_toml: toml,
+        ..Default::default()
+    });
+
+    // International prefix 011, then 44: the +44 carrier, canonical R-URI,
+    // after one 401 answered with the route's credentials.
+    assert_eq!(call(&edge, "011442079460000", "+442079460000"), 200);
+    let invites = uk.requests("INVITE");
+    assert_eq!(invites.len(), 2, "one challenged INVITE, one answered");
+    for inv in &invites {
+        assert_eq!(
+            inv.ruri(),
+            Some(format!("sip:+442079460000@{}", uk.addr).as_str()),
+            "{}",
+            inv.text()
+        );
+    }
+    assert!(invites[0].header("authorization").is_none());
+    assert!(digest_ok(&invites[1], USER, PASS), "{}", invites[1].text());
+    assert_eq!(invites[0].call_id(), invites[1].call_id(), "one call");
+    let (c0, c1) = (invites[0].cseq().unwrap().0, invites[1].cseq().unwrap().0);
+    assert_eq!(c1, c0 + 1, "CSeq goes up (RFC 3261 §22.2)");
+    let acks = uk.requests("ACK");
+    assert!(
+        acks.iter().any(|a| a.cseq().map(|c| c.0) == Some(c1)),
+        "the 2xx is ACKed with the answered INVITE's CSeq: {acks:?}",
+        acks = acks.iter().map(SipMsg::text).collect::<Vec<_>>()
+    );
+    assert!(us.requests("INVITE").is_empty());
+
+    // A national US number: the +1 carrier, no challenge there.
+    assert_eq!(call(&edge, "4155550100", "+14155550100"), 200);
+    let invites = us.requests("INVITE");
+    assert_eq!(invites.len(), 1);
+    assert_eq!(
+        invites[0].ruri(),
+        Some(format!("sip:+14155550100@{}", us.addr).as_str())
+    );
+    assert!(invites[0].header("authorization").is_none());
+
+    // One CDR per call, the challenge retry is not a call of its own.
+    let lines = poll(Duration::from_secs(10), || {
+        let c = cdrs(&edge);
+        (c.len() >= 2).then_some(c)
+    })
+    .expect("two CDRs");
+    thread::sleep(Duration::from_millis(600));
+    assert_eq!(cdrs(&edge).len(), 2, "{lines:?}");
+
+    // The carrier's password is nowhere in the edge's output.
+    let out = edge.stdout_lines.lock().unwrap().join("\n");
+    let err = std::fs::read_to_string(&edge.stderr_path).unwrap_or_default();
+    assert!(!out.contains(PASS) && !err.contains(PASS));
+}
+
+#[test]
+fn wrong_carrier_credentials_end_the_call_without_a_loop() {
+    let uk = Carrier::start(Mode::Digest, "trunk44", "the-right-one");
+    let toml = route_block(
+        "+44",
+        &format!("sip:{}", uk.addr),
+        "[routes.auth]\nusername = \"trunk44\"\npassword = \"a-wrong-one\"\n",
+    );
+    let edge = Edge::start(EdgeConfig {
+        extra_toml: toml,
+        ..Default::default()
+    });
+    let code = call(&edge, "+442079460000", "+442079460000");
+    assert!(code >= 400, "refused, got {code}");
+    assert_ne!(code, 401, "leg A must not see the carrier's challenge");
+    assert_eq!(uk.requests("INVITE").len(), 2, "one answer, no retry loop");
+}
