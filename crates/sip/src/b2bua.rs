@@ -9,11 +9,12 @@ use crate::message::{
     self, header_user, name_addr_uri, reason_phrase, response_to, Header, Message, SipUri,
     StartLine,
 };
-use crate::route::OutboundAuth;
+use crate::route::{OutboundAuth, Target};
 use crate::transaction::{
     Peer, RequestMatch, TimerConfig, Transmit, Transport, TxnEvent, TxnKey, TxnLayer,
 };
 mod attempt;
+mod ping;
 
 use bytes::Bytes;
 use ring::rand::SecureRandom;
@@ -64,6 +65,11 @@ pub struct Route {
     pub sdes_over_cleartext: bool,
     /// Digest credentials answering a carrier's 401/407 on leg B.
     pub auth: Option<Arc<OutboundAuth>>,
+    /// Every target of the route, the first being `target` (SPEC §9: the
+    /// next is tried on a 408, a 5xx or no answer). Empty: `target` alone.
+    pub targets: Vec<Target>,
+    /// OPTIONS pings toward each target this often (by shard 0).
+    pub ping_interval: Option<Duration>,
 }
 
 /// The SDES rule: SDES keys (`a=crypto`, RFC 4568) are only exchanged with a
@@ -598,6 +604,8 @@ pub struct B2bua {
     /// Sources that guessed credentials too often (SPEC §4), shared by the
     /// shards.
     lockout: Arc<Lockout>,
+    /// OPTIONS pings toward route targets (SPEC §9).
+    pinger: ping::Pinger,
 }
 
 /// Below this many queued deadlines the heap is never compacted.
@@ -665,7 +673,14 @@ impl B2bua {
             media: Box::new(PassThroughMedia),
             clock: Instant::now(),
             lockout: Arc::new(Lockout::new(LockoutConfig::default())),
+            pinger: ping::Pinger::default(),
         }
+        .with_pings()
+    }
+
+    fn with_pings(mut self) -> Self {
+        self.pinger.reset(&self.cfg.routes, self.clock);
+        self
     }
 
     /// Shares `lockout` (one table for every shard of the edge).
@@ -707,7 +722,7 @@ impl B2bua {
         Census {
             calls: self.calls.len(),
             transactions: servers + clients,
-            index: self.by_a.len() + self.by_b.len() + self.by_client.len(),
+            index: self.by_a.len() + self.by_b.len() + self.by_client.len() + self.pinger.len(),
             deadlines: self.deadlines.len(),
         }
     }
@@ -720,6 +735,7 @@ impl B2bua {
     /// they took; new INVITEs use the new list.
     pub fn set_routes(&mut self, routes: Vec<Route>) {
         self.cfg.routes = routes;
+        self.pinger.reset(&self.cfg.routes, self.clock);
     }
 
     /// Refuse new calls from now on (SIGTERM drain).
@@ -1242,16 +1258,11 @@ impl B2bua {
             local_cseq: 0,
         };
 
-        // Leg B: we are its UAC.
-        let t = route.peer.transport;
-        let host = match route.target.port {
-            Some(p) => format!("{}:{p}", bracket(&route.target.host)),
-            None => bracket(&route.target.host),
-        };
-        let b_ruri = match &route.target.user {
-            Some(_) => route.target_text.clone(),
-            None => format!("sip:{}@{host}", uri_user(&called)),
-        };
+        // Leg B: we are its UAC, toward the route's first target up.
+        let b_user = uri_user(&called);
+        let (first, more_targets) = attempt::targets_in_order(&route);
+        let t = first.peer.transport;
+        let b_ruri = first.request_uri(&b_user);
         let local = self.local(t);
         let b_leg = Leg {
             call_id: b_call_id.clone(),
@@ -1261,7 +1272,7 @@ impl B2bua {
             remote_uri: format!("<{b_ruri}>"),
             remote_target: b_ruri.clone(),
             route_set: Vec::new(),
-            peer: route.peer.clone(),
+            peer: first.peer.clone(),
             local_cseq: 1,
         };
         let branch = self.branch();
@@ -1376,10 +1387,11 @@ impl B2bua {
             headers,
             body,
         };
-        let Some(b_key) = self.txn.request(now, b_invite.clone(), route.peer.clone()) else {
+        let Some(b_key) = self.txn.request(now, b_invite.clone(), first.peer.clone()) else {
             return; // unreachable: the Via we built has a branch
         };
         metrics::counter!("tollgate_sip_requests_sent_total", "method" => "INVITE").increment(1);
+        attempt::count_invite(&first);
         let deadline = now + self.cfg.invite_timeout;
         self.deadlines.push(Reverse((deadline, id)));
         self.by_client.insert(b_key.clone(), (id, Purpose::InviteB));
@@ -1423,7 +1435,10 @@ impl B2bua {
                 clients: vec![b_key.clone()],
                 attempts: attempt::Attempts {
                     auth: route.auth.clone(),
-                    ..Default::default()
+                    challenged: false,
+                    user: b_user,
+                    current: first,
+                    remaining: more_targets,
                 },
             },
         );
@@ -2064,6 +2079,9 @@ impl B2bua {
     }
 
     fn on_client_response(&mut self, now: Instant, key: TxnKey, msg: Message) {
+        if self.pinger.owns(&key) {
+            return self.on_ping_result(&key, msg.status());
+        }
         let Some((id, purpose)) = self.by_client.get(&key).cloned() else {
             return;
         };
@@ -2411,6 +2429,9 @@ impl B2bua {
     }
 
     fn on_client_timeout(&mut self, now: Instant, key: TxnKey) {
+        if self.pinger.owns(&key) {
+            return self.on_ping_result(&key, None);
+        }
         let Some((id, purpose)) = self.by_client.remove(&key) else {
             return;
         };
@@ -2421,6 +2442,9 @@ impl B2bua {
                 };
                 let (state, a_invite, tag) =
                     (call.state, call.a_invite.clone(), call.a.local_tag.clone());
+                if state == CallState::Setup && self.leg_b_timed_out(now, id) {
+                    return;
+                }
                 if state == CallState::Setup {
                     self.reply(now, &a_invite, 408, Vec::new(), Some(&tag));
                     self.end_call(id, EndCause::Timeout);
@@ -2450,14 +2474,12 @@ impl B2bua {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let a = self.txn.poll_timeout();
         let b = self.deadlines.peek().map(|Reverse((t, _))| *t);
-        match (a, b) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [a, b, self.ping_due()].into_iter().flatten().min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
         self.clock = self.clock.max(now);
+        self.send_pings(now);
         self.txn.handle_timeout(now);
         self.drain_txn_events(now);
         while let Some(Reverse((at, id))) = self.deadlines.peek().copied() {
@@ -2565,7 +2587,7 @@ fn strip_tag(v: &str) -> String {
     }
 }
 
-fn bracket(host: &str) -> String {
+pub(crate) fn bracket(host: &str) -> String {
     if host.contains(':') {
         format!("[{host}]")
     } else {
@@ -2698,6 +2720,8 @@ mod tests {
                 model: None,
                 prefix: None,
                 auth: None,
+                targets: Vec::new(),
+                ping_interval: None,
                 target,
                 target_text: "sip:agent@127.0.0.1:5080".into(),
                 peer: b.clone(),

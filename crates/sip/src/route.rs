@@ -4,8 +4,112 @@
 //! with (RFC 3261 §22.2).
 
 use crate::b2bua::Route;
+use crate::message::SipUri;
+use crate::transaction::Peer;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use tollgate_keys::number::{Dest, Prefix};
+
+/// One destination of a route: tried in order, the next on a 408, a 5xx or
+/// no answer; skipped while its OPTIONS pings fail (SPEC §9).
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub uri: SipUri,
+    /// The URI as configured (the metrics' `target` label).
+    pub text: String,
+    pub peer: Peer,
+    /// Shared by every shard and call; set by the pings of shard 0.
+    pub health: Arc<Health>,
+}
+
+impl Target {
+    pub fn new(uri: SipUri, text: String, peer: Peer) -> Self {
+        let health = Arc::new(Health::default());
+        metrics::gauge!("tollgate_route_target_up", "target" => text.clone()).set(1.0);
+        Target {
+            uri,
+            text,
+            peer,
+            health,
+        }
+    }
+
+    /// Leg B's Request-URI toward this target: the target's own URI when it
+    /// names a user (an agent), else the destination (canonical, SPEC §4a)
+    /// at the target's host: what an upstream carrier gateway expects.
+    pub fn request_uri(&self, user: &str) -> String {
+        if self.uri.user.is_some() {
+            return self.text.clone();
+        }
+        let host = crate::b2bua::bracket(&self.uri.host);
+        match self.uri.port {
+            Some(p) => format!("sip:{user}@{host}:{p}"),
+            None => format!("sip:{user}@{host}"),
+        }
+    }
+}
+
+/// Whether a target answers its OPTIONS pings. Up until a ping says
+/// otherwise.
+#[derive(Debug)]
+pub struct Health {
+    up: AtomicBool,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            up: AtomicBool::new(true),
+        }
+    }
+}
+
+impl Health {
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Records a ping's outcome for the target `text`; logs a change.
+    pub fn set(&self, up: bool, text: &str) {
+        if self.up.swap(up, Ordering::Relaxed) != up {
+            tracing::info!(target = text, up, "route target health changed (OPTIONS)");
+            metrics::gauge!("tollgate_route_target_up", "target" => text.to_owned()).set(if up {
+                1.0
+            } else {
+                0.0
+            });
+        }
+    }
+}
+
+/// A ping's final status: does the target serve? Any answer but a 408 or
+/// a 5xx means it does (a 404 or 405 to OPTIONS is still a live server).
+pub fn ping_says_up(code: u16) -> bool {
+    code != 408 && code < 500
+}
+
+/// The order a call tries `targets` in: those up, in configured order;
+/// when none is up, all of them (a ping may be wrong, a call must not be
+/// refused on it alone).
+pub fn order(targets: &[Target]) -> Vec<Target> {
+    let up: Vec<Target> = targets
+        .iter()
+        .filter(|t| t.health.is_up())
+        .cloned()
+        .collect();
+    if up.is_empty() {
+        targets.to_vec()
+    } else {
+        up
+    }
+}
+
+/// A leg-B final response after which the next target is tried (SPEC §9;
+/// RFC 3263 §4.3 for 503).
+pub fn fails_over(code: u16) -> bool {
+    code == 408 || (500..600).contains(&code)
+}
 
 /// Digest credentials of a carrier route: the edge answers a 401/407 to
 /// leg B's INVITE with them. `Debug` and `Display` never show the password.
@@ -72,8 +176,7 @@ pub fn pick(routes: &[Route], model: Option<&str>, dest: &Dest) -> Option<usize>
 mod tests {
     use super::*;
     use crate::b2bua::MediaProfile;
-    use crate::message::SipUri;
-    use crate::transaction::{Peer, Transport};
+    use crate::transaction::Transport;
     use tollgate_keys::number::NumberPlan;
 
     fn route(model: Option<&str>, prefix: Option<&str>, port: u16) -> Route {
@@ -92,7 +195,43 @@ mod tests {
             media: MediaProfile::Auto,
             sdes_over_cleartext: false,
             auth: None,
+            targets: Vec::new(),
+            ping_interval: None,
         }
+    }
+
+    fn target(text: &str, port: u16) -> Target {
+        let peer = Peer {
+            transport: Transport::Udp,
+            addr: ([127, 0, 0, 1], port).into(),
+            flow: None,
+        };
+        Target::new(SipUri::parse(text).unwrap(), text.into(), peer)
+    }
+
+    #[test]
+    fn targets_in_order_skipping_those_down_and_the_request_uri() {
+        let ts = vec![
+            target("sip:127.0.0.1:5061", 5061),
+            target("sip:agent@127.0.0.1:5062", 5062),
+            target("sip:127.0.0.3", 5063),
+        ];
+        let ports = |v: Vec<Target>| v.iter().map(|t| t.peer.addr.port()).collect::<Vec<_>>();
+        assert_eq!(ports(order(&ts)), [5061, 5062, 5063]);
+        ts[0].health.set(false, "a");
+        assert_eq!(ports(order(&ts)), [5062, 5063]);
+        for t in &ts {
+            t.health.set(false, "a");
+        }
+        assert_eq!(ports(order(&ts)), [5061, 5062, 5063], "none up: try all");
+        ts[2].health.set(true, "a");
+        assert_eq!(ports(order(&ts)), [5063]);
+        assert_eq!(ts[0].request_uri("+4420"), "sip:+4420@127.0.0.1:5061");
+        assert_eq!(ts[1].request_uri("+4420"), "sip:agent@127.0.0.1:5062");
+        assert_eq!(ts[2].request_uri("+1"), "sip:+1@127.0.0.3");
+        assert!(fails_over(503) && fails_over(408) && fails_over(500));
+        assert!(!fails_over(486) && !fails_over(404) && !fails_over(603));
+        assert!(ping_says_up(200) && ping_says_up(405) && !ping_says_up(503));
     }
 
     #[test]

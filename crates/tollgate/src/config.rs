@@ -323,7 +323,12 @@ pub struct RouteSection {
     /// Destinations starting with this (canonical E.164, SPEC §4a; or a
     /// name, matched exactly) take this route; the longest prefix wins.
     pub prefix: Option<String>,
-    pub target: String,
+    /// One target, or `targets`: several, tried in order (SPEC §9).
+    pub target: Option<String>,
+    pub targets: Option<Vec<String>>,
+    /// OPTIONS pings toward each target, seconds apart; 0 = none. Default
+    /// 30 for a route with several targets, none for one target.
+    pub options_ping_s: Option<u64>,
     #[serde(default)]
     pub media: Option<String>,
     /// Allow SDES keys (`a=crypto`) over cleartext (UDP/TCP) signaling on
@@ -352,6 +357,54 @@ impl std::fmt::Debug for RouteAuthSection {
             .field("password_env", &self.password_env)
             .finish_non_exhaustive()
     }
+}
+
+/// A route's targets (`target` or `targets`, one of them), checked, with
+/// their transport (one per route) and the ping interval.
+pub fn route_targets(
+    field: &str,
+    r: &RouteSection,
+) -> Result<(Vec<String>, Transport, Option<std::time::Duration>), ConfigError> {
+    let (name, list) = match (&r.target, &r.targets) {
+        (Some(t), None) => ("target", vec![t.clone()]),
+        (None, Some(v)) if !v.is_empty() => ("targets", v.clone()),
+        (None, Some(_)) => return Err(ConfigError(format!("{field}.targets: empty"))),
+        (None, None) => {
+            return Err(ConfigError(format!(
+                "{field}.target: missing (or targets = [...])"
+            )))
+        }
+        (Some(_), Some(_)) => {
+            return Err(ConfigError(format!(
+                "{field}.targets: give target or targets, not both"
+            )))
+        }
+    };
+    let mut transport = None;
+    for (i, t) in list.iter().enumerate() {
+        let f = if name == "target" {
+            format!("{field}.target")
+        } else {
+            format!("{field}.targets[{i}]")
+        };
+        let (_, tr, _) = parse_target(&f, t)?;
+        if transport.is_some_and(|t0| t0 != tr) {
+            return Err(ConfigError(format!(
+                "{f}: all targets of a route use one transport"
+            )));
+        }
+        transport = Some(tr);
+    }
+    let ping_s = r
+        .options_ping_s
+        .unwrap_or(if list.len() > 1 { 30 } else { 0 });
+    if ping_s > 3600 {
+        return Err(ConfigError(format!(
+            "{field}.options_ping_s: must be 0..=3600"
+        )));
+    }
+    let ping = (ping_s > 0).then(|| std::time::Duration::from_secs(ping_s));
+    Ok((list, transport.unwrap_or(Transport::Udp), ping))
 }
 
 /// Validates `[routes.auth]` of the route at `field` (`routes[i]`); the
@@ -654,6 +707,45 @@ mod tests {
         }
         let e = toml::from_str::<FileConfig>("[state]\nurls = \"x\"\n").unwrap_err();
         assert!(e.to_string().contains("urls"));
+    }
+
+    #[test]
+    fn route_targets_validated_with_the_field_named() {
+        let of = |t: &str| {
+            let f = toml::from_str::<FileConfig>(&format!("[[routes]]\n{t}")).unwrap();
+            route_targets("routes[0]", &f.routes[0])
+        };
+        let (v, t, ping) =
+            of("targets = [\"sip:127.0.0.1:5070\", \"sip:127.0.0.1:5071\"]").unwrap();
+        assert_eq!((v.len(), t), (2, Transport::Udp));
+        assert_eq!(ping, Some(std::time::Duration::from_secs(30)));
+        let (_, _, ping) = of("target = \"sip:127.0.0.1:5070\"").unwrap();
+        assert_eq!(ping, None, "one target: no pings by default");
+        let (_, _, ping) = of("target = \"sip:127.0.0.1:5070\"\noptions_ping_s = 5").unwrap();
+        assert_eq!(ping, Some(std::time::Duration::from_secs(5)));
+        for (t, field) in [
+            ("media = \"rtp\"", "routes[0].target"),
+            ("targets = []", "routes[0].targets"),
+            (
+                "target = \"sip:127.0.0.1\"\ntargets = [\"sip:127.0.0.1\"]",
+                "routes[0].targets",
+            ),
+            (
+                "targets = [\"sip:127.0.0.1\", \"x\"]",
+                "routes[0].targets[1]",
+            ),
+            (
+                "targets = [\"sip:127.0.0.1\", \"sip:127.0.0.1;transport=tcp\"]",
+                "routes[0].targets[1]",
+            ),
+            (
+                "target = \"sip:127.0.0.1\"\noptions_ping_s = 99999",
+                "routes[0].options_ping_s",
+            ),
+        ] {
+            let e = of(t).unwrap_err().0;
+            assert!(e.starts_with(field), "{t}: {e}");
+        }
     }
 
     #[test]

@@ -62,19 +62,22 @@ pub struct Settings {
 pub struct RouteSettings {
     pub model: Option<String>,
     pub prefix: Option<tollgate_keys::number::Prefix>,
-    /// `None`: the built-in echo destination.
-    pub target: Option<String>,
+    /// Tried in order; empty: the built-in echo destination.
+    pub targets: Vec<String>,
+    /// OPTIONS pings toward the targets (`options_ping_s`).
+    pub ping_interval: Option<Duration>,
     pub media: tollgate_sip::MediaProfile,
     pub sdes_over_cleartext: bool,
     pub auth: Option<Arc<tollgate_sip::route::OutboundAuth>>,
 }
 
 impl RouteSettings {
-    fn default_to(target: Option<String>) -> Self {
+    fn default_to(targets: Vec<String>) -> Self {
         RouteSettings {
             model: None,
             prefix: None,
-            target,
+            targets,
+            ping_interval: None,
             media: tollgate_sip::MediaProfile::Auto,
             sdes_over_cleartext: false,
             auth: None,
@@ -245,7 +248,7 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
     let mut routes = Vec::new();
     for (i, r) in file.routes.iter().enumerate() {
         let field = format!("routes[{i}]");
-        let (_, transport, _) = config::parse_target(&format!("{field}.target"), &r.target)?;
+        let (targets, transport, ping_interval) = config::route_targets(&field, r)?;
         let media = config::parse_media_profile(&format!("{field}.media"), r.media.as_deref())?;
         let sdes = r.sdes_over_cleartext.unwrap_or(false);
         // SDES rule (ARCHITECTURE.md): SRTP keys toward a cleartext target
@@ -269,7 +272,8 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         routes.push(RouteSettings {
             model: r.model.clone(),
             prefix,
-            target: Some(r.target.clone()),
+            targets,
+            ping_interval,
             media,
             sdes_over_cleartext: sdes,
             auth,
@@ -278,12 +282,12 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
     if let Some(t) = &args.route_default {
         config::parse_target("--route-default", t)?;
         match routes.iter_mut().find(|r| r.is_default()) {
-            Some(r) => r.target = Some(t.clone()),
-            None => routes.push(RouteSettings::default_to(Some(t.clone()))),
+            Some(r) => r.targets = vec![t.clone()],
+            None => routes.push(RouteSettings::default_to(vec![t.clone()])),
         }
     }
     if !routes.iter().any(RouteSettings::is_default) {
-        routes.push(RouteSettings::default_to(None));
+        routes.push(RouteSettings::default_to(Vec::new()));
     }
     let tls = match (
         listen.iter().any(|(t, _)| *t == Transport::Tls),
@@ -1051,37 +1055,44 @@ pub fn reload_tls(acceptor: Option<&TlsAcceptor>) -> bool {
 async fn build_routes(s: &Settings, echo: &mut Option<SocketAddr>) -> Result<Vec<Route>, Failure> {
     let mut routes = Vec::new();
     for r in &s.routes {
-        let text = match &r.target {
-            Some(t) => t.clone(),
-            None => {
-                let addr = match *echo {
-                    Some(a) => a,
-                    None => {
-                        let a = crate::echo::start()
-                            .await
-                            .map_err(|e| Failure::Other(format!("echo destination: {e}")))?;
-                        tracing::info!(echo = %a, "no default route configured: calls go to the built-in echo");
-                        *echo = Some(a);
-                        a
-                    }
-                };
-                format!("sip:echo@{addr}")
-            }
+        let texts = if r.targets.is_empty() {
+            let addr = match *echo {
+                Some(a) => a,
+                None => {
+                    let a = crate::echo::start()
+                        .await
+                        .map_err(|e| Failure::Other(format!("echo destination: {e}")))?;
+                    tracing::info!(echo = %a, "no default route configured: calls go to the built-in echo");
+                    *echo = Some(a);
+                    a
+                }
+            };
+            vec![format!("sip:echo@{addr}")]
+        } else {
+            r.targets.clone()
         };
-        let (uri, transport, addr) = config::parse_target("route target", &text)?;
-        routes.push(Route {
-            model: r.model.clone(),
-            prefix: r.prefix.clone(),
-            target: uri,
-            target_text: text,
-            peer: Peer {
+        let mut targets = Vec::new();
+        for text in texts {
+            let (uri, transport, addr) = config::parse_target("route target", &text)?;
+            let peer = Peer {
                 transport,
                 addr,
                 flow: None,
-            },
+            };
+            targets.push(tollgate_sip::route::Target::new(uri, text, peer));
+        }
+        let first = targets[0].clone();
+        routes.push(Route {
+            model: r.model.clone(),
+            prefix: r.prefix.clone(),
+            target: first.uri,
+            target_text: first.text,
+            peer: first.peer,
             media: r.media,
             sdes_over_cleartext: r.sdes_over_cleartext,
             auth: r.auth.clone(),
+            targets,
+            ping_interval: r.ping_interval,
         });
     }
     Ok(routes)

@@ -1,5 +1,6 @@
 //! Destinations (SPEC §9, issue 14): prefix routes toward carriers with the
-//! canonical number in the Request-URI and digest answered on leg B.
+//! canonical number in the Request-URI and digest answered on leg B; several
+//! targets per route with failover and OPTIONS health.
 //!
 //! cargo test -p tollgate --test e2e_destinations
 mod common;
@@ -24,11 +25,14 @@ enum Mode {
     Unavailable = 2,
     /// Nothing answered at all.
     Silent = 3,
+    /// INVITE -> 503, OPTIONS -> 200 (a target whose pings pass).
+    InviteUnavailable = 4,
+    /// INVITE unanswered, OPTIONS -> 200.
+    InviteSilent = 5,
 }
 
 /// A scripted carrier gateway on 127.0.0.1:<ephemeral> (UDP) that records
 /// every request; its mode can change while the test runs.
-#[allow(dead_code)] // `mode` changes in the failover test
 struct Carrier {
     addr: SocketAddr,
     received: Arc<Mutex<Vec<SipMsg>>>,
@@ -71,10 +75,15 @@ impl Carrier {
                     let _ = sock.send_to(&b, src);
                 };
                 let method = m.method().unwrap_or("").to_string();
-                if mode == Mode::Silent as u8 && (method == "INVITE" || method == "OPTIONS") {
+                let invite_or_ping = method == "INVITE" || method == "OPTIONS";
+                if (mode == Mode::Silent as u8 && invite_or_ping)
+                    || (mode == Mode::InviteSilent as u8 && method == "INVITE")
+                {
                     continue;
                 }
-                if mode == Mode::Unavailable as u8 && (method == "INVITE" || method == "OPTIONS") {
+                if (mode == Mode::Unavailable as u8 && invite_or_ping)
+                    || (mode == Mode::InviteUnavailable as u8 && method == "INVITE")
+                {
                     send(make_response(&m, 503, "Service Unavailable", &tag, "", ""));
                     continue;
                 }
@@ -106,7 +115,6 @@ impl Carrier {
         }
     }
 
-    #[allow(dead_code)]
     fn set_mode(&self, m: Mode) {
         self.mode.store(m as u8, Ordering::Relaxed);
     }
@@ -119,6 +127,25 @@ impl Carrier {
             .filter(|m| m.method() == Some(method))
             .cloned()
             .collect()
+    }
+}
+
+impl Carrier {
+    /// INVITE transactions received (retransmissions counted once).
+    fn invites(&self) -> usize {
+        let mut seen: Vec<(String, String)> = self
+            .requests("INVITE")
+            .iter()
+            .map(|m| {
+                (
+                    m.call_id().unwrap_or("").into(),
+                    m.via_branch().unwrap_or_default(),
+                )
+            })
+            .collect();
+        seen.sort();
+        seen.dedup();
+        seen.len()
     }
 }
 
@@ -276,4 +303,90 @@ fn wrong_carrier_credentials_end_the_call_without_a_loop() {
     assert!(code >= 400, "refused, got {code}");
     assert_ne!(code, 401, "leg A must not see the carrier's challenge");
     assert_eq!(uk.requests("INVITE").len(), 2, "one answer, no retry loop");
+}
+
+fn target_up(edge: &Edge, target: &str) -> Option<f64> {
+    metric_sum(
+        &scrape(edge.metrics_addr()),
+        "tollgate_route_target_up",
+        &[("target", target)],
+    )
+}
+
+/// Two targets, the first failing its INVITEs as `invites` (its pings
+/// still pass): every call completes on the second with one CDR each. Then
+/// it fails as `down` and its pings mark it down (calls go straight to the
+/// second), and up again once it answers (calls use it again).
+fn failover(invites: Mode, down: Mode) {
+    let first = Carrier::start(invites, "-", "-");
+    let second = Carrier::start(Mode::Answer, "-", "-");
+    let (t1, t2) = (
+        format!("sip:{}", first.addr),
+        format!("sip:{}", second.addr),
+    );
+    let toml = format!(
+        "[[routes]]\ntargets = [\"{t1}\", \"{t2}\"]\nmedia = \"rtp\"\noptions_ping_s = 1\n"
+    );
+    let edge = Edge::start(EdgeConfig {
+        extra_toml: toml,
+        // Timer B (64*T1) of a silent first target: 1.28 s.
+        t1_ms: Some(20),
+        ..Default::default()
+    });
+    const CALLS: usize = 3;
+    for i in 0..CALLS {
+        assert_eq!(call(&edge, "+14155550100", "+14155550100"), 200, "call {i}");
+    }
+    assert_eq!(second.invites(), CALLS);
+    let tried_first = first.invites();
+    assert!(tried_first >= CALLS, "the first target is tried first");
+    let cdr_lines = poll(Duration::from_secs(10), || {
+        let c = cdrs(&edge);
+        (c.len() >= CALLS).then_some(c)
+    })
+    .expect("a CDR per call");
+    assert_eq!(cdr_lines.len(), CALLS, "one CDR per call, not per attempt");
+
+    // The pings mark the first target down: calls no longer try it.
+    assert_eq!(target_up(&edge, &t1), Some(1.0), "pings passed so far");
+    first.set_mode(down);
+    poll(Duration::from_secs(15), || {
+        (target_up(&edge, &t1) == Some(0.0)).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{t1} not marked down: {:?}", target_up(&edge, &t1)));
+    assert_eq!(target_up(&edge, &t2), Some(1.0));
+    let before = first.invites();
+    assert_eq!(call(&edge, "+14155550100", "+14155550100"), 200);
+    assert_eq!(first.invites(), before, "a target down is skipped");
+    assert_eq!(second.invites(), CALLS + 1);
+
+    // It answers again: marked up, used again.
+    first.set_mode(Mode::Answer);
+    poll(Duration::from_secs(15), || {
+        (target_up(&edge, &t1) == Some(1.0)).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{t1} not marked up again"));
+    assert_eq!(call(&edge, "+14155550100", "+14155550100"), 200);
+    assert_eq!(first.invites(), before + 1, "used again");
+    assert_eq!(second.invites(), CALLS + 1);
+    assert!(!first.requests("OPTIONS").is_empty() && !second.requests("OPTIONS").is_empty());
+    let failures = metric_sum(
+        &scrape(edge.metrics_addr()),
+        "tollgate_route_target_failures_total",
+        &[("target", &t1)],
+    );
+    assert!(
+        failures.unwrap_or(0.0) >= tried_first as f64,
+        "{failures:?}"
+    );
+}
+
+#[test]
+fn a_first_target_answering_503_fails_over_and_is_marked_down_then_up() {
+    failover(Mode::InviteUnavailable, Mode::Unavailable);
+}
+
+#[test]
+fn a_silent_first_target_fails_over_and_is_marked_down_then_up() {
+    failover(Mode::InviteSilent, Mode::Silent);
 }

@@ -1,24 +1,62 @@
 //! Leg B's attempts within one call: the INVITE sent again with digest
-//! credentials after a carrier's 401/407 (RFC 3261 §22.2). Each attempt is a
+//! credentials after a carrier's 401/407 (RFC 3261 §22.2), or to the route's
+//! next target after a 408, a 5xx or no answer (SPEC §9). Each attempt is a
 //! new client transaction (new branch, CSeq + 1, same Call-ID and From tag),
 //! so the call keeps one identity and one CDR.
 
-use super::{B2bua, CallState, EndCause, Purpose};
+use super::{B2bua, CallState, EndCause, Purpose, Route};
 use crate::message::{Header, Message};
-use crate::route::OutboundAuth;
+use crate::route::{self, OutboundAuth, Target};
 use crate::transaction::Peer;
 use std::sync::Arc;
 use std::time::Instant;
 use tollgate_keys::digest::parse_challenge;
 
 /// What a call may still try on leg B.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Attempts {
     /// The route's credentials for a carrier's challenge.
     pub auth: Option<Arc<OutboundAuth>>,
     /// A challenge of the current target was answered already: a second
     /// one means the credentials are wrong.
     pub challenged: bool,
+    /// The Request-URI user toward a target without one (the destination).
+    pub user: String,
+    /// The target being tried.
+    pub current: Target,
+    /// Targets not tried yet, in order.
+    pub remaining: Vec<Target>,
+}
+
+/// The target a call tries first and the rest, in order ([`route::order`]).
+pub(super) fn targets_in_order(r: &Route) -> (Target, Vec<Target>) {
+    let mut v = if r.targets.is_empty() {
+        vec![Target {
+            uri: r.target.clone(),
+            text: r.target_text.clone(),
+            peer: r.peer.clone(),
+            health: Arc::default(),
+        }]
+    } else {
+        route::order(&r.targets)
+    };
+    let first = v.remove(0);
+    (first, v)
+}
+
+/// Counts an INVITE toward `t` (per-target metrics, SPEC §9).
+pub(super) fn count_invite(t: &Target) {
+    metrics::counter!("tollgate_route_target_invites_total", "target" => t.text.clone())
+        .increment(1);
+}
+
+fn count_failure(t: &Target, code: u16) {
+    metrics::counter!(
+        "tollgate_route_target_failures_total",
+        "target" => t.text.clone(),
+        "code" => code.to_string()
+    )
+    .increment(1);
 }
 
 impl B2bua {
@@ -31,6 +69,11 @@ impl B2bua {
         };
         if call.state != CallState::Setup || call.cancel_pending {
             return false;
+        }
+        if route::fails_over(code) {
+            let current = &call.attempts.current;
+            count_failure(current, code);
+            return self.next_target(now, id);
         }
         match code {
             401 | 407 => {
@@ -45,6 +88,49 @@ impl B2bua {
             }
             _ => false,
         }
+    }
+
+    /// Leg B's INVITE got no answer (Timer B): true if the next target is
+    /// being tried.
+    pub(super) fn leg_b_timed_out(&mut self, now: Instant, id: u64) -> bool {
+        let Some(call) = self.calls.get(&id) else {
+            return false;
+        };
+        if call.cancel_pending {
+            return false;
+        }
+        count_failure(&call.attempts.current, 408);
+        self.next_target(now, id)
+    }
+
+    /// Sends leg B's INVITE to the next target not tried yet: true if
+    /// there was one.
+    fn next_target(&mut self, now: Instant, id: u64) -> bool {
+        let Some(call) = self.calls.get_mut(&id) else {
+            return false;
+        };
+        if call.attempts.remaining.is_empty() {
+            return false;
+        }
+        let Some(mut inv) = call.b_invite_msg.clone() else {
+            return false;
+        };
+        let next = call.attempts.remaining.remove(0);
+        let ruri = next.request_uri(&call.attempts.user);
+        tracing::info!(call = id, from = %call.attempts.current.text, to = %next.text, "leg B fails over to the next target");
+        if let crate::message::StartLine::Request { uri, .. } = &mut inv.start {
+            uri.clone_from(&ruri);
+        }
+        inv.set_header("To", format!("<{ruri}>"));
+        inv.remove_headers("Authorization");
+        inv.remove_headers("Proxy-Authorization");
+        call.b.remote_uri = format!("<{ruri}>");
+        call.b.remote_target = ruri;
+        call.attempts.challenged = false;
+        let peer = next.peer.clone();
+        count_invite(&next);
+        call.attempts.current = next;
+        self.send_invite_b(now, id, inv, peer)
     }
 
     /// Answers leg A's INVITE with `code` and a `Warning` saying why, and
