@@ -5,7 +5,7 @@
 # for the fleet tests, which start their own on a free port; the interop
 # matrix's user agents and proxies: baresip-core, kamailio, linphone-cli; the
 # linphonec case runs in a network namespace: unshare from util-linux, ip from
-# iproute2). Tests that
+# iproute2; dnsmasq-base for the DNS destinations). Tests that
 # need one of them fail, never skip, when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +24,9 @@ command -v redis-server >/dev/null 2>&1 || { need_pkgs+=(redis-server); had_redi
 command -v baresip >/dev/null 2>&1 || need_pkgs+=(baresip-core)
 command -v kamailio >/dev/null 2>&1 || [ -x /usr/sbin/kamailio ] || need_pkgs+=(kamailio)
 command -v linphonec >/dev/null 2>&1 || need_pkgs+=(linphone-cli)
+# tests/e2e_destinations.rs: a DNS server on loopback (NAPTR/SRV/A records,
+# RFC 3263); dnsmasq-base is the binary alone, without a service on :53.
+command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need_pkgs+=(dnsmasq-base)
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /usr/bin/ip ] || need_pkgs+=(iproute2)
 had_prometheus=1
 if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
@@ -65,6 +68,7 @@ has_yaml || { echo "test.sh: python3 cannot import yaml (python3-yaml)" >&2; exi
 command -v baresip >/dev/null || { echo "test.sh: baresip is still missing (baresip-core)" >&2; exit 1; }
 [ -x /usr/sbin/kamailio ] || command -v kamailio >/dev/null || { echo "test.sh: kamailio is still missing" >&2; exit 1; }
 command -v linphonec >/dev/null || { echo "test.sh: linphonec is still missing (linphone-cli)" >&2; exit 1; }
+[ -x /usr/sbin/dnsmasq ] || command -v dnsmasq >/dev/null || { echo "test.sh: dnsmasq is still missing (dnsmasq-base)" >&2; exit 1; }
 # pylibsrtp: the independent SRTP implementation the media tests compare with.
 crates/media/scripts/install-test-deps.sh
 # detect-secrets in a venv: the secret-scanning rule's test runs it.

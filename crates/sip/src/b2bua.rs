@@ -1260,8 +1260,18 @@ impl B2bua {
 
         // Leg B: we are its UAC, toward the route's first target up.
         let b_user = uri_user(&called);
-        let (first, more_targets) = attempt::targets_in_order(&route);
-        let t = first.peer.transport;
+        let Some((first, first_peer, more_targets)) = attempt::targets_in_order(&route) else {
+            // No target can be reached now (SPEC §9: a name that does not
+            // resolve): refused at once, never a hang.
+            let warning = vec![Header {
+                name: "Warning".into(),
+                value: "399 tollgate \"no route target reachable (DNS)\"".into(),
+            }];
+            self.reply(now, &a_key, 503, warning, Some(&a_leg.local_tag));
+            self.policy.ended(&refused(503));
+            return;
+        };
+        let t = first_peer.transport;
         let b_ruri = first.request_uri(&b_user);
         let local = self.local(t);
         let b_leg = Leg {
@@ -1272,7 +1282,7 @@ impl B2bua {
             remote_uri: format!("<{b_ruri}>"),
             remote_target: b_ruri.clone(),
             route_set: Vec::new(),
-            peer: first.peer.clone(),
+            peer: first_peer.clone(),
             local_cseq: 1,
         };
         let branch = self.branch();
@@ -1387,7 +1397,7 @@ impl B2bua {
             headers,
             body,
         };
-        let Some(b_key) = self.txn.request(now, b_invite.clone(), first.peer.clone()) else {
+        let Some(b_key) = self.txn.request(now, b_invite.clone(), first_peer) else {
             return; // unreachable: the Via we built has a branch
         };
         metrics::counter!("tollgate_sip_requests_sent_total", "method" => "INVITE").increment(1);

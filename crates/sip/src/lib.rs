@@ -8,6 +8,7 @@ pub mod driver;
 pub mod framing;
 pub mod lockout;
 pub mod message;
+pub mod resolve;
 pub mod route;
 pub mod tls;
 pub mod transaction;

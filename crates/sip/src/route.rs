@@ -5,8 +5,10 @@
 
 use crate::b2bua::Route;
 use crate::message::SipUri;
-use crate::transaction::Peer;
+use crate::resolve::Located;
+use crate::transaction::{Peer, Transport};
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tollgate_keys::number::{Dest, Prefix};
@@ -18,9 +20,14 @@ pub struct Target {
     pub uri: SipUri,
     /// The URI as configured (the metrics' `target` label).
     pub text: String,
+    /// Where it is: fixed for an IP address; for a name, a placeholder
+    /// (see [`Target::current_peer`]).
     pub peer: Peer,
     /// Shared by every shard and call; set by the pings of shard 0.
     pub health: Arc<Health>,
+    /// A target named by DNS: its latest answer (RFC 3263), kept fresh on
+    /// the async side.
+    pub located: Option<Arc<Located>>,
 }
 
 impl Target {
@@ -32,6 +39,29 @@ impl Target {
             text,
             peer,
             health,
+            located: None,
+        }
+    }
+
+    /// A target whose host is a DNS name: unresolved until `located` is set.
+    pub fn named(uri: SipUri, text: String, transport: Transport) -> Self {
+        let peer = Peer {
+            transport,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            flow: None,
+        };
+        Target {
+            located: Some(Arc::default()),
+            ..Target::new(uri, text, peer)
+        }
+    }
+
+    /// Where to send now: the fixed address, or the name's first answer;
+    /// `None` while a name does not resolve.
+    pub fn current_peer(&self) -> Option<Peer> {
+        match &self.located {
+            None => Some(self.peer.clone()),
+            Some(l) => l.first(),
         }
     }
 
@@ -91,15 +121,19 @@ pub fn ping_says_up(code: u16) -> bool {
 
 /// The order a call tries `targets` in: those up, in configured order;
 /// when none is up, all of them (a ping may be wrong, a call must not be
-/// refused on it alone).
+/// refused on it alone). A name that does not resolve is never tried.
 pub fn order(targets: &[Target]) -> Vec<Target> {
-    let up: Vec<Target> = targets
+    let found: Vec<&Target> = targets
+        .iter()
+        .filter(|t| t.current_peer().is_some())
+        .collect();
+    let up: Vec<Target> = found
         .iter()
         .filter(|t| t.health.is_up())
-        .cloned()
+        .map(|t| (*t).clone())
         .collect();
     if up.is_empty() {
-        targets.to_vec()
+        found.into_iter().cloned().collect()
     } else {
         up
     }
@@ -176,7 +210,6 @@ pub fn pick(routes: &[Route], model: Option<&str>, dest: &Dest) -> Option<usize>
 mod tests {
     use super::*;
     use crate::b2bua::MediaProfile;
-    use crate::transaction::Transport;
     use tollgate_keys::number::NumberPlan;
 
     fn route(model: Option<&str>, prefix: Option<&str>, port: u16) -> Route {
@@ -216,7 +249,11 @@ mod tests {
             target("sip:agent@127.0.0.1:5062", 5062),
             target("sip:127.0.0.3", 5063),
         ];
-        let ports = |v: Vec<Target>| v.iter().map(|t| t.peer.addr.port()).collect::<Vec<_>>();
+        let ports = |v: Vec<Target>| {
+            v.iter()
+                .map(|t| t.current_peer().unwrap().addr.port())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(ports(order(&ts)), [5061, 5062, 5063]);
         ts[0].health.set(false, "a");
         assert_eq!(ports(order(&ts)), [5062, 5063]);
@@ -229,6 +266,24 @@ mod tests {
         assert_eq!(ts[0].request_uri("+4420"), "sip:+4420@127.0.0.1:5061");
         assert_eq!(ts[1].request_uri("+4420"), "sip:agent@127.0.0.1:5062");
         assert_eq!(ts[2].request_uri("+1"), "sip:+1@127.0.0.3");
+        let named = Target::named(
+            SipUri::parse("sip:gw.carrier.test").unwrap(),
+            "sip:gw.carrier.test".into(),
+            Transport::Udp,
+        );
+        let with_name = vec![named.clone(), ts[2].clone()];
+        assert_eq!(
+            ports(order(&with_name)),
+            [5063],
+            "an unresolved name is skipped"
+        );
+        let found = ts[1].peer.clone();
+        named.located.as_ref().unwrap().set(vec![found]);
+        assert_eq!(
+            ports(order(&with_name)),
+            [5062, 5063],
+            "resolved: tried first"
+        );
         assert!(fails_over(503) && fails_over(408) && fails_over(500));
         assert!(!fails_over(486) && !fails_over(404) && !fails_over(603));
         assert!(ping_says_up(200) && ping_says_up(405) && !ping_says_up(503));

@@ -31,6 +31,35 @@ pub struct FileConfig {
     pub numbers: NumbersSection,
     /// `[state]`: a fleet's shared state on Redis (SPEC §8); absent: embedded.
     pub state: Option<StateSection>,
+    /// `[dns]`: the resolver for route targets named by DNS (SPEC §9).
+    #[serde(default)]
+    pub dns: DnsSection,
+}
+
+/// `[dns]`: where route targets' names are looked up (RFC 3263).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSection {
+    /// `["IP:PORT", ...]` instead of the system's resolver (/etc/resolv.conf).
+    pub servers: Option<Vec<String>>,
+}
+
+/// The `[dns] servers`, checked (empty: the system's resolver).
+pub fn dns_servers(d: &DnsSection) -> Result<Vec<SocketAddr>, ConfigError> {
+    let Some(v) = &d.servers else {
+        return Ok(Vec::new());
+    };
+    if v.is_empty() {
+        return Err(ConfigError(
+            "dns.servers: at least one IP:PORT (or leave it out for the system's)".into(),
+        ));
+    }
+    v.iter()
+        .map(|s| {
+            s.parse::<SocketAddr>()
+                .map_err(|_| ConfigError(format!("dns.servers: {s:?} is not IP:PORT")))
+        })
+        .collect()
 }
 
 /// `[numbers]`: how numbers are canonicalized to E.164 (SPEC §4a).
@@ -531,26 +560,37 @@ pub fn parse_ip(field: &str, s: &str) -> Result<IpAddr, ConfigError> {
         .map_err(|_| ConfigError(format!("{field}: {s:?} is not an IP address")))
 }
 
-/// A route target: a sip/sips URI whose host is an IP literal or `localhost`.
-pub fn parse_target(field: &str, s: &str) -> Result<(SipUri, Transport, SocketAddr), ConfigError> {
+/// A route target: a sip URI whose host is an IP literal, `localhost`, or
+/// a DNS name (located by RFC 3263 at run time: the address is `None`).
+pub fn parse_target(
+    field: &str,
+    s: &str,
+) -> Result<(SipUri, Transport, Option<SocketAddr>), ConfigError> {
     let uri =
         SipUri::parse(s).map_err(|_| ConfigError(format!("{field}: {s:?} is not a SIP URI")))?;
     if uri.scheme == "tel" {
         return Err(ConfigError(format!(
-            "{field}: {s:?} needs a host (sip:user@IP:PORT)"
+            "{field}: {s:?} needs a host (sip:user@HOST[:PORT])"
         )));
     }
-    let ip: IpAddr = if uri.host.eq_ignore_ascii_case("localhost") {
-        IpAddr::from([127, 0, 0, 1])
+    let ip: Option<IpAddr> = if uri.host.eq_ignore_ascii_case("localhost") {
+        Some(IpAddr::from([127, 0, 0, 1]))
+    } else if let Ok(ip) = uri.host.parse() {
+        Some(ip)
+    } else if is_dns_name(&uri.host) {
+        None
     } else {
-        uri.host.parse().map_err(|_| {
-            ConfigError(format!(
-                "{field}: host {:?} must be an IP address (names are not resolved)",
-                uri.host
-            ))
-        })?
+        return Err(ConfigError(format!(
+            "{field}: host {:?} is neither an IP address nor a DNS name",
+            uri.host
+        )));
     };
     let transport = match uri.transport.as_deref() {
+        _ if uri.scheme == "sips" => {
+            return Err(ConfigError(format!(
+                "{field}: sips: targets are not supported yet (udp, tcp)"
+            )))
+        }
         None | Some("udp") => Transport::Udp,
         Some("tcp") => Transport::Tcp,
         Some(t) => {
@@ -560,7 +600,23 @@ pub fn parse_target(field: &str, s: &str) -> Result<(SipUri, Transport, SocketAd
         }
     };
     let port = uri.port.unwrap_or(5060);
-    Ok((uri, transport, SocketAddr::new(ip, port)))
+    Ok((uri, transport, ip.map(|ip| SocketAddr::new(ip, port))))
+}
+
+/// A host name as DNS knows it (RFC 1123 labels).
+fn is_dns_name(h: &str) -> bool {
+    let h = h.strip_suffix('.').unwrap_or(h);
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        && h.bytes().any(|b| b.is_ascii_alphabetic())
 }
 
 /// `30s`, `10m`, `1h`, `2d` or plain seconds.
@@ -608,8 +664,11 @@ mod tests {
         assert!(parse_port_range("media.ports", "5-1").is_err());
         let (_, t, a) =
             parse_target("routes[0].target", "sip:agent@127.0.0.1:5080;transport=tcp").unwrap();
-        assert_eq!((t, a.port()), (Transport::Tcp, 5080));
-        assert!(parse_target("routes[0].target", "sip:agent@example.com").is_err());
+        assert_eq!((t, a.map(|a| a.port())), (Transport::Tcp, Some(5080)));
+        let (_, _, a) = parse_target("routes[0].target", "sip:agent@backend.test").unwrap();
+        assert_eq!(a, None, "a name is located at run time");
+        assert!(parse_target("routes[0].target", "sip:agent@bad_host!").is_err());
+        assert!(parse_target("routes[0].target", "sip:agent@-x.test").is_err());
         let plan = |t: &str| number_plan(&toml::from_str::<FileConfig>(t).unwrap().numbers);
         assert_eq!(plan("").unwrap().default_country(), "US");
         let gb = plan("[numbers]\ndefault_country = \"GB\"\ninternational_prefixes = [\"00\"]\n");
@@ -622,6 +681,18 @@ mod tests {
             .unwrap_err()
             .0
             .starts_with("numbers.international_prefixes"));
+        let dns = |t: &str| dns_servers(&toml::from_str::<FileConfig>(t).unwrap().dns);
+        assert!(dns("").unwrap().is_empty());
+        assert_eq!(
+            dns("[dns]\nservers = [\"127.0.0.1:5353\"]\n")
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(dns("[dns]\nservers = [\"ns.test\"]\n")
+            .unwrap_err()
+            .0
+            .starts_with("dns.servers"));
         let e = toml::from_str::<FileConfig>("[sip]\nlisten_on = []\n").unwrap_err();
         assert!(e.to_string().contains("listen_on"));
     }

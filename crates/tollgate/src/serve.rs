@@ -55,6 +55,8 @@ pub struct Settings {
     pub tls: Option<TlsFiles>,
     /// `[state]`: shared state of a fleet (SPEC §8); `None`: embedded.
     pub state: Option<StateConfig>,
+    /// `[dns] servers`; empty: the system's resolver.
+    pub dns_servers: Vec<SocketAddr>,
 }
 
 /// One `[[routes]]` entry, checked.
@@ -319,6 +321,7 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
     let state = config::state(&file)?;
     Ok(Settings {
         state,
+        dns_servers: config::dns_servers(&file.dns)?,
         listen,
         realm,
         digest_algorithms,
@@ -673,7 +676,8 @@ async fn serve(
     });
 
     let mut echo = None;
-    let routes = build_routes(&s, &mut echo).await?;
+    let mut dns = Dns::default();
+    let routes = build_routes(&s, &mut echo, &mut dns).await?;
 
     // Key changes made by `tollgate keys` in another process (or, with
     // [state], on another node) are seen within 1 s: a stat of keys.json, or
@@ -966,7 +970,7 @@ async fn serve(
                 if let Err(e) = admin.reload_tls(new.admin_tls.as_ref()) {
                     tracing::error!(error = %e, "admin API certificate not reloaded; keeping the running one");
                 }
-                match build_routes(&new, &mut echo).await {
+                match build_routes(&new, &mut echo, &mut dns).await {
                     Ok(routes) => {
                         let _ = ctl_tx.send(Control::SetRoutes(routes)).await;
                         alloc.reconfigure(new.trunk.clone());
@@ -1052,7 +1056,11 @@ pub fn reload_tls(acceptor: Option<&TlsAcceptor>) -> bool {
 
 /// Leg-B routes from the settings; a route without a target goes to the
 /// built-in echo destination, started on first need and kept across reloads.
-async fn build_routes(s: &Settings, echo: &mut Option<SocketAddr>) -> Result<Vec<Route>, Failure> {
+async fn build_routes(
+    s: &Settings,
+    echo: &mut Option<SocketAddr>,
+    dns: &mut Dns,
+) -> Result<Vec<Route>, Failure> {
     let mut routes = Vec::new();
     for r in &s.routes {
         let texts = if r.targets.is_empty() {
@@ -1074,12 +1082,21 @@ async fn build_routes(s: &Settings, echo: &mut Option<SocketAddr>) -> Result<Vec
         let mut targets = Vec::new();
         for text in texts {
             let (uri, transport, addr) = config::parse_target("route target", &text)?;
-            let peer = Peer {
-                transport,
-                addr,
-                flow: None,
-            };
-            targets.push(tollgate_sip::route::Target::new(uri, text, peer));
+            targets.push(match addr {
+                Some(addr) => {
+                    let peer = Peer {
+                        transport,
+                        addr,
+                        flow: None,
+                    };
+                    tollgate_sip::route::Target::new(uri, text, peer)
+                }
+                None => {
+                    let t = tollgate_sip::route::Target::named(uri, text, transport);
+                    dns.keep_located(&s.dns_servers, &t).await;
+                    t
+                }
+            });
         }
         let first = targets[0].clone();
         routes.push(Route {
@@ -1096,6 +1113,85 @@ async fn build_routes(s: &Settings, echo: &mut Option<SocketAddr>) -> Result<Vec
         });
     }
     Ok(routes)
+}
+
+/// Route targets named by DNS (SPEC §9, RFC 3263): located before the
+/// routes are used, then kept fresh by a task per target, at the answer's
+/// TTL, until the target is dropped (a reload replaces it). The SIP shards
+/// only ever read the latest answer.
+#[derive(Default)]
+struct Dns {
+    locator: Option<Arc<tollgate_sip::resolve::Locator>>,
+}
+
+/// Longest wait for a name's first answer at start or reload.
+const DNS_FIRST_WAIT: Duration = Duration::from_secs(3);
+/// Retry delay of a name that does not resolve.
+const DNS_RETRY: Duration = Duration::from_secs(5);
+
+impl Dns {
+    async fn keep_located(&mut self, servers: &[SocketAddr], t: &tollgate_sip::route::Target) {
+        let Some(cell) = t.located.clone() else {
+            return;
+        };
+        let locator = match &self.locator {
+            Some(l) => l.clone(),
+            None => match tollgate_sip::resolve::Locator::new(servers) {
+                Ok(l) => self.locator.insert(Arc::new(l)).clone(),
+                Err(e) => {
+                    tracing::warn!(error = %e, target = %t.text, "route target cannot be located");
+                    return;
+                }
+            },
+        };
+        let uri = t.uri.clone();
+        let text = t.text.clone();
+        let next = tokio::time::timeout(DNS_FIRST_WAIT, locate_once(&locator, &uri, &text, &cell))
+            .await
+            .unwrap_or(DNS_RETRY);
+        let weak = Arc::downgrade(&cell);
+        drop(cell);
+        tokio::spawn(async move {
+            let mut wait = next;
+            loop {
+                tokio::time::sleep(wait).await;
+                let Some(cell) = weak.upgrade() else {
+                    return; // the target is gone (reload)
+                };
+                wait = locate_once(&locator, &uri, &text, &cell).await;
+            }
+        });
+    }
+}
+
+/// Locates `uri` once into `cell`; returns when to look again.
+async fn locate_once(
+    locator: &tollgate_sip::resolve::Locator,
+    uri: &tollgate_sip::SipUri,
+    text: &str,
+    cell: &tollgate_sip::resolve::Located,
+) -> Duration {
+    match locator.locate(uri).await {
+        Ok((peers, until)) => {
+            // Outbound TLS is not there yet: a TLS answer cannot be used.
+            let peers: Vec<Peer> = peers
+                .into_iter()
+                .filter(|p| p.transport != Transport::Tls)
+                .collect();
+            tracing::debug!(target = text, found = peers.len(), "route target located");
+            cell.set(peers);
+            until
+                .saturating_duration_since(std::time::Instant::now())
+                .clamp(Duration::from_secs(1), Duration::from_secs(300))
+        }
+        Err(e) => {
+            tracing::warn!(target = text, error = %e, "route target does not resolve");
+            metrics::counter!("tollgate_route_target_dns_failures_total", "target" => text.to_owned())
+                .increment(1);
+            cell.set(Vec::new());
+            DNS_RETRY
+        }
+    }
 }
 
 /// Socket buffer asked for the SIP UDP socket: a burst of thousands of

@@ -1,11 +1,13 @@
 //! Destinations (SPEC §9, issue 14): prefix routes toward carriers with the
 //! canonical number in the Request-URI and digest answered on leg B; several
-//! targets per route with failover and OPTIONS health.
+//! targets per route with failover and OPTIONS health; targets named by DNS
+//! (RFC 3263) served by a dnsmasq the test starts on loopback.
 //!
 //! cargo test -p tollgate --test e2e_destinations
 mod common;
 use common::*;
 use std::net::{SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -389,4 +391,136 @@ fn a_first_target_answering_503_fails_over_and_is_marked_down_then_up() {
 #[test]
 fn a_silent_first_target_fails_over_and_is_marked_down_then_up() {
     failover(Mode::InviteSilent, Mode::Silent);
+}
+
+// ---------------------------------------------------------------------------
+// DNS (RFC 3263): dnsmasq on loopback, authoritative for the test's names,
+// forwarding nothing (--no-resolv: never a real resolver).
+// ---------------------------------------------------------------------------
+
+fn dnsmasq_bin() -> &'static str {
+    if std::path::Path::new("/usr/sbin/dnsmasq").exists() {
+        "/usr/sbin/dnsmasq"
+    } else {
+        "dnsmasq"
+    }
+}
+
+/// A dnsmasq on 127.0.0.1:<free port> serving `records` (dnsmasq options
+/// such as `--srv-host=...`) with TTL `ttl`; killed on drop. Panics when
+/// dnsmasq is missing (scripts/test.sh installs dnsmasq-base): never skips.
+struct Dnsmasq {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Dnsmasq {
+    fn start(records: &[String], ttl: u32) -> Dnsmasq {
+        Dnsmasq::start_on(records, ttl, ([127, 0, 0, 1], alloc_ports().sip).into())
+    }
+
+    /// As [`Dnsmasq::start`], on `addr` (a server replaced in place).
+    fn start_on(records: &[String], ttl: u32, addr: SocketAddr) -> Dnsmasq {
+        let port = addr.port();
+        let child = Command::new(dnsmasq_bin())
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--pid-file=",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.1",
+                "--log-facility=-",
+                "--log-queries",
+            ])
+            .arg(format!("--port={port}"))
+            .arg(format!("--local-ttl={ttl}"))
+            .args(records)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run dnsmasq ({e}): install dnsmasq-base (scripts/test.sh does)")
+            });
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        poll(Duration::from_secs(10), || {
+            udp_listening(port).then_some(())
+        })
+        .expect("dnsmasq listening");
+        Dnsmasq { child, addr }
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// NAPTR (SIP+D2U) -> SRV -> A records putting `name` at 127.0.0.1:`port`.
+fn sip_records(name: &str, port: u16) -> Vec<String> {
+    vec![
+        format!("--naptr-record={name},10,50,s,SIP+D2U,,_sip._udp.{name}"),
+        format!("--srv-host=_sip._udp.{name},gw.{name},{port},10,100"),
+        format!("--host-record=gw.{name},127.0.0.1"),
+    ]
+}
+
+#[test]
+fn dns_named_targets_are_located_by_naptr_srv_a_and_unresolvable_ones_get_503() {
+    let gw = Carrier::start(Mode::Answer, "-", "-");
+    let gw2 = Carrier::start(Mode::Answer, "-", "-");
+    let dns = Dnsmasq::start(&sip_records("carrier.test", gw.addr.port()), 1);
+    let toml = format!(
+        "[dns]\nservers = [\"{}\"]\n\n\
+         [[routes]]\nprefix = \"+1\"\ntargets = [\"sip:nowhere.test\", \"sip:carrier.test\"]\nmedia = \"rtp\"\noptions_ping_s = 0\n\n\
+         [[routes]]\nprefix = \"+44\"\ntarget = \"sip:nowhere.test\"\nmedia = \"rtp\"\n",
+        dns.addr
+    );
+    let edge = Edge::start(EdgeConfig {
+        extra_toml: toml,
+        ..Default::default()
+    });
+
+    // The name that resolves is used (the unresolvable first one skipped),
+    // the Request-URI keeps the name (RFC 3263 §4: only the transport,
+    // address and port come from DNS).
+    let reached = poll(Duration::from_secs(15), || {
+        (call(&edge, "+14155550100", "+14155550100") == 200 && gw.invites() > 0).then_some(())
+    });
+    assert!(reached.is_some(), "no call reached carrier.test via DNS");
+    let inv = gw.requests("INVITE").pop().unwrap();
+    assert_eq!(
+        inv.ruri(),
+        Some("sip:+14155550100@carrier.test"),
+        "{}",
+        inv.text()
+    );
+
+    // A route whose only target does not resolve: 503 at once, no hang.
+    let t0 = std::time::Instant::now();
+    assert_eq!(call(&edge, "+442079460000", "+442079460000"), 503);
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+
+    // The records change (TTL 1 s): calls follow the new SRV within a few TTLs.
+    drop(dns);
+    let _dns = Dnsmasq::start_on(
+        &sip_records("carrier.test", gw2.addr.port()),
+        1,
+        edge_dns(&edge),
+    );
+    let moved = poll(Duration::from_secs(20), || {
+        (call(&edge, "+14155550100", "+14155550100") == 200 && gw2.invites() > 0).then_some(())
+    });
+    assert!(moved.is_some(), "calls did not follow the new SRV record");
+}
+
+/// The `[dns] servers` address of an edge's config file.
+fn edge_dns(edge: &Edge) -> SocketAddr {
+    let text = std::fs::read_to_string(&edge.config_path).unwrap();
+    let line = text.lines().find(|l| l.starts_with("servers = ")).unwrap();
+    line.split('"').nth(1).unwrap().parse().unwrap()
 }

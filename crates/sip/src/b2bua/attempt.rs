@@ -28,20 +28,26 @@ pub(super) struct Attempts {
     pub remaining: Vec<Target>,
 }
 
-/// The target a call tries first and the rest, in order ([`route::order`]).
-pub(super) fn targets_in_order(r: &Route) -> (Target, Vec<Target>) {
+/// The target a call tries first, where it is now, and the rest, in order
+/// ([`route::order`]); `None` when no target can be reached (every name
+/// unresolved).
+pub(super) fn targets_in_order(r: &Route) -> Option<(Target, Peer, Vec<Target>)> {
     let mut v = if r.targets.is_empty() {
-        vec![Target {
-            uri: r.target.clone(),
-            text: r.target_text.clone(),
-            peer: r.peer.clone(),
-            health: Arc::default(),
-        }]
+        vec![Target::new(
+            r.target.clone(),
+            r.target_text.clone(),
+            r.peer.clone(),
+        )]
     } else {
         route::order(&r.targets)
     };
-    let first = v.remove(0);
-    (first, v)
+    while !v.is_empty() {
+        let first = v.remove(0);
+        if let Some(peer) = first.current_peer() {
+            return Some((first, peer, v));
+        }
+    }
+    None
 }
 
 /// Counts an INVITE toward `t` (per-target metrics, SPEC §9).
@@ -109,13 +115,18 @@ impl B2bua {
         let Some(call) = self.calls.get_mut(&id) else {
             return false;
         };
-        if call.attempts.remaining.is_empty() {
-            return false;
-        }
         let Some(mut inv) = call.b_invite_msg.clone() else {
             return false;
         };
-        let next = call.attempts.remaining.remove(0);
+        let (next, peer) = loop {
+            if call.attempts.remaining.is_empty() {
+                return false;
+            }
+            let t = call.attempts.remaining.remove(0);
+            if let Some(p) = t.current_peer() {
+                break (t, p);
+            }
+        };
         let ruri = next.request_uri(&call.attempts.user);
         tracing::info!(call = id, from = %call.attempts.current.text, to = %next.text, "leg B fails over to the next target");
         if let crate::message::StartLine::Request { uri, .. } = &mut inv.start {
@@ -127,7 +138,6 @@ impl B2bua {
         call.b.remote_uri = format!("<{ruri}>");
         call.b.remote_target = ruri;
         call.attempts.challenged = false;
-        let peer = next.peer.clone();
         count_invite(&next);
         call.attempts.current = next;
         self.send_invite_b(now, id, inv, peer)

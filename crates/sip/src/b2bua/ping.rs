@@ -75,10 +75,13 @@ impl B2bua {
             let (interval, targets) = (r.ping_interval, r.targets.clone());
             self.pinger.due[i] = interval.map(|d| now + d);
             for t in targets {
+                let Some(peer) = t.current_peer() else {
+                    continue; // a name not resolved now: nothing to ask
+                };
                 let branch = self.branch();
-                let local = self.local(t.peer.transport);
+                let local = self.local(peer.transport);
                 let headers = vec![
-                    self.via(t.peer.transport, &branch),
+                    self.via(peer.transport, &branch),
                     Header {
                         name: "Max-Forwards".into(),
                         value: "70".into(),
@@ -108,7 +111,7 @@ impl B2bua {
                     headers,
                     body: Bytes::new(),
                 };
-                if let Some(key) = self.txn.request(now, msg, t.peer.clone()) {
+                if let Some(key) = self.txn.request(now, msg, peer) {
                     metrics::counter!("tollgate_sip_requests_sent_total", "method" => "OPTIONS")
                         .increment(1);
                     self.pinger.inflight.insert(key, (t.health.clone(), t.text));
