@@ -11,6 +11,7 @@
 use crate::b2bua::{B2bua, CallEvent, Census, EndCause};
 use crate::framing::{FramingError, StreamFramer};
 use crate::tls::TlsAcceptor;
+use crate::tls_client::TlsConnector;
 use crate::transaction::{FlowId, Peer, Transmit, Transport};
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -53,6 +54,9 @@ enum ControlMsg {
     Drain,
     Shutdown,
     SetRoutes(Arc<Vec<crate::Route>>),
+    /// No connection to this leg-B address could be set up (TCP connect or
+    /// TLS handshake, e.g. a certificate refused).
+    TransportFailed(SocketAddr),
 }
 
 /// Sockets the cores serve.
@@ -61,13 +65,17 @@ pub struct Sockets {
     pub tcp: Option<TcpListener>,
     /// SIP over TLS: the TCP listener and the (reloadable) TLS acceptor.
     pub tls: Option<(TcpListener, Arc<TlsAcceptor>)>,
+    /// SIP over TLS toward leg B (verified, one connection per target).
+    pub tls_client: Option<Arc<TlsConnector>>,
 }
 
 /// What the shards share: the sockets' write sides.
 struct Shared {
     udp: Option<Arc<UdpSocket>>,
     conns: DashMap<FlowId, mpsc::UnboundedSender<Bytes>>,
-    outbound: DashMap<SocketAddr, FlowId>,
+    /// Connections the edge opened, by transport and address (reused).
+    outbound: DashMap<(Transport, SocketAddr), FlowId>,
+    tls_client: Option<Arc<TlsConnector>>,
     next_flow: AtomicU64,
     shards: Vec<mpsc::Sender<Inbound>>,
 }
@@ -150,6 +158,7 @@ pub async fn run(
         udp: sockets.udp.clone(),
         conns: DashMap::new(),
         outbound: DashMap::new(),
+        tls_client: sockets.tls_client.clone(),
         next_flow: AtomicU64::new(1),
         shards: senders,
     });
@@ -356,6 +365,7 @@ fn handle_inbound(core: &mut B2bua, m: Inbound, t: std::time::Instant, unix: i64
         Inbound::Control(ControlMsg::Hangup(id, cause)) => core.hangup(t, id, cause),
         Inbound::Control(ControlMsg::Drain) => core.set_draining(true),
         Inbound::Control(ControlMsg::SetRoutes(r)) => core.set_routes(r.to_vec()),
+        Inbound::Control(ControlMsg::TransportFailed(addr)) => core.transport_failed(t, addr),
         Inbound::Control(ControlMsg::Shutdown) => {
             for id in core.call_ids() {
                 core.hangup(t, id, EndCause::Shutdown);
@@ -383,27 +393,32 @@ async fn flush(core: &mut B2bua, shared: &Arc<Shared>) {
             }
             Transport::Tcp | Transport::Tls => {
                 let live = |f: &FlowId| shared.conns.contains_key(f);
-                // Outbound connections are plain TCP: never fall back to one
-                // for a TLS peer.
+                // A connection of the peer's own, else ours to that address
+                // over the same transport (never plain TCP for a TLS peer).
                 let flow = peer.flow.filter(live).or_else(|| {
-                    (peer.transport == Transport::Tcp)
-                        .then(|| shared.outbound.get(&peer.addr).map(|f| *f))
-                        .flatten()
+                    shared
+                        .outbound
+                        .get(&(peer.transport, peer.addr))
+                        .map(|f| *f)
                         .filter(live)
                 });
                 let flow = match flow {
                     Some(f) => f,
-                    None if peer.transport == Transport::Tcp => {
+                    None if peer.transport == Transport::Tcp || shared.tls_client.is_some() => {
                         let id = FlowId(shared.next_flow.fetch_add(1, Ordering::Relaxed));
                         let (tx, rx) = mpsc::unbounded_channel();
                         shared.conns.insert(id, tx);
-                        shared.outbound.insert(peer.addr, id);
-                        tokio::spawn(connect_out(peer.addr, id, shared.clone(), rx));
+                        shared.outbound.insert((peer.transport, peer.addr), id);
+                        tokio::spawn(connect_out(
+                            peer.transport,
+                            peer.addr,
+                            id,
+                            shared.clone(),
+                            rx,
+                        ));
                         id
                     }
                     None => {
-                        // Outbound TLS is not supported: a TLS peer is only
-                        // reached over the connection it opened.
                         tracing::debug!(to = %peer.addr, "no TLS connection to this peer; message dropped");
                         continue;
                     }
@@ -477,21 +492,39 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<Arc
 }
 
 async fn connect_out(
+    transport: Transport,
     addr: SocketAddr,
     id: FlowId,
     shared: Arc<Shared>,
     rx: mpsc::UnboundedReceiver<Bytes>,
 ) {
-    match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await {
-        Ok(Ok(stream)) => {
-            let _ = stream.set_nodelay(true);
-            serve_stream(stream, addr, Transport::Tcp, id, &shared, rx).await
-        }
-        _ => {
-            tracing::warn!(to = %addr, "tcp connect failed");
-            shared.conns.remove(&id);
-            shared.outbound.remove_if(&addr, |_, f| *f == id);
-        }
+    let failure = match (transport, &shared.tls_client) {
+        (Transport::Tls, Some(tls)) => match tls.connect(addr).await {
+            Ok(stream) => {
+                return serve_stream(stream, addr, Transport::Tls, id, &shared, rx).await;
+            }
+            Err(e) => e.to_string(),
+        },
+        (Transport::Tls, None) => "no TLS client".to_owned(),
+        _ => match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return serve_stream(stream, addr, Transport::Tcp, id, &shared, rx).await;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_owned(),
+        },
+    };
+    tracing::warn!(to = %addr, transport = transport.label(), error = %failure, "outbound connection failed");
+    metrics::counter!("tollgate_sip_outbound_connect_failures_total", "transport" => transport.label())
+        .increment(1);
+    shared.conns.remove(&id);
+    shared
+        .outbound
+        .remove_if(&(transport, addr), |_, f| *f == id);
+    // The calls waiting on it try their next target, or leg A gets 503.
+    for s in &shared.shards {
+        let _ = s.try_send(Inbound::Control(ControlMsg::TransportFailed(addr)));
     }
 }
 
@@ -558,7 +591,9 @@ async fn serve_stream<S>(
         }
     }
     shared.conns.remove(&id);
-    shared.outbound.remove_if(&addr, |_, f| *f == id);
+    shared
+        .outbound
+        .remove_if(&(transport, addr), |_, f| *f == id);
     writer.abort();
 }
 

@@ -11,6 +11,7 @@ pub mod message;
 pub mod resolve;
 pub mod route;
 pub mod tls;
+pub mod tls_client;
 pub mod transaction;
 
 pub use b2bua::{B2bua, CallEvent, Config, EndCause, MediaProfile, Route};

@@ -75,7 +75,10 @@ impl HandshakeError {
     }
 }
 
-fn load_certs(field: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(crate) fn load_certs(
+    field: &str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let err = |e: &dyn std::fmt::Display| TlsError(format!("{field}: {}: {e}", path.display()));
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| err(&e))?

@@ -196,6 +196,9 @@ pub struct TlsSection {
     pub cert_file: Option<String>,
     pub key_file: Option<String>,
     pub client_ca_file: Option<String>,
+    /// PEM file of CAs trusted for TLS route targets, besides the web PKI
+    /// roots (SPEC §9).
+    pub ca_file: Option<String>,
 }
 
 /// `[webhooks]`: call events to the token's `webhook` (webhook.rs).
@@ -585,21 +588,28 @@ pub fn parse_target(
             uri.host
         )));
     };
-    let transport = match uri.transport.as_deref() {
-        _ if uri.scheme == "sips" => {
-            return Err(ConfigError(format!(
-                "{field}: sips: targets are not supported yet (udp, tcp)"
-            )))
-        }
+    let transport = match uri
+        .transport
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        // sips: is TLS whatever the transport parameter says (RFC 5630).
+        _ if uri.scheme == "sips" => Transport::Tls,
         None | Some("udp") => Transport::Udp,
         Some("tcp") => Transport::Tcp,
+        Some("tls") => Transport::Tls,
         Some(t) => {
             return Err(ConfigError(format!(
-                "{field}: transport {t:?} not supported for routes (udp, tcp)"
+                "{field}: transport {t:?} not supported for routes (udp, tcp, tls)"
             )))
         }
     };
-    let port = uri.port.unwrap_or(5060);
+    let port = uri.port.unwrap_or(if transport == Transport::Tls {
+        5061
+    } else {
+        5060
+    });
     Ok((uri, transport, ip.map(|ip| SocketAddr::new(ip, port))))
 }
 
@@ -667,6 +677,10 @@ mod tests {
         assert_eq!((t, a.map(|a| a.port())), (Transport::Tcp, Some(5080)));
         let (_, _, a) = parse_target("routes[0].target", "sip:agent@backend.test").unwrap();
         assert_eq!(a, None, "a name is located at run time");
+        let (_, t, a) = parse_target("routes[0].target", "sips:agent@127.0.0.1").unwrap();
+        assert_eq!((t, a.map(|a| a.port())), (Transport::Tls, Some(5061)));
+        let (_, t, _) = parse_target("f", "sip:agent@backend.test;transport=TLS").unwrap();
+        assert_eq!(t, Transport::Tls);
         assert!(parse_target("routes[0].target", "sip:agent@bad_host!").is_err());
         assert!(parse_target("routes[0].target", "sip:agent@-x.test").is_err());
         let plan = |t: &str| number_plan(&toml::from_str::<FileConfig>(t).unwrap().numbers);

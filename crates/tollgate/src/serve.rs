@@ -57,6 +57,8 @@ pub struct Settings {
     pub state: Option<StateConfig>,
     /// `[dns] servers`; empty: the system's resolver.
     pub dns_servers: Vec<SocketAddr>,
+    /// `[tls] ca_file`: extra CAs for TLS route targets.
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 /// One `[[routes]]` entry, checked.
@@ -322,6 +324,15 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
     Ok(Settings {
         state,
         dns_servers: config::dns_servers(&file.dns)?,
+        tls_ca_file: match &file.tls.ca_file {
+            Some(f) => {
+                // Unreadable or not PEM: a config error (exit 2).
+                tollgate_sip::tls_client::TlsConnector::new(Some(f.as_ref()))
+                    .map_err(|e| ConfigError(e.0))?;
+                Some(f.into())
+            }
+            None => None,
+        },
         listen,
         realm,
         digest_algorithms,
@@ -676,7 +687,14 @@ async fn serve(
     });
 
     let mut echo = None;
-    let mut dns = Dns::default();
+    let tls_client = Arc::new(
+        tollgate_sip::tls_client::TlsConnector::new(s.tls_ca_file.as_deref())
+            .map_err(|e| Failure::Other(e.0))?,
+    );
+    let mut dns = Dns {
+        locator: None,
+        tls: tls_client.clone(),
+    };
     let routes = build_routes(&s, &mut echo, &mut dns).await?;
 
     // Key changes made by `tollgate keys` in another process (or, with
@@ -907,7 +925,17 @@ async fn serve(
             tracing::debug!(?ev, "call event");
         }
     });
-    let sip = tokio::spawn(driver::run(cores, Sockets { udp, tcp, tls }, ctl_rx, ev_tx));
+    let sip = tokio::spawn(driver::run(
+        cores,
+        Sockets {
+            udp,
+            tcp,
+            tls,
+            tls_client: Some(tls_client),
+        },
+        ctl_rx,
+        ev_tx,
+    ));
     // Media silent past the timeout: BYE both legs (SPEC §5).
     let silent_ctl = ctl_tx.clone();
     tokio::spawn(async move {
@@ -1119,9 +1147,11 @@ async fn build_routes(
 /// routes are used, then kept fresh by a task per target, at the answer's
 /// TTL, until the target is dropped (a reload replaces it). The SIP shards
 /// only ever read the latest answer.
-#[derive(Default)]
 struct Dns {
     locator: Option<Arc<tollgate_sip::resolve::Locator>>,
+    /// TLS targets' certificates are checked against the name they were
+    /// located by.
+    tls: Arc<tollgate_sip::tls_client::TlsConnector>,
 }
 
 /// Longest wait for a name's first answer at start or reload.
@@ -1146,9 +1176,13 @@ impl Dns {
         };
         let uri = t.uri.clone();
         let text = t.text.clone();
-        let next = tokio::time::timeout(DNS_FIRST_WAIT, locate_once(&locator, &uri, &text, &cell))
-            .await
-            .unwrap_or(DNS_RETRY);
+        let tls = self.tls.clone();
+        let next = tokio::time::timeout(
+            DNS_FIRST_WAIT,
+            locate_once(&locator, &tls, &uri, &text, &cell),
+        )
+        .await
+        .unwrap_or(DNS_RETRY);
         let weak = Arc::downgrade(&cell);
         drop(cell);
         tokio::spawn(async move {
@@ -1158,7 +1192,7 @@ impl Dns {
                 let Some(cell) = weak.upgrade() else {
                     return; // the target is gone (reload)
                 };
-                wait = locate_once(&locator, &uri, &text, &cell).await;
+                wait = locate_once(&locator, &tls, &uri, &text, &cell).await;
             }
         });
     }
@@ -1167,17 +1201,20 @@ impl Dns {
 /// Locates `uri` once into `cell`; returns when to look again.
 async fn locate_once(
     locator: &tollgate_sip::resolve::Locator,
+    tls: &tollgate_sip::tls_client::TlsConnector,
     uri: &tollgate_sip::SipUri,
     text: &str,
     cell: &tollgate_sip::resolve::Located,
 ) -> Duration {
     match locator.locate(uri).await {
         Ok((peers, until)) => {
-            // Outbound TLS is not there yet: a TLS answer cannot be used.
-            let peers: Vec<Peer> = peers
-                .into_iter()
-                .filter(|p| p.transport != Transport::Tls)
-                .collect();
+            // RFC 5922 §4: the certificate must name the URI's host, not
+            // what NAPTR/SRV led to.
+            for p in peers.iter().filter(|p| p.transport == Transport::Tls) {
+                if let Err(e) = tls.expect_name(p.addr, &uri.host) {
+                    tracing::warn!(target = text, error = %e, "TLS target name unusable");
+                }
+            }
             tracing::debug!(target = text, found = peers.len(), "route target located");
             cell.set(peers);
             until

@@ -1,11 +1,14 @@
 //! Destinations (SPEC §9, issue 14): prefix routes toward carriers with the
 //! canonical number in the Request-URI and digest answered on leg B; several
 //! targets per route with failover and OPTIONS health; targets named by DNS
-//! (RFC 3263) served by a dnsmasq the test starts on loopback.
+//! (RFC 3263) served by a dnsmasq the test starts on loopback; TLS toward
+//! leg B, checked by an independent TLS SIP peer (Python's `ssl`,
+//! `tests/dest_support/tls_uas.py`), with SRTP keys over it.
 //!
 //! cargo test -p tollgate --test e2e_destinations
 mod common;
 use common::*;
+use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -523,4 +526,206 @@ fn edge_dns(edge: &Edge) -> SocketAddr {
     let text = std::fs::read_to_string(&edge.config_path).unwrap();
     let line = text.lines().find(|l| l.starts_with("servers = ")).unwrap();
     line.split('"').nth(1).unwrap().parse().unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// TLS toward leg B: certificates from rcgen, a Python ssl UAS.
+// ---------------------------------------------------------------------------
+
+/// A test CA and a server certificate for `names` signed by it, written to
+/// `dir`: (ca.pem, server.pem, server.key).
+fn test_pki(dir: &TestDir, names: &[&str]) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name
+        .push(DnType::CommonName, "tollgate dest test CA");
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = p.self_signed(&ca_key).unwrap();
+    let sans: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let mut leaf = CertificateParams::new(sans).unwrap();
+    leaf.distinguished_name.push(DnType::CommonName, names[0]);
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&key, &ca, &ca_key).unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    let s = |p: std::path::PathBuf| p.to_string_lossy().into_owned();
+    (s(paths.0), s(paths.1), s(paths.2))
+}
+
+/// `tests/dest_support/tls_uas.py` running; its JSON events collected.
+struct TlsUas {
+    child: Child,
+    addr: SocketAddr,
+    events: Arc<Mutex<Vec<Json>>>,
+}
+
+impl TlsUas {
+    fn start(cert: &str, key: &str) -> TlsUas {
+        let python = std::env::var("TOLLGATE_PYTHON").unwrap_or_else(|_| "python3".into());
+        let script = manifest_dir()
+            .join("tests")
+            .join("dest_support")
+            .join("tls_uas.py");
+        let mut child = Command::new(&python)
+            .arg(script)
+            .args(["--cert", cert, "--key", key])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {python} tls_uas.py: {e}"));
+        let out = child.stdout.take().unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let ev = events.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if let Some(j) = Json::parse(&line) {
+                    ev.lock().unwrap().push(j);
+                }
+            }
+        });
+        let addr = poll(Duration::from_secs(15), || {
+            events.lock().unwrap().iter().find_map(|e| {
+                (e.str("ev") == Some("ready")).then(|| e.str("addr").unwrap().parse().unwrap())
+            })
+        })
+        .expect("tls_uas.py ready");
+        TlsUas {
+            child,
+            addr,
+            events,
+        }
+    }
+
+    fn events(&self, kind: &str) -> Vec<Json> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.str("ev") == Some(kind))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for TlsUas {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// NAPTR (SIPS+D2T) -> SRV -> A for `name` at 127.0.0.1:`port`.
+fn sips_records(name: &str, port: u16, naptr: bool) -> Vec<String> {
+    let mut v = vec![
+        format!("--srv-host=_sips._tcp.{name},host.{name},{port},10,100"),
+        format!("--host-record=host.{name},127.0.0.1"),
+    ];
+    if naptr {
+        v.push(format!(
+            "--naptr-record={name},10,50,s,SIPS+D2T,,_sips._tcp.{name}"
+        ));
+    }
+    v
+}
+
+fn tls_edge(dns: &Dnsmasq, ca: Option<&str>) -> Edge {
+    let tls = ca.map_or(String::new(), |c| format!("[tls]\nca_file = \"{c}\"\n\n"));
+    let toml = format!(
+        "[dns]\nservers = [\"{}\"]\n\n{tls}\
+         [[routes]]\ntarget = \"sips:agent@backend.test\"\nmedia = \"srtp\"\n\n\
+         [[routes]]\nprefix = \"+44\"\ntarget = \"sips:agent@wrong.test\"\nmedia = \"srtp\"\n",
+        dns.addr
+    );
+    Edge::start(EdgeConfig {
+        extra_toml: toml,
+        ..Default::default()
+    })
+}
+
+#[test]
+fn bearer_calls_reach_a_dns_named_tls_target_with_srtp_and_bad_certificates_get_503() {
+    require_sipp();
+    let dir = TestDir::new("tls-dest");
+    let (ca, cert, key) = test_pki(&dir, &["backend.test"]);
+    let uas = TlsUas::start(&cert, &key);
+    // The same certificate (backend.test only) behind another name.
+    let wrong = TlsUas::start(&cert, &key);
+    let mut records = sips_records("backend.test", uas.addr.port(), true);
+    records.extend(sips_records("wrong.test", wrong.addr.port(), false));
+    let dns = Dnsmasq::start(&records, 30);
+    let edge = tls_edge(&dns, Some(&ca));
+
+    const CALLS: u32 = 20;
+    let tokens = mint_many(&edge.first_key(), SERVICE, "sipp", CALLS as usize);
+    write_inf(&dir.join("tokens.csv"), &tokens);
+    let uac = Sipp::new(&dir.path, "uac", "uac_bearer.xml")
+        .remote(edge.sip_udp)
+        .service(SERVICE)
+        .inf(&dir.join("tokens.csv"))
+        .calls(CALLS)
+        .rate(10)
+        .pause_ms(200)
+        .args(&[
+            "-recv_timeout",
+            "15s",
+            "-default_behaviors",
+            "all,-abortunexp",
+        ])
+        .timeout(Duration::from_secs(120))
+        .run();
+    uac.assert_calls_ok(CALLS as u64);
+    let invites = uas.events("invite");
+    assert_eq!(
+        invites.len(),
+        CALLS as usize,
+        "every call reached the TLS peer"
+    );
+    for inv in &invites {
+        assert_eq!(inv.str("ruri"), Some("sips:agent@backend.test"));
+        // SRTP toward a TLS target needs no sdes_over_cleartext.
+        assert_eq!(inv.get("savp"), Some(&Json::Bool(true)), "{inv:?}");
+        assert_eq!(inv.get("crypto"), Some(&Json::Bool(true)), "{inv:?}");
+        assert!(
+            inv.str("contact").is_some_and(|c| c.contains("sips:")),
+            "{inv:?}"
+        );
+    }
+    let byes = poll(Duration::from_secs(10), || {
+        let b = uas.events("bye");
+        (b.len() == CALLS as usize).then_some(b)
+    });
+    assert!(byes.is_some(), "a BYE per call over TLS");
+    let conns = uas.events("conn");
+    assert!(
+        !conns.is_empty() && conns.len() <= 2,
+        "one connection reused by the calls, got {}",
+        conns.len()
+    );
+    assert!(
+        conns.iter().all(|c| c.str("sni") == Some("backend.test")),
+        "SNI names the target: {conns:?}"
+    );
+
+    // A certificate that does not name the target (wrong.test): refused,
+    // leg A gets 503 quickly, the peer never sees an INVITE.
+    let t0 = std::time::Instant::now();
+    assert_eq!(call(&edge, "+442079460000", "+442079460000"), 503);
+    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+    assert!(wrong.events("invite").is_empty());
+
+    // An edge that does not trust the test CA: refused too.
+    let untrusting = tls_edge(&dns, None);
+    let before = uas.events("invite").len();
+    assert_eq!(call(&untrusting, "+14155550100", "+14155550100"), 503);
+    assert_eq!(uas.events("invite").len(), before);
 }

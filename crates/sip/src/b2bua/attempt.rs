@@ -8,6 +8,7 @@ use super::{B2bua, CallState, EndCause, Purpose, Route};
 use crate::message::{Header, Message};
 use crate::route::{self, OutboundAuth, Target};
 use crate::transaction::Peer;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 use tollgate_keys::digest::parse_challenge;
@@ -141,6 +142,48 @@ impl B2bua {
         count_invite(&next);
         call.attempts.current = next;
         self.send_invite_b(now, id, inv, peer)
+    }
+
+    /// The driver could not connect to `addr` (TCP connect, TLS handshake
+    /// or certificate check): every call still waiting on its INVITE there
+    /// tries its next target, or leg A gets 503 (SPEC §9).
+    pub fn transport_failed(&mut self, now: Instant, addr: SocketAddr) {
+        self.clock = self.clock.max(now);
+        let waiting: Vec<u64> = self
+            .calls
+            .values()
+            .filter(|c| {
+                c.state == CallState::Setup
+                    && !c.cancel_pending
+                    && c.b.peer.addr == addr
+                    && c.b.peer.transport.reliable()
+                    && c.b.remote_tag.is_none()
+            })
+            .map(|c| c.id)
+            .collect();
+        for id in waiting {
+            let invite = self
+                .by_client
+                .iter()
+                .find(|(_, (c, p))| *c == id && matches!(p, Purpose::InviteB))
+                .map(|(k, _)| k.clone());
+            if let Some(k) = invite {
+                self.by_client.remove(&k);
+                self.txn.forget_client(&k);
+            }
+            if let Some(call) = self.calls.get(&id) {
+                count_failure(&call.attempts.current, 503);
+            }
+            if !self.next_target(now, id) {
+                self.refuse_a(
+                    now,
+                    id,
+                    503,
+                    "destination unreachable (connection or TLS failed)",
+                );
+            }
+        }
+        self.drain_txn_events(now);
     }
 
     /// Answers leg A's INVITE with `code` and a `Warning` saying why, and
