@@ -716,6 +716,16 @@ fn bearer_calls_reach_a_dns_named_tls_target_with_srtp_and_bad_certificates_get_
         "SNI names the target: {conns:?}"
     );
 
+    // SRTP that libsrtp decrypts at the destination: RTP from leg A,
+    // encrypted by the edge toward the TLS peer with the key it offered there.
+    let payloads = srtp_reaches_the_tls_peer(&edge, &uas);
+    assert!(payloads >= 5, "libsrtp decrypted {payloads} packets");
+    assert!(
+        uas.events("srtp_error").is_empty(),
+        "{:?}",
+        uas.events("srtp_error")
+    );
+
     // A certificate that does not name the target (wrong.test): refused,
     // leg A gets 503 quickly, the peer never sees an INVITE.
     let t0 = std::time::Instant::now();
@@ -728,4 +738,63 @@ fn bearer_calls_reach_a_dns_named_tls_target_with_srtp_and_bad_certificates_get_
     let before = uas.events("invite").len();
     assert_eq!(call(&untrusting, "+14155550100", "+14155550100"), 503);
     assert_eq!(uas.events("invite").len(), before);
+}
+
+/// One call from a leg A that sends 10 RTP packets (payload = 160 bytes of
+/// the packet's index); returns how many the TLS peer decrypted with libsrtp
+/// to exactly that payload.
+fn srtp_reaches_the_tls_peer(edge: &Edge, uas: &TlsUas) -> usize {
+    let rtp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = rtp.local_addr().unwrap().port();
+    let tok = mint(&edge.first_key(), SERVICE, "sipp", &[]);
+    let mut ua = UdpUa::new(edge.sip_udp);
+    let mut req = Req::invite(edge.sip_udp, SERVICE, "sipp").bearer(&tok);
+    req.body = format!("v=0\r\no=a 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n").into_bytes();
+    let fin = ua.call(&req);
+    assert_eq!(fin.code(), Some(200), "{}", fin.text());
+    ua.send(&req.in_dialog(&fin, "ACK", req.cseq));
+    let sdp = String::from_utf8_lossy(&fin.body).into_owned();
+    let ip = sdp
+        .lines()
+        .find_map(|l| l.strip_prefix("c=IN IP4 "))
+        .expect("c= in the answer")
+        .trim()
+        .to_owned();
+    let media_port: u16 = sdp
+        .lines()
+        .find_map(|l| l.strip_prefix("m=audio "))
+        .and_then(|l| l.split(' ').next()?.parse().ok())
+        .expect("m= in the answer");
+    let before = uas.events("rtp").len();
+    for i in 0..10u16 {
+        let mut pkt = vec![0x80, 0x00];
+        pkt.extend_from_slice(&(100 + i).to_be_bytes());
+        pkt.extend_from_slice(&(u32::from(i) * 160).to_be_bytes());
+        pkt.extend_from_slice(&0x1122_3344u32.to_be_bytes());
+        pkt.extend_from_slice(&[i as u8; 160]);
+        rtp.send_to(&pkt, (ip.as_str(), media_port)).unwrap();
+        thread::sleep(Duration::from_millis(20));
+    }
+    let got = poll(Duration::from_secs(5), || {
+        let v = uas.events("rtp");
+        (v.len() >= before + 5).then_some(v)
+    })
+    .unwrap_or_default();
+    let bye = req.in_dialog(&fin, "BYE", req.cseq + 1);
+    assert_eq!(
+        ua.transact(&bye, Duration::from_secs(10))
+            .and_then(|o| o.fin.code()),
+        Some(200)
+    );
+    got.iter()
+        .skip(before)
+        .filter(|e| {
+            let p = e.str("payload").unwrap_or("");
+            p.len() == 320
+                && p == hex(&[p
+                    .get(..2)
+                    .and_then(|b| u8::from_str_radix(b, 16).ok())
+                    .unwrap_or(255); 160])
+        })
+        .count()
 }

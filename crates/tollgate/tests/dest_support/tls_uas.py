@@ -9,14 +9,35 @@ RTP/SAVP answer carrying our own a=crypto (the suite and tag of the offer's
 first a=crypto; RTP/AVP when the offer has none); ACK ignored; BYE, OPTIONS
 and others -> 200. Connections are kept open and reused by the peer.
 
+Media: one RTP socket for every call; each SRTP packet is unprotected with
+libsrtp (pylibsrtp) under the key the edge offered for the call it comes
+from (by source address, the offer's c=/m=), and reported.
+
 Stdout, one JSON object per line (flushed):
   {"ev":"ready","addr":"127.0.0.1:P"}
   {"ev":"conn","sni":NAME}                  (each TLS connection accepted)
   {"ev":"invite","call_id":..,"ruri":..,"contact":..,"crypto":BOOL,"savp":BOOL}
   {"ev":"bye","call_id":..}
+  {"ev":"rtp","call_id":..,"seq":N,"payload":HEX}     (decrypted by libsrtp)
+  {"ev":"srtp_error","error":..}
   {"ev":"tls_error","error":..}
 """
-import argparse, base64, json, os, re, socket, ssl, sys, threading
+import argparse, base64, json, os, re, socket, ssl, struct, sys, threading
+
+try:
+    import pylibsrtp
+    from pylibsrtp import Policy, Session
+except ImportError as e:  # the test must fail loudly, never skip
+    print(json.dumps({"ev": "error", "msg": f"pylibsrtp missing: {e}"}), flush=True)
+    sys.exit(3)
+
+PROFILES = {
+    "AES_CM_128_HMAC_SHA1_80": Policy.SRTP_PROFILE_AES128_CM_SHA1_80,
+    "AES_CM_128_HMAC_SHA1_32": Policy.SRTP_PROFILE_AES128_CM_SHA1_32,
+    "AEAD_AES_128_GCM": Policy.SRTP_PROFILE_AEAD_AES_128_GCM,
+}
+# (ip, port) of the edge's leg-B media -> (call-id, libsrtp session)
+sessions = {}
 
 lock = threading.Lock()
 
@@ -65,6 +86,35 @@ def response(head, code, reason, tag, extra="", body=""):
     return ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
 
 
+def remember_key(call_id, offer):
+    m = re.search(r"^a=crypto:\d+ (\S+) inline:([A-Za-z0-9+/=]+)", offer, re.M)
+    c = re.search(r"^c=IN IP4 (\S+)", offer, re.M)
+    a = re.search(r"^m=audio (\d+)", offer, re.M)
+    if not (m and c and a) or m.group(1) not in PROFILES:
+        return
+    key = base64.b64decode(m.group(2))
+    rx = Session(Policy(key=key, ssrc_type=Policy.SSRC_ANY_INBOUND, srtp_profile=PROFILES[m.group(1)]))
+    with lock:
+        sessions[(c.group(1), int(a.group(1)))] = (call_id, rx)
+
+
+def media(rtp):
+    while True:
+        wire, src = rtp.recvfrom(4096)
+        with lock:
+            found = sessions.get(src)
+        if found is None:
+            emit(ev="srtp_error", error=f"no call for {src}")
+            continue
+        try:
+            plain = found[1].unprotect(wire)
+        except pylibsrtp.Error as e:
+            emit(ev="srtp_error", error=str(e))
+            continue
+        seq = struct.unpack("!H", plain[2:4])[0]
+        emit(ev="rtp", call_id=found[0], seq=seq, payload=plain[12:].hex())
+
+
 def answer_sdp(offer, port):
     m = re.search(r"^a=crypto:(\d+) (\S+) inline:", offer, re.M)
     if m:
@@ -108,7 +158,8 @@ def serve(conn, addr):
                 emit(ev="invite", call_id=header(head, "call-id"), ruri=ruri,
                      contact=header(head, "contact"),
                      crypto="a=crypto:" in body, savp="RTP/SAVP" in body)
-                sdp = answer_sdp(body, 40000)
+                remember_key(header(head, "call-id"), body)
+                sdp = answer_sdp(body, RTP_PORT)
                 contact = f"Contact: <sips:uas@{LISTEN}>"
                 conn.sendall(response(head, 200, "OK", tag, contact, sdp))
             elif method == "ACK":
@@ -124,7 +175,7 @@ def serve(conn, addr):
 
 
 def main():
-    global LISTEN
+    global LISTEN, RTP_PORT
     ap = argparse.ArgumentParser()
     ap.add_argument("--cert", required=True)
     ap.add_argument("--key", required=True)
@@ -137,6 +188,10 @@ def main():
         snis[id(sslobj)] = name
 
     ctx.sni_callback = on_sni
+    rtp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rtp.bind(("127.0.0.1", 0))
+    RTP_PORT = rtp.getsockname()[1]
+    threading.Thread(target=media, args=(rtp,), daemon=True).start()
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("127.0.0.1", 0))
@@ -156,5 +211,6 @@ def main():
 
 
 LISTEN = ""
+RTP_PORT = 0
 if __name__ == "__main__":
     main()
