@@ -267,15 +267,7 @@ impl fmt::Debug for DigestResponse {
 /// quoted strings and optional whitespace around `=` and `,`. Unknown
 /// parameters are ignored; duplicates are an error. Never panics.
 pub fn parse_authorization(value: &str) -> Result<DigestResponse, DigestError> {
-    if value.len() > MAX_AUTHORIZATION_LEN {
-        return Err(DigestError::Malformed);
-    }
-    let v = value.trim_start();
-    let (scheme, rest) = v.split_at(v.find([' ', '\t']).ok_or(DigestError::Malformed)?);
-    if !scheme.eq_ignore_ascii_case("Digest") {
-        return Err(DigestError::Malformed);
-    }
-    let params = parse_params(rest).ok_or(DigestError::Malformed)?;
+    let params = digest_params(value)?;
     let mut username = None;
     let mut realm = None;
     let mut nonce = None;
@@ -304,10 +296,7 @@ pub fn parse_authorization(value: &str) -> Result<DigestResponse, DigestError> {
             return Err(DigestError::Malformed);
         }
     }
-    let algorithm = match algorithm {
-        None => Algorithm::Md5,
-        Some(a) => Algorithm::from_name(&a).ok_or(DigestError::UnsupportedAlgorithm)?,
-    };
+    let algorithm = algorithm_param(algorithm)?;
     let r = DigestResponse {
         username: username.ok_or(DigestError::Malformed)?,
         realm: realm.ok_or(DigestError::Malformed)?,
@@ -324,6 +313,27 @@ pub fn parse_authorization(value: &str) -> Result<DigestResponse, DigestError> {
         return Err(DigestError::Malformed);
     }
     Ok(r)
+}
+
+/// The parameters of a `Digest ...` header value (bounded in length).
+fn digest_params(value: &str) -> Result<Vec<(String, String)>, DigestError> {
+    if value.len() > MAX_AUTHORIZATION_LEN {
+        return Err(DigestError::Malformed);
+    }
+    let v = value.trim_start();
+    let (scheme, rest) = v.split_at(v.find([' ', '\t']).ok_or(DigestError::Malformed)?);
+    if !scheme.eq_ignore_ascii_case("Digest") {
+        return Err(DigestError::Malformed);
+    }
+    parse_params(rest).ok_or(DigestError::Malformed)
+}
+
+/// `algorithm`, MD5 when absent (RFC 3261).
+fn algorithm_param(a: Option<String>) -> Result<Algorithm, DigestError> {
+    match a {
+        None => Ok(Algorithm::Md5),
+        Some(a) => Algorithm::from_name(&a).ok_or(DigestError::UnsupportedAlgorithm),
+    }
 }
 
 /// Parses `name=value` pairs separated by commas. `None` on any syntax error.
@@ -460,16 +470,8 @@ pub struct DigestChallenge {
 /// Parses a `Digest` challenge. A `qop` list without `auth` or an
 /// algorithm other than MD5/SHA-256 cannot be answered. Never panics.
 pub fn parse_challenge(value: &str) -> Result<DigestChallenge, DigestError> {
-    if value.len() > MAX_AUTHORIZATION_LEN {
-        return Err(DigestError::Malformed);
-    }
-    let v = value.trim_start();
-    let (scheme, rest) = v.split_at(v.find([' ', '\t']).ok_or(DigestError::Malformed)?);
-    if !scheme.eq_ignore_ascii_case("Digest") {
-        return Err(DigestError::Malformed);
-    }
     let (mut realm, mut nonce, mut algorithm, mut qop, mut opaque) = (None, None, None, None, None);
-    for (name, val) in parse_params(rest).ok_or(DigestError::Malformed)? {
+    for (name, val) in digest_params(value)? {
         let slot = match name.to_ascii_lowercase().as_str() {
             "realm" => &mut realm,
             "nonce" => &mut nonce,
@@ -482,10 +484,7 @@ pub fn parse_challenge(value: &str) -> Result<DigestChallenge, DigestError> {
             return Err(DigestError::Malformed);
         }
     }
-    let algorithm = match algorithm {
-        None => Algorithm::Md5,
-        Some(a) => Algorithm::from_name(&a).ok_or(DigestError::UnsupportedAlgorithm)?,
-    };
+    let algorithm = algorithm_param(algorithm)?;
     let qop_auth = match qop {
         None => false,
         Some(q) if q.split(',').any(|o| o.trim().eq_ignore_ascii_case("auth")) => true,
