@@ -2683,15 +2683,15 @@ mod tests {
 
     const NOW: i64 = 1_800_000_000;
 
-    struct Rig {
-        b2b: B2bua,
-        t: Instant,
+    pub(super) struct Rig {
+        pub(super) b2b: B2bua,
+        pub(super) t: Instant,
         key: tollgate_keys::ApiKey,
-        a: Peer,
-        b: Peer,
+        pub(super) a: Peer,
+        pub(super) b: Peer,
     }
 
-    fn udp(port: u16) -> Peer {
+    pub(super) fn udp(port: u16) -> Peer {
         Peer {
             transport: Transport::Udp,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -2699,7 +2699,7 @@ mod tests {
         }
     }
 
-    fn rig() -> Rig {
+    pub(super) fn rig() -> Rig {
         rig_with(Arc::new(MemoryReplayCache::new()))
     }
 
@@ -2751,7 +2751,7 @@ mod tests {
     }
 
     impl Rig {
-        fn token(&self, jti: &str) -> String {
+        pub(super) fn token(&self, jti: &str) -> String {
             jwt::mint(
                 &self.key,
                 &Claims {
@@ -2767,16 +2767,16 @@ mod tests {
                 },
             )
         }
-        fn a_sends(&mut self, text: &str) {
+        pub(super) fn a_sends(&mut self, text: &str) {
             let p = self.a.clone();
             self.b2b.handle_datagram(self.t, NOW, text.as_bytes(), p);
         }
-        fn b_sends(&mut self, text: String) {
+        pub(super) fn b_sends(&mut self, text: String) {
             let p = self.b.clone();
             self.b2b.handle_datagram(self.t, NOW, text.as_bytes(), p);
         }
         /// Messages sent to `peer` since the last call, parsed.
-        fn sent_to(&mut self, peer: &Peer) -> Vec<Message> {
+        pub(super) fn sent_to(&mut self, peer: &Peer) -> Vec<Message> {
             let (mine, rest): (Vec<_>, Vec<_>) = self
                 .b2b
                 .txn
@@ -2798,7 +2798,7 @@ mod tests {
                 5070,
             ));
         }
-        fn advance(&mut self, d: Duration) {
+        pub(super) fn advance(&mut self, d: Duration) {
             let end = self.t + d;
             while self.t < end {
                 self.t += Duration::from_millis(100);
@@ -2834,7 +2834,7 @@ mod tests {
         assert!(r.b2b.calls.is_empty());
     }
 
-    fn invite(auth: &str, branch: &str) -> String {
+    pub(super) fn invite(auth: &str, branch: &str) -> String {
         format!(
             "INVITE sip:+14155550100@127.0.0.1:5060 SIP/2.0\r\n\
 Via: SIP/2.0/UDP 127.0.0.1:5070;branch={branch};rport\r\n\
@@ -2850,7 +2850,7 @@ Content-Length: 4\r\n\r\nv=0\n"
     }
 
     /// A response from B to a request B received.
-    fn reply_from_b(req: &Message, code: u16, tag: &str) -> String {
+    pub(super) fn reply_from_b(req: &Message, code: u16, tag: &str) -> String {
         let mut r = response_to(req, code, reason_phrase(code), Some(tag));
         if code == 200 && req.method() == Some("INVITE") {
             r.headers.push(Header {

@@ -273,3 +273,145 @@ impl B2bua {
 pub(super) fn invite_cseq(inv: Option<&Message>) -> u32 {
     inv.and_then(|m| m.cseq()).map_or(1, |c| c.seq)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{invite, reply_from_b, rig, udp, Rig};
+    use crate::message::{Header, Message};
+    use crate::route::{OutboundAuth, Target};
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tollgate_keys::digest::{parse_authorization, verify};
+
+    fn a_invites(r: &mut Rig, jti: &str) {
+        let tok = r.token(jti);
+        r.a_sends(&invite(
+            &format!("Authorization: Bearer {tok}\r\n"),
+            &format!("z9hG4bK{jti}"),
+        ));
+    }
+
+    fn codes(msgs: &[Message]) -> Vec<u16> {
+        msgs.iter().filter_map(Message::status).collect()
+    }
+
+    /// The rig's route with targets on these ports (first = the rig's B).
+    fn with_targets(r: &mut Rig, ports: &[u16]) {
+        let route = &mut r.b2b.cfg.routes[0];
+        route.targets = ports
+            .iter()
+            .map(|p| {
+                let text = format!("sip:agent@127.0.0.1:{p}");
+                Target::new(crate::SipUri::parse(&text).unwrap(), text, udp(*p))
+            })
+            .collect();
+    }
+
+    #[test]
+    fn a_carriers_challenge_is_answered_once_in_the_same_call() {
+        let mut r = rig();
+        r.b2b.cfg.routes[0].auth = Some(Arc::new(OutboundAuth::new("trunk".into(), "pw1".into())));
+        a_invites(&mut r, "d1");
+        let b = r.b.clone();
+        let inv = r.sent_to(&b).remove(0);
+        let mut challenge =
+            crate::message::parse(reply_from_b(&inv, 401, "c1").as_bytes()).unwrap();
+        challenge.headers.push(Header {
+            name: "WWW-Authenticate".into(),
+            value: "Digest realm=\"carrier\", nonce=\"n1\", qop=\"auth\"".into(),
+        });
+        r.b_sends(String::from_utf8(challenge.to_bytes().to_vec()).unwrap());
+        let again = r.sent_to(&b);
+        let inv2 = again.iter().find(|m| m.method() == Some("INVITE")).unwrap();
+        assert_eq!(inv2.call_id(), inv.call_id(), "the same call");
+        assert_eq!(inv2.cseq().unwrap().seq, 2);
+        let cred = parse_authorization(inv2.header("Authorization").unwrap()).unwrap();
+        assert!(verify(&cred, "INVITE", "pw1"));
+        let a = r.a.clone();
+        assert!(!codes(&r.sent_to(&a)).contains(&401), "leg A never sees it");
+        // Answered: leg B's ACK (sent with leg A's) will carry CSeq 2.
+        r.b_sends(reply_from_b(inv2, 200, "c1"));
+        assert!(codes(&r.sent_to(&a)).contains(&200));
+        let call = r.b2b.calls.values().next().unwrap();
+        assert_eq!(call.pending_ack.as_ref().map(|p| p.other_cseq), Some(2));
+        assert_eq!(r.b2b.calls.len(), 1);
+    }
+
+    #[test]
+    fn the_next_target_after_a_503_or_no_answer_and_408_when_none_is_left() {
+        let mut r = rig();
+        with_targets(&mut r, &[5080, 5081]);
+        let (b1, b2, a) = (udp(5080), udp(5081), r.a.clone());
+        a_invites(&mut r, "f1");
+        let inv = r.sent_to(&b1).remove(0);
+        r.b_sends(reply_from_b(&inv, 503, "x1"));
+        let inv2 = r.sent_to(&b2).remove(0);
+        assert_eq!(
+            (inv2.call_id(), inv2.cseq().unwrap().seq),
+            (inv.call_id(), 2)
+        );
+        assert_eq!(inv2.request_uri(), Some("sip:agent@127.0.0.1:5081"));
+        assert!(!codes(&r.sent_to(&a)).contains(&503));
+        // The second is silent: Timer B (64*T1) and no target left: 408.
+        r.advance(Duration::from_secs(40));
+        assert!(codes(&r.sent_to(&a)).contains(&408));
+        assert!(r.b2b.calls.is_empty(), "one call, ended once");
+
+        // A silent first target: the second gets the INVITE after Timer B.
+        let _ = r.sent_to(&b1);
+        a_invites(&mut r, "f2");
+        let invites = |m: &[Message]| m.iter().filter(|m| m.method() == Some("INVITE")).count();
+        assert_eq!(invites(&r.sent_to(&b1)), 1);
+        r.advance(Duration::from_secs(33));
+        assert!(invites(&r.sent_to(&b2)) >= 1);
+    }
+
+    #[test]
+    fn a_connection_that_fails_ends_the_wait_with_the_next_target_or_503() {
+        let mut r = rig();
+        with_targets(&mut r, &[5080, 5081]);
+        for t in &mut r.b2b.cfg.routes[0].targets {
+            t.peer.transport = crate::transaction::Transport::Tcp;
+        }
+        let (b1, b2, a) = (udp(5080), udp(5081), r.a.clone());
+        a_invites(&mut r, "t1");
+        assert_eq!(r.sent_to(&b1).len(), 1);
+        r.b2b.transport_failed(r.t, b1.addr);
+        assert_eq!(r.sent_to(&b2).len(), 1, "the next target at once");
+        r.b2b.transport_failed(r.t, b2.addr);
+        assert!(
+            codes(&r.sent_to(&a)).contains(&503),
+            "none left: 503, no wait"
+        );
+        assert!(r.b2b.calls.is_empty());
+    }
+
+    #[test]
+    fn pings_mark_a_target_down_and_calls_skip_it_until_it_answers() {
+        let mut r = rig();
+        with_targets(&mut r, &[5080, 5081]);
+        r.b2b.cfg.routes[0].ping_interval = Some(Duration::from_secs(5));
+        let routes = r.b2b.cfg.routes.clone();
+        r.b2b.set_routes(routes);
+        let (b1, b2) = (udp(5080), udp(5081));
+        r.advance(Duration::from_millis(200));
+        let ping = r.sent_to(&b1).remove(0);
+        assert_eq!(ping.method(), Some("OPTIONS"));
+        assert_eq!(r.sent_to(&b2).len(), 1);
+        r.b_sends(reply_from_b(&ping, 503, "p"));
+        let health = r.b2b.cfg.routes[0].targets[0].health.clone();
+        assert!(!health.is_up());
+        a_invites(&mut r, "p1");
+        assert!(r.sent_to(&b1).is_empty(), "a target down is skipped");
+        assert_eq!(r.sent_to(&b2).len(), 1);
+        // The next round: it answers, it is used again.
+        r.advance(Duration::from_secs(6));
+        let ping = r
+            .sent_to(&b1)
+            .into_iter()
+            .find(|m| m.method() == Some("OPTIONS"))
+            .unwrap();
+        r.b_sends(reply_from_b(&ping, 200, "p"));
+        assert!(health.is_up());
+    }
+}
