@@ -25,6 +25,9 @@ pub struct Target {
     pub peer: Peer,
     /// Shared by every shard and call; set by the pings of shard 0.
     pub health: Arc<Health>,
+    /// The metrics' `target` label: where it is in the configuration
+    /// (`routes[i].targets[j]`), never an address (bounded, no call data).
+    pub label: String,
     /// A target named by DNS: its latest answer (RFC 3263), kept fresh on
     /// the async side.
     pub located: Option<Arc<Located>>,
@@ -32,15 +35,22 @@ pub struct Target {
 
 impl Target {
     pub fn new(uri: SipUri, text: String, peer: Peer) -> Self {
-        let health = Arc::new(Health::default());
-        metrics::gauge!("tollgate_route_target_up", "target" => text.clone()).set(1.0);
         Target {
             uri,
             text,
             peer,
-            health,
+            health: Arc::new(Health::default()),
+            label: "routes[0].targets[0]".to_owned(),
             located: None,
         }
+    }
+
+    /// Names the target by its place in the configuration (metrics label)
+    /// and shows it up in `tollgate_route_target_up`.
+    pub fn labelled(mut self, route: usize, index: usize) -> Self {
+        self.label = format!("routes[{route}].targets[{index}]");
+        metrics::gauge!("tollgate_route_target_up", "target" => self.label.clone()).set(1.0);
+        self
     }
 
     /// A target whose host is a DNS name: unresolved until `located` is set.
@@ -100,11 +110,12 @@ impl Health {
         self.up.load(Ordering::Relaxed)
     }
 
-    /// Records a ping's outcome for the target `text`; logs a change.
-    pub fn set(&self, up: bool, text: &str) {
+    /// Records a ping's outcome for `target` (its URI) labelled `label`;
+    /// logs a change.
+    pub fn set(&self, up: bool, label: &str, target: &str) {
         if self.up.swap(up, Ordering::Relaxed) != up {
-            tracing::info!(target = text, up, "route target health changed (OPTIONS)");
-            metrics::gauge!("tollgate_route_target_up", "target" => text.to_owned()).set(if up {
+            tracing::info!(target, up, "route target health changed (OPTIONS)");
+            metrics::gauge!("tollgate_route_target_up", "target" => label.to_owned()).set(if up {
                 1.0
             } else {
                 0.0
@@ -255,13 +266,13 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(ports(order(&ts)), [5061, 5062, 5063]);
-        ts[0].health.set(false, "a");
+        ts[0].health.set(false, "l", "a");
         assert_eq!(ports(order(&ts)), [5062, 5063]);
         for t in &ts {
-            t.health.set(false, "a");
+            t.health.set(false, "l", "a");
         }
         assert_eq!(ports(order(&ts)), [5061, 5062, 5063], "none up: try all");
-        ts[2].health.set(true, "a");
+        ts[2].health.set(true, "l", "a");
         assert_eq!(ports(order(&ts)), [5063]);
         assert_eq!(ts[0].request_uri("+4420"), "sip:+4420@127.0.0.1:5061");
         assert_eq!(ts[1].request_uri("+4420"), "sip:agent@127.0.0.1:5062");

@@ -396,6 +396,30 @@ fn describe_metrics() {
         "tollgate_sip_requests_sent_total",
         "SIP requests originated by the edge, by method"
     );
+    describe_gauge!(
+        "tollgate_route_target_up",
+        "1 while a route target answers its OPTIONS pings (or is not pinged), 0 while calls skip it"
+    );
+    describe_counter!(
+        "tollgate_route_target_invites_total",
+        "INVITEs sent to a route target (each failover attempt counts), by target"
+    );
+    describe_counter!(
+        "tollgate_route_target_failures_total",
+        "Failed INVITEs toward a route target (408, 5xx, no answer, connection), by target and code"
+    );
+    describe_counter!(
+        "tollgate_route_target_dns_failures_total",
+        "Lookups of a route target's name (RFC 3263) that found nothing, by target"
+    );
+    describe_counter!(
+        "tollgate_leg_b_digest_answers_total",
+        "Digest challenges of a carrier answered with the route's credentials"
+    );
+    describe_counter!(
+        "tollgate_sip_outbound_connect_failures_total",
+        "Outbound TCP connects or TLS handshakes (certificate included) that failed, by transport"
+    );
     describe_counter!(
         "tollgate_sip_responses_total",
         "SIP responses sent by the edge, by status code"
@@ -1090,7 +1114,7 @@ async fn build_routes(
     dns: &mut Dns,
 ) -> Result<Vec<Route>, Failure> {
     let mut routes = Vec::new();
-    for r in &s.routes {
+    for (ri, r) in s.routes.iter().enumerate() {
         let texts = if r.targets.is_empty() {
             let addr = match *echo {
                 Some(a) => a,
@@ -1108,7 +1132,7 @@ async fn build_routes(
             r.targets.clone()
         };
         let mut targets = Vec::new();
-        for text in texts {
+        for (ti, text) in texts.into_iter().enumerate() {
             let (uri, transport, addr) = config::parse_target("route target", &text)?;
             targets.push(match addr {
                 Some(addr) => {
@@ -1117,10 +1141,11 @@ async fn build_routes(
                         addr,
                         flow: None,
                     };
-                    tollgate_sip::route::Target::new(uri, text, peer)
+                    tollgate_sip::route::Target::new(uri, text, peer).labelled(ri, ti)
                 }
                 None => {
-                    let t = tollgate_sip::route::Target::named(uri, text, transport);
+                    let t =
+                        tollgate_sip::route::Target::named(uri, text, transport).labelled(ri, ti);
                     dns.keep_located(&s.dns_servers, &t).await;
                     t
                 }
@@ -1176,10 +1201,11 @@ impl Dns {
         };
         let uri = t.uri.clone();
         let text = t.text.clone();
+        let label = t.label.clone();
         let tls = self.tls.clone();
         let next = tokio::time::timeout(
             DNS_FIRST_WAIT,
-            locate_once(&locator, &tls, &uri, &text, &cell),
+            locate_once(&locator, &tls, &uri, (&label, &text), &cell),
         )
         .await
         .unwrap_or(DNS_RETRY);
@@ -1192,7 +1218,7 @@ impl Dns {
                 let Some(cell) = weak.upgrade() else {
                     return; // the target is gone (reload)
                 };
-                wait = locate_once(&locator, &tls, &uri, &text, &cell).await;
+                wait = locate_once(&locator, &tls, &uri, (&label, &text), &cell).await;
             }
         });
     }
@@ -1203,7 +1229,7 @@ async fn locate_once(
     locator: &tollgate_sip::resolve::Locator,
     tls: &tollgate_sip::tls_client::TlsConnector,
     uri: &tollgate_sip::SipUri,
-    text: &str,
+    (label, text): (&str, &str),
     cell: &tollgate_sip::resolve::Located,
 ) -> Duration {
     match locator.locate(uri).await {
@@ -1223,7 +1249,7 @@ async fn locate_once(
         }
         Err(e) => {
             tracing::warn!(target = text, error = %e, "route target does not resolve");
-            metrics::counter!("tollgate_route_target_dns_failures_total", "target" => text.to_owned())
+            metrics::counter!("tollgate_route_target_dns_failures_total", "target" => label.to_owned())
                 .increment(1);
             cell.set(Vec::new());
             DNS_RETRY

@@ -53,14 +53,14 @@ pub(super) fn targets_in_order(r: &Route) -> Option<(Target, Peer, Vec<Target>)>
 
 /// Counts an INVITE toward `t` (per-target metrics, SPEC §9).
 pub(super) fn count_invite(t: &Target) {
-    metrics::counter!("tollgate_route_target_invites_total", "target" => t.text.clone())
+    metrics::counter!("tollgate_route_target_invites_total", "target" => t.label.clone())
         .increment(1);
 }
 
 fn count_failure(t: &Target, code: u16) {
     metrics::counter!(
         "tollgate_route_target_failures_total",
-        "target" => t.text.clone(),
+        "target" => t.label.clone(),
         "code" => code.to_string()
     )
     .increment(1);

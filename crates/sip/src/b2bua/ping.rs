@@ -4,11 +4,10 @@
 
 use super::B2bua;
 use crate::message::{Header, Message, StartLine};
-use crate::route::{self, Health};
+use crate::route::{self, Target};
 use crate::transaction::TxnKey;
 use bytes::Bytes;
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Instant;
 
 /// Pings of one core: when each route's next round is due, and the pings
@@ -17,7 +16,7 @@ use std::time::Instant;
 pub(super) struct Pinger {
     /// Per route (same index as `Config::routes`): the next round.
     due: Vec<Option<Instant>>,
-    inflight: HashMap<TxnKey, (Arc<Health>, String)>,
+    inflight: HashMap<TxnKey, Target>,
 }
 
 impl Pinger {
@@ -114,7 +113,7 @@ impl B2bua {
                 if let Some(key) = self.txn.request(now, msg, peer) {
                     metrics::counter!("tollgate_sip_requests_sent_total", "method" => "OPTIONS")
                         .increment(1);
-                    self.pinger.inflight.insert(key, (t.health.clone(), t.text));
+                    self.pinger.inflight.insert(key, t);
                 }
             }
         }
@@ -125,8 +124,9 @@ impl B2bua {
         if code.is_some_and(|c| c < 200) {
             return;
         }
-        if let Some((health, text)) = self.pinger.inflight.remove(key) {
-            health.set(code.is_some_and(route::ping_says_up), &text);
+        if let Some(t) = self.pinger.inflight.remove(key) {
+            t.health
+                .set(code.is_some_and(route::ping_says_up), &t.label, &t.text);
         }
     }
 }
