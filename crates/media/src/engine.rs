@@ -255,9 +255,23 @@ impl MediaEngine {
                 s.set_nonblocking(true)?;
                 Ok::<_, std::io::Error>(s)
             };
-            match (bind(pair.rtp()), bind(pair.rtcp())) {
-                (Ok(rtp), Ok(rtcp)) => return Ok(LegPorts { pair, rtp, rtcp }),
-                (Err(e), _) | (_, Err(e)) => last = Some(e),
+            let rtp = match bind(pair.rtp()) {
+                Ok(s) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    last = Some(e);
+                    continue;
+                }
+                // Out of file descriptors (EMFILE/ENFILE) or memory: another
+                // pair would fail the same way. Retrying cost 128 socket(2)
+                // calls per refused call, and under overload that spiral
+                // collapsed the edge (the CPS profile: 75 % of its CPU in
+                // socket creation that failed).
+                Err(e) => return Err(MediaError::Bind(e)),
+            };
+            match bind(pair.rtcp()) {
+                Ok(rtcp) => return Ok(LegPorts { pair, rtp, rtcp }),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => last = Some(e),
+                Err(e) => return Err(MediaError::Bind(e)),
             }
         }
         Err(last.map_or(MediaError::Ports, MediaError::Bind))

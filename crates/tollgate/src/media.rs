@@ -12,10 +12,12 @@ use tollgate_sip::MediaProfile;
 
 pub struct EngineHooks(pub Arc<MediaEngine>);
 
-/// 488 for SDP we cannot serve; 503 when we are out of ports; 500 otherwise.
+/// 488 for SDP we cannot serve; 503 when we are out of ports or of file
+/// descriptors (a temporary overload: a carrier tries its next edge); 500
+/// otherwise.
 fn status_of(e: &MediaError) -> u16 {
     match e {
-        MediaError::Ports => 503,
+        MediaError::Ports | MediaError::Bind(_) => 503,
         e if e.is_not_acceptable() => 488,
         _ => 500,
     }

@@ -494,6 +494,27 @@ fn describe_metrics() {
     );
 }
 
+/// Raises the soft limit of open files to the hard one, as SIP and media
+/// servers do (every anchored call holds four UDP sockets): at the usual
+/// soft limit of 1024 an edge refuses its 250th concurrent call. Warns when
+/// even the hard limit cannot hold the media port range.
+fn raise_fd_limit(media_ports: (u16, u16)) {
+    let sockets = u64::from(media_ports.1.saturating_sub(media_ports.0)) + 1;
+    // Signaling, TLS connections, files and the admin API besides media.
+    let want = sockets + 1024;
+    match rlimit::increase_nofile_limit(want) {
+        Ok(n) if n < want => tracing::warn!(
+            open_files = n,
+            media_sockets = sockets,
+            "the open-files limit is below the media port range: calls beyond \
+             about {} concurrent get 503 (raise LimitNOFILE / ulimit -n)",
+            n.saturating_sub(1024) / 4
+        ),
+        Ok(n) => tracing::debug!(open_files = n, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-files limit"),
+    }
+}
+
 pub fn run(data_dir: &Path, args: ServeArgs) -> Result<(), Failure> {
     let s = settings(&args)?;
     let _ = tracing_subscriber::fmt()
@@ -503,6 +524,7 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<(), Failure> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .try_init();
+    raise_fd_limit(s.media_ports);
     let (store, fleet): (Arc<dyn KeyAdmin>, _) = match &s.state {
         None => {
             let store = Arc::new(FileKeyStore::open(data_dir)?);

@@ -42,6 +42,7 @@ const RANGE_SRTP_GCM: &str = "10200-10299";
 const RANGE_ATTACKS: &str = "10300-10399";
 const RANGE_TIMEOUT: &str = "10400-10499";
 const RANGE_LOAD: &str = "10500-12999";
+const RANGE_FDS: &str = "13000-13099";
 
 const OUR_SSRC: u32 = 0x1234_5678;
 /// SSRC the python destination uses for what it sends.
@@ -1131,4 +1132,70 @@ fn load_5000_sequential_and_500_concurrent_calls_free_ports_and_memory() {
         mib(warm_peak_rss),
         mib(RSS_MARGIN)
     );
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
+}
+
+/// An edge out of file descriptors (every anchored call holds four UDP
+/// sockets) answers the call it cannot anchor with 503 at once, stays up,
+/// and admits calls again as soon as descriptors are free. Before, each such
+/// INVITE retried 64 port pairs (128 failing socket(2) calls), the spiral
+/// that collapsed the edge under overload.
+#[test]
+fn out_of_file_descriptors_a_call_gets_503_and_the_edge_recovers() {
+    let mut edge = edge_with(&format!("ports = \"{RANGE_FDS}\""), None);
+    let key = edge.first_key();
+    // A first call opens whatever the edge opens lazily (files, timers).
+    Caller::call(&edge, &key, RANGE_FDS).hang_up();
+    wait_ports_free(&edge, Duration::from_secs(10), "after the warm-up call");
+    let idle = open_fds(edge.pid());
+    // Room for one call's sockets and a few more, not for two calls.
+    let limit = idle + 5;
+    let st = Command::new("prlimit")
+        .args([
+            "--pid",
+            &edge.pid().to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ])
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(st.success(), "prlimit failed: {st}");
+
+    let first = Caller::call(&edge, &key, RANGE_FDS);
+    let mut ua = UdpUa::new(edge.sip_udp);
+    let now = now_unix();
+    let token = jwt_for(&key, &claims(now, now + 600, SERVICE, "alice"));
+    let mut invite = Req::invite(edge.sip_udp, SERVICE, "alice").bearer(&token);
+    invite.body = b"v=0\r\no=alice 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n".to_vec();
+    let out = ua
+        .transact(&invite, Duration::from_secs(10))
+        .expect("the edge answers an INVITE it cannot anchor");
+    assert_eq!(
+        out.fin.code(),
+        Some(503),
+        "no descriptors for the second call's sockets: want 503, got\n{}",
+        out.fin.text()
+    );
+    assert_eq!(
+        ua.options_code(Duration::from_secs(5)),
+        Some(200),
+        "edge still answers"
+    );
+    assert!(edge.is_running(), "edge exited when out of descriptors");
+
+    first.hang_up();
+    wait_ports_free(&edge, Duration::from_secs(10), "after the first call");
+    let closed = poll(Duration::from_secs(10), || {
+        (open_fds(edge.pid()) <= idle).then_some(())
+    });
+    assert!(
+        closed.is_some(),
+        "the first call's descriptors still open after 10 s"
+    );
+    let again = Caller::call(&edge, &key, RANGE_FDS);
+    again.hang_up();
 }
