@@ -93,6 +93,28 @@ struct LegPorts {
     pair: PortPair,
 }
 
+/// The sockets an ended call left bound to `pair`, emptied of what they
+/// received since (a late packet of the old call must not reach the new
+/// one). Gives the pair back if it has none or they fail (they close; the
+/// caller binds anew).
+fn warm_leg(mut pair: PortPair) -> Result<LegPorts, PortPair> {
+    let Some([rtp, rtcp]) = pair.take_sockets() else {
+        return Err(pair);
+    };
+    let mut buf = [0u8; 2048];
+    for s in [&rtp, &rtcp] {
+        // Bounded: a flood at an idle port cannot hold the shard here.
+        for _ in 0..1024 {
+            match s.recv_from(&mut buf) {
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return Err(pair),
+            }
+        }
+    }
+    Ok(LegPorts { rtp, rtcp, pair })
+}
+
 /// What a peer's SDP says about where and how it receives.
 #[derive(Debug, Clone, Copy)]
 struct PeerMedia {
@@ -249,32 +271,41 @@ impl MediaEngine {
         // range: try well past a few such pairs before calling it exhaustion.
         let mut last = None;
         for _ in 0..64 {
-            let pair = self.ports.allocate().ok_or(MediaError::Ports)?;
-            let bind = |port| {
-                let s = StdUdpSocket::bind(SocketAddr::new(self.cfg.ip, port))?;
-                s.set_nonblocking(true)?;
-                Ok::<_, std::io::Error>(s)
+            let pair = match warm_leg(self.ports.allocate().ok_or(MediaError::Ports)?) {
+                Ok(legs) => return Ok(legs),
+                Err(pair) => pair,
             };
-            let rtp = match bind(pair.rtp()) {
-                Ok(s) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                    last = Some(e);
-                    continue;
-                }
+            match self.bind_pair(pair) {
+                Ok(legs) => return Ok(legs),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => last = Some(e),
                 // Out of file descriptors (EMFILE/ENFILE) or memory: another
                 // pair would fail the same way. Retrying cost 128 socket(2)
                 // calls per refused call, and under overload that spiral
                 // collapsed the edge (the CPS profile: 75 % of its CPU in
-                // socket creation that failed).
-                Err(e) => return Err(MediaError::Bind(e)),
-            };
-            match bind(pair.rtcp()) {
-                Ok(rtcp) => return Ok(LegPorts { pair, rtp, rtcp }),
-                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => last = Some(e),
-                Err(e) => return Err(MediaError::Bind(e)),
+                // socket creation that failed). Sockets pooled from ended
+                // calls need no new descriptor.
+                Err(e) => {
+                    while let Some(pair) = self.ports.allocate_warm() {
+                        if let Ok(legs) = warm_leg(pair) {
+                            return Ok(legs);
+                        }
+                    }
+                    return Err(MediaError::Bind(e));
+                }
             }
         }
         Err(last.map_or(MediaError::Ports, MediaError::Bind))
+    }
+
+    fn bind_pair(&self, pair: PortPair) -> std::io::Result<LegPorts> {
+        let bind = |port| {
+            let s = StdUdpSocket::bind(SocketAddr::new(self.cfg.ip, port))?;
+            s.set_nonblocking(true)?;
+            Ok::<_, std::io::Error>(s)
+        };
+        let rtp = bind(pair.rtp())?;
+        let rtcp = bind(pair.rtcp())?;
+        Ok(LegPorts { rtp, rtcp, pair })
     }
 
     /// Leg A's offer: allocates both legs' ports and returns the SDP to send
