@@ -13,6 +13,7 @@
 
 mod common;
 
+use base64::Engine;
 use common::*;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -22,6 +23,9 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
+use tollgate_media::srtp::{
+    Direction, ReferenceProvider, SrtpKeys, SrtpProvider, SrtpTransform, Suite,
+};
 
 /// The load test and the pacing measurement do not run at once (a machine
 /// busy with 50 streams and their Python backend is no place to measure
@@ -33,7 +37,8 @@ const RANGE_PROTOCOL: &str = "15000-15099";
 const RANGE_ALAW: &str = "15100-15199";
 const RANGE_CLEAR: &str = "15200-15299";
 const RANGE_FAILURES: &str = "15300-15499";
-const RANGE_LOAD: &str = "15500-15999";
+const RANGE_LOAD: &str = "15500-15899";
+const RANGE_SRTP: &str = "15900-15999";
 
 fn venv_python() -> std::path::PathBuf {
     let venv = std::env::var("TOLLGATE_STREAMS_VENV")
@@ -235,6 +240,8 @@ struct Got {
 }
 
 struct Caller {
+    /// Leg A over SRTP: the caller's outbound context.
+    srtp_out: Option<Box<dyn SrtpTransform>>,
     ua: UdpUa,
     rtp: Arc<UdpSocket>,
     invite: Req,
@@ -249,13 +256,34 @@ impl Caller {
     /// INVITE with a token for `model`, offering `pt` (0 PCMU, 8 PCMA) and
     /// telephone-event 101; ACKs the 200.
     fn call(edge: &Edge, key: &str, model: &str, pt: u8) -> Caller {
+        Caller::call_with(edge, key, model, pt, false)
+    }
+
+    /// `srtp`: offer RTP/SAVP (SDES, AES_CM_128_HMAC_SHA1_80) and protect
+    /// and unprotect with webrtc-srtp (the media crate's reference provider,
+    /// not the relay's own code).
+    fn call_with(edge: &Edge, key: &str, model: &str, pt: u8, srtp: bool) -> Caller {
         let rtp = UdpSocket::bind("127.0.0.1:0").unwrap();
         let port = rtp.local_addr().unwrap().port();
         let name = if pt == 0 { "PCMU" } else { "PCMA" };
+        let suite = Suite::AesCm128HmacSha1_80;
+        let ours = SrtpKeys::generate(suite).unwrap();
+        let (proto, crypto) = if srtp {
+            (
+                "RTP/SAVP",
+                format!(
+                    "a=crypto:1 {} inline:{}\r\n",
+                    suite.sdes_name(),
+                    base64::engine::general_purpose::STANDARD.encode(ours.concat())
+                ),
+            )
+        } else {
+            ("RTP/AVP", String::new())
+        };
         let sdp = format!(
             "v=0\r\no=caller 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
-             m=audio {port} RTP/AVP {pt} 101\r\na=rtpmap:{pt} {name}/8000\r\n\
-             a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=sendrecv\r\n"
+             m=audio {port} {proto} {pt} 101\r\na=rtpmap:{pt} {name}/8000\r\n\
+             a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\n{crypto}a=sendrecv\r\n"
         );
         let now = now_unix();
         let claims = format!(
@@ -284,6 +312,33 @@ impl Caller {
             .and_then(|m| m.split_whitespace().next())
             .expect("m=audio in the answer");
         let edge_media: SocketAddr = format!("{}:{mport}", ip.trim()).parse().unwrap();
+        let mut srtp_in = None;
+        let mut srtp_out = None;
+        if srtp {
+            let theirs = body
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("a=crypto:"))
+                .and_then(|c| c.split("inline:").nth(1))
+                .and_then(|k| {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(k.split('|').next()?)
+                        .ok()
+                })
+                .unwrap_or_else(|| {
+                    panic!("the edge's answer to RTP/SAVP has no a=crypto:\n{body}")
+                });
+            let theirs = SrtpKeys::split(suite, &theirs).unwrap();
+            srtp_in = Some(
+                ReferenceProvider
+                    .new_context(suite, &theirs, Direction::Inbound)
+                    .unwrap(),
+            );
+            srtp_out = Some(
+                ReferenceProvider
+                    .new_context(suite, &ours, Direction::Outbound)
+                    .unwrap(),
+            );
+        }
         ua.send(&invite.in_dialog(&ok, "ACK", invite.cseq));
         let rtp = Arc::new(rtp);
         let got = Arc::new(Mutex::new(Vec::new()));
@@ -296,7 +351,14 @@ impl Caller {
                 // Ends when the test drops the caller (the Arc's last user).
                 while Arc::strong_count(&got) > 1 {
                     if let Ok((n, _)) = rtp.recv_from(&mut buf) {
-                        let p = &buf[..n];
+                        let mut pkt = bytes::BytesMut::from(&buf[..n]);
+                        if let Some(ctx) = srtp_in.as_mut() {
+                            if ctx.unprotect_rtp(&mut pkt).is_err() {
+                                continue;
+                            }
+                        }
+                        let p = &pkt[..];
+                        let n = p.len();
                         if n >= 12 {
                             got.lock().unwrap().push(Got {
                                 at: Instant::now(),
@@ -312,6 +374,7 @@ impl Caller {
             });
         }
         Caller {
+            srtp_out,
             ua,
             rtp,
             invite,
@@ -327,7 +390,11 @@ impl Caller {
         self.seq = self.seq.wrapping_add(1);
         self.ts = self.ts.wrapping_add(160);
         let p = rtp_packet(pt, marker, self.seq, self.ts, payload);
-        self.rtp.send_to(&p, self.edge_media).unwrap();
+        let mut pkt = bytes::BytesMut::from(&p[..]);
+        if let Some(ctx) = self.srtp_out.as_mut() {
+            ctx.protect_rtp(&mut pkt).unwrap();
+        }
+        self.rtp.send_to(&pkt, self.edge_media).unwrap();
     }
 
     /// RFC 4733 digit: three packets of one event (same timestamp), the
@@ -401,13 +468,13 @@ fn stream_edge_in(dir: TestDir, routes: &[(&str, String)], range: &str, extra: &
         "[media]\nports = \"{range}\"\n\n[streams]\nallow_cidrs = [\"127.0.0.1/32\"]\n{extra}\n"
     );
     for (model, target) in routes {
-        if model.is_empty() {
-            toml.push_str(&format!("\n[[routes]]\ntarget = \"{target}\"\n"));
-        } else {
-            toml.push_str(&format!(
-                "\n[[routes]]\nmodel = \"{model}\"\ntarget = \"{target}\"\n"
-            ));
+        toml.push_str("\n[[routes]]\n");
+        if !model.is_empty() {
+            toml.push_str(&format!("model = \"{model}\"\n"));
         }
+        toml.push_str(&format!("target = \"{target}\"\n"));
+        // Lets leg A offer SDES keys over UDP (the test's loopback caller).
+        toml.push_str("sdes_over_cleartext = true\n");
     }
     Edge::start_in(
         dir,
@@ -940,4 +1007,45 @@ fn concurrent_stream_calls_lose_no_frame() {
         "{calls} streams: RSS idle {idle} KiB, streams up {busy} KiB, talking {peak} KiB: {:.1} KiB per stream",
         (peak.saturating_sub(idle)) as f64 / calls as f64
     );
+}
+
+/// An SRTP caller: the relay decrypts leg A for the stream and encrypts the
+/// backend's audio for it; the backend sees the caller's audio byte for byte.
+#[test]
+fn srtp_caller_is_decrypted_for_the_stream_and_encrypted_back() {
+    let (dir, key) = edge_dir("streams-srtp");
+    let backend = Backend::start(&TestDir::new("streams-srtp-backend"), "");
+    let edge = stream_edge_in(dir, &[("", backend.url("/talk?frames=10"))], RANGE_SRTP, "");
+    let mut caller = Caller::call_with(&edge, &key, "m", 0, true);
+    backend.next("start", Duration::from_secs(10));
+    caller.talk(0, 20, 0);
+    thread::sleep(Duration::from_millis(300));
+    caller.hang_up();
+    let seen = backend.until(Duration::from_secs(15), |j| j["ev"] == "stop");
+    let media: Vec<&Value> = seen
+        .iter()
+        .map(|(_, j)| j)
+        .filter(|j| j["ev"] == "media")
+        .collect();
+    assert_eq!(
+        media.len(),
+        20,
+        "every SRTP frame reached the backend, decrypted"
+    );
+    for (i, m) in media.iter().enumerate() {
+        assert_eq!(m["payload"].as_str().unwrap(), hex(&frame(i)), "frame {i}");
+    }
+    let got: Vec<Got> = caller
+        .received()
+        .into_iter()
+        .filter(|g| g.pt == 0)
+        .collect();
+    assert_eq!(
+        got.len(),
+        10,
+        "the backend's frames reached the caller as SRTP that verifies"
+    );
+    for (i, g) in got.iter().enumerate() {
+        assert_eq!(g.payload, backend_frame(i), "frame {i}");
+    }
 }
