@@ -90,7 +90,8 @@ impl Playout {
     /// Queues audio; what does not fit under the bound is dropped (whole
     /// frames counted). Returns the bytes dropped.
     pub fn push_audio(&mut self, bytes: &[u8]) -> usize {
-        let room = self.cap - self.audio.len();
+        // A mark's padding may have taken the queue past the bound.
+        let room = self.cap.saturating_sub(self.audio.len());
         let take = bytes.len().min(room);
         self.audio.extend(&bytes[..take]);
         self.queued_total += take as u64;
@@ -280,6 +281,12 @@ mod tests {
         assert_eq!(p.stats().frames_dropped, 2);
         assert_eq!(p.push_audio(&[0; 10]), 10);
         assert_eq!(p.stats().frames_dropped, 3);
+        // A mark padding a partial last frame past the bound: still bounded.
+        let mut q = Playout::new(1, 0, 2, 0xFF);
+        q.push_audio(&[0; FRAME * 2 - 10]);
+        q.push_mark("m".into());
+        assert_eq!(q.push_audio(&[0; 5]), 5);
+        assert_eq!(q.depth(), 2);
     }
 
     #[test]

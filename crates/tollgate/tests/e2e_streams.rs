@@ -38,7 +38,8 @@ const RANGE_ALAW: &str = "15100-15199";
 const RANGE_CLEAR: &str = "15200-15299";
 const RANGE_FAILURES: &str = "15300-15499";
 const RANGE_LOAD: &str = "15500-15899";
-const RANGE_SRTP: &str = "15900-15999";
+const RANGE_SRTP: &str = "15900-15949";
+const RANGE_WSS: &str = "15950-15999";
 
 fn venv_python() -> std::path::PathBuf {
     let venv = std::env::var("TOLLGATE_STREAMS_VENV")
@@ -67,10 +68,15 @@ struct Backend {
 
 impl Backend {
     fn start(dir: &TestDir, secret: &str) -> Backend {
+        Backend::start_with(dir, secret, &[])
+    }
+
+    fn start_with(dir: &TestDir, secret: &str, args: &[&str]) -> Backend {
         let stderr_path = dir.join("backend.stderr");
         let mut child = Command::new(venv_python())
             .arg(manifest_dir().join("tests/stream_support/backend.py"))
             .args(["--secret", secret])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(std::fs::File::create(&stderr_path).unwrap()))
@@ -1048,4 +1054,50 @@ fn srtp_caller_is_decrypted_for_the_stream_and_encrypted_back() {
     for (i, g) in got.iter().enumerate() {
         assert_eq!(g.payload, backend_frame(i), "frame {i}");
     }
+}
+
+/// wss://: rustls verifies the backend's certificate against `[tls]
+/// ca_file` (and the web PKI roots); the stream then works as over ws://,
+/// signature included. Without the CA the same backend is a TLS failure.
+#[test]
+fn wss_backend_is_verified_with_the_tls_ca_file() {
+    let pki = TestDir::new("streams-wss-pki");
+    let (ca, cert, key_pem) = make_pki(pki.join("").as_path(), "wss");
+    let (dir, key) = edge_dir("streams-wss");
+    let backend = Backend::start_with(
+        &TestDir::new("streams-wss-backend"),
+        &webhook_secret(&key),
+        &["--cert", &cert, "--key", &key_pem],
+    );
+    let url = format!("wss://127.0.0.1:{}/listen", backend.port);
+    let edge = stream_edge_in(
+        dir,
+        &[("", url.clone())],
+        RANGE_WSS,
+        &format!("\n[tls]\nca_file = \"{ca}\""),
+    );
+    let mut caller = Caller::call(&edge, &key, "tls", 0);
+    let (_, up) = backend.next("upgrade", Duration::from_secs(10));
+    assert_eq!(up["signature_ok"], true, "signed over the wss:// URL: {up}");
+    backend.next("start", Duration::from_secs(10));
+    caller.talk(0, 10, 0);
+    thread::sleep(Duration::from_millis(300));
+    caller.hang_up();
+    let seen = backend.until(Duration::from_secs(15), |j| j["ev"] == "stop");
+    assert_eq!(seen.iter().filter(|(_, j)| j["ev"] == "media").count(), 10);
+    assert_eq!(cdr_cause(&edge, &caller.invite.call_id), "normal");
+
+    // The same backend, an edge that does not trust its CA.
+    drop(edge);
+    let (dir, key) = edge_dir("streams-wss-untrusted");
+    let edge = stream_edge_in(dir, &[("", url)], RANGE_WSS, "");
+    let mut caller = Caller::call(&edge, &key, "tls", 0);
+    assert!(
+        caller.expect_bye(Duration::from_secs(10)),
+        "BYE after the TLS failure"
+    );
+    assert_eq!(
+        cdr_cause(&edge, &caller.invite.call_id),
+        "stream_tls_failed"
+    );
 }

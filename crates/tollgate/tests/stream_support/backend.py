@@ -28,6 +28,7 @@ import base64
 import hashlib
 import hmac
 import json
+import ssl
 import sys
 import time
 import types
@@ -81,13 +82,15 @@ async def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--secret", default="")
     ap.add_argument("--max-queue", type=int, default=16)
+    ap.add_argument("--cert", help="serve wss:// with this certificate (PEM)")
+    ap.add_argument("--key", help="... and this key (PEM)")
     args = ap.parse_args()
     conns = [0]
 
     def process_request(conn, request):
         path = urllib.parse.urlsplit(request.path).path
         host = request.headers.get("Host", "")
-        url = f"ws://{host}{request.path}"
+        url = f"{'wss' if args.cert else 'ws'}://{host}{request.path}"
         sig = request.headers.get("X-Tollgate-Signature")
         emit(ev="upgrade", path=request.path, signature=sig,
              signature_ok=bool(sig) and check_signature(args.secret, sig, url))
@@ -186,8 +189,12 @@ async def main():
                 emit(ev="summary", conn=cid, media=counted[0])
             emit(ev="closed", conn=cid)
 
+    tls = None
+    if args.cert:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(args.cert, args.key)
     async with websockets.serve(handler, "127.0.0.1", 0, process_request=process_request,
-                                max_queue=args.max_queue, ping_interval=None) as server:
+                                max_queue=args.max_queue, ping_interval=None, ssl=tls) as server:
         port = server.sockets[0].getsockname()[1]
         emit(ev="ready", port=port)
         await asyncio.Future()
