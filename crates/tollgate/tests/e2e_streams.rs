@@ -429,6 +429,20 @@ impl Caller {
         }
     }
 
+    /// Talks `frames` (frame(0..)), hangs up, and returns what the backend
+    /// saw up to the stream's `stop`.
+    fn talk_and_hang_up(
+        &mut self,
+        backend: &Backend,
+        frames: usize,
+        pt: u8,
+    ) -> Vec<(Instant, Value)> {
+        self.talk(0, frames, pt);
+        thread::sleep(Duration::from_millis(300));
+        self.hang_up();
+        backend.until(Duration::from_secs(15), |j| j["ev"] == "stop")
+    }
+
     fn received(&self) -> Vec<Got> {
         self.got.lock().unwrap().clone()
     }
@@ -589,11 +603,7 @@ fn stream_call_speaks_the_twilio_protocol_to_pipecat() {
     thread::sleep(Duration::from_millis(300));
     caller.hang_up();
     let seen = backend.until(Duration::from_secs(15), |j| j["ev"] == "stop");
-    let media: Vec<&Value> = seen
-        .iter()
-        .map(|(_, j)| j)
-        .filter(|j| j["ev"] == "media")
-        .collect();
+    let media = events(&seen, "media");
     assert_eq!(
         media.len(),
         70,
@@ -609,11 +619,7 @@ fn stream_call_speaks_the_twilio_protocol_to_pipecat() {
         assert_eq!(m["chunk"], (i + 1).to_string());
         assert_eq!(m["track"], "inbound");
     }
-    let dtmf: Vec<&Value> = seen
-        .iter()
-        .map(|(_, j)| j)
-        .filter(|j| j["ev"] == "dtmf")
-        .collect();
+    let dtmf = events(&seen, "dtmf");
     assert_eq!(
         dtmf.len(),
         1,
@@ -745,14 +751,10 @@ fn alaw_caller_is_transcoded_both_ways() {
     let edge = stream_edge_in(dir, &[("", backend.url("/talk?frames=10"))], RANGE_ALAW, "");
     let mut caller = Caller::call(&edge, &key, "m", 8);
     backend.next("start", Duration::from_secs(10));
-    caller.talk(0, 20, 8);
-    thread::sleep(Duration::from_millis(300));
-    caller.hang_up();
-    let seen = backend.until(Duration::from_secs(15), |j| j["ev"] == "stop");
-    let media: Vec<Vec<u8>> = seen
-        .iter()
-        .filter(|(_, j)| j["ev"] == "media")
-        .map(|(_, j)| {
+    let seen = caller.talk_and_hang_up(&backend, 20, 8);
+    let media: Vec<Vec<u8>> = events(&seen, "media")
+        .into_iter()
+        .map(|j| {
             let h = j["payload"].as_str().unwrap();
             (0..h.len())
                 .step_by(2)
@@ -939,6 +941,14 @@ fn failing_backends_end_the_call_with_bye_and_the_cause() {
     let _keep = mute;
 }
 
+/// The events named `ev` among `seen`.
+fn events<'a>(seen: &'a [(Instant, Value)], ev: &str) -> Vec<&'a Value> {
+    seen.iter()
+        .map(|(_, j)| j)
+        .filter(|j| j["ev"] == ev)
+        .collect()
+}
+
 fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -1024,15 +1034,8 @@ fn srtp_caller_is_decrypted_for_the_stream_and_encrypted_back() {
     let edge = stream_edge_in(dir, &[("", backend.url("/talk?frames=10"))], RANGE_SRTP, "");
     let mut caller = Caller::call_with(&edge, &key, "m", 0, true);
     backend.next("start", Duration::from_secs(10));
-    caller.talk(0, 20, 0);
-    thread::sleep(Duration::from_millis(300));
-    caller.hang_up();
-    let seen = backend.until(Duration::from_secs(15), |j| j["ev"] == "stop");
-    let media: Vec<&Value> = seen
-        .iter()
-        .map(|(_, j)| j)
-        .filter(|j| j["ev"] == "media")
-        .collect();
+    let seen = caller.talk_and_hang_up(&backend, 20, 0);
+    let media = events(&seen, "media");
     assert_eq!(
         media.len(),
         20,
@@ -1080,11 +1083,8 @@ fn wss_backend_is_verified_with_the_tls_ca_file() {
     let (_, up) = backend.next("upgrade", Duration::from_secs(10));
     assert_eq!(up["signature_ok"], true, "signed over the wss:// URL: {up}");
     backend.next("start", Duration::from_secs(10));
-    caller.talk(0, 10, 0);
-    thread::sleep(Duration::from_millis(300));
-    caller.hang_up();
-    let seen = backend.until(Duration::from_secs(15), |j| j["ev"] == "stop");
-    assert_eq!(seen.iter().filter(|(_, j)| j["ev"] == "media").count(), 10);
+    let seen = caller.talk_and_hang_up(&backend, 10, 0);
+    assert_eq!(events(&seen, "media").len(), 10);
     assert_eq!(cdr_cause(&edge, &caller.invite.call_id), "normal");
 
     // The same backend, an edge that does not trust its CA.

@@ -25,7 +25,6 @@ pub mod twilio;
 
 use crate::config::{ConfigError, StreamsSection};
 use ipnet::IpNet;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,19 +55,8 @@ impl StreamConfig {
         sec: &StreamsSection,
         ca_file: Option<&str>,
     ) -> Result<StreamConfig, ConfigError> {
-        let mut allow_cidrs = Vec::new();
-        for c in sec.allow_cidrs.iter().flatten() {
-            let net: IpNet = c
-                .trim()
-                .parse()
-                .or_else(|_| c.trim().parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| {
-                    ConfigError(format!(
-                        "streams.allow_cidrs: {c:?} is not a CIDR (e.g. 10.0.0.0/8) or an IP address"
-                    ))
-                })?;
-            allow_cidrs.push(net);
-        }
+        let allow_cidrs =
+            crate::webhook::parse_cidrs("streams.allow_cidrs", sec.allow_cidrs.as_deref())?;
         let connect_ms = sec.connect_timeout_ms.unwrap_or(5000);
         if !(100..=60_000).contains(&connect_ms) {
             return Err(ConfigError(
