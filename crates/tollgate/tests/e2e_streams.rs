@@ -28,7 +28,7 @@ use tollgate_media::srtp::{
 };
 
 /// The load test and the pacing measurement do not run at once (a machine
-/// busy with 50 streams and their Python backend is no place to measure
+/// busy with 200 streams and their Python backend is no place to measure
 /// 20 ms pacing).
 static HEAVY: Mutex<()> = Mutex::new(());
 
@@ -37,7 +37,8 @@ const RANGE_PROTOCOL: &str = "15000-15099";
 const RANGE_ALAW: &str = "15100-15199";
 const RANGE_CLEAR: &str = "15200-15299";
 const RANGE_FAILURES: &str = "15300-15499";
-const RANGE_LOAD: &str = "15500-15899";
+/// 4 ports a call (both legs, RTP and RTCP): room for 250 calls.
+const RANGE_LOAD: &str = "17000-17999";
 const RANGE_SRTP: &str = "15900-15949";
 const RANGE_WSS: &str = "15950-15999";
 
@@ -958,15 +959,15 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Concurrent stream calls (50; `TOLLGATE_STREAM_LOAD_CALLS` for more, e.g.
-/// 200 on a quiet machine): every frame arrives in both directions; the
+/// 200 concurrent stream calls (`TOLLGATE_STREAM_LOAD_CALLS` to change it),
+/// 1 s of audio each way: every frame arrives in both directions; the
 /// edge's RSS per stream is printed.
 #[test]
 fn concurrent_stream_calls_lose_no_frame() {
     let calls: usize = std::env::var("TOLLGATE_STREAM_LOAD_CALLS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
+        .unwrap_or(200);
     const FRAMES: usize = 50;
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let (dir, key) = edge_dir("streams-load");
