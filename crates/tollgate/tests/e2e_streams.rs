@@ -64,6 +64,8 @@ struct Backend {
     events: Receiver<(Instant, Value)>,
     log: Arc<Mutex<Vec<String>>>,
     port: u16,
+    /// With a certificate: the HTTPS webhook receiver's port.
+    hook_port: u16,
     stderr_path: std::path::PathBuf,
 }
 
@@ -104,10 +106,12 @@ impl Backend {
             events: rx,
             log,
             port: 0,
+            hook_port: 0,
             stderr_path,
         };
         let (_, ready) = b.next("ready", Duration::from_secs(60));
         b.port = ready["port"].as_u64().unwrap() as u16;
+        b.hook_port = ready["hook_port"].as_u64().unwrap_or(0) as u16;
         b
     }
 
@@ -154,6 +158,19 @@ impl Backend {
                 Err(_) => return None,
             }
         }
+    }
+
+    /// The first line logged so far (or within `timeout`) that `pred` takes,
+    /// whether or not an earlier wait has consumed it.
+    fn logged(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+        poll(timeout, || {
+            self.log
+                .lock()
+                .unwrap()
+                .iter()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|j| pred(j))
+        })
     }
 
     /// Every event that comes within `d`.
@@ -263,13 +280,20 @@ impl Caller {
     /// INVITE with a token for `model`, offering `pt` (0 PCMU, 8 PCMA) and
     /// telephone-event 101; ACKs the 200.
     fn call(edge: &Edge, key: &str, model: &str, pt: u8) -> Caller {
-        Caller::call_with(edge, key, model, pt, false)
+        Caller::call_with(edge, key, model, pt, false, None)
     }
 
     /// `srtp`: offer RTP/SAVP (SDES, AES_CM_128_HMAC_SHA1_80) and protect
     /// and unprotect with webrtc-srtp (the media crate's reference provider,
     /// not the relay's own code).
-    fn call_with(edge: &Edge, key: &str, model: &str, pt: u8, srtp: bool) -> Caller {
+    fn call_with(
+        edge: &Edge,
+        key: &str,
+        model: &str,
+        pt: u8,
+        srtp: bool,
+        webhook: Option<&str>,
+    ) -> Caller {
         let rtp = UdpSocket::bind("127.0.0.1:0").unwrap();
         let port = rtp.local_addr().unwrap().port();
         let name = if pt == 0 { "PCMU" } else { "PCMA" };
@@ -293,8 +317,9 @@ impl Caller {
              a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\n{crypto}a=sendrecv\r\n"
         );
         let now = now_unix();
+        let hook = webhook.map_or(String::new(), |w| format!(",\"webhook\":\"{w}\""));
         let claims = format!(
-            "{{\"iat\":{now},\"exp\":{},\"jti\":\"{}\",\"to\":\"{SERVICE}\",\"from\":\"alice\",\"model\":\"{model}\",\"record\":false,\"max_duration\":600}}",
+            "{{\"iat\":{now},\"exp\":{},\"jti\":\"{}\",\"to\":\"{SERVICE}\",\"from\":\"alice\",\"model\":\"{model}\",\"record\":false,\"max_duration\":600{hook}}}",
             now + 600,
             unique("jti-")
         );
@@ -1033,7 +1058,7 @@ fn srtp_caller_is_decrypted_for_the_stream_and_encrypted_back() {
     let (dir, key) = edge_dir("streams-srtp");
     let backend = Backend::start(&TestDir::new("streams-srtp-backend"), "");
     let edge = stream_edge_in(dir, &[("", backend.url("/talk?frames=10"))], RANGE_SRTP, "");
-    let mut caller = Caller::call_with(&edge, &key, "m", 0, true);
+    let mut caller = Caller::call_with(&edge, &key, "m", 0, true, None);
     backend.next("start", Duration::from_secs(10));
     let seen = caller.talk_and_hang_up(&backend, 20, 0);
     let media = events(&seen, "media");
@@ -1062,7 +1087,9 @@ fn srtp_caller_is_decrypted_for_the_stream_and_encrypted_back() {
 
 /// wss://: rustls verifies the backend's certificate against `[tls]
 /// ca_file` (and the web PKI roots); the stream then works as over ws://,
-/// signature included. Without the CA the same backend is a TLS failure.
+/// signature included, and the call's webhooks go out as for any call (a
+/// stream that closes: `call.completed` with its cause). Without the CA the
+/// same backend is a TLS failure.
 #[test]
 fn wss_backend_is_verified_with_the_tls_ca_file() {
     let pki = TestDir::new("streams-wss-pki");
@@ -1074,19 +1101,48 @@ fn wss_backend_is_verified_with_the_tls_ca_file() {
         &["--cert", &cert, "--key", &key_pem],
     );
     let url = format!("wss://127.0.0.1:{}/listen", backend.port);
+    let hook = format!("https://127.0.0.1:{}/hook", backend.hook_port);
     let edge = stream_edge_in(
         dir,
-        &[("", url.clone())],
+        &[
+            ("closes", format!("wss://127.0.0.1:{}/close?ms=200", backend.port)),
+            ("", url.clone()),
+        ],
         RANGE_WSS,
-        &format!("\n[tls]\nca_file = \"{ca}\""),
+        &format!(
+            "\n[tls]\nca_file = \"{ca}\"\n\n[webhooks]\nallow_cidrs = [\"127.0.0.1/32\"]\nca_file = \"{ca}\"\n"
+        ),
     );
-    let mut caller = Caller::call(&edge, &key, "tls", 0);
+    let mut caller = Caller::call_with(&edge, &key, "tls", 0, false, Some(&hook));
     let (_, up) = backend.next("upgrade", Duration::from_secs(10));
     assert_eq!(up["signature_ok"], true, "signed over the wss:// URL: {up}");
     backend.next("start", Duration::from_secs(10));
     let seen = caller.talk_and_hang_up(&backend, 10, 0);
     assert_eq!(events(&seen, "media").len(), 10);
     assert_eq!(cdr_cause(&edge, &caller.invite.call_id), "normal");
+    let webhook = |call: &Caller, kind: &str| {
+        let a_call_id = call.invite.call_id.as_str();
+        backend
+            .logged(Duration::from_secs(15), |j| {
+                j["ev"] == "webhook" && j["event"] == kind && j["body"]["sip_call_id"] == a_call_id
+            })
+            .unwrap_or_else(|| panic!("no {kind} webhook for {a_call_id}\n{}", backend.dump()))
+    };
+    webhook(&caller, "call.answered");
+    assert_eq!(
+        webhook(&caller, "call.completed")["body"]["cause"],
+        "normal"
+    );
+    let mut closes = Caller::call_with(&edge, &key, "closes", 0, false, Some(&hook));
+    assert!(
+        closes.expect_bye(Duration::from_secs(10)),
+        "BYE when the stream closed"
+    );
+    assert_eq!(
+        webhook(&closes, "call.completed")["body"]["cause"],
+        "stream_closed",
+        "the webhook names the stream's end"
+    );
 
     // The same backend, an edge that does not trust its CA.
     drop(edge);
@@ -1101,4 +1157,52 @@ fn wss_backend_is_verified_with_the_tls_ca_file() {
         cdr_cause(&edge, &caller.invite.call_id),
         "stream_tls_failed"
     );
+}
+
+/// A bad stream route stops `serve` before it listens: exit code 2 and a
+/// message naming the field.
+#[test]
+fn bad_stream_routes_are_refused_naming_the_field() {
+    let dir = TestDir::new("streams-config");
+    let data = dir.join("data");
+    for (route, field, why) in [
+        (
+            "target = \"wss://u:p@ai.example.com/\"",
+            "routes[0]",
+            "credentials",
+        ),
+        ("target = \"ws://\"", "routes[0]", "URL"),
+        (
+            "target = \"wss://ai.example.com/\"\nmedia = \"srtp\"",
+            "routes[0].media",
+            "plain RTP",
+        ),
+    ] {
+        let cfg = dir.join("bad.toml");
+        std::fs::write(
+            &cfg,
+            format!("[sip]\nlisten = [\"udp:127.0.0.1:0\"]\n\n[[routes]]\n{route}\n"),
+        )
+        .unwrap();
+        let args = [
+            "serve",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        let o = tollgate(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{}", describe_output(&args, &o));
+        assert!(err.contains(field) && err.contains(why), "{route}: {err}");
+    }
+    let cfg = dir.join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "[sip]\nlisten = [\"udp:127.0.0.1:0\"]\n\n[streams]\nallow_cidrs = [\"nope\"]\n",
+    )
+    .unwrap();
+    let o = tollgate(&["serve", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("streams.allow_cidrs"));
 }

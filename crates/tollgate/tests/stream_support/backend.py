@@ -17,6 +17,7 @@ then what each connection saw. The URL path picks the behaviour:
   /garbage?ms=T           send a text frame that is not JSON T ms after `start`
   ...&quiet=1             no line per media message: a `summary` at the end
                           with the count (load test)
+  POST (https, --cert)    a webhook receiver: one `webhook` line per event
   /stall                  never read after `start`: a backend that is slow
                           (--max-queue bounds what websockets buffers unread)
 """
@@ -27,9 +28,11 @@ import audioop
 import base64
 import hashlib
 import hmac
+import http.server
 import json
 import ssl
 import sys
+import threading
 import time
 import types
 import urllib.parse
@@ -67,6 +70,20 @@ class PipecatSocket:
             m = await self.ws.recv()
             self.raw.append(m)
             yield m
+
+
+class Webhook(http.server.BaseHTTPRequestHandler):
+    """With --cert: an HTTPS receiver for the edge's call webhooks."""
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        emit(ev="webhook", event=self.headers.get("X-Tollgate-Event"), body=json.loads(body))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *a):
+        pass
 
 
 def check_signature(secret, header, url):
@@ -193,10 +210,13 @@ async def main():
     if args.cert:
         tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         tls.load_cert_chain(args.cert, args.key)
+        hooks = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Webhook)
+        hooks.socket = tls.wrap_socket(hooks.socket, server_side=True)
+        threading.Thread(target=hooks.serve_forever, daemon=True).start()
     async with websockets.serve(handler, "127.0.0.1", 0, process_request=process_request,
                                 max_queue=args.max_queue, ping_interval=None, ssl=tls) as server:
         port = server.sockets[0].getsockname()[1]
-        emit(ev="ready", port=port)
+        emit(ev="ready", port=port, hook_port=hooks.server_address[1] if tls else None)
         await asyncio.Future()
 
 
