@@ -901,6 +901,7 @@ async fn serve(
     });
     // Stream calls hang up through the driver, found in the registry.
     let wiring = crate::stream::gateway::Wiring {
+        sip_udp: cfg.local.get(&Transport::Udp).copied(),
         control: ctl_tx.clone(),
         calls: calls.clone(),
         keys: keys.clone(),

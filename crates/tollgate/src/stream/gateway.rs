@@ -25,6 +25,9 @@ use tollgate_sip::message::{self, reason_phrase, response_to, Header, Message};
 /// What the gateway needs from the rest of the edge, known once it runs.
 #[derive(Clone)]
 pub struct Wiring {
+    /// The edge's SIP UDP socket: the gateway takes requests from it only
+    /// (any other local process that finds the port is ignored).
+    pub sip_udp: Option<SocketAddr>,
     pub control: mpsc::Sender<Control>,
     pub calls: crate::policy::CallRegistry,
     pub keys: Arc<dyn KeyStore>,
@@ -197,6 +200,14 @@ async fn sip_loop(gw: Arc<Gateway>) {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
+        let trusted = gw
+            .wiring
+            .get()
+            .and_then(|w| w.sip_udp)
+            .is_some_and(|edge| from_edge(edge, from));
+        if !trusted {
+            continue;
+        }
         let Ok(msg) = message::parse(&buf[..n]) else {
             continue;
         };
@@ -317,6 +328,13 @@ async fn sip_loop(gw: Arc<Gateway>) {
     }
 }
 
+/// Whether a datagram from `from` comes from the edge's SIP socket `edge`
+/// (bound to a wildcard address, it reaches loopback from 127.0.0.1).
+pub fn from_edge(edge: SocketAddr, from: SocketAddr) -> bool {
+    from.port() == edge.port()
+        && (from.ip() == edge.ip() || (edge.ip().is_unspecified() && from.ip().is_loopback()))
+}
+
 /// The call's identity and runtime parameters from the B2BUA's INVITE.
 fn setup_of(msg: &Message, call_id: &str, url: String, wiring: &Wiring) -> Setup {
     let key_id = msg.header("X-Tollgate-Key").unwrap_or_default().to_owned();
@@ -362,6 +380,17 @@ impl std::fmt::Debug for SecretText {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_edge_sip_socket_is_heard() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(from_edge(a("127.0.0.1:5060"), a("127.0.0.1:5060")));
+        assert!(from_edge(a("0.0.0.0:5060"), a("127.0.0.1:5060")));
+        assert!(from_edge(a("192.0.2.1:5060"), a("192.0.2.1:5060")));
+        assert!(!from_edge(a("127.0.0.1:5060"), a("127.0.0.1:5061")));
+        assert!(!from_edge(a("192.0.2.1:5060"), a("127.0.0.1:5060")));
+        assert!(!from_edge(a("0.0.0.0:5060"), a("127.0.0.2:5061")));
+    }
 
     #[test]
     fn plans_prefer_ulaw_and_find_telephone_event() {
