@@ -168,6 +168,42 @@ pub enum EndCause {
     /// without the answer to a late offer, an answer or offer the media
     /// relay cannot serve. Both legs got a BYE.
     OfferAnswerFailed,
+    /// The call's media stream to an AI backend (SPEC §10) failed or closed.
+    Stream(StreamEnd),
+}
+
+/// Why a media stream (SPEC §10) ended a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StreamEnd {
+    /// The backend did not complete the connection in time.
+    ConnectTimeout,
+    /// TCP connection refused or unreachable, or the name did not resolve.
+    ConnectFailed,
+    /// The address is not allowed (`[streams] allow_cidrs`).
+    NotPermitted,
+    /// The TLS handshake failed (certificate, name, protocol).
+    TlsFailed,
+    /// The backend answered the upgrade with something else than 101.
+    Rejected,
+    /// The backend closed the WebSocket (or the connection dropped).
+    Closed,
+    /// The backend sent something outside the message set.
+    ProtocolError,
+}
+
+impl StreamEnd {
+    pub fn label(self) -> &'static str {
+        match self {
+            StreamEnd::ConnectTimeout => "stream_connect_timeout",
+            StreamEnd::ConnectFailed => "stream_connect_failed",
+            StreamEnd::NotPermitted => "stream_not_permitted",
+            StreamEnd::TlsFailed => "stream_tls_failed",
+            StreamEnd::Rejected => "stream_rejected",
+            StreamEnd::Closed => "stream_closed",
+            StreamEnd::ProtocolError => "stream_protocol_error",
+        }
+    }
 }
 
 impl EndCause {
@@ -183,6 +219,7 @@ impl EndCause {
             EndCause::Admin => "admin",
             EndCause::MediaTimeout => "media_timeout",
             EndCause::OfferAnswerFailed => "offer_answer_failed",
+            EndCause::Stream(s) => s.label(),
         }
     }
 }

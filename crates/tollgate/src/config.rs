@@ -28,6 +28,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub tls: TlsSection,
     #[serde(default)]
+    pub streams: StreamsSection,
+    #[serde(default)]
     pub numbers: NumbersSection,
     /// `[state]`: a fleet's shared state on Redis (SPEC §8); absent: embedded.
     pub state: Option<StateSection>,
@@ -167,6 +169,22 @@ pub struct TlsSection {
     pub cert_file: Option<String>,
     pub key_file: Option<String>,
     pub client_ca_file: Option<String>,
+    /// Extra CAs (PEM) trusted, besides the web PKI roots, for the edge's
+    /// own TLS connections (`wss://` stream backends).
+    pub ca_file: Option<String>,
+}
+
+/// `[streams]`: WebSocket media streams to AI backends (SPEC §10, stream/).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamsSection {
+    /// Loopback/private/link-local CIDRs a stream may nevertheless connect
+    /// to; `ws://` (no TLS) only toward these.
+    pub allow_cidrs: Option<Vec<String>>,
+    /// Resolve, connect, TLS and upgrade, all within this (ms; default 5000).
+    pub connect_timeout_ms: Option<u64>,
+    /// Backend audio held for playout, per call (ms; default 30000).
+    pub queue_ms: Option<u64>,
 }
 
 /// `[webhooks]`: call events to the token's `webhook` (webhook.rs).

@@ -13,6 +13,7 @@ mod media;
 mod metrics_http;
 mod policy;
 mod serve;
+mod stream;
 mod webhook;
 
 use clap::{Args, Parser, Subcommand};

@@ -174,6 +174,7 @@ fn cause_label(c: EndCause) -> &'static str {
         EndCause::Admin => "admin_hangup",
         EndCause::MediaTimeout => "media_timeout",
         EndCause::OfferAnswerFailed => "offer_answer_failed",
+        EndCause::Stream(s) => s.label(),
         #[allow(unreachable_patterns)]
         _ => "other",
     }

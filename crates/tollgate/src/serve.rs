@@ -62,6 +62,8 @@ pub struct Settings {
     pub tls: Option<TlsFiles>,
     /// `[state]`: shared state of a fleet (SPEC §8); `None`: embedded.
     pub state: Option<StateConfig>,
+    /// `[streams]` and `[tls] ca_file`: WebSocket stream targets (SPEC §10).
+    pub streams: crate::stream::StreamConfig,
 }
 
 pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
@@ -222,8 +224,14 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
     let mut routes = Vec::new();
     for (i, r) in file.routes.iter().enumerate() {
         let field = format!("routes[{i}]");
-        let (_, transport, _) = config::parse_target(&format!("{field}.target"), &r.target)?;
         let media = config::parse_media_profile(&format!("{field}.media"), r.media.as_deref())?;
+        if crate::stream::is_stream_url(&r.target) {
+            let media = stream_route_media(&field, &r.target, media)?;
+            let sdes = r.sdes_over_cleartext.unwrap_or(false);
+            routes.push((r.model.clone(), Some(r.target.clone()), media, sdes));
+            continue;
+        }
+        let (_, transport, _) = config::parse_target(&format!("{field}.target"), &r.target)?;
         let sdes = r.sdes_over_cleartext.unwrap_or(false);
         // SDES rule (ARCHITECTURE.md): SRTP keys toward a cleartext target
         // only when the route says so.
@@ -236,7 +244,11 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         routes.push((r.model.clone(), Some(r.target.clone()), media, sdes));
     }
     if let Some(t) = &args.route_default {
-        config::parse_target("--route-default", t)?;
+        if crate::stream::is_stream_url(t) {
+            stream_route_media("--route-default", t, tollgate_sip::MediaProfile::Rtp)?;
+        } else {
+            config::parse_target("--route-default", t)?;
+        }
         match routes.iter_mut().find(|r| r.0.is_none()) {
             Some(r) => r.1 = Some(t.clone()),
             None => routes.push((
@@ -300,6 +312,10 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         admin_listen,
         admin_tls,
         webhooks: crate::webhook::from_section(&file.webhooks)?,
+        streams: crate::stream::StreamConfig::from_section(
+            &file.streams,
+            file.tls.ca_file.as_deref(),
+        )?,
         routes,
         tls,
     })
@@ -656,7 +672,8 @@ async fn serve(
     });
 
     let mut echo = None;
-    let routes = build_routes(&s, &mut echo).await?;
+    let mut streams = None;
+    let routes = build_routes(&s, &mut echo, &mut streams).await?;
 
     // Key changes made by `tollgate keys` in another process (or, with
     // [state], on another node) are seen within 1 s: a stat of keys.json, or
@@ -904,6 +921,16 @@ async fn serve(
             }
         }
     });
+    // Stream calls hang up through the driver, found in the registry.
+    let wiring = crate::stream::gateway::Wiring {
+        sip_udp: cfg.local.get(&Transport::Udp).copied(),
+        control: ctl_tx.clone(),
+        calls: calls.clone(),
+        keys: keys.clone(),
+    };
+    if let Some(gw) = &streams {
+        gw.attach(wiring.clone());
+    }
     // Admin API (SPEC §7).
     let admin_state = Arc::new(crate::admin::AdminState {
         keys: admin_keys,
@@ -949,8 +976,11 @@ async fn serve(
                 if let Err(e) = admin.reload_tls(new.admin_tls.as_ref()) {
                     tracing::error!(error = %e, "admin API certificate not reloaded; keeping the running one");
                 }
-                match build_routes(&new, &mut echo).await {
+                match build_routes(&new, &mut echo, &mut streams).await {
                     Ok(routes) => {
+                        if let Some(gw) = &streams {
+                            gw.attach(wiring.clone());
+                        }
                         let _ = ctl_tx.send(Control::SetRoutes(routes)).await;
                         alloc.reconfigure(new.trunk.clone());
                         if !changed.is_empty() {
@@ -1033,12 +1063,45 @@ pub fn reload_tls(acceptor: Option<&TlsAcceptor>) -> bool {
     }
 }
 
+/// A stream route's target checked; its leg B (the stream gateway) is plain
+/// RTP: the relay decrypts an SRTP leg A (SPEC §10).
+fn stream_route_media(
+    field: &str,
+    target: &str,
+    media: tollgate_sip::MediaProfile,
+) -> Result<tollgate_sip::MediaProfile, ConfigError> {
+    crate::stream::connect::check_url(target).map_err(|e| ConfigError(format!("{field}: {e}")))?;
+    if media == tollgate_sip::MediaProfile::Srtp {
+        return Err(ConfigError(format!(
+            "{field}.media: a stream target's leg is the edge's own (plain RTP inside the edge); leave media out or set \"rtp\" (leg A may still use SRTP)"
+        )));
+    }
+    Ok(tollgate_sip::MediaProfile::Rtp)
+}
+
 /// Leg-B routes from the settings; a route without a target goes to the
-/// built-in echo destination, started on first need and kept across reloads.
-async fn build_routes(s: &Settings, echo: &mut Option<SocketAddr>) -> Result<Vec<Route>, Failure> {
+/// built-in echo destination, started on first need and kept across reloads;
+/// a stream target to the stream gateway, likewise.
+async fn build_routes(
+    s: &Settings,
+    echo: &mut Option<SocketAddr>,
+    streams: &mut Option<Arc<crate::stream::Gateway>>,
+) -> Result<Vec<Route>, Failure> {
     let mut routes = Vec::new();
     for (model, target, media, sdes) in &s.routes {
         let text = match target {
+            Some(t) if crate::stream::is_stream_url(t) => {
+                if streams.is_none() {
+                    let gw = crate::stream::Gateway::start(s.streams.clone())
+                        .await
+                        .map_err(|e| Failure::Other(format!("stream gateway: {e}")))?;
+                    *streams = Some(gw);
+                }
+                match streams {
+                    Some(gw) => gw.target_for(t),
+                    None => continue,
+                }
+            }
             Some(t) => t.clone(),
             None => {
                 let addr = match *echo {
