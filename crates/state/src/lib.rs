@@ -48,8 +48,8 @@ use std::time::{Duration, Instant};
 use redis::{Client, Connection};
 use tollgate_keys::store::{self, KeyMap};
 use tollgate_keys::{
-    ApiKey, KeyAdmin, KeyError, KeyKind, KeyRecord, KeyStore, Limits, MemoryKeyStore, ReplayCache,
-    Scope, Use,
+    ApiKey, KeyAdmin, KeyError, KeyKind, KeyRecord, KeyStore, Limits, MemoryKeyStore, PendingUse,
+    ReplayCache, Scope, Use,
 };
 
 /// What `[state] on_unavailable` says new INVITEs get while Redis is down.
@@ -311,14 +311,49 @@ pub fn replay_key(id: &str) -> String {
 pub struct RedisReplayCache {
     shared: Arc<Shared>,
     fallback: Option<Arc<dyn ReplayCache>>,
+    deferred: bool,
 }
 
 impl RedisReplayCache {
     /// Without `fallback`, a use while Redis is down is
     /// [`Use::Unavailable`] (the INVITE gets 503 + Retry-After).
     pub fn new(shared: Arc<Shared>, fallback: Option<Arc<dyn ReplayCache>>) -> Self {
-        RedisReplayCache { shared, fallback }
+        RedisReplayCache {
+            shared,
+            fallback,
+            deferred: false,
+        }
     }
+
+    /// Leaves the uses of INVITE credentials to the admission script
+    /// ([`FleetChannels::admit`]), so that one INVITE is one round trip
+    /// ([`ReplayCache::deferred`]). Only with a call policy that records
+    /// them.
+    pub fn deferring(mut self) -> Self {
+        self.deferred = true;
+        self
+    }
+}
+
+/// `SET <replay key> 1 NX EXAT <exp>`: `true` the first time.
+fn set_once(shared: &Shared, id: &str, expires_at: i64, now: i64) -> Result<bool, StateError> {
+    let key = replay_key(id);
+    shared
+        .run(false, |c| {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(1)
+                .arg("NX")
+                .arg("EXAT")
+                .arg(replay_exat(expires_at, now))
+                .query::<Option<String>>(c)
+        })
+        .map(|set| set.is_some())
+}
+
+/// EXAT in the past would delete the key at once: keep it a second.
+fn replay_exat(expires_at: i64, now: i64) -> i64 {
+    expires_at.max(now.saturating_add(1))
 }
 
 impl ReplayCache for RedisReplayCache {
@@ -327,26 +362,18 @@ impl ReplayCache for RedisReplayCache {
     }
 
     fn record_use(&self, id: &str, expires_at: i64, now: i64) -> Use {
-        // EXAT in the past would delete the key at once: keep it a second.
-        let exat = expires_at.max(now.saturating_add(1));
-        let key = replay_key(id);
-        let r = self.shared.run(false, |c| {
-            redis::cmd("SET")
-                .arg(&key)
-                .arg(1)
-                .arg("NX")
-                .arg("EXAT")
-                .arg(exat)
-                .query::<Option<String>>(c)
-        });
-        match r {
-            Ok(Some(_)) => Use::First,
-            Ok(None) => Use::Replayed,
+        match set_once(&self.shared, id, expires_at, now) {
+            Ok(true) => Use::First,
+            Ok(false) => Use::Replayed,
             Err(_) => match &self.fallback {
                 Some(local) => local.record_use(id, expires_at, now),
                 None => Use::Unavailable,
             },
         }
+    }
+
+    fn deferred(&self) -> bool {
+        self.deferred
     }
 }
 
@@ -674,23 +701,33 @@ impl std::fmt::Debug for FleetChannels {
     }
 }
 
-/// The per-INVITE admission, one script: calls per second (GCRA, a burst
-/// of one second, as the embedded token bucket) and concurrent calls, of
-/// the key and every ancestor, checked first and only then taken, so a
-/// refusal consumes nothing.
+/// The per-INVITE admission, one script: the credential's single use
+/// (token `jti` or digest nonce, `SET NX` as [`RedisReplayCache`] does),
+/// then calls per second (GCRA, a burst of one second, as the embedded
+/// token bucket) and concurrent calls, of the key and every ancestor,
+/// checked first and only then taken, so a limit's refusal consumes no
+/// rate or channel (the credential's use stays recorded, as on one edge
+/// where the replay check comes before the limits).
 ///
-/// KEYS: for each key of the chain, its channel set then its CPS state
-/// (`tg:ch:{<root>}:<kid>`, `tg:cps:{<root>}:<kid>`). ARGV: now_ms,
-/// lease_end_ms, member, then per key max_calls and cps (-1: none).
-/// Returns {0, 0} admitted, {1, ms} rate limited (ms until a call would
-/// pass), {2, 0} a key at its channel cap.
+/// KEYS: the replay key when ARGV[4] >= 0, then for each key of the chain
+/// its channel set then its CPS state (`tg:ch:{<root>}:<kid>`,
+/// `tg:cps:{<root>}:<kid>`). ARGV: now_ms, lease_end_ms, member,
+/// replay_exat (-1: no credential use to record), then per key max_calls
+/// and cps (-1: none). Returns {0, 0} admitted, {1, ms} rate limited (ms
+/// until a call would pass), {2, 0} a key at its channel cap, {3, 0} the
+/// credential was used before.
 const ADMIT_LUA: &str = r"
 local now, lease_end, member = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local n = #KEYS / 2
+local off = 0
+if tonumber(ARGV[4]) >= 0 then
+  off = 1
+  if not redis.call('SET', KEYS[1], 1, 'NX', 'EXAT', ARGV[4]) then return {3, 0} end
+end
+local n = (#KEYS - off) / 2
 local tats = {}
 for i = 1, n do
-  local ch, cps_key = KEYS[2 * i - 1], KEYS[2 * i]
-  local cap, cps = tonumber(ARGV[2 + 2 * i]), tonumber(ARGV[3 + 2 * i])
+  local ch, cps_key = KEYS[off + 2 * i - 1], KEYS[off + 2 * i]
+  local cap, cps = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
   if cps >= 0 then
     if cps == 0 then return {1, 86400000} end
     local t = 1000 / cps
@@ -706,9 +743,9 @@ for i = 1, n do
   end
 end
 for i = 1, n do
-  local ch, cps_key = KEYS[2 * i - 1], KEYS[2 * i]
+  local ch, cps_key = KEYS[off + 2 * i - 1], KEYS[off + 2 * i]
   if tats[i] then redis.call('SET', cps_key, tats[i], 'PX', 2000) end
-  if tonumber(ARGV[2 + 2 * i]) >= 0 then
+  if tonumber(ARGV[3 + 2 * i]) >= 0 then
     redis.call('ZADD', ch, lease_end, member)
     redis.call('PEXPIREAT', ch, lease_end + 1000)
   end
@@ -726,6 +763,8 @@ pub enum Admission {
     RateLimited(u32),
     /// A key (or ancestor) is at its concurrent calls fleet-wide.
     Busy,
+    /// The credential's single use was recorded before (`401`).
+    Replayed,
 }
 
 /// A key of the chain as [`FleetChannels::admit`] takes it.
@@ -759,17 +798,20 @@ impl FleetChannels {
     }
 
     /// The fleet's admission of `call` for `chain` (the key, then its
-    /// ancestors up to `root`): one script, one round trip; none at all
-    /// when no key of the chain has a cps or max_calls limit.
+    /// ancestors up to `root`) with the credential's single use `pending`:
+    /// one script, one round trip; none at all when there is no use to
+    /// record and no key of the chain has a cps or max_calls limit.
     pub fn admit(
         &self,
         root: &str,
         chain: &[ChainKey<'_>],
         call: u64,
+        pending: Option<&PendingUse>,
     ) -> Result<Admission, StateError> {
-        if chain
-            .iter()
-            .all(|k| k.max_calls.is_none() && k.cps.is_none())
+        if pending.is_none()
+            && chain
+                .iter()
+                .all(|k| k.max_calls.is_none() && k.cps.is_none())
         {
             return Ok(Admission::Admitted);
         }
@@ -781,12 +823,16 @@ impl FleetChannels {
         let member = format!("{}:{call}", self.node);
         let now = now_ms();
         let mut inv = self.admit.prepare_invoke();
+        if let Some(p) = pending {
+            inv.key(replay_key(&p.id));
+        }
         for k in &keys {
             inv.key(k);
         }
         inv.arg(now)
             .arg(now + self.lease.as_millis() as i64)
-            .arg(&member);
+            .arg(&member)
+            .arg(pending.map_or(-1, |p| replay_exat(p.expires_at, now / 1000)));
         for k in chain {
             inv.arg(k.max_calls.map_or(-1, i64::from));
             inv.arg(k.cps.map_or(-1, i64::from));
@@ -811,8 +857,21 @@ impl FleetChannels {
             1 => {
                 Admission::RateLimited(u32::try_from((ms + 999) / 1000).unwrap_or(u32::MAX).max(1))
             }
+            3 => Admission::Replayed,
             _ => Admission::Busy,
         })
+    }
+
+    /// Records `pending` alone (one `SET NX`): for a call this edge refused
+    /// on its own limits before asking the fleet, so that a replay is
+    /// still a `401` there. `true` the first time.
+    pub fn record_use(&self, pending: &PendingUse) -> Result<bool, StateError> {
+        set_once(
+            &self.shared,
+            &pending.id,
+            pending.expires_at,
+            now_ms() / 1000,
+        )
     }
 
     /// Frees `call`'s channels (if it held any). A failure is harmless: the

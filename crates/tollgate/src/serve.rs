@@ -740,14 +740,17 @@ async fn serve(
         "replay cache loaded"
     );
     let replay_file = Arc::new(replay_file);
+    let local_replay = (on_unavailable == Some(OnUnavailable::Local))
+        .then(|| replay_file.clone() as Arc<dyn ReplayCache>);
     let replay: Arc<dyn ReplayCache> = match &fleet {
         None => replay_file.clone(),
         // `local`: while Redis is down, this edge's own file decides.
-        Some(f) => Arc::new(RedisReplayCache::new(
-            f.shared().clone(),
-            (on_unavailable == Some(OnUnavailable::Local))
-                .then(|| replay_file.clone() as Arc<dyn ReplayCache>),
-        )),
+        // The INVITE's use is recorded by the fleet's admission script (one
+        // round trip per INVITE), `local`: in this edge's file while Redis
+        // is down.
+        Some(f) => {
+            Arc::new(RedisReplayCache::new(f.shared().clone(), local_replay.clone()).deferring())
+        }
     };
     tokio::spawn(async move {
         let errors = metrics::counter!("tollgate_replay_write_errors_total");
@@ -846,8 +849,7 @@ async fn serve(
             policy = policy.with_state_gate(f.shared().clone());
         }
         if let Some(ch) = &fleet_channels {
-            policy = policy
-                .with_fleet_channels(ch.clone(), on_unavailable == Some(OnUnavailable::Local));
+            policy = policy.with_fleet_channels(ch.clone(), local_replay.clone());
         }
         let mut core =
             tollgate_sip::B2bua::new(cfg.clone(), keys.clone(), replay.clone(), nonce_secret)

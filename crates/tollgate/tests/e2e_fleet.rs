@@ -1043,3 +1043,119 @@ fn redis_outage_with_local_admits_on_the_edges_own_state() {
         "local: replay on the same edge during the outage",
     );
 }
+
+/// The commands clients send to `redis` while `f` runs (`MONITOR`; those
+/// a script runs are left out, as are the edges' background ones: health
+/// `PING`, key version `GET`), as command -> count.
+fn round_trips(redis: &Redis, f: impl FnOnce()) -> std::collections::BTreeMap<String, u64> {
+    let dir = TestDir::new("monitor");
+    let out = dir.join("monitor.txt");
+    let mut mon = Command::new("redis-cli")
+        .args(redis.cli_args())
+        .arg("MONITOR")
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-cli MONITOR");
+    let read = || std::fs::read_to_string(&out).unwrap_or_default();
+    assert!(
+        poll(Duration::from_secs(5), || read()
+            .starts_with("OK")
+            .then_some(()))
+        .is_some(),
+        "MONITOR did not start"
+    );
+    f();
+    let marker = format!("end-of-run-{}", std::process::id());
+    redis.cli(&["ECHO", &marker]);
+    let seen = poll(Duration::from_secs(5), || {
+        read().contains(&marker).then_some(())
+    });
+    let _ = mon.kill();
+    let _ = mon.wait();
+    assert!(seen.is_some(), "MONITOR did not see the marker");
+    let mut calls = std::collections::BTreeMap::new();
+    for line in read().lines() {
+        // 1700000000.123456 [0 127.0.0.1:54321] "EVALSHA" "..."
+        let Some((client, cmd)) = line.split_once("] \"") else {
+            continue;
+        };
+        if client.ends_with(" lua") {
+            continue;
+        }
+        let cmd = cmd.split('"').next().unwrap_or("").to_ascii_lowercase();
+        if matches!(cmd.as_str(), "ping" | "get" | "echo") {
+            continue;
+        }
+        *calls.entry(cmd).or_insert(0) += 1;
+    }
+    calls
+}
+
+/// Issue 12, admission in one round trip: each INVITE with a token (its
+/// `jti`'s single use, the key's and its parent's calls per second) costs
+/// exactly one Redis command, the admission script; a replay is still 401
+/// on the other edge, in that same one command. An INVITE this edge
+/// refuses on its own limits costs one `SET NX` (so a replay there is
+/// still 401, not the limit's status).
+#[test]
+fn one_invite_is_one_redis_round_trip() {
+    let redis = Redis::start();
+    let f = fleet(&redis, 2, "refuse");
+    let root = f[0].1.first_key();
+    let k = keys_cli(
+        &f[0].1.config_path,
+        &[
+            "create",
+            "--name",
+            "rt",
+            "--cps",
+            "50",
+            "--parent",
+            &key_id(&root),
+        ],
+    )
+    .trim()
+    .to_string();
+    for (_, e) in &f {
+        until(e, &k, "key usable", Duration::from_secs(5), passes);
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    const N: u64 = 20;
+    let used = round_trips(&redis, || {
+        let mut last = String::new();
+        for i in 0..N as usize {
+            last = token(&k);
+            let r = invite(&f[i % 2].1, &last);
+            assert!(passes(&r), "INVITE {i}:\n{}", r.text());
+        }
+        assert_invalid_token(&invite(&f[0].1, &last), "the last token again, other edge");
+    });
+    eprintln!("fleet: Redis round trips for {} INVITEs: {used:?}", N + 1);
+    assert_eq!(
+        used.values().sum::<u64>(),
+        N + 1,
+        "one command per INVITE (the admission script): {used:?}"
+    );
+    assert_eq!(used.get("evalsha"), Some(&(N + 1)), "{used:?}");
+    // cps 0: refused by this edge's own bucket, one SET NX for the jti.
+    let zero = keys_cli(
+        &f[0].1.config_path,
+        &["create", "--name", "zero", "--cps", "0"],
+    )
+    .trim()
+    .to_string();
+    let t = token(&zero);
+    let e1 = &f[1].1;
+    let r = poll(Duration::from_secs(5), || {
+        let r = invite(e1, &t);
+        (r.code() == Some(503)).then_some(r)
+    })
+    .expect("cps 0: 503");
+    assert!(r.header("Retry-After").is_some(), "{}", r.text());
+    let used = round_trips(&redis, || {
+        assert_invalid_token(&invite(e1, &t), "a replay beats the rate limit");
+    });
+    assert_eq!(used.values().sum::<u64>(), 1, "{used:?}");
+    assert_eq!(used.get("set"), Some(&1), "{used:?}");
+}
