@@ -227,12 +227,16 @@ impl TrunkPolicy {
                 id: k.id,
                 max_calls: k.limits.max_calls,
                 cps: k.limits.cps,
+                daily_minutes: k.limits.daily_minutes,
             })
             .collect();
         let (refused, reason) = match fleet.admission.admit(root, &keys, call, pending) {
             Ok(tollgate_state::Admission::Admitted) => return None,
             Ok(tollgate_state::Admission::Replayed) => return Some(REPLAYED),
             Ok(tollgate_state::Admission::Busy) => (status_of(&Refusal::Busy), "busy"),
+            Ok(tollgate_state::Admission::BudgetExhausted) => {
+                (status_of(&Refusal::BudgetExhausted), "budget")
+            }
             Ok(tollgate_state::Admission::RateLimited(secs)) => (
                 status_of(&Refusal::RateLimited {
                     retry_after_secs: secs,
@@ -263,6 +267,23 @@ impl TrunkPolicy {
                 None => Some(STATE_UNAVAILABLE),
             },
         }
+    }
+}
+
+/// How long an answered call may go on: the shorter of this edge's grant
+/// and the fleet's. Redis not answering leaves the edge's own (a call up
+/// continues through an outage, SPEC §8).
+fn fleet_bound(
+    local: Option<u64>,
+    fleet: Option<Result<Option<u64>, tollgate_state::StateError>>,
+) -> Option<u64> {
+    match fleet {
+        Some(Ok(Some(f))) => Some(local.map_or(f, |l| l.min(f))),
+        Some(Err(e)) => {
+            tracing::debug!(error = %e, "fleet budget unavailable; this edge's grant holds");
+            local
+        }
+        _ => local,
     }
 }
 
@@ -355,15 +376,27 @@ impl CallPolicy for TrunkPolicy {
         if let (Some(hooks), Some(ctx)) = (&self.webhooks, self.hooked.get(&call)) {
             hooks.answered(ctx, unix);
         }
-        let ch = self.channels.get(&call)?;
-        self.alloc.answered(*ch, unix)
+        let local = match self.channels.get(&call) {
+            Some(ch) => self.alloc.answered(*ch, unix),
+            None => return None,
+        };
+        let fleet = self
+            .fleet
+            .as_ref()
+            .map(|f| f.admission.answered(call, unix));
+        fleet_bound(local, fleet)
     }
 
     fn budget_check(&mut self, call: u64, unix: i64) -> Option<u64> {
-        match self.channels.get(&call) {
+        let local = match self.channels.get(&call) {
             Some(ch) => self.alloc.budget_check(*ch, unix),
-            None => Some(0),
-        }
+            None => return Some(0),
+        };
+        let fleet = self
+            .fleet
+            .as_ref()
+            .map(|f| f.admission.budget_check(call, unix));
+        fleet_bound(local, fleet)
     }
 
     fn ended(&mut self, r: &CallRecord) {
@@ -372,7 +405,7 @@ impl CallPolicy for TrunkPolicy {
             self.alloc.release(ch, r.billable_secs, r.end);
         }
         if let Some(fleet) = &self.fleet {
-            fleet.admission.release(r.call);
+            fleet.admission.release(r.call, r.billable_secs, r.end);
         }
         // Per-key outcome counters (attempts and billable seconds are counted
         // by the allocator): bounded labels, a key id and a fixed cause set.

@@ -10,6 +10,7 @@
 //!
 //! cargo test -p tollgate --test e2e_fleet
 mod common;
+mod trunk_support;
 use common::*;
 use std::net::TcpListener;
 use std::path::Path;
@@ -1158,4 +1159,196 @@ fn one_invite_is_one_redis_round_trip() {
     });
     assert_eq!(used.values().sum::<u64>(), 1, "{used:?}");
     assert_eq!(used.get("set"), Some(&1), "{used:?}");
+}
+
+/// `n` edges on `redis` (lease `lease_s`), each routed to an answering UAS.
+fn answering_fleet(redis: &Redis, n: usize, lease_s: u64) -> (MiniUas, Vec<Edge>) {
+    let uas = MiniUas::start(UasMode::Answer);
+    let edges = (1..=n)
+        .map(|i| {
+            Edge::start(EdgeConfig {
+                route_target: Some(uas.route()),
+                extra_toml: format!(
+                    "{}lease_s = {lease_s}\n",
+                    state_toml(redis, &format!("edge-{i}"), "refuse")
+                ),
+                ..Default::default()
+            })
+        })
+        .collect();
+    (uas, edges)
+}
+
+/// Waits until `edge` knows `key` without spending anything of its budget:
+/// a token for a premium-rate number gets 403 (known key) instead of 401.
+fn wait_known(edge: &Edge, key: &str) {
+    const PREMIUM: &str = "+19005550100";
+    let known = poll(Duration::from_secs(5), || {
+        let n = now_unix();
+        let t = jwt_for(key, &claims(n - 5, n + 300, PREMIUM, "sipp"));
+        let r =
+            UdpUa::new(edge.sip_udp).call(&Req::invite(edge.sip_udp, PREMIUM, "sipp").bearer(&t));
+        (r.code() == Some(403)).then_some(())
+    });
+    assert!(
+        known.is_some(),
+        "key not known on {} within 5 s",
+        edge.sip_udp
+    );
+}
+
+/// Answered calls placed together, one per (edge, key), each waited on
+/// until the edge cuts it (BYE to leg A, answered 200): the seconds each
+/// was up, in the order given.
+fn calls_until_cut(calls: &[(&Edge, &str)], limit: Duration) -> Vec<f64> {
+    let mut up = Vec::new();
+    for (edge, key) in calls {
+        let mut ua = UdpUa::new(edge.sip_udp);
+        let inv = Req::invite(edge.sip_udp, SERVICE, "sipp").bearer(&token(key));
+        let r = ua.call(&inv);
+        assert_eq!(
+            r.code(),
+            Some(200),
+            "call on {}:\n{}",
+            edge.sip_udp,
+            r.text()
+        );
+        ua.send(&inv.in_dialog(&r, "ACK", inv.cseq));
+        up.push((ua, inv.call_id.clone(), Instant::now()));
+    }
+    std::thread::scope(|s| {
+        let hs: Vec<_> = up
+            .into_iter()
+            .map(|(mut ua, cid, at)| {
+                s.spawn(move || {
+                    let (_, cut) = trunk_support::answer_bye(&mut ua, &cid, limit)
+                        .unwrap_or_else(|| panic!("call {cid} not cut within {limit:?}"));
+                    cut.duration_since(at).as_secs_f64()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Billable seconds of the answered CDRs of `keys` in the edges' own CDR
+/// files, once `want` CDRs are there.
+fn billable_in_files(edges: &[Edge], keys: &[&str], want: usize) -> (u64, usize) {
+    let ids: Vec<String> = keys.iter().map(|k| key_id(k)).collect();
+    poll(Duration::from_secs(10), || {
+        let cdrs: Vec<_> = edges
+            .iter()
+            .flat_map(|e| trunk_support::read_cdrs(&e.data_dir).0)
+            .filter(|c| c.str("key_id").is_some_and(|k| ids.iter().any(|i| i == k)))
+            .filter(trunk_support::cdr_answered)
+            .collect();
+        (cdrs.len() >= want).then(|| {
+            let secs = cdrs
+                .iter()
+                .map(|c| c.int("billable_secs").unwrap_or(0) as u64)
+                .sum();
+            (secs, cdrs.len())
+        })
+    })
+    .unwrap_or_else(|| panic!("{want} answered CDRs of {ids:?} not written"))
+}
+
+/// Issue 12, budget fleet-wide: a 1-minute key, three calls answered
+/// together on two edges (each edge alone would grant its calls a whole
+/// minute): all are cut, with at most 66 billable seconds in total (the
+/// minute plus each call's rounding), and the next call is 402 on either
+/// edge.
+#[test]
+fn a_daily_budget_holds_fleet_wide_for_calls_answered_together_on_two_edges() {
+    let redis = Redis::start();
+    let (_uas, edges) = answering_fleet(&redis, 2, 2);
+    let k = keys_cli(
+        &edges[0].config_path,
+        &["create", "--name", "minute", "--daily-minutes", "1"],
+    )
+    .trim()
+    .to_string();
+    for e in &edges {
+        wait_known(e, &k);
+    }
+    let held = calls_until_cut(
+        &[(&edges[0], &k), (&edges[1], &k), (&edges[1], &k)],
+        Duration::from_secs(90),
+    );
+    let (billable, n) = billable_in_files(&edges, &[&k], 3);
+    eprintln!("fleet: 1-minute key, 3 calls on 2 edges cut after {held:?} s; {billable} s billable in {n} CDRs");
+    assert!(
+        billable <= 66,
+        "{billable} s billed on a 1-minute budget: {held:?}"
+    );
+    assert!(
+        billable >= 50,
+        "the minute is used, not refused early: {billable} s"
+    );
+    for e in &edges {
+        let r =
+            UdpUa::new(e.sip_udp).call(&Req::invite(e.sip_udp, SERVICE, "sipp").bearer(&token(&k)));
+        assert_eq!(
+            r.code(),
+            Some(402),
+            "spent budget on {}:\n{}",
+            e.sip_udp,
+            r.text()
+        );
+    }
+}
+
+/// A parent's daily minute is shared by its children on other edges: two
+/// children (a minute each of their own) calling on two edges at once are
+/// cut within the parent's one minute, and the parent's own next call is
+/// 402.
+#[test]
+fn a_parents_budget_is_shared_by_its_children_on_other_edges() {
+    let redis = Redis::start();
+    let (_uas, edges) = answering_fleet(&redis, 2, 2);
+    let cfg = &edges[0].config_path;
+    let parent = keys_cli(cfg, &["create", "--name", "parent", "--daily-minutes", "1"])
+        .trim()
+        .to_string();
+    let pid = key_id(&parent);
+    let child = |name: &str| {
+        keys_cli(
+            cfg,
+            &[
+                "create",
+                "--name",
+                name,
+                "--parent",
+                &pid,
+                "--daily-minutes",
+                "1",
+            ],
+        )
+        .trim()
+        .to_string()
+    };
+    let (c1, c2) = (child("c1"), child("c2"));
+    for e in &edges {
+        wait_known(e, &c1);
+        wait_known(e, &c2);
+    }
+    let held = calls_until_cut(
+        &[(&edges[0], &c1), (&edges[1], &c2)],
+        Duration::from_secs(90),
+    );
+    let (billable, n) = billable_in_files(&edges, &[&c1, &c2], 2);
+    eprintln!("fleet: children of a 1-minute parent on 2 edges cut after {held:?} s; {billable} s billable in {n} CDRs");
+    assert!(
+        billable <= 64,
+        "{billable} s billed on the parent's minute: {held:?}"
+    );
+    assert!(billable >= 50, "{billable} s");
+    let r = UdpUa::new(edges[1].sip_udp)
+        .call(&Req::invite(edges[1].sip_udp, SERVICE, "sipp").bearer(&token(&parent)));
+    assert_eq!(
+        r.code(),
+        Some(402),
+        "the parent's spent minute:\n{}",
+        r.text()
+    );
 }
