@@ -40,6 +40,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod cdrs;
+pub use cdrs::{fleet_usage, CdrPublisher};
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};

@@ -826,6 +826,12 @@ async fn serve(
             }
         });
     }
+    // The fleet's stream of call records, fed from this node's CDR file
+    // (exactly once per call, a record written during an outage later).
+    if let (Some(f), Some(cfg)) = (&fleet, &s.state) {
+        tollgate_state::CdrPublisher::new(f.shared().clone(), &cfg.node, &data_dir)
+            .start(Duration::from_millis(250));
+    }
     // Fleet-wide concurrent calls: leases in Redis, renewed by this node.
     let fleet_channels = match (&fleet, &s.state) {
         (Some(f), Some(cfg)) => {
@@ -888,6 +894,7 @@ async fn serve(
     let admin_state = Arc::new(crate::admin::AdminState {
         keys: admin_keys,
         cdrs: cdrs.clone(),
+        fleet_usage: fleet.as_ref().map(|f| f.shared().clone()),
         calls,
         control: ctl_tx.clone(),
     });

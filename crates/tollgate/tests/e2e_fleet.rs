@@ -207,7 +207,13 @@ fn fleet(redis: &Redis, n: usize, on_unavailable: &str) -> Vec<(MiniUas, Edge)> 
             let uas = MiniUas::start(UasMode::Busy);
             let edge = Edge::start(EdgeConfig {
                 route_target: Some(uas.route()),
-                extra_toml: state_toml(redis, &format!("edge-{}", i + 1), on_unavailable),
+                // A media range of its own: edges on the shared default
+                // range collide (500) when many run at once.
+                extra_toml: format!(
+                    "{}{}",
+                    state_toml(redis, &format!("edge-{}", i + 1), on_unavailable),
+                    trunk_support::media_toml(120)
+                ),
                 ..Default::default()
             });
             (uas, edge)
@@ -1047,7 +1053,7 @@ fn redis_outage_with_local_admits_on_the_edges_own_state() {
 
 /// The commands clients send to `redis` while `f` runs (`MONITOR`; those
 /// a script runs are left out, as are the edges' background ones: health
-/// `PING`, key version `GET`), as command -> count.
+/// `PING`, key version `GET`, CDR publication), as command -> count.
 fn round_trips(redis: &Redis, f: impl FnOnce()) -> std::collections::BTreeMap<String, u64> {
     let dir = TestDir::new("monitor");
     let out = dir.join("monitor.txt");
@@ -1081,7 +1087,9 @@ fn round_trips(redis: &Redis, f: impl FnOnce()) -> std::collections::BTreeMap<St
         let Some((client, cmd)) = line.split_once("] \"") else {
             continue;
         };
-        if client.ends_with(" lua") {
+        // A script's own commands; the CDR publisher (after the call, off
+        // the INVITE path: its script names the stream).
+        if client.ends_with(" lua") || cmd.contains("\"tg:cdrs\"") {
             continue;
         }
         let cmd = cmd.split('"').next().unwrap_or("").to_ascii_lowercase();
@@ -1169,8 +1177,9 @@ fn answering_fleet(redis: &Redis, n: usize, lease_s: u64) -> (MiniUas, Vec<Edge>
             Edge::start(EdgeConfig {
                 route_target: Some(uas.route()),
                 extra_toml: format!(
-                    "{}lease_s = {lease_s}\n",
-                    state_toml(redis, &format!("edge-{i}"), "refuse")
+                    "{}lease_s = {lease_s}\n{}",
+                    state_toml(redis, &format!("edge-{i}"), "refuse"),
+                    trunk_support::media_toml(120)
                 ),
                 ..Default::default()
             })
@@ -1351,4 +1360,133 @@ fn a_parents_budget_is_shared_by_its_children_on_other_edges() {
         "the parent's spent minute:\n{}",
         r.text()
     );
+}
+
+/// Records in the fleet's stream whose text holds `needle`.
+fn in_stream(redis: &Redis, needle: &str) -> usize {
+    redis
+        .cli(&["XRANGE", "tg:cdrs", "-", "+"])
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// Issue 12, usage fleet-wide: calls on two edges, and `tollgate usage
+/// --config` of either edge and `GET /v1/usage` on either give them all
+/// (each edge's own file has only its own).
+#[test]
+fn usage_on_either_edge_counts_the_calls_of_both() {
+    let redis = Redis::start();
+    let f = fleet(&redis, 2, "refuse");
+    let root = f[0].1.first_key();
+    let k = keys_cli(
+        &f[0].1.config_path,
+        &["create", "--name", "counted", "--parent", &key_id(&root)],
+    )
+    .trim()
+    .to_string();
+    let id = key_id(&k);
+    for (_, e) in &f {
+        until(e, &k, "key usable", Duration::from_secs(5), passes);
+    }
+    for i in 0..5 {
+        let r = invite(&f[i % 2].1, &token(&k));
+        assert!(passes(&r), "call {i}:\n{}", r.text());
+    }
+    // 7 calls: 2 probes and 5, over the two edges (3 + 4).
+    for (_, e) in &f {
+        let cfg = e.config_path.to_str().unwrap();
+        let row = poll(Duration::from_secs(10), || {
+            let u = trunk_support::usage_table(&e.data_dir, &["--config", cfg, "--key", &id]);
+            u.get(&id).filter(|r| r[0] == 7).copied()
+        });
+        assert_eq!(
+            row,
+            Some([7, 0, 7, 0]),
+            "tollgate usage --config on {}: both edges' calls",
+            e.sip_udp
+        );
+        let own = trunk_support::usage_table(&e.data_dir, &["--key", &id]);
+        assert!(
+            own.get(&id).is_some_and(|r| r[0] < 7),
+            "the edge's own file: {own:?}"
+        );
+        let (code, body) = admin(e, "GET", &format!("/v1/usage?key={id}"), &root, "");
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(
+            body["total"]["calls"], 7,
+            "GET /v1/usage on {}: {body}",
+            e.sip_udp
+        );
+    }
+}
+
+/// Issue 12, CDRs during an outage: a call that ends while Redis is down
+/// has its CDR in the edge's file at once and in the fleet's stream once
+/// Redis is back, exactly once, also when the edge restarts having lost
+/// its publication cursor (every record of its file is sent again).
+#[test]
+fn a_cdr_written_while_redis_is_down_reaches_the_stream_once_after_it_returns() {
+    let mut redis = Redis::start();
+    let (uas, mut edges) = answering_fleet(&redis, 1, 2);
+    let edge = edges.remove(0);
+    let root = edge.first_key();
+    let mut ua = UdpUa::new(edge.sip_udp);
+    let inv = Req::invite(edge.sip_udp, SERVICE, "sipp").bearer(&token(&root));
+    let ok = ua.call(&inv);
+    assert_eq!(ok.code(), Some(200), "{}", ok.text());
+    ua.send(&inv.in_dialog(&ok, "ACK", inv.cseq));
+    let cid = inv.call_id.clone();
+    redis.stop();
+    let down = poll(Duration::from_secs(5), || {
+        (state_up(&edge) == Some(0.0)).then_some(())
+    });
+    assert!(down.is_some(), "tollgate_state_up must drop to 0");
+    hang_up((ua, inv, ok));
+    let in_file = poll(Duration::from_secs(10), || {
+        let (cdrs, _) = trunk_support::read_cdrs(&edge.data_dir);
+        cdrs.into_iter()
+            .find(|c| c.str("sip_call_id") == Some(cid.as_str()))
+    });
+    assert!(
+        in_file.is_some(),
+        "the CDR is in the edge's own file during the outage"
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    redis.restart();
+    let published = poll(Duration::from_secs(10), || {
+        (in_stream(&redis, &cid) > 0).then_some(())
+    });
+    assert!(
+        published.is_some(),
+        "the CDR reached the stream after Redis returned"
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(in_stream(&redis, &cid), 1, "once");
+    // A restart that lost the cursor sends the whole file again: still once.
+    let mut edge = edge;
+    trunk_support::kill9_and_wait(&mut edge);
+    std::fs::remove_file(edge.data_dir.join("cdrs.published")).expect("cursor file");
+    let again = Edge::start_in(
+        TestDir {
+            path: edge.dir.path.clone(),
+        },
+        EdgeConfig {
+            route_target: Some(uas.route()),
+            extra_toml: format!("{}lease_s = 2\n", state_toml(&redis, "edge-1", "refuse")),
+            ..Default::default()
+        },
+    );
+    let resent = poll(Duration::from_secs(10), || {
+        edge.data_dir.join("cdrs.published").exists().then_some(())
+    });
+    assert!(
+        resent.is_some(),
+        "the restarted edge published its file again"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(in_stream(&redis, &cid), 1, "still once after the re-send");
+    let usage = tollgate_ok(&["usage", "--config", again.config_path.to_str().unwrap()]);
+    assert!(usage.contains("total"), "{usage}");
+    drop(again);
 }
