@@ -58,6 +58,20 @@ fn assert_config_validates(toml_text: &str, what: &str) {
     assert!(err.contains("[state] url"), "{what}: {err}");
 }
 
+/// Redis holds the fleet's keys: its arguments turn AOF on.
+fn assert_aof(args: &Value, what: &str) {
+    let args: Vec<&str> = args
+        .as_array()
+        .unwrap_or_else(|| panic!("{what}: no argument list"))
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        args.windows(2).any(|w| w == ["--appendonly", "yes"]),
+        "{what}: AOF on ({args:?})"
+    );
+}
+
 #[test]
 fn compose_runs_two_edges_on_one_redis_with_the_same_state_url() {
     let docs = yaml_docs(&deploy("compose/docker-compose.yml"));
@@ -70,16 +84,7 @@ fn compose_runs_two_edges_on_one_redis_with_the_same_state_url() {
         .collect();
     assert_eq!(redis.len(), 1, "one Redis service: {services:?}");
     let (redis_name, redis_svc) = redis[0];
-    let redis_cmd: Vec<&str> = redis_svc["command"]
-        .as_array()
-        .expect("redis command")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    assert!(
-        redis_cmd.windows(2).any(|w| w == ["--appendonly", "yes"]),
-        "Redis holds the fleet's keys: AOF on ({redis_cmd:?})"
-    );
+    assert_aof(&redis_svc["command"], "compose redis");
     let edges: Vec<(&String, &Value)> = services
         .iter()
         .filter(|(_, s)| {
@@ -283,15 +288,9 @@ fn kubernetes_fleet_has_replicas_on_one_state_url_and_a_pdb() {
                 )
         })
         .unwrap_or_else(|| panic!("no Redis behind Service {host}"));
-    let redis_args: Vec<&str> = redis_sts["spec"]["template"]["spec"]["containers"][0]["args"]
-        .as_array()
-        .expect("redis args")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    assert!(
-        redis_args.windows(2).any(|w| w == ["--appendonly", "yes"]),
-        "Redis with AOF: {redis_args:?}"
+    assert_aof(
+        &redis_sts["spec"]["template"]["spec"]["containers"][0]["args"],
+        "k8s redis",
     );
     assert_config_validates(text, "deploy/k8s/fleet ConfigMap");
     // The PodDisruptionBudget the single-edge kit leaves out.
