@@ -42,13 +42,29 @@ const DEDUPE_SECS: i64 = 7 * 86_400;
 /// The publisher's cursor file in the data directory.
 pub const CURSOR_FILE: &str = "cdrs.published";
 
-/// KEYS: the call id's dedupe key, the stream. ARGV: the CDR's JSON, the
-/// node, MAXLEN, dedupe seconds. Returns 1 added, 0 already there.
+/// KEYS: the call id's dedupe key, the stream, then for a call with
+/// budgeted keys its settled mark and their spent seconds of the day. ARGV:
+/// the CDR's JSON, the node, MAXLEN, dedupe seconds, billable seconds,
+/// settled mark's seconds. Returns 1 added, 0 already there. The seconds of
+/// a call whose end the fleet did not settle (Redis down then, or a call
+/// recovered after a crash) are settled here, once.
 const PUBLISH_LUA: &str = r"
 if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[4]) then return 0 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'node', ARGV[2], 'cdr', ARGV[1])
+local secs = tonumber(ARGV[5])
+if #KEYS > 2 and secs > 0 and redis.call('SET', KEYS[3], 1, 'NX', 'EX', ARGV[6]) then
+  for i = 4, #KEYS do
+    redis.call('INCRBY', KEYS[i], secs)
+    redis.call('EXPIRE', KEYS[i], 172800)
+  end
+end
 return 1
 ";
+
+/// A key's budget chain as the publisher needs it: the root of its
+/// hierarchy and the ids of the key and ancestors that have a daily
+/// budget (`None`: the key is unknown).
+pub type BudgetChain = dyn Fn(&str) -> Option<(String, Vec<String>)> + Send + Sync;
 
 /// Publishes a node's CDR file to the fleet's stream, exactly once per call.
 pub struct CdrPublisher {
@@ -57,6 +73,7 @@ pub struct CdrPublisher {
     file: PathBuf,
     cursor: PathBuf,
     script: redis::Script,
+    chain: Box<BudgetChain>,
 }
 
 impl std::fmt::Debug for CdrPublisher {
@@ -72,14 +89,21 @@ fn dedupe_key(call_id: &str) -> String {
 }
 
 impl CdrPublisher {
-    /// The publisher of `data_dir`'s CDR file for `node`.
-    pub fn new(shared: Arc<Shared>, node: &str, data_dir: &Path) -> Arc<Self> {
+    /// The publisher of `data_dir`'s CDR file for `node`; `chain` finds the
+    /// budgeted keys a record's seconds are settled on.
+    pub fn new(
+        shared: Arc<Shared>,
+        node: &str,
+        data_dir: &Path,
+        chain: Box<BudgetChain>,
+    ) -> Arc<Self> {
         Arc::new(CdrPublisher {
             shared,
             node: node.to_owned(),
             file: data_dir.join(tollgate_trunk::cdr::CDR_FILE),
             cursor: data_dir.join(CURSOR_FILE),
             script: redis::Script::new(PUBLISH_LUA),
+            chain,
         })
     }
 
@@ -134,16 +158,23 @@ impl CdrPublisher {
                 .filter(|c| now.saturating_sub(c.end) < DEDUPE_SECS);
             if let Some(cdr) = fresh {
                 let json = String::from_utf8_lossy(body);
-                let r = self.shared.run(false, |c| {
-                    self.script
-                        .key(dedupe_key(&cdr.call_id))
-                        .key(CDR_STREAM)
-                        .arg(&*json)
-                        .arg(&self.node)
-                        .arg(CDR_STREAM_MAXLEN)
-                        .arg(DEDUPE_SECS)
-                        .invoke::<i64>(c)
-                });
+                let mut inv = self.script.prepare_invoke();
+                inv.key(dedupe_key(&cdr.call_id)).key(CDR_STREAM);
+                if let Some((root, budgeted)) = (self.chain)(&cdr.key_id) {
+                    if !budgeted.is_empty() {
+                        inv.key(crate::settled_key(&root, &cdr.call_id));
+                        for kid in &budgeted {
+                            inv.key(crate::spent_key_of(&root, kid, cdr.end));
+                        }
+                    }
+                }
+                inv.arg(&*json)
+                    .arg(&self.node)
+                    .arg(CDR_STREAM_MAXLEN)
+                    .arg(DEDUPE_SECS)
+                    .arg(cdr.billable_secs)
+                    .arg(crate::SETTLED_SECS);
+                let r = self.shared.run(false, |c| inv.invoke::<i64>(c));
                 match r {
                     Ok(1) => added += 1,
                     Ok(_) => {}

@@ -715,6 +715,8 @@ pub struct FleetChannels {
 #[derive(Debug, Clone)]
 struct Held {
     member: String,
+    /// The root key of the chain (the hash tag of its keys).
+    root: String,
     /// Channel sets the call holds a lease in (capped or budgeted keys).
     leases: Vec<String>,
     /// (channel set, reservations, spent key prefix, daily seconds) of each
@@ -834,15 +836,19 @@ return slice
 ";
 
 /// A call's end: its leases are freed, its reservations dropped and its
-/// billable seconds added to the day's spent seconds of every budgeted key.
+/// billable seconds added to the day's spent seconds of every budgeted key,
+/// once: the call's settled mark (`tg:settled:{<root>}:<call_id>`, also
+/// what the CDR publication checks for a call whose end this did not see)
+/// is set with it.
 ///
-/// KEYS: the channel sets of its leases, then per budgeted key its
-/// reservations and that day's spent seconds. ARGV: member, the number of
-/// channel sets, billable seconds.
+/// KEYS: the settled mark, the channel sets of its leases, then per
+/// budgeted key its reservations and that day's spent seconds. ARGV:
+/// member, the number of channel sets, billable seconds, mark's seconds.
 const SETTLE_LUA: &str = r"
 local member, nch, secs = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-for i = 1, nch do redis.call('ZREM', KEYS[i], member) end
-for i = nch + 1, #KEYS, 2 do
+if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[4]) then secs = 0 end
+for i = 2, nch + 1 do redis.call('ZREM', KEYS[i], member) end
+for i = nch + 2, #KEYS, 2 do
   redis.call('HDEL', KEYS[i], member)
   if secs > 0 then
     redis.call('INCRBY', KEYS[i + 1], secs)
@@ -898,6 +904,23 @@ fn utc_day(unix: i64) -> i64 {
 fn spent_key(prefix: &str, unix: i64) -> String {
     format!("{prefix}:{}", utc_day(unix))
 }
+
+/// The billable seconds key `kid` (of the hierarchy of `root`) spent on
+/// the UTC day of `unix`, fleet-wide.
+pub fn spent_key_of(root: &str, kid: &str, unix: i64) -> String {
+    spent_key(&format!("tg:spent:{{{root}}}:{kid}"), unix)
+}
+
+/// Set when a call's seconds are settled on its keys' budgets: by the end
+/// of the call ([`FleetChannels::release`]) or, for a call whose end the
+/// fleet did not see (Redis down then, or recovered after a crash), by the
+/// publication of its CDR; never twice.
+pub fn settled_key(root: &str, call_id: &str) -> String {
+    format!("tg:settled:{{{root}}}:{call_id}")
+}
+
+/// How long a settled mark is kept (longer than any record is re-sent).
+pub const SETTLED_SECS: i64 = 8 * 86_400;
 
 impl FleetChannels {
     /// Leases of `node`, each `lease` long.
@@ -966,6 +989,7 @@ impl FleetChannels {
             0 => {
                 let mut held = Held {
                     member,
+                    root: root.to_owned(),
                     leases: Vec::new(),
                     budgets: Vec::new(),
                     answered_at: None,
@@ -1068,22 +1092,27 @@ impl FleetChannels {
         Ok(Some(slice))
     }
 
-    /// `call` ended at `unix` with `billable_secs`: frees its channels,
-    /// drops its reservations and settles its seconds on the day's budget
-    /// of every budgeted key (one script). A failure is logged: the lease
-    /// ends by itself, and with it the reservations.
-    pub fn release(&self, call: u64, billable_secs: u64, unix: i64) {
+    /// `call` (CDR id `call_id`) ended at `unix` with `billable_secs`:
+    /// frees its channels, drops its reservations and settles its seconds
+    /// on the day's budget of every budgeted key (one script). A failure is
+    /// logged: the lease ends by itself, and with it the reservations; the
+    /// seconds are settled when the CDR is published.
+    pub fn release(&self, call: u64, call_id: &str, billable_secs: u64, unix: i64) {
         let Some(h) = self.held().remove(&call) else {
             return;
         };
         let mut inv = self.settle.prepare_invoke();
+        inv.key(settled_key(&h.root, call_id));
         for ch in &h.leases {
             inv.key(ch);
         }
         for (_, res, spent, _) in &h.budgets {
             inv.key(res).key(spent_key(spent, unix));
         }
-        inv.arg(&h.member).arg(h.leases.len()).arg(billable_secs);
+        inv.arg(&h.member)
+            .arg(h.leases.len())
+            .arg(billable_secs)
+            .arg(SETTLED_SECS);
         if let Err(e) = self.shared.run(false, |c| inv.invoke::<i64>(c)) {
             tracing::warn!(error = %e, "fleet release failed; the lease ends by itself");
         }

@@ -405,7 +405,8 @@ impl CallPolicy for TrunkPolicy {
             self.alloc.release(ch, r.billable_secs, r.end);
         }
         if let Some(fleet) = &self.fleet {
-            fleet.admission.release(r.call, r.billable_secs, r.end);
+            let id = cdr_call_id(&r.call_id, r.start, r.call);
+            fleet.admission.release(r.call, &id, r.billable_secs, r.end);
         }
         // Per-key outcome counters (attempts and billable seconds are counted
         // by the allocator): bounded labels, a key id and a fixed cause set.

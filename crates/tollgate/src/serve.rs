@@ -829,8 +829,28 @@ async fn serve(
     // The fleet's stream of call records, fed from this node's CDR file
     // (exactly once per call, a record written during an outage later).
     if let (Some(f), Some(cfg)) = (&fleet, &s.state) {
-        tollgate_state::CdrPublisher::new(f.shared().clone(), &cfg.node, &data_dir)
-            .start(Duration::from_millis(250));
+        let known = keys.clone();
+        let chain = move |kid: &str| {
+            let rec = known.get(kid)?;
+            let ancestors = tollgate_keys::store::ancestors(known.as_ref(), &rec)?;
+            let all: Vec<&tollgate_keys::KeyRecord> = std::iter::once(&*rec)
+                .chain(ancestors.iter().map(|a| &**a))
+                .collect();
+            let root = all.last().map_or(kid, |r| r.id.as_str()).to_owned();
+            let budgeted = all
+                .iter()
+                .filter(|r| r.limits.daily_minutes.is_some())
+                .map(|r| r.id.clone())
+                .collect();
+            Some((root, budgeted))
+        };
+        tollgate_state::CdrPublisher::new(
+            f.shared().clone(),
+            &cfg.node,
+            &data_dir,
+            Box::new(chain),
+        )
+        .start(Duration::from_millis(250));
     }
     // Fleet-wide concurrent calls: leases in Redis, renewed by this node.
     let fleet_channels = match (&fleet, &s.state) {

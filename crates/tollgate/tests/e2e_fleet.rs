@@ -1490,3 +1490,102 @@ fn a_cdr_written_while_redis_is_down_reaches_the_stream_once_after_it_returns() 
     assert!(usage.contains("total"), "{usage}");
     drop(again);
 }
+
+/// Issue 12, a dead edge's calls on the fleet's budget: a call up on a
+/// 1-minute key when its edge is killed (`kill -9`) never ends on the
+/// fleet, so its reservation expires with its lease; at the restart the
+/// edge writes its `edge_lost` CDR (billable up to the last checkpoint),
+/// and publishing that CDR settles its seconds on the key's day, once.
+#[test]
+fn a_killed_edges_call_is_settled_on_the_fleet_budget_when_its_cdr_is_published() {
+    let redis = Redis::start();
+    let uas = MiniUas::start(UasMode::Answer);
+    let toml = format!(
+        "{}lease_s = 2\n{}[trunk]\ncheckpoint_s = 1\n",
+        state_toml(&redis, "edge-1", "refuse"),
+        trunk_support::media_toml(120)
+    );
+    let cfg = || EdgeConfig {
+        route_target: Some(uas.route()),
+        extra_toml: toml.clone(),
+        ..Default::default()
+    };
+    let mut edge = Edge::start(cfg());
+    let root = key_id(&edge.first_key());
+    let k = keys_cli(
+        &edge.config_path,
+        &[
+            "create",
+            "--name",
+            "lost",
+            "--daily-minutes",
+            "1",
+            "--parent",
+            &root,
+        ],
+    )
+    .trim()
+    .to_string();
+    let kid = key_id(&k);
+    wait_known(&edge, &k);
+    let mut ua = UdpUa::new(edge.sip_udp);
+    let inv = Req::invite(edge.sip_udp, SERVICE, "sipp").bearer(&token(&k));
+    let ok = ua.call(&inv);
+    assert_eq!(ok.code(), Some(200), "{}", ok.text());
+    ua.send(&inv.in_dialog(&ok, "ACK", inv.cseq));
+    std::thread::sleep(Duration::from_millis(3500));
+    trunk_support::kill9_and_wait(&mut edge);
+    let day = now_unix().div_euclid(86_400);
+    let spent_key = format!("tg:spent:{{{root}}}:{kid}:{day}");
+    assert_eq!(
+        redis.cli(&["GET", &spent_key]),
+        "",
+        "nothing settled before the restart"
+    );
+    let again = Edge::start_in(
+        TestDir {
+            path: edge.dir.path.clone(),
+        },
+        cfg(),
+    );
+    let lost = poll(Duration::from_secs(10), || {
+        trunk_support::read_cdrs(&again.data_dir)
+            .0
+            .into_iter()
+            .find(|c| c.str("cause") == Some("edge_lost"))
+    })
+    .expect("the restart writes the edge_lost CDR");
+    let billable = lost.int("billable_secs").unwrap_or(0);
+    assert!(billable >= 2, "checkpointed seconds billed: {lost:?}");
+    let settled = poll(Duration::from_secs(10), || {
+        let v = redis.cli(&["GET", &spent_key]);
+        (!v.is_empty()).then_some(v)
+    });
+    assert_eq!(
+        settled.as_deref(),
+        Some(billable.to_string().as_str()),
+        "the edge_lost CDR's seconds on the fleet's budget"
+    );
+    // Sent again (the cursor lost): the seconds are not settled twice.
+    let mut again = again;
+    trunk_support::kill9_and_wait(&mut again);
+    std::fs::remove_file(edge.data_dir.join("cdrs.published")).expect("cursor file");
+    let third = Edge::start_in(
+        TestDir {
+            path: edge.dir.path.clone(),
+        },
+        cfg(),
+    );
+    let resent = poll(Duration::from_secs(10), || {
+        edge.data_dir.join("cdrs.published").exists().then_some(())
+    });
+    assert!(resent.is_some(), "the file was published again");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        redis.cli(&["GET", &spent_key]),
+        billable.to_string(),
+        "once"
+    );
+    drop(third);
+    drop(again);
+}
