@@ -34,8 +34,8 @@ use crate::{Shared, StateError};
 
 /// The fleet's stream of call records.
 pub const CDR_STREAM: &str = "tg:cdrs";
-/// Approximate length the stream is trimmed to (`XADD MAXLEN ~`): fleet
-/// usage covers the latest this many calls.
+/// Default approximate length the stream is trimmed to (`XADD MAXLEN ~`,
+/// `[state] cdr_stream_max`): fleet usage covers the latest this many calls.
 pub const CDR_STREAM_MAXLEN: u64 = 1_000_000;
 /// How long a published call id is remembered against a second publication.
 const DEDUPE_SECS: i64 = 7 * 86_400;
@@ -74,6 +74,7 @@ pub struct CdrPublisher {
     cursor: PathBuf,
     script: redis::Script,
     chain: Box<BudgetChain>,
+    maxlen: u64,
 }
 
 impl std::fmt::Debug for CdrPublisher {
@@ -89,12 +90,14 @@ fn dedupe_key(call_id: &str) -> String {
 }
 
 impl CdrPublisher {
-    /// The publisher of `data_dir`'s CDR file for `node`; `chain` finds the
-    /// budgeted keys a record's seconds are settled on.
+    /// The publisher of `data_dir`'s CDR file for `node`, into a stream
+    /// trimmed to about `maxlen` records; `chain` finds the budgeted keys a
+    /// record's seconds are settled on.
     pub fn new(
         shared: Arc<Shared>,
         node: &str,
         data_dir: &Path,
+        maxlen: u64,
         chain: Box<BudgetChain>,
     ) -> Arc<Self> {
         Arc::new(CdrPublisher {
@@ -104,6 +107,7 @@ impl CdrPublisher {
             cursor: data_dir.join(CURSOR_FILE),
             script: redis::Script::new(PUBLISH_LUA),
             chain,
+            maxlen,
         })
     }
 
@@ -170,7 +174,7 @@ impl CdrPublisher {
                 }
                 inv.arg(&*json)
                     .arg(&self.node)
-                    .arg(CDR_STREAM_MAXLEN)
+                    .arg(self.maxlen)
                     .arg(DEDUPE_SECS)
                     .arg(cdr.billable_secs)
                     .arg(crate::SETTLED_SECS);

@@ -80,6 +80,8 @@ pub struct StateConfig {
     /// PEM of the CAs a `rediss://` server must chain to; `None`: the
     /// system's roots.
     pub ca_pem: Option<Vec<u8>>,
+    /// Records the fleet's CDR stream is trimmed to (`XADD MAXLEN ~`).
+    pub cdr_stream_max: u64,
 }
 
 /// The crate's error.

@@ -848,6 +848,7 @@ async fn serve(
             f.shared().clone(),
             &cfg.node,
             &data_dir,
+            cfg.cdr_stream_max,
             Box::new(chain),
         )
         .start(Duration::from_millis(250));
