@@ -387,6 +387,11 @@ pub struct AdmitInfo<'a> {
     pub from: &'a str,
     /// The bearer token's `webhook` claim, if any (unchecked text).
     pub webhook: Option<&'a str>,
+    /// The credential's single use, when the replay cache leaves it to the
+    /// admission ([`tollgate_keys::ReplayCache::deferred`]): the policy must
+    /// record it, and refuses a replay with `401` (answered as the
+    /// credential check answers one).
+    pub pending_use: Option<&'a tollgate_keys::PendingUse>,
 }
 
 /// Admission and accounting of calls, supplied by the binary (the trunk
@@ -1061,51 +1066,70 @@ impl B2bua {
         self.auth_cfg.now = unix;
         let principal = match self.auth.check(&view, &self.auth_cfg) {
             Outcome::Accepted(p) => p,
+            refused => return self.refuse_credential(&msg, &dest, &peer, now, unix, refused),
+        };
+        self.start_call(now, unix, msg, peer, principal, mf);
+    }
+
+    /// Answers an INVITE whose credential was refused (SPEC §4): 401 with
+    /// challenges (counting towards the source's lockout), 403, 484, or 503
+    /// when shared state is unreachable.
+    fn refuse_credential(
+        &mut self,
+        msg: &Message,
+        dest: &Peer,
+        peer: &Peer,
+        now: Instant,
+        unix: i64,
+        outcome: Outcome,
+    ) {
+        match outcome {
+            // Not a refusal; the callers handle it before.
+            Outcome::Accepted(_) => {}
             Outcome::Challenge { headers } => {
                 metrics::counter!("tollgate_auth_failures_total", "reason" => "no_credential")
                     .increment(1);
-                return self.challenge(&msg, &dest, headers);
+                self.challenge(msg, dest, headers);
             }
             Outcome::InvalidToken { header, reason } => {
                 metrics::counter!("tollgate_auth_failures_total", "reason" => reason).increment(1);
-                if self.bad_credential(now, unix, &peer) {
+                if self.bad_credential(now, unix, peer) {
                     return;
                 }
-                return self.challenge(&msg, &dest, vec![header]);
+                self.challenge(msg, dest, vec![header]);
             }
             Outcome::InvalidDigest { headers, reason } => {
                 metrics::counter!("tollgate_auth_failures_total", "reason" => reason).increment(1);
                 // A stale nonce with the right answer is the digest flow
                 // asking for a retry, not a guess.
-                if reason != "stale_nonce" && self.bad_credential(now, unix, &peer) {
+                if reason != "stale_nonce" && self.bad_credential(now, unix, peer) {
                     return;
                 }
-                return self.challenge(&msg, &dest, headers);
+                self.challenge(msg, dest, headers);
             }
             Outcome::Forbidden { reason } => {
                 metrics::counter!("tollgate_auth_failures_total", "reason" => reason).increment(1);
-                let resp = response_to(&msg, 403, reason_phrase(403), Some(&self.token(8)));
-                return self.send_stateless(&dest, resp);
+                let resp = response_to(msg, 403, reason_phrase(403), Some(&self.token(8)));
+                self.send_stateless(dest, resp);
             }
             Outcome::AddressIncomplete => {
                 metrics::counter!("tollgate_auth_failures_total", "reason" => "address_incomplete")
                     .increment(1);
-                let resp = response_to(&msg, 484, reason_phrase(484), Some(&self.token(8)));
-                return self.send_stateless(&dest, resp);
+                let resp = response_to(msg, 484, reason_phrase(484), Some(&self.token(8)));
+                self.send_stateless(dest, resp);
             }
             // Shared state unreachable with on_unavailable = "refuse" (SPEC
             // §4): not the caller's fault, so no lockout and no 401.
             Outcome::Unavailable { reason } => {
                 metrics::counter!("tollgate_auth_failures_total", "reason" => reason).increment(1);
-                let mut resp = response_to(&msg, 503, reason_phrase(503), Some(&self.token(8)));
+                let mut resp = response_to(msg, 503, reason_phrase(503), Some(&self.token(8)));
                 resp.headers.push(Header {
                     name: "Retry-After".into(),
                     value: STATE_RETRY_AFTER_SECS.to_string(),
                 });
-                return self.send_stateless(&dest, resp);
+                self.send_stateless(dest, resp);
             }
-        };
-        self.start_call(now, unix, msg, peer, principal, mf);
+        }
     }
 
     /// Counts a bad credential from `peer` towards its lockout; true if the
@@ -1183,12 +1207,19 @@ impl B2bua {
             a_call_id: msg.call_id().unwrap_or_default(),
             from: &caller,
             webhook: principal.claims.as_ref().and_then(|c| c.webhook.as_deref()),
+            pending_use: principal.pending_use.as_ref(),
         };
         if let Err(r) =
             self.policy
                 .admit(id, &principal.key, &principal.destination, &info, now, unix)
         {
             let dest = response_peer(&msg, &peer);
+            // The credential's single use, recorded with the admission,
+            // was a replay: the same 401 the credential check gives.
+            if let (401, Some(pending)) = (r.code, &principal.pending_use) {
+                let o = self.auth.replayed(pending, peer.addr.ip(), &self.auth_cfg);
+                return self.refuse_credential(&msg, &dest, &peer, now, unix, o);
+            }
             let mut resp = response_to(&msg, r.code, reason_phrase(r.code), Some(&self.token(8)));
             if let Some(secs) = r.retry_after {
                 resp.headers.push(Header {

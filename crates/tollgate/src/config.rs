@@ -83,6 +83,9 @@ pub struct StateSection {
     /// PEM file of the CAs a `rediss://` server must chain to (default: the
     /// system's roots).
     pub ca_file: Option<String>,
+    /// Records the fleet's CDR stream is trimmed to (`XADD MAXLEN ~`;
+    /// default 1,000,000): fleet usage covers the latest this many calls.
+    pub cdr_stream_max: Option<u64>,
 }
 
 /// Validates `[state]`; `Ok(None)` without the section.
@@ -143,8 +146,17 @@ pub fn state(file: &FileConfig) -> Result<Option<tollgate_state::StateConfig>, C
     if !(10..=5000).contains(&timeout_ms) {
         return Err(ConfigError("[state] timeout_ms: must be 10..=5000".into()));
     }
+    let cdr_stream_max = st
+        .cdr_stream_max
+        .unwrap_or(tollgate_state::cdrs::CDR_STREAM_MAXLEN);
+    if !(1_000..=100_000_000).contains(&cdr_stream_max) {
+        return Err(ConfigError(
+            "[state] cdr_stream_max: must be 1000..=100000000".into(),
+        ));
+    }
     Ok(Some(tollgate_state::StateConfig {
         url,
+        cdr_stream_max,
         node,
         lease_s,
         on_unavailable,
@@ -585,6 +597,10 @@ mod tests {
             (
                 "[state]\nurl = \"redis://127.0.0.1\"\ntimeout_ms = 1\n",
                 "[state] timeout_ms",
+            ),
+            (
+                "[state]\nurl = \"redis://127.0.0.1\"\ncdr_stream_max = 10\n",
+                "[state] cdr_stream_max",
             ),
             (
                 "[state]\nurl = \"redis://127.0.0.1\"\nca_file = \"/x\"\n",

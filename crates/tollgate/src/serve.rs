@@ -779,14 +779,17 @@ async fn serve(
         "replay cache loaded"
     );
     let replay_file = Arc::new(replay_file);
+    let local_replay = (on_unavailable == Some(OnUnavailable::Local))
+        .then(|| replay_file.clone() as Arc<dyn ReplayCache>);
     let replay: Arc<dyn ReplayCache> = match &fleet {
         None => replay_file.clone(),
         // `local`: while Redis is down, this edge's own file decides.
-        Some(f) => Arc::new(RedisReplayCache::new(
-            f.shared().clone(),
-            (on_unavailable == Some(OnUnavailable::Local))
-                .then(|| replay_file.clone() as Arc<dyn ReplayCache>),
-        )),
+        // The INVITE's use is recorded by the fleet's admission script (one
+        // round trip per INVITE), `local`: in this edge's file while Redis
+        // is down.
+        Some(f) => {
+            Arc::new(RedisReplayCache::new(f.shared().clone(), local_replay.clone()).deferring())
+        }
     };
     tokio::spawn(async move {
         let errors = metrics::counter!("tollgate_replay_write_errors_total");
@@ -862,6 +865,33 @@ async fn serve(
             }
         });
     }
+    // The fleet's stream of call records, fed from this node's CDR file
+    // (exactly once per call, a record written during an outage later).
+    if let (Some(f), Some(cfg)) = (&fleet, &s.state) {
+        let known = keys.clone();
+        let chain = move |kid: &str| {
+            let rec = known.get(kid)?;
+            let ancestors = tollgate_keys::store::ancestors(known.as_ref(), &rec)?;
+            let all: Vec<&tollgate_keys::KeyRecord> = std::iter::once(&*rec)
+                .chain(ancestors.iter().map(|a| &**a))
+                .collect();
+            let root = all.last().map_or(kid, |r| r.id.as_str()).to_owned();
+            let budgeted = all
+                .iter()
+                .filter(|r| r.limits.daily_minutes.is_some())
+                .map(|r| r.id.clone())
+                .collect();
+            Some((root, budgeted))
+        };
+        tollgate_state::CdrPublisher::new(
+            f.shared().clone(),
+            &cfg.node,
+            &data_dir,
+            cfg.cdr_stream_max,
+            Box::new(chain),
+        )
+        .start(Duration::from_millis(250));
+    }
     // Fleet-wide concurrent calls: leases in Redis, renewed by this node.
     let fleet_channels = match (&fleet, &s.state) {
         (Some(f), Some(cfg)) => {
@@ -885,8 +915,7 @@ async fn serve(
             policy = policy.with_state_gate(f.shared().clone());
         }
         if let Some(ch) = &fleet_channels {
-            policy = policy
-                .with_fleet_channels(ch.clone(), on_unavailable == Some(OnUnavailable::Local));
+            policy = policy.with_fleet_channels(ch.clone(), local_replay.clone());
         }
         let mut core =
             tollgate_sip::B2bua::new(cfg.clone(), keys.clone(), replay.clone(), nonce_secret)
@@ -935,6 +964,7 @@ async fn serve(
     let admin_state = Arc::new(crate::admin::AdminState {
         keys: admin_keys,
         cdrs: cdrs.clone(),
+        fleet_usage: fleet.as_ref().map(|f| f.shared().clone()),
         calls,
         control: ctl_tx.clone(),
     });
