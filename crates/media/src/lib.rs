@@ -11,6 +11,7 @@
 //! | [`latch`] | symmetric RTP with latching (SPEC §5), RTP-bleed protection, the NAT safety rule |
 //! | [`relay`] | the per-call packet path, RFC 5761 rtcp-mux demux |
 //! | `batch` | Linux `recvmmsg`/`sendmmsg`/UDP GSO for the relay's hot path |
+//! | [`source`] | RFC 6724 source address selection: our address toward a peer, for wildcard binds |
 //! | [`engine`] | the B2BUA-facing API ([`MediaEngine`]) |
 // Unsafe code only in `batch` (raw recvmmsg/sendmmsg), which allows it.
 #![deny(unsafe_code)]
@@ -22,6 +23,7 @@ pub mod latch;
 pub mod ports;
 pub mod relay;
 pub mod sdp;
+pub mod source;
 pub mod srtp;
 
 pub use engine::{MediaConfig, MediaEngine, MediaError, Profile};

@@ -4,6 +4,7 @@
 //! transaction layer beneath it: the driver feeds messages and time in and
 //! takes [`Transmit`]s out.
 
+use crate::local_addr::{own_address, NoRoute, SourceRoute};
 use crate::lockout::{Lockout, LockoutConfig};
 use crate::message::{
     self, header_user, name_addr_uri, reason_phrase, response_to, Header, Message, SipUri,
@@ -97,8 +98,15 @@ pub struct Config {
     pub timers: TimerConfig,
     /// Leg B gave no final answer in this time: CANCEL it and answer 408.
     pub invite_timeout: Duration,
-    /// The edge's own address per transport, for Via and Contact.
+    /// The edge's own address per transport, for Via and Contact (a
+    /// wildcard is replaced per peer, see [`crate::local_addr`]).
     pub local: HashMap<Transport, SocketAddr>,
+    /// `[sip] advertise`: the address named in Via, Contact and From in
+    /// place of the bound one (an edge behind 1:1 NAT).
+    pub advertise: Option<IpAddr>,
+    /// `[sip] max_message_bytes`: larger messages get `513` (requests) or
+    /// are dropped (responses, ACK).
+    pub max_message_bytes: usize,
     pub routes: Vec<Route>,
     /// How numbers are canonicalized (`[numbers]`, SPEC §4a).
     pub numbers: NumberPlan,
@@ -588,6 +596,9 @@ pub struct B2bua {
     /// Sources that guessed credentials too often (SPEC §4), shared by the
     /// shards.
     lockout: Arc<Lockout>,
+    /// Which of the host's addresses is ours toward a peer, for a wildcard
+    /// listener ([`crate::local_addr`]).
+    source_route: Arc<dyn SourceRoute>,
 }
 
 /// Below this many queued deadlines the heap is never compacted.
@@ -655,7 +666,15 @@ impl B2bua {
             media: Box::new(PassThroughMedia),
             clock: Instant::now(),
             lockout: Arc::new(Lockout::new(LockoutConfig::default())),
+            source_route: Arc::new(NoRoute),
         }
+    }
+
+    /// Asks `route` which address is ours toward a peer, where a listener
+    /// is bound to a wildcard address.
+    pub fn with_source_route(mut self, route: Arc<dyn SourceRoute>) -> Self {
+        self.source_route = route;
+        self
     }
 
     /// Shares `lockout` (one table for every shard of the edge).
@@ -731,25 +750,29 @@ impl B2bua {
         format!("z9hG4bK{}", self.token(12))
     }
 
-    fn local(&self, t: Transport) -> SocketAddr {
-        self.cfg
+    /// Our address on transport `t` as named toward `toward` (never a
+    /// wildcard: [`crate::local_addr`]).
+    fn local(&self, t: Transport, toward: IpAddr) -> SocketAddr {
+        let bound = self
+            .cfg
             .local
             .get(&t)
             .or_else(|| self.cfg.local.values().next())
             .copied()
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5060)))
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5060)));
+        own_address(bound, self.cfg.advertise, toward, &*self.source_route)
     }
 
-    fn via(&self, t: Transport, branch: &str) -> Header {
-        let l = self.local(t);
+    fn via(&self, t: Transport, branch: &str, toward: IpAddr) -> Header {
+        let l = self.local(t, toward);
         Header {
             name: "Via".into(),
             value: format!("SIP/2.0/{} {};branch={branch};rport", t.via_name(), l),
         }
     }
 
-    fn contact(&self, t: Transport) -> Header {
-        let l = self.local(t);
+    fn contact(&self, t: Transport, toward: IpAddr) -> Header {
+        let l = self.local(t, toward);
         // TLS: a SIPS URI (RFC 5630; required in a response when the request
         // named one, RFC 3261 §12.1.1), not the deprecated transport=tls.
         let (scheme, tp) = match t {
@@ -767,17 +790,17 @@ impl B2bua {
     /// the request used one (RFC 3261 §12.1.1); a `sip:` request over TLS
     /// gets `sip:...;transport=tls`, since stacks such as libre (baresip)
     /// end the call on a `sips:` Contact they did not ask for.
-    fn contact_answering(&self, t: Transport, req: &Message) -> Header {
+    fn contact_answering(&self, t: Transport, req: &Message, toward: IpAddr) -> Header {
         let sips = req
             .request_uri()
             .is_some_and(|u| u.get(..5).is_some_and(|s| s.eq_ignore_ascii_case("sips:")));
         if t == Transport::Tls && !sips {
             Header {
                 name: "Contact".into(),
-                value: format!("<sip:tollgate@{};transport=tls>", self.local(t)),
+                value: format!("<sip:tollgate@{};transport=tls>", self.local(t, toward)),
             }
         } else {
-            self.contact(t)
+            self.contact(t, toward)
         }
     }
 
@@ -819,6 +842,9 @@ impl B2bua {
     /// A message from the network. `unix` is the wall clock in seconds (for
     /// token and nonce expiry).
     pub fn handle_datagram(&mut self, now: Instant, unix: i64, data: &[u8], peer: Peer) {
+        if data.len() > self.cfg.max_message_bytes {
+            return self.handle_oversized(data, &peer);
+        }
         match message::parse(data) {
             Ok(msg) => self.handle_message(now, unix, msg, peer),
             Err(err) => {
@@ -832,12 +858,36 @@ impl B2bua {
     /// A stateless 400 for a request we cannot read, when enough of it is
     /// there to address a response (RFC 3261 §8.1.3.3 / §21.4.1).
     fn bad_request(&mut self, data: &[u8], peer: &Peer, why: &str) {
+        let reason: String = why
+            .chars()
+            .filter(|c| c.is_ascii_graphic() || *c == ' ')
+            .collect();
+        self.answer_unparsed(data, peer, 400, format!("Bad Request ({reason})"));
+    }
+
+    /// A message over `[sip] max_message_bytes` (a datagram, or a stream
+    /// message whose head is `data`): a request gets a stateless `513
+    /// Message Too Large` (RFC 3261 §21.5.14), without parsing more than
+    /// its head; a response or an ACK is dropped.
+    pub fn handle_oversized(&mut self, data: &[u8], peer: &Peer) {
+        metrics::counter!("tollgate_sip_oversized_total").increment(1);
+        tracing::debug!(len = data.len(), from = %peer.addr, "SIP message over max_message_bytes");
+        self.answer_unparsed(data, peer, 513, reason_phrase(513).to_string());
+    }
+
+    /// A stateless answer to a request that was not parsed, built from the
+    /// Via, From, To, Call-ID and CSeq lines of its head.
+    fn answer_unparsed(&mut self, data: &[u8], peer: &Peer, code: u16, reason: String) {
         if data.starts_with(b"SIP/") || data.iter().all(|b| b.is_ascii_whitespace()) {
             return; // a response, or a keep-alive: nothing to answer
         }
-        let Some(text) =
-            std::str::from_utf8(&data[..data.len().min(message::MAX_MESSAGE_LEN)]).ok()
-        else {
+        // The head only: the body may be anything, and is not read.
+        let head_len = data
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(data.len(), |i| i + 2)
+            .min(message::MAX_MESSAGE_LEN);
+        let Some(text) = std::str::from_utf8(&data[..head_len]).ok() else {
             return;
         };
         let mut headers = Vec::new();
@@ -881,15 +931,8 @@ impl B2bua {
         if text.starts_with("ACK ") {
             return;
         }
-        let reason: String = why
-            .chars()
-            .filter(|c| c.is_ascii_graphic() || *c == ' ')
-            .collect();
         let resp = Message {
-            start: StartLine::Response {
-                code: 400,
-                reason: format!("Bad Request ({reason})"),
-            },
+            start: StartLine::Response { code, reason },
             headers,
             body: Bytes::new(),
         };
@@ -1252,7 +1295,8 @@ impl B2bua {
             Some(_) => route.target_text.clone(),
             None => format!("sip:{}@{host}", uri_user(&called)),
         };
-        let local = self.local(t);
+        let toward = route.peer.addr.ip();
+        let local = self.local(t, toward);
         let b_leg = Leg {
             call_id: b_call_id.clone(),
             local_tag: self.token(8),
@@ -1266,7 +1310,7 @@ impl B2bua {
         };
         let branch = self.branch();
         let mut headers = vec![
-            self.via(t, &branch),
+            self.via(t, &branch, toward),
             Header {
                 name: "Max-Forwards".into(),
                 value: max_forwards.saturating_sub(1).min(69).to_string(),
@@ -1287,7 +1331,7 @@ impl B2bua {
                 name: "CSeq".into(),
                 value: "1 INVITE".into(),
             },
-            self.contact(t),
+            self.contact(t, toward),
             Header {
                 name: "Allow".into(),
                 value: ALLOW.into(),
@@ -1556,8 +1600,8 @@ impl B2bua {
             }
         };
         let leg = leg.clone();
-        let t = leg.peer.transport;
-        let mut headers = vec![self.via(t, &branch)];
+        let (t, toward) = (leg.peer.transport, leg.peer.addr.ip());
+        let mut headers = vec![self.via(t, &branch, toward)];
         headers.push(Header {
             name: "Max-Forwards".into(),
             value: "70".into(),
@@ -1589,7 +1633,7 @@ impl B2bua {
             value: format!("{seq} {method}"),
         });
         if method != "ACK" && method != "BYE" {
-            headers.push(self.contact(t));
+            headers.push(self.contact(t, toward));
         }
         let msg = Message {
             start: StartLine::Request {
@@ -2025,7 +2069,7 @@ impl B2bua {
             return;
         };
         let tag = call.leg(to).local_tag.clone();
-        let t = call.leg(to).peer.transport;
+        let (t, toward) = (call.leg(to).peer.transport, call.leg(to).peer.addr.ip());
         let Some(req) = self.txn.server_request(server) else {
             return;
         };
@@ -2035,7 +2079,7 @@ impl B2bua {
         };
         let mut resp = response_to(req, code, &reason, Some(&tag));
         if (101..300).contains(&code) {
-            resp.headers.push(self.contact_answering(t, req));
+            resp.headers.push(self.contact_answering(t, req, toward));
             // RFC 3261 §12.1.1: a dialog-creating response copies the
             // request's Record-Route, in order, so a proxy in front (a
             // carrier's Kamailio) stays on the path of ACK and BYE.
@@ -2686,6 +2730,8 @@ mod tests {
             timers: TimerConfig::default(),
             invite_timeout: Duration::from_secs(60),
             local: HashMap::from([(Transport::Udp, SocketAddr::from(([127, 0, 0, 1], 5060)))]),
+            advertise: None,
+            max_message_bytes: message::DEFAULT_MAX_MESSAGE_BYTES,
             routes: vec![Route {
                 model: None,
                 target,
@@ -3001,7 +3047,7 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
         let sip = parse(invite("", "z9hG4bKc1").as_bytes()).unwrap();
         let sips = invite("", "z9hG4bKc2").replace("INVITE sip:", "INVITE sips:");
         let sips = parse(sips.as_bytes()).unwrap();
-        let c = |t, m: &Message| r.b2b.contact_answering(t, m).value;
+        let c = |t, m: &Message| r.b2b.contact_answering(t, m, r.a.addr.ip()).value;
         assert_eq!(
             c(Transport::Tls, &sip),
             "<sip:tollgate@127.0.0.1:5060;transport=tls>"
@@ -3088,6 +3134,129 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
         r.b_sends(reply_from_b(&inv, 487, "b1"));
         assert_eq!(r.sent_to(&r.b.clone())[0].method(), Some("ACK"));
         assert_eq!(r.b2b.calls_active(), 0);
+    }
+
+    #[test]
+    fn a_cancel_from_another_source_gets_481_and_the_call_goes_on() {
+        let mut r = rig();
+        let tok = r.token("jc");
+        let text = invite(&format!("Authorization: Bearer {tok}\r\n"), "z9hG4bKcs");
+        r.a_sends(&text);
+        let inv = r.sent_to(&r.b.clone()).remove(0);
+        r.b_sends(reply_from_b(&inv, 180, "b1"));
+        r.sent_to(&r.a.clone());
+        let cancel = text
+            .replacen("INVITE sip", "CANCEL sip", 1)
+            .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
+        let intruder = Peer {
+            addr: SocketAddr::from(([127, 0, 0, 2], 5070)),
+            ..r.a.clone()
+        };
+        r.b2b
+            .handle_datagram(r.t, NOW, cancel.as_bytes(), intruder.clone());
+        let to_intruder = r.sent_to(&intruder);
+        assert_eq!(
+            to_intruder.iter().map(|m| m.status()).collect::<Vec<_>>(),
+            vec![Some(481)]
+        );
+        assert!(r.sent_to(&r.a.clone()).is_empty(), "leg A hears nothing");
+        assert!(r.sent_to(&r.b.clone()).is_empty(), "no CANCEL to leg B");
+        assert_eq!(r.b2b.calls_active(), 1);
+        // The caller's own CANCEL still works.
+        r.a_sends(&cancel);
+        let to_a: Vec<_> = r.sent_to(&r.a.clone()).iter().map(|m| m.status()).collect();
+        assert_eq!(to_a, vec![Some(200), Some(487)]);
+    }
+
+    #[test]
+    fn an_oversized_request_gets_513_without_being_parsed() {
+        let mut r = rig();
+        let options = |body: usize| {
+            format!(
+                "OPTIONS sip:127.0.0.1:5060 SIP/2.0\r\n\
+Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKbig;rport\r\n\
+From: <sip:p@127.0.0.1>;tag=p1\r\nTo: <sip:127.0.0.1>\r\nCall-ID: big\r\n\
+CSeq: 1 OPTIONS\r\nContent-Type: text/plain\r\nContent-Length: {body:05}\r\n\r\n{}",
+                "x".repeat(body)
+            )
+        };
+        let head = options(0).len();
+        let big = options(message::DEFAULT_MAX_MESSAGE_BYTES + 1 - head);
+        assert_eq!(big.len(), message::DEFAULT_MAX_MESSAGE_BYTES + 1);
+        r.a_sends(&big);
+        let to_a = r.sent_to(&r.a.clone());
+        assert_eq!(to_a.len(), 1);
+        assert_eq!(to_a[0].status(), Some(513));
+        assert_eq!(to_a[0].header("Call-ID"), Some("big"));
+        // At the cap it is an ordinary OPTIONS.
+        let fits = options(message::DEFAULT_MAX_MESSAGE_BYTES - head);
+        r.a_sends(&fits);
+        assert_eq!(r.sent_to(&r.a.clone())[0].status(), Some(200));
+        // An oversized response or ACK gets nothing.
+        let ack = big.replacen("OPTIONS sip", "ACK sip", 1);
+        r.a_sends(&ack);
+        r.a_sends(&format!(
+            "SIP/2.0 200 OK\r\n{}",
+            &big[big.find("Via").unwrap()..]
+        ));
+        assert!(r.b2b.txn.out.is_empty());
+    }
+
+    #[test]
+    fn a_wildcard_listener_names_the_route_source_and_advertise_wins() {
+        struct Fixed;
+        impl SourceRoute for Fixed {
+            fn source_ip(&self, _: IpAddr) -> Option<IpAddr> {
+                Some(IpAddr::from([127, 0, 0, 1]))
+            }
+        }
+        for (advertise, expect) in [
+            (None, "127.0.0.1:5060"),
+            (Some("127.0.0.5"), "127.0.0.5:5060"),
+        ] {
+            let mut r = rig();
+            let mut cfg = r.b2b.cfg.clone();
+            cfg.local = HashMap::from([(Transport::Udp, SocketAddr::from(([0, 0, 0, 0], 5060)))]);
+            cfg.advertise = advertise.map(|a| a.parse().unwrap());
+            let store = Arc::new(MemoryKeyStore::new());
+            let (_, key) = store
+                .create(
+                    "t",
+                    KeyKind::Secret,
+                    None,
+                    Limits::default(),
+                    None,
+                    NOW as u64,
+                )
+                .unwrap();
+            r.key = key;
+            r.b2b = B2bua::new(cfg, store, Arc::new(MemoryReplayCache::new()), [7; 32])
+                .with_source_route(Arc::new(Fixed));
+            let tok = r.token("jw");
+            r.a_sends(&invite(
+                &format!("Authorization: Bearer {tok}\r\n"),
+                "z9hG4bKw1",
+            ));
+            let inv = r.sent_to(&r.b.clone()).remove(0);
+            r.b_sends(reply_from_b(&inv, 200, "b1"));
+            let ok = r.sent_to(&r.a.clone()).pop().unwrap();
+            assert_eq!(ok.status(), Some(200));
+            assert!(ok.header("Contact").unwrap().contains(expect), "{ok:?}");
+            assert!(inv.header("Via").unwrap().contains(expect), "{inv:?}");
+            assert!(inv.header("Contact").unwrap().contains(expect), "{inv:?}");
+            assert!(
+                inv.header("From").unwrap().contains(&expect[..9]),
+                "{inv:?}"
+            );
+            r.bye_from_a();
+            let mut sent = vec![inv, ok];
+            sent.extend(r.sent_to(&r.a.clone()));
+            sent.extend(r.sent_to(&r.b.clone()));
+            for m in sent {
+                let t = String::from_utf8(m.to_bytes().to_vec()).unwrap();
+                assert!(!t.contains("0.0.0.0"), "{t}");
+            }
+        }
     }
 
     #[test]

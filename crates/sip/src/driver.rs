@@ -44,6 +44,8 @@ pub enum Control {
 enum Inbound {
     Message(Bytes, Peer),
     Unframeable(Bytes, Peer),
+    /// The head of a stream message over `[sip] max_message_bytes`.
+    Oversized(Bytes, Peer),
     Control(ControlMsg),
 }
 
@@ -70,6 +72,8 @@ struct Shared {
     outbound: DashMap<SocketAddr, FlowId>,
     next_flow: AtomicU64,
     shards: Vec<mpsc::Sender<Inbound>>,
+    /// `[sip] max_message_bytes`, for the stream framers.
+    max_message: usize,
 }
 
 fn unix_now() -> i64 {
@@ -139,6 +143,11 @@ pub async fn run(
     events: mpsc::UnboundedSender<CallEvent>,
 ) {
     let n = cores.len().max(1);
+    let max_message = cores
+        .first()
+        .map_or(crate::message::DEFAULT_MAX_MESSAGE_BYTES, |c| {
+            c.config().max_message_bytes
+        });
     let mut receivers = Vec::with_capacity(n);
     let mut senders = Vec::with_capacity(n);
     for _ in 0..n {
@@ -152,6 +161,7 @@ pub async fn run(
         outbound: DashMap::new(),
         next_flow: AtomicU64::new(1),
         shards: senders,
+        max_message,
     });
     let mut tasks = Vec::with_capacity(n);
     for (core, rx) in cores.into_iter().zip(receivers) {
@@ -353,6 +363,7 @@ fn handle_inbound(core: &mut B2bua, m: Inbound, t: std::time::Instant, unix: i64
     match m {
         Inbound::Message(data, peer) => core.handle_datagram(t, unix, &data, peer),
         Inbound::Unframeable(head, peer) => core.handle_unframeable(&head, &peer),
+        Inbound::Oversized(head, peer) => core.handle_oversized(&head, &peer),
         Inbound::Control(ControlMsg::Hangup(id, cause)) => core.hangup(t, id, cause),
         Inbound::Control(ControlMsg::Drain) => core.set_draining(true),
         Inbound::Control(ControlMsg::SetRoutes(r)) => core.set_routes(r.to_vec()),
@@ -523,7 +534,7 @@ async fn serve_stream<S>(
         flow: Some(id),
     };
     let n = shared.shards.len();
-    let mut framer = StreamFramer::default();
+    let mut framer = StreamFramer::new(shared.max_message);
     'read: loop {
         let read = tokio::time::timeout(IDLE_TIMEOUT, rd.read_buf(framer.buffer_mut())).await;
         match read {
@@ -543,17 +554,19 @@ async fn serve_stream<S>(
                     }
                 }
                 Ok(None) => break,
-                Err(FramingError::ContentLength) => {
+                Err(e @ (FramingError::ContentLength | FramingError::TooLarge)) => {
                     let head = framer.buffer_mut().split().freeze();
                     let i = shard_of(&head, n);
-                    let _ = shared.shards[i]
-                        .send(Inbound::Unframeable(head, peer.clone()))
-                        .await;
+                    let item = if e == FramingError::TooLarge {
+                        Inbound::Oversized(head, peer.clone())
+                    } else {
+                        Inbound::Unframeable(head, peer.clone())
+                    };
+                    let _ = shared.shards[i].send(item).await;
                     // Give the shard a moment to answer before the close.
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     break 'read;
                 }
-                Err(_) => break 'read,
             }
         }
     }

@@ -33,6 +33,12 @@ pub struct Settings {
     /// `[[sip.digest_by_source]]`.
     pub digest_by_source: Vec<tollgate_keys::DigestBySource>,
     pub media_ip: std::net::IpAddr,
+    /// `[media] advertise_ip`: SDP names this instead of `media_ip`.
+    pub media_advertise_ip: Option<std::net::IpAddr>,
+    /// `[sip] advertise`: Via, Contact and From name this address.
+    pub sip_advertise: Option<std::net::IpAddr>,
+    /// `[sip] max_message_bytes`.
+    pub max_message_bytes: usize,
     pub media_ports: (u16, u16),
     pub media_timeout: Duration,
     /// SIGTERM drain: calls in progress may go on this long, then BYE.
@@ -289,6 +295,19 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         bearer_challenge: file.sip.bearer_challenge.unwrap_or(false),
         digest_by_source: config::parse_digest_by_source(&file.sip.digest_by_source)?,
         media_ip,
+        media_advertise_ip: file
+            .media
+            .advertise_ip
+            .as_deref()
+            .map(|ip| config::parse_advertise("media.advertise_ip", ip))
+            .transpose()?,
+        sip_advertise: file
+            .sip
+            .advertise
+            .as_deref()
+            .map(|ip| config::parse_advertise("sip.advertise", ip))
+            .transpose()?,
+        max_message_bytes: config::max_message_bytes(file.sip.max_message_bytes)?,
         media_ports,
         media_timeout: Duration::from_secs(media_timeout_s),
         drain_timeout: Duration::from_secs(drain_timeout_s),
@@ -694,17 +713,23 @@ async fn serve(
         },
         invite_timeout: s.invite_timeout,
         local,
+        advertise: s.sip_advertise,
+        max_message_bytes: s.max_message_bytes,
         routes,
         numbers: s.trunk.numbers.clone(),
         checks_numbers: s.trunk.deny_list().is_ok_and(|d| d.is_active()),
     };
-    let engine = Arc::new(tollgate_media::MediaEngine::new(
-        tollgate_media::MediaConfig {
+    // Our address toward a peer, for wildcard listeners (SDP, Via, Contact).
+    let sources = Arc::new(tollgate_media::source::SourceIps::new());
+    let engine = Arc::new(
+        tollgate_media::MediaEngine::new(tollgate_media::MediaConfig {
             ip: s.media_ip,
             ports: s.media_ports,
             timeout: s.media_timeout,
-        },
-    ));
+        })
+        .advertise(s.media_advertise_ip)
+        .with_sources(sources.clone()),
+    );
     // Trunks and CDRs: budgets survive a restart through the CDR store.
     let cdrs = Arc::new(
         FileCdrStore::open(&data_dir)
@@ -853,6 +878,7 @@ async fn serve(
             tollgate_sip::B2bua::new(cfg.clone(), keys.clone(), replay.clone(), nonce_secret)
                 .with_policy(Box::new(policy))
                 .with_lockout(lockout.clone())
+                .with_source_route(Arc::new(crate::media::KernelRoute(sources.clone())))
                 .with_media(Box::new(crate::media::EngineHooks(engine.clone())));
         core.set_shard(index as u64, shards as u64);
         cores.push(core);
