@@ -228,7 +228,12 @@ fn advertise_values_that_no_peer_can_reach_are_refused_naming_the_field() {
 #[test]
 fn a_reused_branch_from_another_sent_by_is_a_new_transaction_not_a_retransmission() {
     let uas = MiniUas::start(UasMode::Ring);
-    let edge = Edge::start(EdgeConfig::routed_to(uas.addr.port()));
+    // One shard: both INVITEs meet the same transaction table whatever
+    // their Call-IDs hash to.
+    let edge = Edge::start(EdgeConfig {
+        sip_extra: "workers = 1".into(),
+        ..EdgeConfig::routed_to(uas.addr.port())
+    });
     let mut first_ua = UdpUa::new(edge.sip_udp);
     let first = bearer_invite(&edge, edge.sip_udp, "alice");
     first_ua.send(&first);
