@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tollgate_keys::{
     FileKeyStore, FileReplayCache, KeyAdmin, KeyKind, KeyStore, Limits, ReplayCache,
@@ -602,7 +602,7 @@ async fn serve(
     for (t, a) in &s.listen {
         match t {
             Transport::Udp => {
-                let sock = bind_udp(*a).map_err(|e| bind_err(a, e))?;
+                let sock = driver::bind_udp(*a).map_err(|e| bind_err(a, e))?;
                 let bound = sock.local_addr().map_err(|e| bind_err(a, e))?;
                 local.insert(Transport::Udp, bound);
                 println!("tollgate: listening sip udp {bound}");
@@ -1074,22 +1074,6 @@ async fn build_routes(s: &Settings, echo: &mut Option<SocketAddr>) -> Result<Vec
         });
     }
     Ok(routes)
-}
-
-/// Socket buffer asked for the SIP UDP socket: a burst of thousands of
-/// messages must not overflow the kernel's default 208 KiB (the kernel caps it
-/// at net.core.rmem_max / wmem_max).
-const UDP_BUFFER: usize = 4 << 20;
-
-fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    // Best effort: a smaller buffer still works, it only drops earlier.
-    let _ = sock.set_recv_buffer_size(UDP_BUFFER);
-    let _ = sock.set_send_buffer_size(UDP_BUFFER);
-    sock.set_nonblocking(true)?;
-    sock.bind(&addr.into())?;
-    UdpSocket::from_std(sock.into())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -359,3 +359,51 @@ fn an_oversized_message_gets_513_over_udp_and_tcp_and_the_cap_is_a_knob() {
         _ => panic!("no 200 over TCP under a raised cap"),
     }
 }
+
+/// UDP sockets bound to `port` on 127.0.0.1 (`/proc/net/udp`, Linux).
+fn udp_sockets_on(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/udp").expect("/proc/net/udp (Linux)");
+    let me = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| l.split_whitespace().nth(1) == Some(me.as_str()))
+        .count()
+}
+
+#[test]
+fn every_shard_reads_its_own_udp_socket_and_calls_complete_across_them() {
+    // Issue 13 item 1: one SO_REUSEPORT socket (and receive thread) per
+    // shard. Leg B answers from one address, so its responses land on one
+    // socket while the callers' sources hash over all three: the calls
+    // complete only if every socket's messages reach the shard owning the
+    // call.
+    let uas = MiniUas::start(UasMode::Answer);
+    let edge = Edge::start(EdgeConfig {
+        route_target: Some(uas.route()),
+        sip_extra: "workers = 3".into(),
+        ..Default::default()
+    });
+    assert_eq!(
+        udp_sockets_on(edge.sip_udp.port()),
+        3,
+        "one UDP socket per shard on {}",
+        edge.sip_udp
+    );
+    const CALLERS: usize = 12;
+    for i in 0..CALLERS {
+        let mut ua = UdpUa::new(edge.sip_udp);
+        let invite = bearer_invite(&edge, edge.sip_udp, &format!("caller{i}"));
+        let ok = ua.call(&invite);
+        assert_eq!(ok.code(), Some(200), "caller {i}: {}", ok.text());
+        assert_eq!(ua.ack_and_bye(&invite, &ok), Some(200), "caller {i}'s BYE");
+    }
+    assert!(
+        uas.wait_for("BYE", CALLERS, WAIT),
+        "every BYE reached leg B"
+    );
+    assert!(
+        uas.wait_for("ACK", CALLERS, WAIT),
+        "every ACK reached leg B"
+    );
+}
