@@ -4,6 +4,7 @@
 //! transaction layer beneath it: the driver feeds messages and time in and
 //! takes [`Transmit`]s out.
 
+use crate::core_metrics::CoreMetrics;
 use crate::local_addr::{own_address, NoRoute, SourceRoute};
 use crate::lockout::{Lockout, LockoutConfig};
 use crate::message::{
@@ -599,30 +600,12 @@ pub struct B2bua {
     /// Which of the host's addresses is ours toward a peer, for a wildcard
     /// listener ([`crate::local_addr`]).
     source_route: Arc<dyn SourceRoute>,
+    /// Per-call metric handles, registered once.
+    metrics: CoreMetrics,
 }
 
 /// Below this many queued deadlines the heap is never compacted.
 const COMPACT_DEADLINES_ABOVE: usize = 1024;
-
-fn method_label(m: &str) -> &'static str {
-    match m {
-        "INVITE" => "INVITE",
-        "ACK" => "ACK",
-        "BYE" => "BYE",
-        "CANCEL" => "CANCEL",
-        "OPTIONS" => "OPTIONS",
-        "UPDATE" => "UPDATE",
-        "INFO" => "INFO",
-        "PRACK" => "PRACK",
-        "REGISTER" => "REGISTER",
-        "SUBSCRIBE" => "SUBSCRIBE",
-        "NOTIFY" => "NOTIFY",
-        "MESSAGE" => "MESSAGE",
-        "REFER" => "REFER",
-        "PUBLISH" => "PUBLISH",
-        _ => "other",
-    }
-}
 
 fn code_label(code: u16) -> String {
     code.to_string()
@@ -667,6 +650,7 @@ impl B2bua {
             clock: Instant::now(),
             lockout: Arc::new(Lockout::new(LockoutConfig::default())),
             source_route: Arc::new(NoRoute),
+            metrics: CoreMetrics::default(),
         }
     }
 
@@ -806,8 +790,7 @@ impl B2bua {
 
     fn send_stateless(&mut self, peer: &Peer, resp: Message) {
         if let Some(code) = resp.status() {
-            metrics::counter!("tollgate_sip_responses_total", "code" => code_label(code))
-                .increment(1);
+            self.metrics.response(code);
         }
         self.txn.out.push_back(Transmit {
             peer: peer.clone(),
@@ -817,8 +800,7 @@ impl B2bua {
 
     fn respond_txn(&mut self, now: Instant, key: &TxnKey, resp: &Message) {
         if let Some(code) = resp.status() {
-            metrics::counter!("tollgate_sip_responses_total", "code" => code_label(code))
-                .increment(1);
+            self.metrics.response(code);
         }
         self.txn.respond(now, key, resp);
     }
@@ -959,8 +941,7 @@ impl B2bua {
             }
             StartLine::Request { method, .. } => {
                 let method = method.clone();
-                metrics::counter!("tollgate_sip_requests_total", "method" => method_label(&method))
-                    .increment(1);
+                self.metrics.request(&method);
                 if method != "ACK"
                     && msg.to_tag().is_none()
                     && self.lockout.is_banned(peer.addr.ip(), now)
@@ -1423,7 +1404,7 @@ impl B2bua {
         let Some(b_key) = self.txn.request(now, b_invite.clone(), route.peer.clone()) else {
             return; // unreachable: the Via we built has a branch
         };
-        metrics::counter!("tollgate_sip_requests_sent_total", "method" => "INVITE").increment(1);
+        self.metrics.request_sent("INVITE");
         let deadline = now + self.cfg.invite_timeout;
         self.deadlines.push(Reverse((deadline, id)));
         self.by_client.insert(b_key.clone(), (id, Purpose::InviteB));
@@ -1437,7 +1418,7 @@ impl B2bua {
             from: caller.clone(),
             to: called.clone(),
         });
-        metrics::gauge!("tollgate_calls_active").increment(1.0);
+        self.metrics.call_started();
         self.calls.insert(
             id,
             Call {
@@ -1537,7 +1518,6 @@ impl B2bua {
         for k in &call.clients {
             self.by_client.remove(k);
         }
-        metrics::gauge!("tollgate_calls_active").decrement(1.0);
         self.media.release(id);
         let result = match (cause, call.answered) {
             (EndCause::Completed, _) => "answered",
@@ -1547,7 +1527,7 @@ impl B2bua {
             (_, Some(_)) => "answered",
             (_, None) => "failed",
         };
-        metrics::counter!("tollgate_calls_total", "result" => result).increment(1);
+        self.metrics.call_ended(result);
         let now = self.clock;
         let elapsed = |t: Instant| now.saturating_duration_since(t);
         let end = call.created_unix + elapsed(call.created).as_secs() as i64;
@@ -1648,7 +1628,7 @@ impl B2bua {
 
     fn send_bye(&mut self, now: Instant, id: u64, side: Side) {
         if let Some((bye, peer)) = self.leg_request(id, side, "BYE", None) {
-            metrics::counter!("tollgate_sip_requests_sent_total", "method" => "BYE").increment(1);
+            self.metrics.request_sent("BYE");
             if let Some(k) = self.txn.request(now, bye, peer) {
                 self.track(id, k, Purpose::Bye);
             }
@@ -1852,7 +1832,7 @@ impl B2bua {
             headers,
             body: Bytes::new(),
         };
-        metrics::counter!("tollgate_sip_requests_sent_total", "method" => "CANCEL").increment(1);
+        self.metrics.request_sent("CANCEL");
         if let Some(k) = self.txn.request(now, cancel, peer) {
             self.track(id, k, Purpose::CancelB);
         }
@@ -1990,8 +1970,7 @@ impl B2bua {
         }
         req.body = body;
         let cseq = req.cseq().map_or(0, |c| c.seq);
-        metrics::counter!("tollgate_sip_requests_sent_total", "method" => method_label(method))
-            .increment(1);
+        self.metrics.request_sent(method);
         if let Some(k) = self.txn.request(now, req, peer) {
             self.track(
                 id,
@@ -2347,7 +2326,7 @@ impl B2bua {
                 .rev()
                 .collect();
             let setup = now.duration_since(call.created).as_secs_f64();
-            metrics::histogram!("tollgate_call_setup_seconds").record(setup);
+            self.metrics.call_setup(setup);
             if state == CallState::Cancelled {
                 // A gave up before B answered: confirm and hang up B.
                 call.state = CallState::Terminating;

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod b2bua;
+mod core_metrics;
 pub mod driver;
 pub mod framing;
 pub mod local_addr;

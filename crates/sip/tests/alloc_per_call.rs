@@ -49,10 +49,11 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// Allocations per call: 633 measured when this test was written (before
-/// the item 2 work), pinned with 10 % room; the test fails above
-/// `CEILING`, and says so below `CEILING / 2` so the pin can be lowered.
-const CEILING: u64 = 700;
+/// Allocations per call: 633 when this test was written, 621 once the
+/// per-call metrics were handles (`core_metrics`); pinned with 10 % room:
+/// the test fails above `CEILING`, and says so below `CEILING / 2` so the
+/// pin can be lowered.
+const CEILING: u64 = 680;
 const NOW: i64 = 1_800_000_000;
 
 fn udp(port: u16) -> Peer {
