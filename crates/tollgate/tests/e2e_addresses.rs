@@ -384,12 +384,17 @@ fn every_shard_reads_its_own_udp_socket_and_calls_complete_across_them() {
         sip_extra: "workers = 3".into(),
         ..Default::default()
     });
-    assert_eq!(
-        udp_sockets_on(edge.sip_udp.port()),
-        3,
-        "one UDP socket per shard on {}",
-        edge.sip_udp
+    // The driver adds the sockets once it runs, which may be just after
+    // `ready`.
+    let port = edge.sip_udp.port();
+    let sockets = poll(WAIT, || (udp_sockets_on(port) >= 3).then_some(()));
+    assert!(
+        sockets.is_some(),
+        "one UDP socket per shard on {}: {} sockets",
+        edge.sip_udp,
+        udp_sockets_on(port)
     );
+    assert_eq!(udp_sockets_on(port), 3, "no more than one per shard");
     const CALLERS: usize = 12;
     for i in 0..CALLERS {
         let mut ua = UdpUa::new(edge.sip_udp);
