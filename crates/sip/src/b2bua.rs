@@ -2687,6 +2687,16 @@ mod tests {
     }
 
     fn rig_with(replay: Arc<dyn ReplayCache>) -> Rig {
+        rig_configured(replay, |_| {}, |core| core)
+    }
+
+    /// The rig with its config changed by `cfg_tweak` and its core by
+    /// `core_tweak` before the first message.
+    fn rig_configured(
+        replay: Arc<dyn ReplayCache>,
+        cfg_tweak: impl FnOnce(&mut Config),
+        core_tweak: impl FnOnce(B2bua) -> B2bua,
+    ) -> Rig {
         let store = Arc::new(MemoryKeyStore::new());
         let (_, key) = store
             .create(
@@ -2700,7 +2710,7 @@ mod tests {
             .unwrap();
         let b = udp(5080);
         let target = SipUri::parse("sip:agent@127.0.0.1:5080").unwrap();
-        let cfg = Config {
+        let mut cfg = Config {
             realm: "tollgate".into(),
             digest_algorithms: vec![Algorithm::Sha256, Algorithm::Md5],
             nonce_lifetime_secs: 300,
@@ -2722,8 +2732,9 @@ mod tests {
             numbers: NumberPlan::default(),
             checks_numbers: true,
         };
+        cfg_tweak(&mut cfg);
         Rig {
-            b2b: B2bua::new(cfg, store, replay, [7; 32]),
+            b2b: core_tweak(B2bua::new(cfg, store, replay, [7; 32])),
             t: Instant::now(),
             key,
             a: udp(5070),
@@ -3087,11 +3098,11 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
         assert_eq!(r.b2b.calls_active(), 1);
     }
 
-    #[test]
-    fn cancel_before_answer_gives_487_and_cancels_leg_b() {
-        let mut r = rig();
-        let tok = r.token("j2");
-        let text = invite(&format!("Authorization: Bearer {tok}\r\n"), "z9hG4bKc1");
+    /// A call ringing on leg B; returns B's INVITE and the CANCEL leg A
+    /// would send for it.
+    fn ringing_call(r: &mut Rig, jti: &str, branch: &str) -> (Message, String) {
+        let tok = r.token(jti);
+        let text = invite(&format!("Authorization: Bearer {tok}\r\n"), branch);
         r.a_sends(&text);
         let inv = r.sent_to(&r.b.clone()).remove(0);
         r.b_sends(reply_from_b(&inv, 180, "b1"));
@@ -3099,6 +3110,13 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
         let cancel = text
             .replacen("INVITE sip", "CANCEL sip", 1)
             .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
+        (inv, cancel)
+    }
+
+    #[test]
+    fn cancel_before_answer_gives_487_and_cancels_leg_b() {
+        let mut r = rig();
+        let (inv, cancel) = ringing_call(&mut r, "j2", "z9hG4bKc1");
         r.a_sends(&cancel);
         let to_a: Vec<_> = r
             .sent_to(&r.a.clone())
@@ -3118,15 +3136,7 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
     #[test]
     fn a_cancel_from_another_source_gets_481_and_the_call_goes_on() {
         let mut r = rig();
-        let tok = r.token("jc");
-        let text = invite(&format!("Authorization: Bearer {tok}\r\n"), "z9hG4bKcs");
-        r.a_sends(&text);
-        let inv = r.sent_to(&r.b.clone()).remove(0);
-        r.b_sends(reply_from_b(&inv, 180, "b1"));
-        r.sent_to(&r.a.clone());
-        let cancel = text
-            .replacen("INVITE sip", "CANCEL sip", 1)
-            .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
+        let (_, cancel) = ringing_call(&mut r, "jc", "z9hG4bKcs");
         let intruder = Peer {
             addr: SocketAddr::from(([127, 0, 0, 2], 5070)),
             ..r.a.clone()
@@ -3193,24 +3203,15 @@ CSeq: 1 OPTIONS\r\nContent-Type: text/plain\r\nContent-Length: {body:05}\r\n\r\n
             (None, "127.0.0.1:5060"),
             (Some("127.0.0.5"), "127.0.0.5:5060"),
         ] {
-            let mut r = rig();
-            let mut cfg = r.b2b.cfg.clone();
-            cfg.local = HashMap::from([(Transport::Udp, SocketAddr::from(([0, 0, 0, 0], 5060)))]);
-            cfg.advertise = advertise.map(|a| a.parse().unwrap());
-            let store = Arc::new(MemoryKeyStore::new());
-            let (_, key) = store
-                .create(
-                    "t",
-                    KeyKind::Secret,
-                    None,
-                    Limits::default(),
-                    None,
-                    NOW as u64,
-                )
-                .unwrap();
-            r.key = key;
-            r.b2b = B2bua::new(cfg, store, Arc::new(MemoryReplayCache::new()), [7; 32])
-                .with_source_route(Arc::new(Fixed));
+            let mut r = rig_configured(
+                Arc::new(MemoryReplayCache::new()),
+                |cfg| {
+                    cfg.local =
+                        HashMap::from([(Transport::Udp, SocketAddr::from(([0, 0, 0, 0], 5060)))]);
+                    cfg.advertise = advertise.map(|a| a.parse().unwrap());
+                },
+                |core| core.with_source_route(Arc::new(Fixed)),
+            );
             let tok = r.token("jw");
             r.a_sends(&invite(
                 &format!("Authorization: Bearer {tok}\r\n"),
