@@ -8,6 +8,7 @@ use bytes::Bytes;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Transport protocols.
@@ -159,6 +160,9 @@ enum State {
 
 #[derive(Debug)]
 struct ServerTxn {
+    /// Shared with the map and every timer entry: arming a timer copies no
+    /// string.
+    key: Arc<TxnKey>,
     invite: bool,
     request: Message,
     peer: Peer,
@@ -171,6 +175,7 @@ struct ServerTxn {
 
 #[derive(Debug)]
 struct ClientTxn {
+    key: Arc<TxnKey>,
     invite: bool,
     request: Message,
     bytes: Bytes,
@@ -184,16 +189,16 @@ struct ClientTxn {
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum TimerRef {
-    Server(TxnKey),
-    Client(TxnKey),
+    Server(Arc<TxnKey>),
+    Client(Arc<TxnKey>),
 }
 
 /// All transactions of one endpoint.
 #[derive(Debug)]
 pub struct TxnLayer {
     cfg: TimerConfig,
-    servers: HashMap<TxnKey, ServerTxn>,
-    clients: HashMap<TxnKey, ClientTxn>,
+    servers: HashMap<Arc<TxnKey>, ServerTxn>,
+    clients: HashMap<Arc<TxnKey>, ClientTxn>,
     timers: BinaryHeap<Reverse<(Instant, TimerRef)>>,
     pub out: VecDeque<Transmit>,
     pub events: VecDeque<TxnEvent>,
@@ -242,7 +247,8 @@ impl TxnLayer {
                             self.cfg.t4
                         };
                         txn.end_at = Some(now + wait);
-                        self.arm(now + wait, TimerRef::Server(key));
+                        let r = TimerRef::Server(txn.key.clone());
+                        self.arm(now + wait, r);
                         return RequestMatch::Absorbed;
                     }
                     State::Confirmed => return RequestMatch::Absorbed,
@@ -282,11 +288,12 @@ impl TxnLayer {
 
     /// Creates a server transaction for a new request (not ACK).
     pub fn create_server(&mut self, msg: Message, peer: Peer) -> Option<TxnKey> {
-        let key = TxnKey::server(&msg)?;
+        let key = Arc::new(TxnKey::server(&msg)?);
         let invite = key.method == "INVITE";
         self.servers.insert(
             key.clone(),
             ServerTxn {
+                key: key.clone(),
                 invite,
                 request: msg,
                 peer,
@@ -301,7 +308,7 @@ impl TxnLayer {
                 end_at: None,
             },
         );
-        Some(key)
+        Some(TxnKey::clone(&key))
     }
 
     /// The request that opened a server transaction.
@@ -358,7 +365,7 @@ impl TxnLayer {
             txn.state = State::Completed;
             txn.end_at = Some(if reliable { now } else { now + wait64 });
         }
-        let r = TimerRef::Server(key.clone());
+        let r = TimerRef::Server(txn.key.clone());
         let (retransmit_at, end_at) = (txn.retransmit_at, txn.end_at);
         if let Some(at) = retransmit_at {
             self.arm(at, r.clone());
@@ -381,7 +388,7 @@ impl TxnLayer {
 
     /// Starts a client transaction; the request's top Via carries its branch.
     pub fn request(&mut self, now: Instant, req: Message, peer: Peer) -> Option<TxnKey> {
-        let key = TxnKey::of(&req)?;
+        let key = Arc::new(TxnKey::of(&req)?);
         let invite = key.method == "INVITE";
         let bytes = req.to_bytes();
         self.out.push_back(Transmit {
@@ -399,6 +406,7 @@ impl TxnLayer {
         self.clients.insert(
             key.clone(),
             ClientTxn {
+                key: key.clone(),
                 invite,
                 request: req,
                 bytes,
@@ -410,7 +418,7 @@ impl TxnLayer {
                 end_at: Some(end_at),
             },
         );
-        Some(key)
+        Some(TxnKey::clone(&key))
     }
 
     /// The request a client transaction sent.
@@ -431,6 +439,7 @@ impl TxnLayer {
         let Some(txn) = self.clients.get_mut(&key) else {
             return;
         };
+        let r = TimerRef::Client(txn.key.clone());
         let reliable = txn.peer.transport.reliable();
         match (txn.state, code) {
             (State::Trying | State::Proceeding, 100..=199) => {
@@ -451,11 +460,11 @@ impl TxnLayer {
                     txn.retransmit_at = None;
                     let at = now + cfg.t1 * 64;
                     txn.end_at = Some(at);
-                    self.arm(at, TimerRef::Client(key.clone()));
+                    self.arm(at, r.clone());
                 } else {
                     Self::complete_non_invite(txn, now, reliable, cfg);
                     let at = txn.end_at.unwrap_or(now);
-                    self.arm(at, TimerRef::Client(key.clone()));
+                    self.arm(at, r.clone());
                 }
                 self.events.push_back(TxnEvent::Response { key, msg });
             }
@@ -478,11 +487,11 @@ impl TxnLayer {
                         now + Duration::from_secs(32)
                     };
                     txn.end_at = Some(at);
-                    self.arm(at, TimerRef::Client(key.clone()));
+                    self.arm(at, r.clone());
                 } else {
                     Self::complete_non_invite(txn, now, reliable, cfg);
                     let at = txn.end_at.unwrap_or(now);
-                    self.arm(at, TimerRef::Client(key.clone()));
+                    self.arm(at, r.clone());
                 }
                 self.events.push_back(TxnEvent::Response { key, msg });
             }
@@ -525,7 +534,7 @@ impl TxnLayer {
         }
     }
 
-    fn server_timer(&mut self, now: Instant, key: TxnKey) {
+    fn server_timer(&mut self, now: Instant, key: Arc<TxnKey>) {
         let cfg = self.cfg;
         let Some(txn) = self.servers.get_mut(&key) else {
             return;
@@ -533,6 +542,7 @@ impl TxnLayer {
         if txn.end_at.is_some_and(|e| e <= now) {
             let txn = self.servers.remove(&key);
             if txn.is_some_and(|t| t.state == State::Accepted) {
+                let key = TxnKey::clone(&key);
                 self.events.push_back(TxnEvent::NoAck { key });
             }
             return;
@@ -553,7 +563,7 @@ impl TxnLayer {
         }
     }
 
-    fn client_timer(&mut self, now: Instant, key: TxnKey) {
+    fn client_timer(&mut self, now: Instant, key: Arc<TxnKey>) {
         let cfg = self.cfg;
         let Some(txn) = self.clients.get_mut(&key) else {
             return;
@@ -562,6 +572,7 @@ impl TxnLayer {
             let state = txn.state;
             self.clients.remove(&key);
             if matches!(state, State::Trying | State::Proceeding) {
+                let key = TxnKey::clone(&key);
                 self.events.push_back(TxnEvent::Timeout { key });
             }
             return;
