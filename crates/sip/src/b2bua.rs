@@ -2002,12 +2002,15 @@ impl B2bua {
             match ev {
                 TxnEvent::Response { key, msg } => self.on_client_response(now, key, msg),
                 TxnEvent::Timeout { key } => self.on_client_timeout(now, key),
-                TxnEvent::NoAck { key } => {
-                    let found = self
-                        .calls
-                        .values()
-                        .find(|c| c.pending_ack.as_ref().is_some_and(|p| p.server == key));
-                    if let Some(id) = found.map(|c| c.id) {
+                TxnEvent::NoAck { key, request } => {
+                    // The INVITE's dialog names the call: no scan of every
+                    // call per missing ACK.
+                    let found = self.find_dialog(&request).map(|(id, _)| id).filter(|id| {
+                        self.calls.get(id).is_some_and(|c| {
+                            c.pending_ack.as_ref().is_some_and(|p| p.server == key)
+                        })
+                    });
+                    if let Some(id) = found {
                         let (side, cseq, answered) =
                             match self.calls.get_mut(&id).and_then(|c| c.pending_ack.take()) {
                                 Some(p) => (p.from, p.other_cseq, p.other_answered),

@@ -146,7 +146,9 @@ pub enum TxnEvent {
     /// Timer B or F: no final response came.
     Timeout { key: TxnKey },
     /// Timer L: a 2xx we sent was never acknowledged.
-    NoAck { key: TxnKey },
+    /// `request` is the INVITE the 2xx answered, for the TU to find its
+    /// dialog by.
+    NoAck { key: TxnKey, request: Message },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -541,9 +543,10 @@ impl TxnLayer {
         };
         if txn.end_at.is_some_and(|e| e <= now) {
             let txn = self.servers.remove(&key);
-            if txn.is_some_and(|t| t.state == State::Accepted) {
+            if let Some(t) = txn.filter(|t| t.state == State::Accepted) {
                 let key = TxnKey::clone(&key);
-                self.events.push_back(TxnEvent::NoAck { key });
+                let request = t.request;
+                self.events.push_back(TxnEvent::NoAck { key, request });
             }
             return;
         }
