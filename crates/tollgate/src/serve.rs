@@ -931,8 +931,17 @@ async fn serve(
                 if new.listen != s.listen {
                     changed.push("sip.listen");
                 }
-                if new.media_ip != s.media_ip || new.media_ports != s.media_ports {
+                if new.media_ip != s.media_ip
+                    || new.media_ports != s.media_ports
+                    || new.media_advertise_ip != s.media_advertise_ip
+                {
                     changed.push("media");
+                }
+                if new.sip_advertise != s.sip_advertise {
+                    changed.push("sip.advertise");
+                }
+                if new.max_message_bytes != s.max_message_bytes {
+                    changed.push("sip.max_message_bytes");
                 }
                 if new.metrics_listen != s.metrics_listen {
                     changed.push("metrics.listen");
