@@ -319,44 +319,53 @@ fn options_of(edge: SocketAddr, local: SocketAddr, transport: &str, len: usize) 
     bytes
 }
 
+/// The status answering an OPTIONS of `len` bytes, over UDP or TCP.
+fn options_status(edge: &Edge, tcp: bool, len: usize) -> u16 {
+    let what = if tcp { "TCP" } else { "UDP" };
+    let answer = if tcp {
+        let mut ua = TcpUa::connect(edge.tcp());
+        let local = ua.local;
+        assert!(ua.send_raw(&options_of(edge.tcp(), local, "TCP", len)));
+        match ua.read_msg(WAIT) {
+            TcpRead::Msg(m) => Some(m),
+            TcpRead::Closed | TcpRead::Timeout => None,
+        }
+    } else {
+        let mut ua = UdpUa::new(edge.sip_udp);
+        ua.send_raw(&options_of(edge.sip_udp, ua.local, "UDP", len));
+        ua.recv_where(WAIT, |m| m.is_response())
+    };
+    let m = answer.unwrap_or_else(|| panic!("no answer to a {len}-byte OPTIONS over {what}"));
+    m.code()
+        .unwrap_or_else(|| panic!("not a response over {what}: {}", m.text()))
+}
+
 #[test]
 fn an_oversized_message_gets_513_over_udp_and_tcp_and_the_cap_is_a_knob() {
     let edge = Edge::start(EdgeConfig::default());
-    let mut ua = UdpUa::new(edge.sip_udp);
-    for len in [16 * 1024 + 1, 64 * 1024 - 100] {
-        ua.send_raw(&options_of(edge.sip_udp, ua.local, "UDP", len));
-        let r = ua
-            .recv_where(WAIT, |m| m.is_response())
-            .unwrap_or_else(|| panic!("no answer to a {len}-byte OPTIONS"));
-        assert_eq!(r.code(), Some(513), "{len} bytes: {}", r.text());
+    for (tcp, len, want) in [
+        (false, 16 * 1024 + 1, 513),
+        (false, 64 * 1024 - 100, 513),
+        (false, 16 * 1024, 200),
+        (true, 20_000, 513),
+        (true, 16 * 1024, 200),
+    ] {
+        assert_eq!(
+            options_status(&edge, tcp, len),
+            want,
+            "{len} bytes, tcp={tcp}"
+        );
     }
-    ua.send_raw(&options_of(edge.sip_udp, ua.local, "UDP", 16 * 1024));
-    let r = ua.recv_where(WAIT, |m| m.is_response()).expect("answer");
-    assert_eq!(r.code(), Some(200), "at the cap: {}", r.text());
-
-    let mut tcp = TcpUa::connect(edge.tcp());
-    let local = tcp.local;
-    assert!(tcp.send_raw(&options_of(edge.tcp(), local, "TCP", 20_000)));
-    match tcp.read_msg(WAIT) {
-        TcpRead::Msg(m) => assert_eq!(m.code(), Some(513), "{}", m.text()),
-        TcpRead::Closed => panic!("closed without a 513"),
-        TcpRead::Timeout => panic!("no 513 over TCP"),
-    }
-
     let roomy = Edge::start(EdgeConfig {
         sip_extra: "max_message_bytes = 32768".into(),
         ..Default::default()
     });
-    let mut ua = UdpUa::new(roomy.sip_udp);
-    ua.send_raw(&options_of(roomy.sip_udp, ua.local, "UDP", 20_000));
-    let r = ua.recv_where(WAIT, |m| m.is_response()).expect("answer");
-    assert_eq!(r.code(), Some(200), "under a raised cap: {}", r.text());
-    let mut tcp = TcpUa::connect(roomy.tcp());
-    let local = tcp.local;
-    assert!(tcp.send_raw(&options_of(roomy.tcp(), local, "TCP", 20_000)));
-    match tcp.read_msg(WAIT) {
-        TcpRead::Msg(m) => assert_eq!(m.code(), Some(200), "{}", m.text()),
-        _ => panic!("no 200 over TCP under a raised cap"),
+    for tcp in [false, true] {
+        assert_eq!(
+            options_status(&roomy, tcp, 20_000),
+            200,
+            "raised cap, tcp={tcp}"
+        );
     }
 }
 
