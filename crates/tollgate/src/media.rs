@@ -12,17 +12,6 @@ use tollgate_sip::MediaProfile;
 
 pub struct EngineHooks(pub Arc<MediaEngine>);
 
-/// The signaling core's view of the host's routes: the source address
-/// toward a peer, as the kernel picks it (cached; shared with the media
-/// engine, see `tollgate_media::source`).
-pub struct KernelRoute(pub Arc<tollgate_media::source::SourceIps>);
-
-impl tollgate_sip::local_addr::SourceRoute for KernelRoute {
-    fn source_ip(&self, peer: IpAddr) -> Option<IpAddr> {
-        self.0.toward(peer)
-    }
-}
-
 /// 488 for SDP we cannot serve; 503 when we are out of ports; 500 otherwise.
 fn status_of(e: &MediaError) -> u16 {
     match e {
@@ -107,5 +96,16 @@ impl MediaHooks for EngineHooks {
 
     fn cancel_offer(&mut self, call: u64) {
         self.0.cancel_offer(call);
+    }
+}
+
+/// The signaling core's view of the host's routes: the source address
+/// toward a peer, as the kernel picks it (cached; shared with the media
+/// engine, see `tollgate_media::source`).
+pub struct KernelRoute(pub Arc<tollgate_media::source::SourceIps>);
+
+impl tollgate_sip::local_addr::SourceRoute for KernelRoute {
+    fn source_ip(&self, peer: IpAddr) -> Option<IpAddr> {
+        self.0.toward(peer)
     }
 }
