@@ -235,6 +235,10 @@ pub struct MediaEngine {
     ports: PortAllocator,
     provider: Arc<dyn SrtpProvider>,
     calls: Mutex<HashMap<u64, Call>>,
+    /// `[media] advertise_ip`: the address SDP names (1:1 NAT).
+    advertise: Option<IpAddr>,
+    /// Our address toward a peer, for SDP when `cfg.ip` is a wildcard.
+    sources: Arc<crate::source::SourceIps>,
 }
 
 impl MediaEngine {
@@ -250,7 +254,39 @@ impl MediaEngine {
             cfg,
             provider,
             calls: Mutex::new(HashMap::new()),
+            advertise: None,
+            sources: Arc::new(crate::source::SourceIps::new()),
         }
+    }
+
+    /// SDP names `ip` (`[media] advertise_ip`, an edge behind 1:1 NAT)
+    /// while the relay's sockets stay bound to `cfg.ip`.
+    pub fn advertise(mut self, ip: Option<IpAddr>) -> Self {
+        self.advertise = ip;
+        self
+    }
+
+    /// Shares a source-address cache (see [`crate::source`]).
+    pub fn with_sources(mut self, sources: Arc<crate::source::SourceIps>) -> Self {
+        self.sources = sources;
+        self
+    }
+
+    /// The address SDP names toward a leg whose signaling comes from
+    /// `signaling`: `advertise_ip`, else the bound address, else (a
+    /// wildcard bind) our source address toward that peer — never
+    /// `0.0.0.0`, which a peer cannot send to.
+    pub fn sdp_address(&self, signaling: IpAddr) -> IpAddr {
+        if let Some(ip) = self.advertise {
+            return ip;
+        }
+        if !self.cfg.ip.is_unspecified() {
+            return self.cfg.ip;
+        }
+        self.sources.toward(signaling).unwrap_or(match self.cfg.ip {
+            IpAddr::V4(_) => IpAddr::from([127, 0, 0, 1]),
+            IpAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        })
     }
 
     fn calls(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Call>> {
@@ -443,7 +479,7 @@ impl MediaEngine {
         };
 
         let mut t_sdp = o_sdp.clone();
-        t_sdp.set_address(self.cfg.ip);
+        t_sdp.set_address(self.sdp_address(signaling));
         strip_transport(&mut t_sdp.session);
         let t_offer = if t_secure {
             let mut v = Vec::new();
@@ -540,7 +576,7 @@ impl MediaEngine {
         // The answer to the offerer: the answerer's (codecs, direction) with
         // our transport.
         let mut o_answer = t_sdp.clone();
-        o_answer.set_address(self.cfg.ip);
+        o_answer.set_address(self.sdp_address(pending.o_signaling));
         strip_transport(&mut o_answer.session);
         for (i, m) in o_answer.media.iter_mut().enumerate() {
             let offered = &pending.o_sdp.media[i];

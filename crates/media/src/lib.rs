@@ -13,6 +13,7 @@
 //! | [`playout`] | paced playout of bursty audio, RFC 3550 numbering |
 //! | [`relay`] | the per-call packet path, RFC 5761 rtcp-mux demux |
 //! | `batch` | Linux `recvmmsg`/`sendmmsg`/UDP GSO for the relay's hot path |
+//! | [`source`] | RFC 6724 source address selection: our address toward a peer, for wildcard binds |
 //! | [`engine`] | the B2BUA-facing API ([`MediaEngine`]) |
 // Unsafe code only in `batch` (raw recvmmsg/sendmmsg), which allows it.
 #![deny(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod playout;
 pub mod ports;
 pub mod relay;
 pub mod sdp;
+pub mod source;
 pub mod srtp;
 
 pub use engine::{MediaConfig, MediaEngine, MediaError, Profile};

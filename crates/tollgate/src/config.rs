@@ -249,6 +249,11 @@ pub struct SipSection {
     /// Digest (SPEC §4; default false: libre/baresip reject such a 401).
     pub bearer_challenge: Option<bool>,
     pub workers: Option<usize>,
+    /// The address named in Via, Contact and From instead of the bound one
+    /// (an edge behind 1:1 NAT).
+    pub advertise: Option<String>,
+    /// Largest SIP message accepted (bytes); larger requests get 513.
+    pub max_message_bytes: Option<usize>,
     /// SIGTERM: how long calls in progress may go on before the edge BYEs them.
     pub drain_timeout_s: Option<u64>,
     /// `[sip.lockout]`: sources that guess credentials are ignored.
@@ -322,6 +327,8 @@ pub struct LockoutSection {
 #[serde(deny_unknown_fields)]
 pub struct MediaSection {
     pub ip: Option<String>,
+    /// The address SDP names instead of `ip` (an edge behind 1:1 NAT).
+    pub advertise_ip: Option<String>,
     pub ports: Option<String>,
     pub timeout_s: Option<u64>,
 }
@@ -434,6 +441,29 @@ pub fn parse_port_range(field: &str, s: &str) -> Result<(u16, u16), ConfigError>
 pub fn parse_ip(field: &str, s: &str) -> Result<IpAddr, ConfigError> {
     s.parse()
         .map_err(|_| ConfigError(format!("{field}: {s:?} is not an IP address")))
+}
+
+/// An address to advertise (`sip.advertise`, `media.advertise_ip`): an IP
+/// a peer can send to, so not a wildcard and not multicast.
+pub fn parse_advertise(field: &str, s: &str) -> Result<IpAddr, ConfigError> {
+    let ip = parse_ip(field, s)?;
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(ConfigError(format!(
+            "{field}: {s:?} is not an address a peer can send to"
+        )));
+    }
+    Ok(ip)
+}
+
+/// `sip.max_message_bytes`: 1500 (one datagram) up to 65535 (UDP's limit).
+pub fn max_message_bytes(v: Option<usize>) -> Result<usize, ConfigError> {
+    let n = v.unwrap_or(tollgate_sip::message::DEFAULT_MAX_MESSAGE_BYTES);
+    if !(1500..=tollgate_sip::message::MAX_MESSAGE_LEN).contains(&n) {
+        return Err(ConfigError(format!(
+            "sip.max_message_bytes: must be 1500..=65535, not {n}"
+        )));
+    }
+    Ok(n)
 }
 
 /// A route target: a sip/sips URI whose host is an IP literal or `localhost`.

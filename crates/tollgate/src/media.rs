@@ -100,3 +100,14 @@ impl MediaHooks for EngineHooks {
         self.0.cancel_offer(call);
     }
 }
+
+/// The signaling core's view of the host's routes: the source address
+/// toward a peer, as the kernel picks it (cached; shared with the media
+/// engine, see `tollgate_media::source`).
+pub struct KernelRoute(pub Arc<tollgate_media::source::SourceIps>);
+
+impl tollgate_sip::local_addr::SourceRoute for KernelRoute {
+    fn source_ip(&self, peer: IpAddr) -> Option<IpAddr> {
+        self.0.toward(peer)
+    }
+}

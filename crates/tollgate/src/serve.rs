@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tollgate_keys::{
     FileKeyStore, FileReplayCache, KeyAdmin, KeyKind, KeyStore, Limits, ReplayCache,
@@ -33,6 +33,12 @@ pub struct Settings {
     /// `[[sip.digest_by_source]]`.
     pub digest_by_source: Vec<tollgate_keys::DigestBySource>,
     pub media_ip: std::net::IpAddr,
+    /// `[media] advertise_ip`: SDP names this instead of `media_ip`.
+    pub media_advertise_ip: Option<std::net::IpAddr>,
+    /// `[sip] advertise`: Via, Contact and From name this address.
+    pub sip_advertise: Option<std::net::IpAddr>,
+    /// `[sip] max_message_bytes`.
+    pub max_message_bytes: usize,
     pub media_ports: (u16, u16),
     pub media_timeout: Duration,
     /// SIGTERM drain: calls in progress may go on this long, then BYE.
@@ -301,6 +307,19 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         bearer_challenge: file.sip.bearer_challenge.unwrap_or(false),
         digest_by_source: config::parse_digest_by_source(&file.sip.digest_by_source)?,
         media_ip,
+        media_advertise_ip: file
+            .media
+            .advertise_ip
+            .as_deref()
+            .map(|ip| config::parse_advertise("media.advertise_ip", ip))
+            .transpose()?,
+        sip_advertise: file
+            .sip
+            .advertise
+            .as_deref()
+            .map(|ip| config::parse_advertise("sip.advertise", ip))
+            .transpose()?,
+        max_message_bytes: config::max_message_bytes(file.sip.max_message_bytes)?,
         media_ports,
         media_timeout: Duration::from_secs(media_timeout_s),
         drain_timeout: Duration::from_secs(drain_timeout_s),
@@ -621,7 +640,7 @@ async fn serve(
     for (t, a) in &s.listen {
         match t {
             Transport::Udp => {
-                let sock = bind_udp(*a).map_err(|e| bind_err(a, e))?;
+                let sock = driver::bind_udp(*a).map_err(|e| bind_err(a, e))?;
                 let bound = sock.local_addr().map_err(|e| bind_err(a, e))?;
                 local.insert(Transport::Udp, bound);
                 println!("tollgate: listening sip udp {bound}");
@@ -733,17 +752,23 @@ async fn serve(
         },
         invite_timeout: s.invite_timeout,
         local,
+        advertise: s.sip_advertise,
+        max_message_bytes: s.max_message_bytes,
         routes,
         numbers: s.trunk.numbers.clone(),
         checks_numbers: s.trunk.deny_list().is_ok_and(|d| d.is_active()),
     };
-    let engine = Arc::new(tollgate_media::MediaEngine::new(
-        tollgate_media::MediaConfig {
+    // Our address toward a peer, for wildcard listeners (SDP, Via, Contact).
+    let sources = Arc::new(tollgate_media::source::SourceIps::new());
+    let engine = Arc::new(
+        tollgate_media::MediaEngine::new(tollgate_media::MediaConfig {
             ip: s.media_ip,
             ports: s.media_ports,
             timeout: s.media_timeout,
-        },
-    ));
+        })
+        .advertise(s.media_advertise_ip)
+        .with_sources(sources.clone()),
+    );
     // Trunks and CDRs: budgets survive a restart through the CDR store.
     let cdrs = Arc::new(
         FileCdrStore::open(&data_dir)
@@ -921,6 +946,7 @@ async fn serve(
             tollgate_sip::B2bua::new(cfg.clone(), keys.clone(), replay.clone(), nonce_secret)
                 .with_policy(Box::new(policy))
                 .with_lockout(lockout.clone())
+                .with_source_route(Arc::new(crate::media::KernelRoute(sources.clone())))
                 .with_media(Box::new(crate::media::EngineHooks(engine.clone())));
         core.set_shard(index as u64, shards as u64);
         cores.push(core);
@@ -984,8 +1010,17 @@ async fn serve(
                 if new.listen != s.listen {
                     changed.push("sip.listen");
                 }
-                if new.media_ip != s.media_ip || new.media_ports != s.media_ports {
+                if new.media_ip != s.media_ip
+                    || new.media_ports != s.media_ports
+                    || new.media_advertise_ip != s.media_advertise_ip
+                {
                     changed.push("media");
+                }
+                if new.sip_advertise != s.sip_advertise {
+                    changed.push("sip.advertise");
+                }
+                if new.max_message_bytes != s.max_message_bytes {
+                    changed.push("sip.max_message_bytes");
                 }
                 if new.metrics_listen != s.metrics_listen {
                     changed.push("metrics.listen");
@@ -1163,22 +1198,6 @@ async fn build_routes(
         });
     }
     Ok(routes)
-}
-
-/// Socket buffer asked for the SIP UDP socket: a burst of thousands of
-/// messages must not overflow the kernel's default 208 KiB (the kernel caps it
-/// at net.core.rmem_max / wmem_max).
-const UDP_BUFFER: usize = 4 << 20;
-
-fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    // Best effort: a smaller buffer still works, it only drops earlier.
-    let _ = sock.set_recv_buffer_size(UDP_BUFFER);
-    let _ = sock.set_send_buffer_size(UDP_BUFFER);
-    sock.set_nonblocking(true)?;
-    sock.bind(&addr.into())?;
-    UdpSocket::from_std(sock.into())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
