@@ -166,7 +166,12 @@ struct ServerTxn {
     /// string.
     key: Arc<TxnKey>,
     invite: bool,
-    request: Message,
+    /// The request, until a final response other than an INVITE's 2xx is
+    /// sent: after that, absorbing a retransmission needs only the key and
+    /// `last` (a completed transaction lingers 32 s over UDP; keeping the
+    /// parsed request for it was most of the signaling memory per call).
+    /// An accepted INVITE keeps it for [`TxnEvent::NoAck`].
+    request: Option<Message>,
     peer: Peer,
     state: State,
     last: Option<Bytes>,
@@ -297,7 +302,7 @@ impl TxnLayer {
             ServerTxn {
                 key: key.clone(),
                 invite,
-                request: msg,
+                request: Some(msg),
                 peer,
                 state: if invite {
                     State::Proceeding
@@ -315,7 +320,7 @@ impl TxnLayer {
 
     /// The request that opened a server transaction.
     pub fn server_request(&self, key: &TxnKey) -> Option<&Message> {
-        self.servers.get(key).map(|t| &t.request)
+        self.servers.get(key).and_then(|t| t.request.as_ref())
     }
 
     pub fn server_peer(&self, key: &TxnKey) -> Option<&Peer> {
@@ -366,6 +371,9 @@ impl TxnLayer {
         } else {
             txn.state = State::Completed;
             txn.end_at = Some(if reliable { now } else { now + wait64 });
+        }
+        if txn.state == State::Completed {
+            txn.request = None;
         }
         let r = TimerRef::Server(txn.key.clone());
         let (retransmit_at, end_at) = (txn.retransmit_at, txn.end_at);
@@ -543,9 +551,11 @@ impl TxnLayer {
         };
         if txn.end_at.is_some_and(|e| e <= now) {
             let txn = self.servers.remove(&key);
-            if let Some(t) = txn.filter(|t| t.state == State::Accepted) {
+            if let Some(request) = txn
+                .filter(|t| t.state == State::Accepted)
+                .and_then(|t| t.request)
+            {
                 let key = TxnKey::clone(&key);
-                let request = t.request;
                 self.events.push_back(TxnEvent::NoAck { key, request });
             }
             return;
@@ -702,6 +712,38 @@ mod tests {
         l.on_response(t0, busy);
         assert_eq!(l.out.drain(..).count(), 1, "ACK resent");
         assert_eq!(l.events.drain(..).count(), 0, "retransmission not reported");
+    }
+
+    #[test]
+    fn a_completed_server_transaction_keeps_only_what_absorbing_needs() {
+        let t0 = Instant::now();
+        let mut l = TxnLayer::new(TimerConfig::default());
+        let p = peer(Transport::Udp);
+        // A rejected INVITE: retransmissions of it and its ACK are absorbed
+        // (the final resent) with the request gone.
+        let req = invite("z9hG4bKm");
+        let key = l.create_server(req.clone(), p.clone()).unwrap();
+        assert!(l.server_request(&key).is_some());
+        l.respond(t0, &key, &response(&req, 486));
+        assert!(
+            l.server_request(&key).is_none(),
+            "request kept after the final"
+        );
+        l.out.clear();
+        assert_eq!(l.match_request(t0, &req, &p), RequestMatch::Absorbed);
+        let resent = parse(&l.out.pop_front().unwrap().data).unwrap();
+        assert_eq!(resent.status(), Some(486));
+        let ack = build_ack(&req, &response(&req, 486));
+        assert_eq!(l.match_request(t0, &ack, &p), RequestMatch::Absorbed);
+        // An accepted INVITE keeps it until the ACK, for NoAck.
+        let req = invite("z9hG4bKn");
+        let key = l.create_server(req.clone(), p.clone()).unwrap();
+        l.respond(t0, &key, &response(&req, 200));
+        assert!(l.server_request(&key).is_some(), "a 2xx'd INVITE keeps it");
+        l.handle_timeout(t0 + Duration::from_secs(40));
+        assert!(l.events.iter().any(
+            |e| matches!(e, TxnEvent::NoAck { request, .. } if request.call_id() == req.call_id())
+        ));
     }
 
     #[test]
