@@ -66,6 +66,20 @@ def _children(pid):
     return kids
 
 
+def tree_rss_kib(pid):
+    """Resident memory of a process and its descendants, KiB (0 if gone)."""
+    total = 0
+    for p in tree(pid) if pid else []:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
 def tree(pid):
     out, todo = [], [pid]
     while todo:
@@ -344,6 +358,8 @@ def run_step(a, mode, tmp, rate, daemons, tag, key):
         cmd += ["-inf", inf]
     drops0 = udp_rcvbuf_errors()
     redis0 = redis_calls(a) if mode == "edge-redis" else None
+    server = daemons.get("edge")  # (kamailio: its children map one shared segment)
+    rss0 = tree_rss_kib(server)
     t0 = time.time()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(f"{tmp}/uac.stderr", "a"),
                          stdin=subprocess.DEVNULL, cwd=tmp)
@@ -354,6 +370,7 @@ def run_step(a, mode, tmp, rate, daemons, tag, key):
         while len(snaps) < 2 and p.poll() is None:
             if time.time() >= win[len(snaps)]:
                 snaps.append((time.time(), {n: tree_cpu(pid) for n, pid in procs.items()}, system_busy_seconds()))
+                rss1 = tree_rss_kib(server)
             time.sleep(0.05)
         rc, timed_out = wait_bounded(p, max(1.0, t0 + a.duration + 40 - time.time()))
     except BaseException:
@@ -372,6 +389,11 @@ def run_step(a, mode, tmp, rate, daemons, tag, key):
     ok = (not timed_out and fail_pct < a.max_fail_pct and st["steady_rate"] >= 0.95 * rate
           and st["SuccessfulCall(C)"] + st["FailedCall(C)"] >= calls)
     cpus = " ".join(f"{k}={v:.0f}%" for k, v in cpu.items())
+    # Every call created in the step is still held at its end (up, or its
+    # BYE's transaction lingering 32 s): memory per call of the server.
+    if len(snaps) == 2 and rss0:
+        held = max(1, int(rate * (a.duration - 0.0)))
+        cpus += f" rss={rss1 / 1024:.0f}MiB rss_per_call={(rss1 - rss0) / held:.2f}KiB"
     if redis0 is not None:
         time.sleep(1.0)  # the last CDRs' publication (every 250 ms)
         r1 = redis_calls(a)
