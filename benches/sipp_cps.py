@@ -22,7 +22,16 @@ the UAC's -inf CSV. The edge gets a key from `tollgate keys create`.
 Prints one line per step, a SUMMARY line per mode, the ratios edge/kamailio
 and edge/direct, and CPU ms per call for the edge and Kamailio.
 
+With --state redis (issue 12) the edge runs twice in the same run: embedded
+(mode edge) and on a redis-server of its own on 127.0.0.1 (mode edge-redis,
+[state] url, a key with a cps limit so that every INVITE runs the admission
+script: jti single use + GCRA). Per edge-redis step it prints the Redis round
+trips per INVITE from INFO commandstats (EVALSHA calls minus the CDR
+publications, counted by their XADD; target 1) and redis-server's CPU, and at
+the end RATIO edge-redis/edge (target >= 0.8) and CPU per call of both.
+
 Quick run:  benches/sipp_cps.py --only edge --rates 200,400 --duration 5 --repeats 1
+Redis:      benches/sipp_cps.py --only edge --state redis --rates 500,1000,2000 --repeats 1
 Full run:   benches/sipp_cps.py            (about 30 min on 2 cores)
 """
 import argparse, base64, csv, hashlib, hmac, json, os, shutil, signal, statistics
@@ -55,6 +64,20 @@ def _children(pid):
     except OSError:
         pass
     return kids
+
+
+def tree_rss_kib(pid):
+    """Resident memory of a process and its descendants, KiB (0 if gone)."""
+    total = 0
+    for p in tree(pid) if pid else []:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
 
 
 def tree(pid):
@@ -229,8 +252,44 @@ def start_kamailio(a, tmp):
     return p
 
 
-def start_edge(a, tmp, data_dir):
+def start_redis(a, tmp):
+    """A redis-server of the bench's own on 127.0.0.1:<port-base + 30>."""
+    d = tempfile.mkdtemp(prefix="redis-", dir=tmp)
+    p = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(a.redis_port),
+                          "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", d],
+                         stdout=open(f"{tmp}/redis.log", "a"), stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL)
+    end = time.time() + 10
+    while time.time() < end:
+        if redis_cli(a, "PING") == "PONG":
+            return p
+        time.sleep(0.1)
+    stop(p)
+    raise SystemExit(f"redis-server on {a.redis_port} did not answer, see {tmp}/redis.log")
+
+
+def redis_cli(a, *args):
+    r = subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(a.redis_port), *args],
+                       capture_output=True, text=True, timeout=10)
+    return r.stdout.strip()
+
+
+def redis_calls(a):
+    """INFO commandstats as {command: calls} (script-run commands included)."""
+    out = {}
+    for line in redis_cli(a, "INFO", "commandstats").splitlines():
+        if line.startswith("cmdstat_") and ":" in line:
+            name, rest = line[len("cmdstat_"):].split(":", 1)
+            for f in rest.split(","):
+                if f.startswith("calls="):
+                    out[name] = int(f[len("calls="):])
+    return out
+
+
+def edge_config(a, tmp, redis):
     cfg = f"{tmp}/tollgate.toml"
+    state = (f'\n[state]\nurl = "redis://127.0.0.1:{a.redis_port}/0"\nnode = "bench"\n'
+             if redis else "")
     with open(cfg, "w") as f:
         f.write(f"""[sip]
 listen = ["udp:127.0.0.1:{a.proxy_port}"]
@@ -250,7 +309,11 @@ listen = "127.0.0.1:0"
 [[routes]]
 target = "sip:service@127.0.0.1:{a.uas_port}"
 media = "rtp"
-""")
+{state}""")
+    return cfg
+
+
+def start_edge(a, tmp, data_dir, cfg):
     env = dict(os.environ, RUST_LOG=a.edge_log)
     p = subprocess.Popen([a.tollgate, "serve", "--data-dir", data_dir, "--config", cfg],
                          stdout=subprocess.PIPE, stderr=open(f"{tmp}/edge.stderr", "a"),
@@ -276,7 +339,7 @@ def run_step(a, mode, tmp, rate, daemons, tag, key):
     stat = f"{tmp}/uac_{tag}_{rate}.csv"
     target = f"127.0.0.1:{a.uas_port if mode == 'direct' else a.proxy_port}"
     scen = {"direct": f"{a.kit}/sipp/uac.xml", "kamailio": f"{a.kit}/sipp/uac_auth.xml",
-            "edge": f"{TESTS_SIPP}/uac_bearer.xml"}[mode]
+            "edge": f"{TESTS_SIPP}/uac_bearer.xml", "edge-redis": f"{TESTS_SIPP}/uac_bearer.xml"}[mode]
     cmd = [SIPP, "-sf", scen, target, "-i", "127.0.0.1", "-p", str(a.uac_port),
            "-mp", str(a.port_base + 50), "-cp", str(a.port_base + 56), "-nostdin",
            "-r", str(rate), "-m", str(calls), "-d", str(a.call_ms), "-l", str(max(3 * rate, 1000)),
@@ -286,7 +349,7 @@ def run_step(a, mode, tmp, rate, daemons, tag, key):
            "-trace_err", "-error_file", f"{tmp}/uac_{tag}_{rate}_err.log"]
     if mode == "kamailio":
         cmd += ["-au", "peeruser", "-ap", "secret"]
-    if mode == "edge":
+    if mode.startswith("edge"):
         inf = f"{tmp}/tokens_{tag}_{rate}.csv"
         with open(inf, "w") as f:
             f.write("SEQUENTIAL\n")
@@ -294,6 +357,9 @@ def run_step(a, mode, tmp, rate, daemons, tag, key):
                 f.write(t + ";\n")
         cmd += ["-inf", inf]
     drops0 = udp_rcvbuf_errors()
+    redis0 = redis_calls(a) if mode == "edge-redis" else None
+    server = daemons.get("edge")  # (kamailio: its children map one shared segment)
+    rss0 = tree_rss_kib(server)
     t0 = time.time()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(f"{tmp}/uac.stderr", "a"),
                          stdin=subprocess.DEVNULL, cwd=tmp)
@@ -304,6 +370,7 @@ def run_step(a, mode, tmp, rate, daemons, tag, key):
         while len(snaps) < 2 and p.poll() is None:
             if time.time() >= win[len(snaps)]:
                 snaps.append((time.time(), {n: tree_cpu(pid) for n, pid in procs.items()}, system_busy_seconds()))
+                rss1 = tree_rss_kib(server)
             time.sleep(0.05)
         rc, timed_out = wait_bounded(p, max(1.0, t0 + a.duration + 40 - time.time()))
     except BaseException:
@@ -322,6 +389,19 @@ def run_step(a, mode, tmp, rate, daemons, tag, key):
     ok = (not timed_out and fail_pct < a.max_fail_pct and st["steady_rate"] >= 0.95 * rate
           and st["SuccessfulCall(C)"] + st["FailedCall(C)"] >= calls)
     cpus = " ".join(f"{k}={v:.0f}%" for k, v in cpu.items())
+    # Every call created in the step is still held at its end (up, or its
+    # BYE's transaction lingering 32 s): memory per call of the server.
+    if len(snaps) == 2 and rss0:
+        held = max(1, int(rate * (a.duration - 0.0)))
+        cpus += f" rss={rss1 / 1024:.0f}MiB rss_per_call={(rss1 - rss0) / held:.2f}KiB"
+    if redis0 is not None:
+        time.sleep(1.0)  # the last CDRs' publication (every 250 ms)
+        r1 = redis_calls(a)
+        d = {k: r1.get(k, 0) - redis0.get(k, 0) for k in r1}
+        invites = max(1, int(created))
+        trips = (d.get("evalsha", 0) + d.get("eval", 0) - d.get("xadd", 0)) / invites
+        cpus += (f" redis_round_trips_per_invite={trips:.2f} (evalsha={d.get('evalsha', 0)} "
+                 f"cdr_xadd={d.get('xadd', 0)} invites={invites})")
     print(f"  [{mode} {tag}] target={rate:>5} cps calls={int(created)} ok={int(st['SuccessfulCall(C)'])} "
           f"failed={int(st['FailedCall(C)'])} ({fail_pct:.2f}%) steady={st['steady_rate']:.0f} cps "
           f"retrans={int(st['Retransmissions(C)'])} udp_rcvbuf_drops={drops} "
@@ -335,7 +415,7 @@ def sweep(a, mode, rates):
     os.makedirs(tmp, exist_ok=True)
     best = []
     for rep in range(1, a.repeats + 1):
-        uas = srv = None
+        uas = srv = redis = None
         key = None
         try:
             uas = start_uas(a, tmp)
@@ -343,11 +423,21 @@ def sweep(a, mode, rates):
             if mode == "kamailio":
                 srv = start_kamailio(a, tmp)
                 daemons["kamailio"] = srv.pid
-            elif mode == "edge":
+            elif mode.startswith("edge"):
                 data_dir = tempfile.mkdtemp(prefix=f"data{rep}-", dir=tmp)
-                key = subprocess.run([a.tollgate, "keys", "create", "--data-dir", data_dir, "--name", "bench"],
-                                     check=True, capture_output=True, text=True, timeout=60).stdout.strip()
-                srv = start_edge(a, tmp, data_dir)
+                on_redis = mode == "edge-redis"
+                if on_redis:
+                    redis = start_redis(a, tmp)
+                    daemons["redis"] = redis.pid
+                cfg = edge_config(a, tmp, on_redis)
+                create = [a.tollgate, "keys", "create", "--data-dir", data_dir, "--name", "bench"]
+                if on_redis:
+                    # A cps limit (far above the load): the admission script
+                    # runs its GCRA as well as the jti's SET NX.
+                    create += ["--config", cfg, "--cps", "1000000"]
+                key = subprocess.run(create, check=True, capture_output=True, text=True,
+                                     timeout=60).stdout.strip()
+                srv = start_edge(a, tmp, data_dir, cfg)
                 daemons["edge"] = srv.pid
             top, top_cpu, top_steady = 0, {}, 0.0
             for rate in rates:
@@ -359,6 +449,7 @@ def sweep(a, mode, rates):
         finally:
             stop(srv)
             stop(uas)
+            stop(redis)
         print(f"  [{mode}] repeat {rep}: highest passing rate = {top} cps  cpu@top: "
               + " ".join(f"{k}={v:.0f}%" for k, v in top_cpu.items()), flush=True)
         best.append((top, top_cpu, top_steady))
@@ -389,11 +480,18 @@ def main():
     ap.add_argument("--peers", default=os.environ.get("PEERS_KIT", DEFAULT_PEERS),
                     help="the peers kit (kamailio.cfg, sipp/uac*.xml, sipp/uas.xml); copied to --tmp")
     ap.add_argument("--tmp", default="/tmp/tollgate-bench/cps")
+    ap.add_argument("--state", choices=["embedded", "redis"], default="embedded",
+                    help="redis: run the edge on a Redis of its own as well (mode edge-redis), next to embedded")
     ap.add_argument("--port-base", type=int, default=int(os.environ.get("BENCH_SIP_PORT_BASE", 5160)),
                     help="proxy/edge=base, UAC=base+10, UAS=base+20; SIPp media/control base+40..+56")
     a = ap.parse_args()
     modes = a.only or ["direct", "kamailio", "edge"]
+    if a.state == "redis" and "edge" in modes:
+        modes = modes + ["edge-redis"]
+        if shutil.which("redis-server") is None:
+            raise SystemExit("redis-server not found (Debian: apt-get install redis-server)")
     a.proxy_port, a.uac_port, a.uas_port = a.port_base, a.port_base + 10, a.port_base + 20
+    a.redis_port = a.port_base + 30
     if shutil.which(SIPP) is None:
         raise SystemExit("sipp not found (Debian: apt-get install sip-tester)")
     if "kamailio" in modes and not os.path.exists(KAMAILIO):
@@ -410,14 +508,25 @@ def main():
     shutil.rmtree(kit, ignore_errors=True)
     shutil.copytree(a.peers, kit, ignore=shutil.ignore_patterns("rtpengine"))
     a.kit = kit
+    # Every process under test inherits this: an anchored call holds four UDP
+    # sockets, so at 5,000 calls/s x 1 s an edge needs ~25,000 descriptors
+    # (Kamailio and SIPp get the same room). Root may raise the hard limit.
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 17
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
     print(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} {os.cpu_count()} cores, load {load}; modes={modes} "
           f"duration={a.duration}s call={a.call_ms}ms repeats={a.repeats} ports proxy/edge={a.proxy_port} "
-          f"uac={a.uac_port} uas={a.uas_port} edge={a.tollgate}", flush=True)
+          f"uac={a.uac_port} uas={a.uas_port} edge={a.tollgate} nofile={nofile}", flush=True)
     res = {}
     for m in modes:
-        rates = [int(x) for x in (a.rates or DEFAULT_RATES[m]).split(",")]
+        rates = [int(x) for x in (a.rates or DEFAULT_RATES["edge" if m == "edge-redis" else m]).split(",")]
         res[m] = sweep(a, m, rates)
 
     def per_call_ms(mode, proc):
@@ -436,6 +545,15 @@ def main():
         if ms is not None:
             print(f"CPU edge = {ms:.3f} ms per call (edge process at {res['edge'][1][0]} cps, "
                   f"{res['edge'][1][1]['edge']:.0f}% of one core)")
+    if "edge-redis" in res:
+        if res.get("edge", (0,))[0]:
+            print(f"RATIO edge-redis/edge = {res['edge-redis'][0] / res['edge'][0]:.2f} (target >= 0.8)")
+        ms = per_call_ms("edge-redis", "edge")
+        if ms is not None:
+            print(f"CPU edge on redis = {ms:.3f} ms per call (edge process at {res['edge-redis'][1][0]} cps)")
+        ms = per_call_ms("edge-redis", "redis")
+        if ms is not None:
+            print(f"CPU redis-server = {ms:.3f} ms per call")
     if "kamailio" in res:
         ms = per_call_ms("kamailio", "kamailio")
         if ms is not None:

@@ -75,6 +75,8 @@ crates/media/scripts/install-test-deps.sh
 scripts/install-secret-scan-deps.sh
 # pjsua2 (PJSIP's Python binding) in a venv: the interop matrix's PJSIP case.
 scripts/install-interop-deps.sh
+# pipecat-ai and websockets in a venv: the stream tests' backend (e2e_streams).
+scripts/install-streams-deps.sh
 
 cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads=4

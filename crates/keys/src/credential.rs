@@ -17,7 +17,7 @@ use std::sync::Arc;
 use crate::digest::{self, Algorithm, DigestError, NonceIssuer};
 use crate::jwt::{self, Claims};
 use crate::number::{Dest, NumberPlan, Prefix};
-use crate::replay::{ReplayCache, Use};
+use crate::replay::{PendingUse, ReplayCache, Use};
 use crate::store::{source_allowed, KeyRecord, KeyStore, Scope};
 use crate::KeyKind;
 
@@ -131,9 +131,16 @@ pub struct Principal {
     pub caller: Dest,
     /// The identity came from a P-Asserted-Identity of a trusted source.
     pub asserted: bool,
+    /// The credential's single use, still to be recorded by the call's
+    /// admission (a [`ReplayCache::deferred`] cache); `None`: recorded
+    /// already, or nothing to record (a trusted source).
+    pub pending_use: Option<PendingUse>,
 }
 
 /// The result of the check; the SIP layer maps it to a response.
+// Made once per INVITE and matched at once: boxing the principal would
+// cost an allocation per call for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Outcome {
     /// Authenticated and allowed by the key's policy.
@@ -189,6 +196,13 @@ impl Outcome {
             | Outcome::Unavailable { reason } => reason,
         }
     }
+}
+
+fn invalid_token_header(cfg: &AuthConfig) -> String {
+    format!(
+        "Bearer realm={}, error=\"invalid_token\"",
+        digest::quote(&cfg.realm)
+    )
 }
 
 fn unavailable() -> Outcome {
@@ -371,10 +385,7 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
         cfg: &AuthConfig,
     ) -> Outcome {
         let invalid = |reason| Outcome::InvalidToken {
-            header: format!(
-                "Bearer realm={}, error=\"invalid_token\"",
-                digest::quote(&cfg.realm)
-            ),
+            header: invalid_token_header(cfg),
             reason,
         };
         let now = Self::now_u64(cfg);
@@ -399,15 +410,12 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
         if !to_ok || !from_ok {
             return invalid("claim_mismatch");
         }
-        match self
-            .replay
-            .record_use(&format!("{kid}:{}", claims.jti), claims.exp, cfg.now)
-        {
-            Use::First => {}
-            Use::Replayed => return invalid("replayed"),
-            Use::Unavailable => return unavailable(),
-        }
-        self.admit(rec, Method::Bearer, Some(claims), inv, call, cfg)
+        let pending = match self.use_once(format!("{kid}:{}", claims.jti), claims.exp, cfg) {
+            Ok(p) => p,
+            Err(Use::Unavailable) => return unavailable(),
+            Err(_) => return invalid("replayed"),
+        };
+        self.admit(rec, Method::Bearer, Some(claims), pending, inv, call, cfg)
     }
 
     fn check_digest(
@@ -475,15 +483,12 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
             return invalid("stale_nonce", true);
         }
         let expires_at = i64::try_from(expiry).unwrap_or(i64::MAX);
-        match self
-            .replay
-            .record_use(&format!("nonce:{}", resp.nonce), expires_at, cfg.now)
-        {
-            Use::First => {}
-            Use::Replayed => return invalid("nonce_reused", true),
-            Use::Unavailable => return unavailable(),
-        }
-        self.admit(rec, Method::Digest, None, inv, call, cfg)
+        let pending = match self.use_once(format!("nonce:{}", resp.nonce), expires_at, cfg) {
+            Ok(p) => p,
+            Err(Use::Unavailable) => return unavailable(),
+            Err(_) => return invalid("nonce_reused", true),
+        };
+        self.admit(rec, Method::Digest, None, pending, inv, call, cfg)
     }
 
     /// Credential-less INVITE: admitted if a usable key lists a trusted CIDR
@@ -496,7 +501,7 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
         cfg: &AuthConfig,
     ) -> Outcome {
         match self.store.trusted_for(inv.source_ip, Self::now_u64(cfg)) {
-            Some(rec) => self.admit(rec, Method::SourceIp, None, inv, call, cfg),
+            Some(rec) => self.admit(rec, Method::SourceIp, None, None, inv, call, cfg),
             None => Outcome::Challenge {
                 headers: self.challenge_headers(cfg, false, inv.source_ip),
             },
@@ -507,11 +512,48 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
     /// P-Asserted-Identity replaces it only from a trusted source
     /// ([`Method::SourceIp`], RFC 3325 trust domain); anywhere else it is
     /// ignored here and removed by the B2BUA (leg B gets only `caller`).
+    /// Records the single use of `id` now, or (a deferred cache) hands it on
+    /// to the call's admission; `Err`: replayed or unavailable.
+    fn use_once(
+        &self,
+        id: String,
+        expires_at: i64,
+        cfg: &AuthConfig,
+    ) -> Result<Option<PendingUse>, Use> {
+        if self.replay.deferred() {
+            return Ok(Some(PendingUse { id, expires_at }));
+        }
+        match self.replay.record_use(&id, expires_at, cfg.now) {
+            Use::First => Ok(None),
+            refused => Err(refused),
+        }
+    }
+
+    /// The answer to a credential whose [`PendingUse`] the admission found
+    /// used before: what [`Authenticator::check`] answers to a replay when
+    /// it records the use itself (`401`, a fresh `stale=true` challenge for
+    /// a digest nonce).
+    pub fn replayed(&self, pending: &PendingUse, source: IpAddr, cfg: &AuthConfig) -> Outcome {
+        if pending.is_nonce() {
+            Outcome::InvalidDigest {
+                headers: self.challenge_headers(cfg, true, source),
+                reason: "nonce_reused",
+            }
+        } else {
+            Outcome::InvalidToken {
+                header: invalid_token_header(cfg),
+                reason: "replayed",
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn admit(
         &self,
         key: Arc<KeyRecord>,
         method: Method,
         claims: Option<Claims>,
+        pending_use: Option<PendingUse>,
         inv: &InviteView<'_>,
         call: &CallParties<'_>,
         cfg: &AuthConfig,
@@ -541,6 +583,7 @@ impl<S: KeyStore + ?Sized, R: ReplayCache + ?Sized> Authenticator<S, R> {
                 destination: call.destination.clone(),
                 caller,
                 asserted,
+                pending_use,
             }),
             Err(PolicyRefusal::AddressIncomplete) => Outcome::AddressIncomplete,
             Err(PolicyRefusal::Forbidden(reason)) => Outcome::Forbidden { reason },
@@ -749,6 +792,63 @@ mod tests {
         let authz = digest_authz(key.id(), &pw, Algorithm::Md5, &n, RURI, true);
         let o = f.check(&[&authz]);
         assert!(matches!(o, Outcome::Unavailable { .. }), "{o:?}");
+    }
+
+    /// A shared cache that records uses with the admission (SPEC §8).
+    struct DeferredCache;
+    impl ReplayCache for DeferredCache {
+        fn first_use(&self, _: &str, _: i64, _: i64) -> bool {
+            panic!("a deferred cache is never asked by the credential check")
+        }
+        fn deferred(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn deferred_cache_hands_the_use_to_the_admission_and_a_replay_answers_as_before() {
+        let store = Arc::new(MemoryKeyStore::new());
+        let f = Fixture {
+            auth: Authenticator::new(store.clone(), Arc::new(DeferredCache), [42; 32]),
+            store,
+        };
+        let key = f.key(KeyKind::Secret, Limits::default());
+        let p = assert_accepted(f.check(&[&bearer(&key, &claims("j1"))]), Method::Bearer);
+        let pending = p.pending_use.expect("the jti is left to the admission");
+        assert_eq!(pending.id, format!("{}:j1", key.id()));
+        assert!(!pending.is_nonce());
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_invalid_token(f.auth.replayed(&pending, ip, &cfg(NOW)), "replayed");
+        let n = nonce(&f, NOW);
+        let authz = digest_authz(
+            key.id(),
+            &key.digest_password(),
+            Algorithm::Md5,
+            &n,
+            RURI,
+            true,
+        );
+        let p = assert_accepted(f.check(&[&authz]), Method::Digest);
+        let pending = p.pending_use.expect("the nonce is left to the admission");
+        assert_eq!(pending.id, format!("nonce:{n}"));
+        match f.auth.replayed(&pending, ip, &cfg(NOW)) {
+            Outcome::InvalidDigest { headers, reason } => {
+                assert_eq!(reason, "nonce_reused");
+                assert!(
+                    headers.iter().all(|h| h.contains("stale=true")),
+                    "{headers:?}"
+                );
+            }
+            o => panic!("expected InvalidDigest, got {o:?}"),
+        }
+        // The embedded cache records at once: nothing pending.
+        let embedded = Fixture::new();
+        let key = embedded.key(KeyKind::Secret, Limits::default());
+        let p = assert_accepted(
+            embedded.check(&[&bearer(&key, &claims("j2"))]),
+            Method::Bearer,
+        );
+        assert_eq!(p.pending_use, None);
     }
 
     fn assert_invalid_token(o: Outcome, want: &str) {

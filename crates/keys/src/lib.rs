@@ -32,7 +32,7 @@ pub use credential::{
 };
 pub use digest::{Algorithm, DigestError, DigestResponse, NonceIssuer};
 pub use jwt::{Claims, TokenError};
-pub use replay::{FileReplayCache, MemoryReplayCache, ReplayCache, ReplayLoad, Use};
+pub use replay::{FileReplayCache, MemoryReplayCache, PendingUse, ReplayCache, ReplayLoad, Use};
 pub use store::{
     FileKeyStore, KeyAdmin, KeyRecord, KeyStore, Limits, MemoryKeyStore, Scope, SecretMaterial,
 };

@@ -38,6 +38,35 @@ pub trait ReplayCache: Send + Sync {
             Use::Replayed
         }
     }
+
+    /// True for a shared cache that records a use in the same round trip
+    /// as the call's admission (SPEC §8: one INVITE, one request to the
+    /// store): the credential check then does not call
+    /// [`record_use`](ReplayCache::record_use) but hands the use on as a
+    /// [`PendingUse`] in its [`Principal`](crate::Principal), and whoever
+    /// admits the call must record it (a replay is still a `401`).
+    /// Embedded caches record at once (the default, `false`).
+    fn deferred(&self) -> bool {
+        false
+    }
+}
+
+/// A single use of a credential that the call's admission records
+/// ([`ReplayCache::deferred`]): the id and expiry
+/// [`ReplayCache::record_use`] would have been given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingUse {
+    /// `"<kid>:<jti>"` for a token, `"nonce:<nonce>"` for a digest nonce.
+    pub id: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+}
+
+impl PendingUse {
+    /// A digest nonce (else a token's `jti`).
+    pub fn is_nonce(&self) -> bool {
+        self.id.starts_with("nonce:")
+    }
 }
 
 /// The answer of [`ReplayCache::record_use`].

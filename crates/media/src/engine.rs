@@ -93,6 +93,28 @@ struct LegPorts {
     pair: PortPair,
 }
 
+/// The sockets an ended call left bound to `pair`, emptied of what they
+/// received since (a late packet of the old call must not reach the new
+/// one). Gives the pair back if it has none or they fail (they close; the
+/// caller binds anew).
+fn warm_leg(mut pair: PortPair) -> Result<LegPorts, PortPair> {
+    let Some([rtp, rtcp]) = pair.take_sockets() else {
+        return Err(pair);
+    };
+    let mut buf = [0u8; 2048];
+    for s in [&rtp, &rtcp] {
+        // Bounded: a flood at an idle port cannot hold the shard here.
+        for _ in 0..1024 {
+            match s.recv_from(&mut buf) {
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return Err(pair),
+            }
+        }
+    }
+    Ok(LegPorts { rtp, rtcp, pair })
+}
+
 /// What a peer's SDP says about where and how it receives.
 #[derive(Debug, Clone, Copy)]
 struct PeerMedia {
@@ -213,6 +235,10 @@ pub struct MediaEngine {
     ports: PortAllocator,
     provider: Arc<dyn SrtpProvider>,
     calls: Mutex<HashMap<u64, Call>>,
+    /// `[media] advertise_ip`: the address SDP names (1:1 NAT).
+    advertise: Option<IpAddr>,
+    /// Our address toward a peer, for SDP when `cfg.ip` is a wildcard.
+    sources: Arc<crate::source::SourceIps>,
 }
 
 impl MediaEngine {
@@ -228,7 +254,39 @@ impl MediaEngine {
             cfg,
             provider,
             calls: Mutex::new(HashMap::new()),
+            advertise: None,
+            sources: Arc::new(crate::source::SourceIps::new()),
         }
+    }
+
+    /// SDP names `ip` (`[media] advertise_ip`, an edge behind 1:1 NAT)
+    /// while the relay's sockets stay bound to `cfg.ip`.
+    pub fn advertise(mut self, ip: Option<IpAddr>) -> Self {
+        self.advertise = ip;
+        self
+    }
+
+    /// Shares a source-address cache (see [`crate::source`]).
+    pub fn with_sources(mut self, sources: Arc<crate::source::SourceIps>) -> Self {
+        self.sources = sources;
+        self
+    }
+
+    /// The address SDP names toward a leg whose signaling comes from
+    /// `signaling`: `advertise_ip`, else the bound address, else (a
+    /// wildcard bind) our source address toward that peer — never
+    /// `0.0.0.0`, which a peer cannot send to.
+    pub fn sdp_address(&self, signaling: IpAddr) -> IpAddr {
+        if let Some(ip) = self.advertise {
+            return ip;
+        }
+        if !self.cfg.ip.is_unspecified() {
+            return self.cfg.ip;
+        }
+        self.sources.toward(signaling).unwrap_or(match self.cfg.ip {
+            IpAddr::V4(_) => IpAddr::from([127, 0, 0, 1]),
+            IpAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        })
     }
 
     fn calls(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Call>> {
@@ -249,18 +307,41 @@ impl MediaEngine {
         // range: try well past a few such pairs before calling it exhaustion.
         let mut last = None;
         for _ in 0..64 {
-            let pair = self.ports.allocate().ok_or(MediaError::Ports)?;
-            let bind = |port| {
-                let s = StdUdpSocket::bind(SocketAddr::new(self.cfg.ip, port))?;
-                s.set_nonblocking(true)?;
-                Ok::<_, std::io::Error>(s)
+            let pair = match warm_leg(self.ports.allocate().ok_or(MediaError::Ports)?) {
+                Ok(legs) => return Ok(legs),
+                Err(pair) => pair,
             };
-            match (bind(pair.rtp()), bind(pair.rtcp())) {
-                (Ok(rtp), Ok(rtcp)) => return Ok(LegPorts { pair, rtp, rtcp }),
-                (Err(e), _) | (_, Err(e)) => last = Some(e),
+            match self.bind_pair(pair) {
+                Ok(legs) => return Ok(legs),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => last = Some(e),
+                // Out of file descriptors (EMFILE/ENFILE) or memory: another
+                // pair would fail the same way. Retrying cost 128 socket(2)
+                // calls per refused call, and under overload that spiral
+                // collapsed the edge (the CPS profile: 75 % of its CPU in
+                // socket creation that failed). Sockets pooled from ended
+                // calls need no new descriptor.
+                Err(e) => {
+                    while let Some(pair) = self.ports.allocate_warm() {
+                        if let Ok(legs) = warm_leg(pair) {
+                            return Ok(legs);
+                        }
+                    }
+                    return Err(MediaError::Bind(e));
+                }
             }
         }
         Err(last.map_or(MediaError::Ports, MediaError::Bind))
+    }
+
+    fn bind_pair(&self, pair: PortPair) -> std::io::Result<LegPorts> {
+        let bind = |port| {
+            let s = StdUdpSocket::bind(SocketAddr::new(self.cfg.ip, port))?;
+            s.set_nonblocking(true)?;
+            Ok::<_, std::io::Error>(s)
+        };
+        let rtp = bind(pair.rtp())?;
+        let rtcp = bind(pair.rtcp())?;
+        Ok(LegPorts { rtp, rtcp, pair })
     }
 
     /// Leg A's offer: allocates both legs' ports and returns the SDP to send
@@ -398,7 +479,7 @@ impl MediaEngine {
         };
 
         let mut t_sdp = o_sdp.clone();
-        t_sdp.set_address(self.cfg.ip);
+        t_sdp.set_address(self.sdp_address(signaling));
         strip_transport(&mut t_sdp.session);
         let t_offer = if t_secure {
             let mut v = Vec::new();
@@ -495,7 +576,7 @@ impl MediaEngine {
         // The answer to the offerer: the answerer's (codecs, direction) with
         // our transport.
         let mut o_answer = t_sdp.clone();
-        o_answer.set_address(self.cfg.ip);
+        o_answer.set_address(self.sdp_address(pending.o_signaling));
         strip_transport(&mut o_answer.session);
         for (i, m) in o_answer.media.iter_mut().enumerate() {
             let offered = &pending.o_sdp.media[i];

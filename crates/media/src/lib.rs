@@ -9,8 +9,11 @@
 //! | [`sdp`] | RFC 4566 SDP, RFC 3264 offer/answer, RFC 4568 SDES `a=crypto` |
 //! | [`ports`] | RFC 3550 §11 even/odd RTP/RTCP port pairs |
 //! | [`latch`] | symmetric RTP with latching (SPEC §5), RTP-bleed protection, the NAT safety rule |
+//! | [`g711`] | ITU-T G.711 µ-law/A-law, µ<->A tables |
+//! | [`playout`] | paced playout of bursty audio, RFC 3550 numbering |
 //! | [`relay`] | the per-call packet path, RFC 5761 rtcp-mux demux |
 //! | `batch` | Linux `recvmmsg`/`sendmmsg`/UDP GSO for the relay's hot path |
+//! | [`source`] | RFC 6724 source address selection: our address toward a peer, for wildcard binds |
 //! | [`engine`] | the B2BUA-facing API ([`MediaEngine`]) |
 // Unsafe code only in `batch` (raw recvmmsg/sendmmsg), which allows it.
 #![deny(unsafe_code)]
@@ -18,10 +21,13 @@
 #[cfg(target_os = "linux")]
 mod batch;
 pub mod engine;
+pub mod g711;
 pub mod latch;
+pub mod playout;
 pub mod ports;
 pub mod relay;
 pub mod sdp;
+pub mod source;
 pub mod srtp;
 
 pub use engine::{MediaConfig, MediaEngine, MediaError, Profile};

@@ -395,11 +395,32 @@ impl Relay {
 }
 
 /// A leg's two sockets, and the ports they hold: the pair goes back to the
-/// pool only after the sockets are closed (fields drop in order).
+/// pool only after these sockets are closed (fields drop in order), keeping
+/// a duplicate of each for the next call (see [`crate::ports`]).
 pub struct Sockets {
     pub rtp: UdpSocket,
     pub rtcp: UdpSocket,
     pub ports: Option<crate::ports::PortPair>,
+}
+
+impl Drop for Sockets {
+    fn drop(&mut self) {
+        use std::os::fd::AsFd;
+        let Some(pair) = self.ports.as_mut() else {
+            return;
+        };
+        // dup(2): the tokio sockets deregister from the reactor and close
+        // their descriptors as the fields drop; the duplicates keep the
+        // ports bound, without a new socket(2) and bind(2) per call.
+        let dup = |s: &UdpSocket| {
+            s.as_fd()
+                .try_clone_to_owned()
+                .map(std::net::UdpSocket::from)
+        };
+        if let (Ok(rtp), Ok(rtcp)) = (dup(&self.rtp), dup(&self.rtcp)) {
+            pair.recycle(rtp, rtcp);
+        }
+    }
 }
 
 /// How the relay task moves datagrams.

@@ -4,6 +4,8 @@
 //! transaction layer beneath it: the driver feeds messages and time in and
 //! takes [`Transmit`]s out.
 
+use crate::core_metrics::CoreMetrics;
+use crate::local_addr::{own_address, NoRoute, SourceRoute};
 use crate::lockout::{Lockout, LockoutConfig};
 use crate::message::{
     self, header_user, name_addr_uri, reason_phrase, response_to, Header, Message, SipUri,
@@ -111,8 +113,15 @@ pub struct Config {
     pub timers: TimerConfig,
     /// Leg B gave no final answer in this time: CANCEL it and answer 408.
     pub invite_timeout: Duration,
-    /// The edge's own address per transport, for Via and Contact.
+    /// The edge's own address per transport, for Via and Contact (a
+    /// wildcard is replaced per peer, see [`crate::local_addr`]).
     pub local: HashMap<Transport, SocketAddr>,
+    /// `[sip] advertise`: the address named in Via, Contact and From in
+    /// place of the bound one (an edge behind 1:1 NAT).
+    pub advertise: Option<IpAddr>,
+    /// `[sip] max_message_bytes`: larger messages get `513` (requests) or
+    /// are dropped (responses, ACK).
+    pub max_message_bytes: usize,
     pub routes: Vec<Route>,
     /// How numbers are canonicalized (`[numbers]`, SPEC §4a).
     pub numbers: NumberPlan,
@@ -182,6 +191,42 @@ pub enum EndCause {
     /// without the answer to a late offer, an answer or offer the media
     /// relay cannot serve. Both legs got a BYE.
     OfferAnswerFailed,
+    /// The call's media stream to an AI backend (SPEC §10) failed or closed.
+    Stream(StreamEnd),
+}
+
+/// Why a media stream (SPEC §10) ended a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StreamEnd {
+    /// The backend did not complete the connection in time.
+    ConnectTimeout,
+    /// TCP connection refused or unreachable, or the name did not resolve.
+    ConnectFailed,
+    /// The address is not allowed (`[streams] allow_cidrs`).
+    NotPermitted,
+    /// The TLS handshake failed (certificate, name, protocol).
+    TlsFailed,
+    /// The backend answered the upgrade with something else than 101.
+    Rejected,
+    /// The backend closed the WebSocket (or the connection dropped).
+    Closed,
+    /// The backend sent something outside the message set.
+    ProtocolError,
+}
+
+impl StreamEnd {
+    pub fn label(self) -> &'static str {
+        match self {
+            StreamEnd::ConnectTimeout => "stream_connect_timeout",
+            StreamEnd::ConnectFailed => "stream_connect_failed",
+            StreamEnd::NotPermitted => "stream_not_permitted",
+            StreamEnd::TlsFailed => "stream_tls_failed",
+            StreamEnd::Rejected => "stream_rejected",
+            StreamEnd::Closed => "stream_closed",
+            StreamEnd::ProtocolError => "stream_protocol_error",
+        }
+    }
 }
 
 impl EndCause {
@@ -197,6 +242,7 @@ impl EndCause {
             EndCause::Admin => "admin",
             EndCause::MediaTimeout => "media_timeout",
             EndCause::OfferAnswerFailed => "offer_answer_failed",
+            EndCause::Stream(s) => s.label(),
         }
     }
 }
@@ -366,6 +412,11 @@ pub struct AdmitInfo<'a> {
     pub from: &'a str,
     /// The bearer token's `webhook` claim, if any (unchecked text).
     pub webhook: Option<&'a str>,
+    /// The credential's single use, when the replay cache leaves it to the
+    /// admission ([`tollgate_keys::ReplayCache::deferred`]): the policy must
+    /// record it, and refuses a replay with `401` (answered as the
+    /// credential check answers one).
+    pub pending_use: Option<&'a tollgate_keys::PendingUse>,
 }
 
 /// Admission and accounting of calls, supplied by the binary (the trunk
@@ -606,30 +657,15 @@ pub struct B2bua {
     lockout: Arc<Lockout>,
     /// OPTIONS pings toward route targets (SPEC §9).
     pinger: ping::Pinger,
+    /// Which of the host's addresses is ours toward a peer, for a wildcard
+    /// listener ([`crate::local_addr`]).
+    source_route: Arc<dyn SourceRoute>,
+    /// Per-call metric handles, registered once.
+    metrics: CoreMetrics,
 }
 
 /// Below this many queued deadlines the heap is never compacted.
 const COMPACT_DEADLINES_ABOVE: usize = 1024;
-
-fn method_label(m: &str) -> &'static str {
-    match m {
-        "INVITE" => "INVITE",
-        "ACK" => "ACK",
-        "BYE" => "BYE",
-        "CANCEL" => "CANCEL",
-        "OPTIONS" => "OPTIONS",
-        "UPDATE" => "UPDATE",
-        "INFO" => "INFO",
-        "PRACK" => "PRACK",
-        "REGISTER" => "REGISTER",
-        "SUBSCRIBE" => "SUBSCRIBE",
-        "NOTIFY" => "NOTIFY",
-        "MESSAGE" => "MESSAGE",
-        "REFER" => "REFER",
-        "PUBLISH" => "PUBLISH",
-        _ => "other",
-    }
-}
 
 fn code_label(code: u16) -> String {
     code.to_string()
@@ -674,12 +710,21 @@ impl B2bua {
             clock: Instant::now(),
             lockout: Arc::new(Lockout::new(LockoutConfig::default())),
             pinger: ping::Pinger::default(),
+            source_route: Arc::new(NoRoute),
+            metrics: CoreMetrics::default(),
         }
         .with_pings()
     }
 
     fn with_pings(mut self) -> Self {
         self.pinger.reset(&self.cfg.routes, self.clock);
+        self
+    }
+
+    /// Asks `route` which address is ours toward a peer, where a listener
+    /// is bound to a wildcard address.
+    pub fn with_source_route(mut self, route: Arc<dyn SourceRoute>) -> Self {
+        self.source_route = route;
         self
     }
 
@@ -757,25 +802,29 @@ impl B2bua {
         format!("z9hG4bK{}", self.token(12))
     }
 
-    fn local(&self, t: Transport) -> SocketAddr {
-        self.cfg
+    /// Our address on transport `t` as named toward `toward` (never a
+    /// wildcard: [`crate::local_addr`]).
+    fn local(&self, t: Transport, toward: IpAddr) -> SocketAddr {
+        let bound = self
+            .cfg
             .local
             .get(&t)
             .or_else(|| self.cfg.local.values().next())
             .copied()
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5060)))
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5060)));
+        own_address(bound, self.cfg.advertise, toward, &*self.source_route)
     }
 
-    fn via(&self, t: Transport, branch: &str) -> Header {
-        let l = self.local(t);
+    fn via(&self, t: Transport, branch: &str, toward: IpAddr) -> Header {
+        let l = self.local(t, toward);
         Header {
             name: "Via".into(),
             value: format!("SIP/2.0/{} {};branch={branch};rport", t.via_name(), l),
         }
     }
 
-    fn contact(&self, t: Transport) -> Header {
-        let l = self.local(t);
+    fn contact(&self, t: Transport, toward: IpAddr) -> Header {
+        let l = self.local(t, toward);
         // TLS: a SIPS URI (RFC 5630; required in a response when the request
         // named one, RFC 3261 §12.1.1), not the deprecated transport=tls.
         let (scheme, tp) = match t {
@@ -793,24 +842,23 @@ impl B2bua {
     /// the request used one (RFC 3261 §12.1.1); a `sip:` request over TLS
     /// gets `sip:...;transport=tls`, since stacks such as libre (baresip)
     /// end the call on a `sips:` Contact they did not ask for.
-    fn contact_answering(&self, t: Transport, req: &Message) -> Header {
+    fn contact_answering(&self, t: Transport, req: &Message, toward: IpAddr) -> Header {
         let sips = req
             .request_uri()
             .is_some_and(|u| u.get(..5).is_some_and(|s| s.eq_ignore_ascii_case("sips:")));
         if t == Transport::Tls && !sips {
             Header {
                 name: "Contact".into(),
-                value: format!("<sip:tollgate@{};transport=tls>", self.local(t)),
+                value: format!("<sip:tollgate@{};transport=tls>", self.local(t, toward)),
             }
         } else {
-            self.contact(t)
+            self.contact(t, toward)
         }
     }
 
     fn send_stateless(&mut self, peer: &Peer, resp: Message) {
         if let Some(code) = resp.status() {
-            metrics::counter!("tollgate_sip_responses_total", "code" => code_label(code))
-                .increment(1);
+            self.metrics.response(code);
         }
         self.txn.out.push_back(Transmit {
             peer: peer.clone(),
@@ -820,8 +868,7 @@ impl B2bua {
 
     fn respond_txn(&mut self, now: Instant, key: &TxnKey, resp: &Message) {
         if let Some(code) = resp.status() {
-            metrics::counter!("tollgate_sip_responses_total", "code" => code_label(code))
-                .increment(1);
+            self.metrics.response(code);
         }
         self.txn.respond(now, key, resp);
     }
@@ -845,6 +892,9 @@ impl B2bua {
     /// A message from the network. `unix` is the wall clock in seconds (for
     /// token and nonce expiry).
     pub fn handle_datagram(&mut self, now: Instant, unix: i64, data: &[u8], peer: Peer) {
+        if data.len() > self.cfg.max_message_bytes {
+            return self.handle_oversized(data, &peer);
+        }
         match message::parse(data) {
             Ok(msg) => self.handle_message(now, unix, msg, peer),
             Err(err) => {
@@ -858,12 +908,36 @@ impl B2bua {
     /// A stateless 400 for a request we cannot read, when enough of it is
     /// there to address a response (RFC 3261 §8.1.3.3 / §21.4.1).
     fn bad_request(&mut self, data: &[u8], peer: &Peer, why: &str) {
+        let reason: String = why
+            .chars()
+            .filter(|c| c.is_ascii_graphic() || *c == ' ')
+            .collect();
+        self.answer_unparsed(data, peer, 400, format!("Bad Request ({reason})"));
+    }
+
+    /// A message over `[sip] max_message_bytes` (a datagram, or a stream
+    /// message whose head is `data`): a request gets a stateless `513
+    /// Message Too Large` (RFC 3261 §21.5.14), without parsing more than
+    /// its head; a response or an ACK is dropped.
+    pub fn handle_oversized(&mut self, data: &[u8], peer: &Peer) {
+        metrics::counter!("tollgate_sip_oversized_total").increment(1);
+        tracing::debug!(len = data.len(), from = %peer.addr, "SIP message over max_message_bytes");
+        self.answer_unparsed(data, peer, 513, reason_phrase(513).to_string());
+    }
+
+    /// A stateless answer to a request that was not parsed, built from the
+    /// Via, From, To, Call-ID and CSeq lines of its head.
+    fn answer_unparsed(&mut self, data: &[u8], peer: &Peer, code: u16, reason: String) {
         if data.starts_with(b"SIP/") || data.iter().all(|b| b.is_ascii_whitespace()) {
             return; // a response, or a keep-alive: nothing to answer
         }
-        let Some(text) =
-            std::str::from_utf8(&data[..data.len().min(message::MAX_MESSAGE_LEN)]).ok()
-        else {
+        // The head only: the body may be anything, and is not read.
+        let head_len = data
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(data.len(), |i| i + 2)
+            .min(message::MAX_MESSAGE_LEN);
+        let Some(text) = std::str::from_utf8(&data[..head_len]).ok() else {
             return;
         };
         let mut headers = Vec::new();
@@ -907,15 +981,8 @@ impl B2bua {
         if text.starts_with("ACK ") {
             return;
         }
-        let reason: String = why
-            .chars()
-            .filter(|c| c.is_ascii_graphic() || *c == ' ')
-            .collect();
         let resp = Message {
-            start: StartLine::Response {
-                code: 400,
-                reason: format!("Bad Request ({reason})"),
-            },
+            start: StartLine::Response { code, reason },
             headers,
             body: Bytes::new(),
         };
@@ -942,8 +1009,7 @@ impl B2bua {
             }
             StartLine::Request { method, .. } => {
                 let method = method.clone();
-                metrics::counter!("tollgate_sip_requests_total", "method" => method_label(&method))
-                    .increment(1);
+                self.metrics.request(&method);
                 if method != "ACK"
                     && msg.to_tag().is_none()
                     && self.lockout.is_banned(peer.addr.ip(), now)
@@ -1050,51 +1116,70 @@ impl B2bua {
         self.auth_cfg.now = unix;
         let principal = match self.auth.check(&view, &self.auth_cfg) {
             Outcome::Accepted(p) => p,
+            refused => return self.refuse_credential(&msg, &dest, &peer, now, unix, refused),
+        };
+        self.start_call(now, unix, msg, peer, principal, mf);
+    }
+
+    /// Answers an INVITE whose credential was refused (SPEC §4): 401 with
+    /// challenges (counting towards the source's lockout), 403, 484, or 503
+    /// when shared state is unreachable.
+    fn refuse_credential(
+        &mut self,
+        msg: &Message,
+        dest: &Peer,
+        peer: &Peer,
+        now: Instant,
+        unix: i64,
+        outcome: Outcome,
+    ) {
+        match outcome {
+            // Not a refusal; the callers handle it before.
+            Outcome::Accepted(_) => {}
             Outcome::Challenge { headers } => {
                 metrics::counter!("tollgate_auth_failures_total", "reason" => "no_credential")
                     .increment(1);
-                return self.challenge(&msg, &dest, headers);
+                self.challenge(msg, dest, headers);
             }
             Outcome::InvalidToken { header, reason } => {
                 metrics::counter!("tollgate_auth_failures_total", "reason" => reason).increment(1);
-                if self.bad_credential(now, unix, &peer) {
+                if self.bad_credential(now, unix, peer) {
                     return;
                 }
-                return self.challenge(&msg, &dest, vec![header]);
+                self.challenge(msg, dest, vec![header]);
             }
             Outcome::InvalidDigest { headers, reason } => {
                 metrics::counter!("tollgate_auth_failures_total", "reason" => reason).increment(1);
                 // A stale nonce with the right answer is the digest flow
                 // asking for a retry, not a guess.
-                if reason != "stale_nonce" && self.bad_credential(now, unix, &peer) {
+                if reason != "stale_nonce" && self.bad_credential(now, unix, peer) {
                     return;
                 }
-                return self.challenge(&msg, &dest, headers);
+                self.challenge(msg, dest, headers);
             }
             Outcome::Forbidden { reason } => {
                 metrics::counter!("tollgate_auth_failures_total", "reason" => reason).increment(1);
-                let resp = response_to(&msg, 403, reason_phrase(403), Some(&self.token(8)));
-                return self.send_stateless(&dest, resp);
+                let resp = response_to(msg, 403, reason_phrase(403), Some(&self.token(8)));
+                self.send_stateless(dest, resp);
             }
             Outcome::AddressIncomplete => {
                 metrics::counter!("tollgate_auth_failures_total", "reason" => "address_incomplete")
                     .increment(1);
-                let resp = response_to(&msg, 484, reason_phrase(484), Some(&self.token(8)));
-                return self.send_stateless(&dest, resp);
+                let resp = response_to(msg, 484, reason_phrase(484), Some(&self.token(8)));
+                self.send_stateless(dest, resp);
             }
             // Shared state unreachable with on_unavailable = "refuse" (SPEC
             // §4): not the caller's fault, so no lockout and no 401.
             Outcome::Unavailable { reason } => {
                 metrics::counter!("tollgate_auth_failures_total", "reason" => reason).increment(1);
-                let mut resp = response_to(&msg, 503, reason_phrase(503), Some(&self.token(8)));
+                let mut resp = response_to(msg, 503, reason_phrase(503), Some(&self.token(8)));
                 resp.headers.push(Header {
                     name: "Retry-After".into(),
                     value: STATE_RETRY_AFTER_SECS.to_string(),
                 });
-                return self.send_stateless(&dest, resp);
+                self.send_stateless(dest, resp);
             }
-        };
-        self.start_call(now, unix, msg, peer, principal, mf);
+        }
     }
 
     /// Counts a bad credential from `peer` towards its lockout; true if the
@@ -1162,12 +1247,19 @@ impl B2bua {
             a_call_id: msg.call_id().unwrap_or_default(),
             from: &caller,
             webhook: principal.claims.as_ref().and_then(|c| c.webhook.as_deref()),
+            pending_use: principal.pending_use.as_ref(),
         };
         if let Err(r) =
             self.policy
                 .admit(id, &principal.key, &principal.destination, &info, now, unix)
         {
             let dest = response_peer(&msg, &peer);
+            // The credential's single use, recorded with the admission,
+            // was a replay: the same 401 the credential check gives.
+            if let (401, Some(pending)) = (r.code, &principal.pending_use) {
+                let o = self.auth.replayed(pending, peer.addr.ip(), &self.auth_cfg);
+                return self.refuse_credential(&msg, &dest, &peer, now, unix, o);
+            }
             let mut resp = response_to(&msg, r.code, reason_phrase(r.code), Some(&self.token(8)));
             if let Some(secs) = r.retry_after {
                 resp.headers.push(Header {
@@ -1273,7 +1365,8 @@ impl B2bua {
         };
         let t = first_peer.transport;
         let b_ruri = first.request_uri(&b_user);
-        let local = self.local(t);
+        let toward = first_peer.addr.ip();
+        let local = self.local(t, toward);
         let b_leg = Leg {
             call_id: b_call_id.clone(),
             local_tag: self.token(8),
@@ -1287,7 +1380,7 @@ impl B2bua {
         };
         let branch = self.branch();
         let mut headers = vec![
-            self.via(t, &branch),
+            self.via(t, &branch, toward),
             Header {
                 name: "Max-Forwards".into(),
                 value: max_forwards.saturating_sub(1).min(69).to_string(),
@@ -1308,7 +1401,7 @@ impl B2bua {
                 name: "CSeq".into(),
                 value: "1 INVITE".into(),
             },
-            self.contact(t),
+            self.contact(t, toward),
             Header {
                 name: "Allow".into(),
                 value: ALLOW.into(),
@@ -1400,7 +1493,7 @@ impl B2bua {
         let Some(b_key) = self.txn.request(now, b_invite.clone(), first_peer) else {
             return; // unreachable: the Via we built has a branch
         };
-        metrics::counter!("tollgate_sip_requests_sent_total", "method" => "INVITE").increment(1);
+        self.metrics.request_sent("INVITE");
         attempt::count_invite(&first);
         let deadline = now + self.cfg.invite_timeout;
         self.deadlines.push(Reverse((deadline, id)));
@@ -1415,7 +1508,7 @@ impl B2bua {
             from: caller.clone(),
             to: called.clone(),
         });
-        metrics::gauge!("tollgate_calls_active").increment(1.0);
+        self.metrics.call_started();
         self.calls.insert(
             id,
             Call {
@@ -1522,7 +1615,6 @@ impl B2bua {
         for k in &call.clients {
             self.by_client.remove(k);
         }
-        metrics::gauge!("tollgate_calls_active").decrement(1.0);
         self.media.release(id);
         let result = match (cause, call.answered) {
             (EndCause::Completed, _) => "answered",
@@ -1532,7 +1624,7 @@ impl B2bua {
             (_, Some(_)) => "answered",
             (_, None) => "failed",
         };
-        metrics::counter!("tollgate_calls_total", "result" => result).increment(1);
+        self.metrics.call_ended(result);
         let now = self.clock;
         let elapsed = |t: Instant| now.saturating_duration_since(t);
         let end = call.created_unix + elapsed(call.created).as_secs() as i64;
@@ -1585,8 +1677,8 @@ impl B2bua {
             }
         };
         let leg = leg.clone();
-        let t = leg.peer.transport;
-        let mut headers = vec![self.via(t, &branch)];
+        let (t, toward) = (leg.peer.transport, leg.peer.addr.ip());
+        let mut headers = vec![self.via(t, &branch, toward)];
         headers.push(Header {
             name: "Max-Forwards".into(),
             value: "70".into(),
@@ -1618,7 +1710,7 @@ impl B2bua {
             value: format!("{seq} {method}"),
         });
         if method != "ACK" && method != "BYE" {
-            headers.push(self.contact(t));
+            headers.push(self.contact(t, toward));
         }
         let msg = Message {
             start: StartLine::Request {
@@ -1633,7 +1725,7 @@ impl B2bua {
 
     fn send_bye(&mut self, now: Instant, id: u64, side: Side) {
         if let Some((bye, peer)) = self.leg_request(id, side, "BYE", None) {
-            metrics::counter!("tollgate_sip_requests_sent_total", "method" => "BYE").increment(1);
+            self.metrics.request_sent("BYE");
             if let Some(k) = self.txn.request(now, bye, peer) {
                 self.track(id, k, Purpose::Bye);
             }
@@ -1837,7 +1929,7 @@ impl B2bua {
             headers,
             body: Bytes::new(),
         };
-        metrics::counter!("tollgate_sip_requests_sent_total", "method" => "CANCEL").increment(1);
+        self.metrics.request_sent("CANCEL");
         if let Some(k) = self.txn.request(now, cancel, peer) {
             self.track(id, k, Purpose::CancelB);
         }
@@ -1975,8 +2067,7 @@ impl B2bua {
         }
         req.body = body;
         let cseq = req.cseq().map_or(0, |c| c.seq);
-        metrics::counter!("tollgate_sip_requests_sent_total", "method" => method_label(method))
-            .increment(1);
+        self.metrics.request_sent(method);
         if let Some(k) = self.txn.request(now, req, peer) {
             self.track(
                 id,
@@ -2008,12 +2099,15 @@ impl B2bua {
             match ev {
                 TxnEvent::Response { key, msg } => self.on_client_response(now, key, msg),
                 TxnEvent::Timeout { key } => self.on_client_timeout(now, key),
-                TxnEvent::NoAck { key } => {
-                    let found = self
-                        .calls
-                        .values()
-                        .find(|c| c.pending_ack.as_ref().is_some_and(|p| p.server == key));
-                    if let Some(id) = found.map(|c| c.id) {
+                TxnEvent::NoAck { key, request } => {
+                    // The INVITE's dialog names the call: no scan of every
+                    // call per missing ACK.
+                    let found = self.find_dialog(&request).map(|(id, _)| id).filter(|id| {
+                        self.calls.get(id).is_some_and(|c| {
+                            c.pending_ack.as_ref().is_some_and(|p| p.server == key)
+                        })
+                    });
+                    if let Some(id) = found {
                         let (side, cseq, answered) =
                             match self.calls.get_mut(&id).and_then(|c| c.pending_ack.take()) {
                                 Some(p) => (p.from, p.other_cseq, p.other_answered),
@@ -2054,7 +2148,7 @@ impl B2bua {
             return;
         };
         let tag = call.leg(to).local_tag.clone();
-        let t = call.leg(to).peer.transport;
+        let (t, toward) = (call.leg(to).peer.transport, call.leg(to).peer.addr.ip());
         let Some(req) = self.txn.server_request(server) else {
             return;
         };
@@ -2064,7 +2158,7 @@ impl B2bua {
         };
         let mut resp = response_to(req, code, &reason, Some(&tag));
         if (101..300).contains(&code) {
-            resp.headers.push(self.contact_answering(t, req));
+            resp.headers.push(self.contact_answering(t, req, toward));
             // RFC 3261 §12.1.1: a dialog-creating response copies the
             // request's Record-Route, in order, so a proxy in front (a
             // carrier's Kamailio) stays on the path of ACK and BYE.
@@ -2336,7 +2430,7 @@ impl B2bua {
                 .rev()
                 .collect();
             let setup = now.duration_since(call.created).as_secs_f64();
-            metrics::histogram!("tollgate_call_setup_seconds").record(setup);
+            self.metrics.call_setup(setup);
             if state == CallState::Cancelled {
                 // A gave up before B answered: confirm and hang up B.
                 call.state = CallState::Terminating;
@@ -2704,6 +2798,16 @@ mod tests {
     }
 
     fn rig_with(replay: Arc<dyn ReplayCache>) -> Rig {
+        rig_configured(replay, |_| {}, |core| core)
+    }
+
+    /// The rig with its config changed by `cfg_tweak` and its core by
+    /// `core_tweak` before the first message.
+    fn rig_configured(
+        replay: Arc<dyn ReplayCache>,
+        cfg_tweak: impl FnOnce(&mut Config),
+        core_tweak: impl FnOnce(B2bua) -> B2bua,
+    ) -> Rig {
         let store = Arc::new(MemoryKeyStore::new());
         let (_, key) = store
             .create(
@@ -2717,7 +2821,7 @@ mod tests {
             .unwrap();
         let b = udp(5080);
         let target = SipUri::parse("sip:agent@127.0.0.1:5080").unwrap();
-        let cfg = Config {
+        let mut cfg = Config {
             realm: "tollgate".into(),
             digest_algorithms: vec![Algorithm::Sha256, Algorithm::Md5],
             nonce_lifetime_secs: 300,
@@ -2726,6 +2830,8 @@ mod tests {
             timers: TimerConfig::default(),
             invite_timeout: Duration::from_secs(60),
             local: HashMap::from([(Transport::Udp, SocketAddr::from(([127, 0, 0, 1], 5060)))]),
+            advertise: None,
+            max_message_bytes: message::DEFAULT_MAX_MESSAGE_BYTES,
             routes: vec![Route {
                 model: None,
                 prefix: None,
@@ -2741,8 +2847,9 @@ mod tests {
             numbers: NumberPlan::default(),
             checks_numbers: true,
         };
+        cfg_tweak(&mut cfg);
         Rig {
-            b2b: B2bua::new(cfg, store, replay, [7; 32]),
+            b2b: core_tweak(B2bua::new(cfg, store, replay, [7; 32])),
             t: Instant::now(),
             key,
             a: udp(5070),
@@ -3045,7 +3152,7 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
         let sip = parse(invite("", "z9hG4bKc1").as_bytes()).unwrap();
         let sips = invite("", "z9hG4bKc2").replace("INVITE sip:", "INVITE sips:");
         let sips = parse(sips.as_bytes()).unwrap();
-        let c = |t, m: &Message| r.b2b.contact_answering(t, m).value;
+        let c = |t, m: &Message| r.b2b.contact_answering(t, m, r.a.addr.ip()).value;
         assert_eq!(
             c(Transport::Tls, &sip),
             "<sip:tollgate@127.0.0.1:5060;transport=tls>"
@@ -3106,11 +3213,11 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
         assert_eq!(r.b2b.calls_active(), 1);
     }
 
-    #[test]
-    fn cancel_before_answer_gives_487_and_cancels_leg_b() {
-        let mut r = rig();
-        let tok = r.token("j2");
-        let text = invite(&format!("Authorization: Bearer {tok}\r\n"), "z9hG4bKc1");
+    /// A call ringing on leg B; returns B's INVITE and the CANCEL leg A
+    /// would send for it.
+    fn ringing_call(r: &mut Rig, jti: &str, branch: &str) -> (Message, String) {
+        let tok = r.token(jti);
+        let text = invite(&format!("Authorization: Bearer {tok}\r\n"), branch);
         r.a_sends(&text);
         let inv = r.sent_to(&r.b.clone()).remove(0);
         r.b_sends(reply_from_b(&inv, 180, "b1"));
@@ -3118,6 +3225,13 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
         let cancel = text
             .replacen("INVITE sip", "CANCEL sip", 1)
             .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
+        (inv, cancel)
+    }
+
+    #[test]
+    fn cancel_before_answer_gives_487_and_cancels_leg_b() {
+        let mut r = rig();
+        let (inv, cancel) = ringing_call(&mut r, "j2", "z9hG4bKc1");
         r.a_sends(&cancel);
         let to_a: Vec<_> = r
             .sent_to(&r.a.clone())
@@ -3132,6 +3246,112 @@ From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
         r.b_sends(reply_from_b(&inv, 487, "b1"));
         assert_eq!(r.sent_to(&r.b.clone())[0].method(), Some("ACK"));
         assert_eq!(r.b2b.calls_active(), 0);
+    }
+
+    #[test]
+    fn a_cancel_from_another_source_gets_481_and_the_call_goes_on() {
+        let mut r = rig();
+        let (_, cancel) = ringing_call(&mut r, "jc", "z9hG4bKcs");
+        let intruder = Peer {
+            addr: SocketAddr::from(([127, 0, 0, 2], 5070)),
+            ..r.a.clone()
+        };
+        r.b2b
+            .handle_datagram(r.t, NOW, cancel.as_bytes(), intruder.clone());
+        let to_intruder = r.sent_to(&intruder);
+        assert_eq!(
+            to_intruder.iter().map(|m| m.status()).collect::<Vec<_>>(),
+            vec![Some(481)]
+        );
+        assert!(r.sent_to(&r.a.clone()).is_empty(), "leg A hears nothing");
+        assert!(r.sent_to(&r.b.clone()).is_empty(), "no CANCEL to leg B");
+        assert_eq!(r.b2b.calls_active(), 1);
+        // The caller's own CANCEL still works.
+        r.a_sends(&cancel);
+        let to_a: Vec<_> = r.sent_to(&r.a.clone()).iter().map(|m| m.status()).collect();
+        assert_eq!(to_a, vec![Some(200), Some(487)]);
+    }
+
+    #[test]
+    fn an_oversized_request_gets_513_without_being_parsed() {
+        let mut r = rig();
+        let options = |body: usize| {
+            format!(
+                "OPTIONS sip:127.0.0.1:5060 SIP/2.0\r\n\
+Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKbig;rport\r\n\
+From: <sip:p@127.0.0.1>;tag=p1\r\nTo: <sip:127.0.0.1>\r\nCall-ID: big\r\n\
+CSeq: 1 OPTIONS\r\nContent-Type: text/plain\r\nContent-Length: {body:05}\r\n\r\n{}",
+                "x".repeat(body)
+            )
+        };
+        let head = options(0).len();
+        let big = options(message::DEFAULT_MAX_MESSAGE_BYTES + 1 - head);
+        assert_eq!(big.len(), message::DEFAULT_MAX_MESSAGE_BYTES + 1);
+        r.a_sends(&big);
+        let to_a = r.sent_to(&r.a.clone());
+        assert_eq!(to_a.len(), 1);
+        assert_eq!(to_a[0].status(), Some(513));
+        assert_eq!(to_a[0].header("Call-ID"), Some("big"));
+        // At the cap it is an ordinary OPTIONS.
+        let fits = options(message::DEFAULT_MAX_MESSAGE_BYTES - head);
+        r.a_sends(&fits);
+        assert_eq!(r.sent_to(&r.a.clone())[0].status(), Some(200));
+        // An oversized response or ACK gets nothing.
+        let ack = big.replacen("OPTIONS sip", "ACK sip", 1);
+        r.a_sends(&ack);
+        r.a_sends(&format!(
+            "SIP/2.0 200 OK\r\n{}",
+            &big[big.find("Via").unwrap()..]
+        ));
+        assert!(r.b2b.txn.out.is_empty());
+    }
+
+    #[test]
+    fn a_wildcard_listener_names_the_route_source_and_advertise_wins() {
+        struct Fixed;
+        impl SourceRoute for Fixed {
+            fn source_ip(&self, _: IpAddr) -> Option<IpAddr> {
+                Some(IpAddr::from([127, 0, 0, 1]))
+            }
+        }
+        for (advertise, expect) in [
+            (None, "127.0.0.1:5060"),
+            (Some("127.0.0.5"), "127.0.0.5:5060"),
+        ] {
+            let mut r = rig_configured(
+                Arc::new(MemoryReplayCache::new()),
+                |cfg| {
+                    cfg.local =
+                        HashMap::from([(Transport::Udp, SocketAddr::from(([0, 0, 0, 0], 5060)))]);
+                    cfg.advertise = advertise.map(|a| a.parse().unwrap());
+                },
+                |core| core.with_source_route(Arc::new(Fixed)),
+            );
+            let tok = r.token("jw");
+            r.a_sends(&invite(
+                &format!("Authorization: Bearer {tok}\r\n"),
+                "z9hG4bKw1",
+            ));
+            let inv = r.sent_to(&r.b.clone()).remove(0);
+            r.b_sends(reply_from_b(&inv, 200, "b1"));
+            let ok = r.sent_to(&r.a.clone()).pop().unwrap();
+            assert_eq!(ok.status(), Some(200));
+            assert!(ok.header("Contact").unwrap().contains(expect), "{ok:?}");
+            assert!(inv.header("Via").unwrap().contains(expect), "{inv:?}");
+            assert!(inv.header("Contact").unwrap().contains(expect), "{inv:?}");
+            assert!(
+                inv.header("From").unwrap().contains(&expect[..9]),
+                "{inv:?}"
+            );
+            r.bye_from_a();
+            let mut sent = vec![inv, ok];
+            sent.extend(r.sent_to(&r.a.clone()));
+            sent.extend(r.sent_to(&r.b.clone()));
+            for m in sent {
+                let t = String::from_utf8(m.to_bytes().to_vec()).unwrap();
+                assert!(!t.contains("0.0.0.0"), "{t}");
+            }
+        }
     }
 
     #[test]

@@ -1,8 +1,12 @@
-//! The tokio driver around the sans-IO [`B2bua`], sharded by call: one
-//! receiver task reads the UDP socket and hands each datagram to the shard
-//! that owns its Call-ID; each shard is a task owning one `B2bua` (its calls,
-//! transactions and timers) and writes to the shared sockets itself. Stream
-//! connections run in their own tasks and route framed messages the same way.
+//! The tokio driver around the sans-IO [`B2bua`], sharded by call: the UDP
+//! port is read through one `SO_REUSEPORT` socket per shard (the kernel
+//! spreads sources over them by their address hash), each with its own
+//! receive thread, and every receive thread hands each datagram to the
+//! shard that owns its Call-ID, whichever socket it arrived on; each shard
+//! is a task owning one `B2bua` (its calls, transactions and timers) and
+//! writes through its own socket of the group. Stream connections run in
+//! their own tasks (spread over the runtime's workers) and route framed
+//! messages the same way.
 //!
 //! Leg A's Call-ID is hashed; leg B's Call-ID is minted by the shard with its
 //! index in it (`<random>.<shard>@tollgate`), so every message of a call, from
@@ -45,6 +49,8 @@ pub enum Control {
 enum Inbound {
     Message(Bytes, Peer),
     Unframeable(Bytes, Peer),
+    /// The head of a stream message over `[sip] max_message_bytes`.
+    Oversized(Bytes, Peer),
     Control(ControlMsg),
 }
 
@@ -71,13 +77,17 @@ pub struct Sockets {
 
 /// What the shards share: the sockets' write sides.
 struct Shared {
-    udp: Option<Arc<UdpSocket>>,
+    /// The UDP port's sockets (one per shard where `SO_REUSEPORT` allows);
+    /// shard `i` writes through `udp[i % len]`.
+    udp: Vec<Arc<UdpSocket>>,
     conns: DashMap<FlowId, mpsc::UnboundedSender<Bytes>>,
     /// Connections the edge opened, by transport and address (reused).
     outbound: DashMap<(Transport, SocketAddr), FlowId>,
     tls_client: Option<Arc<TlsConnector>>,
     next_flow: AtomicU64,
     shards: Vec<mpsc::Sender<Inbound>>,
+    /// `[sip] max_message_bytes`, for the stream framers.
+    max_message: usize,
 }
 
 fn unix_now() -> i64 {
@@ -147,6 +157,11 @@ pub async fn run(
     events: mpsc::UnboundedSender<CallEvent>,
 ) {
     let n = cores.len().max(1);
+    let max_message = cores
+        .first()
+        .map_or(crate::message::DEFAULT_MAX_MESSAGE_BYTES, |c| {
+            c.config().max_message_bytes
+        });
     let mut receivers = Vec::with_capacity(n);
     let mut senders = Vec::with_capacity(n);
     for _ in 0..n {
@@ -154,17 +169,23 @@ pub async fn run(
         senders.push(tx);
         receivers.push(rx);
     }
+    let udp = sockets
+        .udp
+        .as_ref()
+        .map_or_else(Vec::new, |u| udp_group(u, n));
     let shared = Arc::new(Shared {
-        udp: sockets.udp.clone(),
+        udp: udp.clone(),
         conns: DashMap::new(),
         outbound: DashMap::new(),
         tls_client: sockets.tls_client.clone(),
         next_flow: AtomicU64::new(1),
         shards: senders,
+        max_message,
     });
     let mut tasks = Vec::with_capacity(n);
-    for (core, rx) in cores.into_iter().zip(receivers) {
+    for (i, (core, rx)) in cores.into_iter().zip(receivers).enumerate() {
         tasks.push(tokio::spawn(shard_loop(
+            i,
             core,
             rx,
             shared.clone(),
@@ -177,14 +198,14 @@ pub async fn run(
     if let Some((listener, acceptor)) = sockets.tls {
         tokio::spawn(accept_loop(listener, shared.clone(), Some(acceptor)));
     }
-    // The receive side runs on its own thread (the shards keep sending on
-    // the tokio socket).
-    if let Some(udp) = &sockets.udp {
+    // Each socket's receive side runs on its own thread (the shards keep
+    // sending on the tokio sockets).
+    for (i, udp) in udp.iter().enumerate() {
         match udp_receive_handle(udp) {
             Ok(std_sock) => {
                 let shared = shared.clone();
                 let spawned = std::thread::Builder::new()
-                    .name("tollgate-sip-rx".into())
+                    .name(format!("tollgate-sip-rx{i}"))
                     .spawn(move || udp_receiver_thread(std_sock, shared));
                 if let Err(e) = spawned {
                     tracing::error!(error = %e, "cannot start the SIP receive thread");
@@ -216,6 +237,68 @@ pub async fn run(
     for t in tasks {
         let _ = t.await;
     }
+}
+
+/// Socket buffer asked for each SIP UDP socket: a burst of thousands of
+/// messages must not overflow the kernel's default 208 KiB (the kernel caps it
+/// at net.core.rmem_max / wmem_max).
+const UDP_BUFFER: usize = 4 << 20;
+
+/// Binds the SIP UDP socket at `addr` with `SO_REUSEPORT` set, so that
+/// [`run`] can add one socket per shard on the same port (Linux spreads
+/// datagrams over them by a hash of the source address and port). Only a
+/// process of the same user can join the port this way.
+///
+/// Port 0 is resolved with a plain socket first: the kernel's choice of a
+/// free port for an `SO_REUSEPORT` socket may land on a port another
+/// `SO_REUSEPORT` group of the same user already holds (parallel edges
+/// would share traffic), while a plain socket's choice never does.
+pub fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let addr = if addr.port() == 0 {
+        let probe = std::net::UdpSocket::bind(addr)?;
+        SocketAddr::new(addr.ip(), probe.local_addr()?.port())
+    } else {
+        addr
+    };
+    bind_reuse_port(addr)
+}
+
+fn bind_reuse_port(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a smaller buffer still works, it only drops earlier.
+    let _ = sock.set_recv_buffer_size(UDP_BUFFER);
+    let _ = sock.set_send_buffer_size(UDP_BUFFER);
+    sock.set_reuse_port(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    UdpSocket::from_std(sock.into())
+}
+
+/// `first` and, when it has `SO_REUSEPORT` (see [`bind_udp`]), `n - 1`
+/// more sockets on its address: one receive queue and thread per shard.
+/// Falls back to fewer sockets (at worst `first` alone) if binding fails.
+fn udp_group(first: &Arc<UdpSocket>, n: usize) -> Vec<Arc<UdpSocket>> {
+    let mut group = vec![first.clone()];
+    let reuse = socket2::SockRef::from(&**first)
+        .reuse_port()
+        .unwrap_or(false);
+    let Ok(addr) = first.local_addr() else {
+        return group;
+    };
+    if !reuse || n <= 1 {
+        return group;
+    }
+    while group.len() < n {
+        match bind_reuse_port(addr) {
+            Ok(s) => group.push(Arc::new(s)),
+            Err(e) => {
+                tracing::warn!(error = %e, %addr, "cannot add a SIP UDP socket; fewer receive threads");
+                break;
+            }
+        }
+    }
+    group
 }
 
 /// A second descriptor on the same UDP socket (dup), for the receive thread's
@@ -320,6 +403,7 @@ impl Drop for CensusGauge {
 }
 
 async fn shard_loop(
+    index: usize,
     mut core: B2bua,
     mut rx: mpsc::Receiver<Inbound>,
     shared: Arc<Shared>,
@@ -346,7 +430,7 @@ async fn shard_loop(
             }
             _ = tokio::time::sleep_until(deadline) => core.handle_timeout(now()),
         }
-        flush(&mut core, &shared).await;
+        flush(index, &mut core, &shared).await;
         for ev in core.events.drain(..) {
             let _ = events.send(ev);
         }
@@ -362,6 +446,7 @@ fn handle_inbound(core: &mut B2bua, m: Inbound, t: std::time::Instant, unix: i64
     match m {
         Inbound::Message(data, peer) => core.handle_datagram(t, unix, &data, peer),
         Inbound::Unframeable(head, peer) => core.handle_unframeable(&head, &peer),
+        Inbound::Oversized(head, peer) => core.handle_oversized(&head, &peer),
         Inbound::Control(ControlMsg::Hangup(id, cause)) => core.hangup(t, id, cause),
         Inbound::Control(ControlMsg::Drain) => core.set_draining(true),
         Inbound::Control(ControlMsg::SetRoutes(r)) => core.set_routes(r.to_vec()),
@@ -376,11 +461,15 @@ fn handle_inbound(core: &mut B2bua, m: Inbound, t: std::time::Instant, unix: i64
     false
 }
 
-async fn flush(core: &mut B2bua, shared: &Arc<Shared>) {
+async fn flush(index: usize, core: &mut B2bua, shared: &Arc<Shared>) {
+    let udp = shared
+        .udp
+        .get(index % shared.udp.len().max(1))
+        .map(|s| &**s);
     while let Some(Transmit { peer, data }) = core.txn.out.pop_front() {
         match peer.transport {
             Transport::Udp => {
-                let Some(sock) = shared.udp.as_deref() else {
+                let Some(sock) = udp else {
                     continue;
                 };
                 match sock.try_send_to(&data, peer.addr) {
@@ -556,7 +645,7 @@ async fn serve_stream<S>(
         flow: Some(id),
     };
     let n = shared.shards.len();
-    let mut framer = StreamFramer::default();
+    let mut framer = StreamFramer::new(shared.max_message);
     'read: loop {
         let read = tokio::time::timeout(IDLE_TIMEOUT, rd.read_buf(framer.buffer_mut())).await;
         match read {
@@ -576,17 +665,19 @@ async fn serve_stream<S>(
                     }
                 }
                 Ok(None) => break,
-                Err(FramingError::ContentLength) => {
+                Err(e @ (FramingError::ContentLength | FramingError::TooLarge)) => {
                     let head = framer.buffer_mut().split().freeze();
                     let i = shard_of(&head, n);
-                    let _ = shared.shards[i]
-                        .send(Inbound::Unframeable(head, peer.clone()))
-                        .await;
+                    let item = if e == FramingError::TooLarge {
+                        Inbound::Oversized(head, peer.clone())
+                    } else {
+                        Inbound::Unframeable(head, peer.clone())
+                    };
+                    let _ = shared.shards[i].send(item).await;
                     // Give the shard a moment to answer before the close.
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     break 'read;
                 }
-                Err(_) => break 'read,
             }
         }
     }

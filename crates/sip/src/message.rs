@@ -15,6 +15,8 @@ use std::fmt;
 
 /// Largest message accepted on any transport (datagram or framed stream).
 pub const MAX_MESSAGE_LEN: usize = 65_535;
+/// Default of `[sip] max_message_bytes`: larger messages are refused (513).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024;
 /// Most header lines one message may carry.
 pub const MAX_HEADERS: usize = 256;
 /// Longest single header line (after unfolding).
@@ -855,6 +857,7 @@ pub fn reason_phrase(code: u16) -> &'static str {
         501 => "Not Implemented",
         503 => "Service Unavailable",
         504 => "Server Time-out",
+        513 => "Message Too Large",
         _ => "Unknown",
     }
 }

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Transport protocols.
@@ -79,14 +80,22 @@ impl Default for TimerConfig {
 }
 
 /// A transaction's identity: the top Via branch and the method (ACK maps to
-/// INVITE, RFC 3261 §17.2.3).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// INVITE), and for a server transaction the top Via's sent-by too (RFC 3261
+/// §17.2.3: a request with the same branch from another sent-by is another
+/// transaction). Client transactions match on branch and CSeq method alone
+/// (§17.1.3), so their `sent_by` is empty.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TxnKey {
     pub branch: String,
     pub method: String,
+    /// `host:port` of the top Via (host lowercased, port 5060/5061 when
+    /// absent); empty for client transactions.
+    pub sent_by: String,
 }
 
 impl TxnKey {
+    /// The client-transaction key of a request we send or of a response to
+    /// it: branch and method.
     pub fn of(msg: &Message) -> Option<TxnKey> {
         let branch = msg.top_via()?.branch?;
         let method = match msg.method() {
@@ -94,7 +103,23 @@ impl TxnKey {
             Some(m) => m.to_string(),
             None => msg.cseq()?.method,
         };
-        Some(TxnKey { branch, method })
+        Some(TxnKey {
+            branch,
+            method,
+            sent_by: String::new(),
+        })
+    }
+
+    /// The server-transaction key of a request received (§17.2.3): branch,
+    /// sent-by and method.
+    pub fn server(msg: &Message) -> Option<TxnKey> {
+        let via = msg.top_via()?;
+        let mut key = TxnKey::of(msg)?;
+        let port = via
+            .port
+            .unwrap_or(if via.transport == "TLS" { 5061 } else { 5060 });
+        key.sent_by = format!("{}:{port}", via.host.to_ascii_lowercase());
+        Some(key)
     }
 }
 
@@ -121,7 +146,9 @@ pub enum TxnEvent {
     /// Timer B or F: no final response came.
     Timeout { key: TxnKey },
     /// Timer L: a 2xx we sent was never acknowledged.
-    NoAck { key: TxnKey },
+    /// `request` is the INVITE the 2xx answered, for the TU to find its
+    /// dialog by.
+    NoAck { key: TxnKey, request: Message },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,8 +162,16 @@ enum State {
 
 #[derive(Debug)]
 struct ServerTxn {
+    /// Shared with the map and every timer entry: arming a timer copies no
+    /// string.
+    key: Arc<TxnKey>,
     invite: bool,
-    request: Message,
+    /// The request, until a final response other than an INVITE's 2xx is
+    /// sent: after that, absorbing a retransmission needs only the key and
+    /// `last` (a completed transaction lingers 32 s over UDP; keeping the
+    /// parsed request for it was most of the signaling memory per call).
+    /// An accepted INVITE keeps it for [`TxnEvent::NoAck`].
+    request: Option<Message>,
     peer: Peer,
     state: State,
     last: Option<Bytes>,
@@ -147,6 +182,7 @@ struct ServerTxn {
 
 #[derive(Debug)]
 struct ClientTxn {
+    key: Arc<TxnKey>,
     invite: bool,
     request: Message,
     bytes: Bytes,
@@ -160,16 +196,16 @@ struct ClientTxn {
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum TimerRef {
-    Server(String, String),
-    Client(String, String),
+    Server(Arc<TxnKey>),
+    Client(Arc<TxnKey>),
 }
 
 /// All transactions of one endpoint.
 #[derive(Debug)]
 pub struct TxnLayer {
     cfg: TimerConfig,
-    servers: HashMap<TxnKey, ServerTxn>,
-    clients: HashMap<TxnKey, ClientTxn>,
+    servers: HashMap<Arc<TxnKey>, ServerTxn>,
+    clients: HashMap<Arc<TxnKey>, ClientTxn>,
     timers: BinaryHeap<Reverse<(Instant, TimerRef)>>,
     pub out: VecDeque<Transmit>,
     pub events: VecDeque<TxnEvent>,
@@ -202,7 +238,7 @@ impl TxnLayer {
 
     /// Matches an incoming request against the server transactions.
     pub fn match_request(&mut self, now: Instant, msg: &Message, peer: &Peer) -> RequestMatch {
-        let Some(key) = TxnKey::of(msg) else {
+        let Some(key) = TxnKey::server(msg) else {
             return RequestMatch::New;
         };
         let method = msg.method().unwrap_or("");
@@ -218,7 +254,8 @@ impl TxnLayer {
                             self.cfg.t4
                         };
                         txn.end_at = Some(now + wait);
-                        self.arm(now + wait, TimerRef::Server(key.branch, key.method));
+                        let r = TimerRef::Server(txn.key.clone());
+                        self.arm(now + wait, r);
                         return RequestMatch::Absorbed;
                     }
                     State::Confirmed => return RequestMatch::Absorbed,
@@ -238,10 +275,18 @@ impl TxnLayer {
         }
         if method == "CANCEL" {
             let invite = TxnKey {
-                branch: key.branch,
                 method: "INVITE".into(),
+                ..key
             };
-            if self.servers.contains_key(&invite) {
+            // RFC 3261 §9.2: the INVITE with the same branch and sent-by;
+            // and only from where that INVITE came (a third party that read
+            // the branch cannot cancel the call): else the CANCEL is new,
+            // and matches nothing (481).
+            if self
+                .servers
+                .get(&invite)
+                .is_some_and(|t| same_source(&t.peer, peer))
+            {
                 return RequestMatch::Cancel(invite);
             }
         }
@@ -250,13 +295,14 @@ impl TxnLayer {
 
     /// Creates a server transaction for a new request (not ACK).
     pub fn create_server(&mut self, msg: Message, peer: Peer) -> Option<TxnKey> {
-        let key = TxnKey::of(&msg)?;
+        let key = Arc::new(TxnKey::server(&msg)?);
         let invite = key.method == "INVITE";
         self.servers.insert(
             key.clone(),
             ServerTxn {
+                key: key.clone(),
                 invite,
-                request: msg,
+                request: Some(msg),
                 peer,
                 state: if invite {
                     State::Proceeding
@@ -269,12 +315,12 @@ impl TxnLayer {
                 end_at: None,
             },
         );
-        Some(key)
+        Some(TxnKey::clone(&key))
     }
 
     /// The request that opened a server transaction.
     pub fn server_request(&self, key: &TxnKey) -> Option<&Message> {
-        self.servers.get(key).map(|t| &t.request)
+        self.servers.get(key).and_then(|t| t.request.as_ref())
     }
 
     pub fn server_peer(&self, key: &TxnKey) -> Option<&Peer> {
@@ -326,7 +372,10 @@ impl TxnLayer {
             txn.state = State::Completed;
             txn.end_at = Some(if reliable { now } else { now + wait64 });
         }
-        let r = TimerRef::Server(key.branch.clone(), key.method.clone());
+        if txn.state == State::Completed {
+            txn.request = None;
+        }
+        let r = TimerRef::Server(txn.key.clone());
         let (retransmit_at, end_at) = (txn.retransmit_at, txn.end_at);
         if let Some(at) = retransmit_at {
             self.arm(at, r.clone());
@@ -349,7 +398,7 @@ impl TxnLayer {
 
     /// Starts a client transaction; the request's top Via carries its branch.
     pub fn request(&mut self, now: Instant, req: Message, peer: Peer) -> Option<TxnKey> {
-        let key = TxnKey::of(&req)?;
+        let key = Arc::new(TxnKey::of(&req)?);
         let invite = key.method == "INVITE";
         let bytes = req.to_bytes();
         self.out.push_back(Transmit {
@@ -359,7 +408,7 @@ impl TxnLayer {
         let reliable = peer.transport.reliable();
         let retransmit_at = (!reliable).then_some(now + self.cfg.t1);
         let end_at = now + self.cfg.t1 * 64;
-        let r = TimerRef::Client(key.branch.clone(), key.method.clone());
+        let r = TimerRef::Client(key.clone());
         if let Some(at) = retransmit_at {
             self.arm(at, r.clone());
         }
@@ -367,6 +416,7 @@ impl TxnLayer {
         self.clients.insert(
             key.clone(),
             ClientTxn {
+                key: key.clone(),
                 invite,
                 request: req,
                 bytes,
@@ -378,7 +428,7 @@ impl TxnLayer {
                 end_at: Some(end_at),
             },
         );
-        Some(key)
+        Some(TxnKey::clone(&key))
     }
 
     /// The request a client transaction sent.
@@ -399,6 +449,7 @@ impl TxnLayer {
         let Some(txn) = self.clients.get_mut(&key) else {
             return;
         };
+        let r = TimerRef::Client(txn.key.clone());
         let reliable = txn.peer.transport.reliable();
         match (txn.state, code) {
             (State::Trying | State::Proceeding, 100..=199) => {
@@ -419,11 +470,11 @@ impl TxnLayer {
                     txn.retransmit_at = None;
                     let at = now + cfg.t1 * 64;
                     txn.end_at = Some(at);
-                    self.arm(at, TimerRef::Client(key.branch.clone(), key.method.clone()));
+                    self.arm(at, r.clone());
                 } else {
                     Self::complete_non_invite(txn, now, reliable, cfg);
                     let at = txn.end_at.unwrap_or(now);
-                    self.arm(at, TimerRef::Client(key.branch.clone(), key.method.clone()));
+                    self.arm(at, r.clone());
                 }
                 self.events.push_back(TxnEvent::Response { key, msg });
             }
@@ -446,11 +497,11 @@ impl TxnLayer {
                         now + Duration::from_secs(32)
                     };
                     txn.end_at = Some(at);
-                    self.arm(at, TimerRef::Client(key.branch.clone(), key.method.clone()));
+                    self.arm(at, r.clone());
                 } else {
                     Self::complete_non_invite(txn, now, reliable, cfg);
                     let at = txn.end_at.unwrap_or(now);
-                    self.arm(at, TimerRef::Client(key.branch.clone(), key.method.clone()));
+                    self.arm(at, r.clone());
                 }
                 self.events.push_back(TxnEvent::Response { key, msg });
             }
@@ -487,25 +538,25 @@ impl TxnLayer {
                 break;
             };
             match r {
-                TimerRef::Server(branch, method) => {
-                    self.server_timer(now, TxnKey { branch, method })
-                }
-                TimerRef::Client(branch, method) => {
-                    self.client_timer(now, TxnKey { branch, method })
-                }
+                TimerRef::Server(key) => self.server_timer(now, key),
+                TimerRef::Client(key) => self.client_timer(now, key),
             }
         }
     }
 
-    fn server_timer(&mut self, now: Instant, key: TxnKey) {
+    fn server_timer(&mut self, now: Instant, key: Arc<TxnKey>) {
         let cfg = self.cfg;
         let Some(txn) = self.servers.get_mut(&key) else {
             return;
         };
         if txn.end_at.is_some_and(|e| e <= now) {
             let txn = self.servers.remove(&key);
-            if txn.is_some_and(|t| t.state == State::Accepted) {
-                self.events.push_back(TxnEvent::NoAck { key });
+            if let Some(request) = txn
+                .filter(|t| t.state == State::Accepted)
+                .and_then(|t| t.request)
+            {
+                let key = TxnKey::clone(&key);
+                self.events.push_back(TxnEvent::NoAck { key, request });
             }
             return;
         }
@@ -521,11 +572,11 @@ impl TxnLayer {
             txn.interval = (txn.interval * 2).min(cfg.t2);
             let next = at.max(now) + txn.interval;
             txn.retransmit_at = Some(next);
-            self.arm(next, TimerRef::Server(key.branch, key.method));
+            self.arm(next, TimerRef::Server(key));
         }
     }
 
-    fn client_timer(&mut self, now: Instant, key: TxnKey) {
+    fn client_timer(&mut self, now: Instant, key: Arc<TxnKey>) {
         let cfg = self.cfg;
         let Some(txn) = self.clients.get_mut(&key) else {
             return;
@@ -534,6 +585,7 @@ impl TxnLayer {
             let state = txn.state;
             self.clients.remove(&key);
             if matches!(state, State::Trying | State::Proceeding) {
+                let key = TxnKey::clone(&key);
                 self.events.push_back(TxnEvent::Timeout { key });
             }
             return;
@@ -550,7 +602,7 @@ impl TxnLayer {
             };
             let next = at.max(now) + txn.interval;
             txn.retransmit_at = Some(next);
-            self.arm(next, TimerRef::Client(key.branch, key.method));
+            self.arm(next, TimerRef::Client(key));
         }
     }
 
@@ -558,6 +610,17 @@ impl TxnLayer {
     pub fn forget_client(&mut self, key: &TxnKey) {
         self.clients.remove(key);
     }
+}
+
+/// Whether `b` is where `a` came from: the same transport and source
+/// address (on a stream, the same host: a UA may reconnect).
+fn same_source(a: &Peer, b: &Peer) -> bool {
+    a.transport == b.transport
+        && if a.transport.reliable() {
+            a.addr.ip() == b.addr.ip()
+        } else {
+            a.addr == b.addr
+        }
 }
 
 /// The hop-by-hop ACK for a non-2xx final response (RFC 3261 §17.1.1.3).
@@ -652,6 +715,38 @@ mod tests {
     }
 
     #[test]
+    fn a_completed_server_transaction_keeps_only_what_absorbing_needs() {
+        let t0 = Instant::now();
+        let mut l = TxnLayer::new(TimerConfig::default());
+        let p = peer(Transport::Udp);
+        // A rejected INVITE: retransmissions of it and its ACK are absorbed
+        // (the final resent) with the request gone.
+        let req = invite("z9hG4bKm");
+        let key = l.create_server(req.clone(), p.clone()).unwrap();
+        assert!(l.server_request(&key).is_some());
+        l.respond(t0, &key, &response(&req, 486));
+        assert!(
+            l.server_request(&key).is_none(),
+            "request kept after the final"
+        );
+        l.out.clear();
+        assert_eq!(l.match_request(t0, &req, &p), RequestMatch::Absorbed);
+        let resent = parse(&l.out.pop_front().unwrap().data).unwrap();
+        assert_eq!(resent.status(), Some(486));
+        let ack = build_ack(&req, &response(&req, 486));
+        assert_eq!(l.match_request(t0, &ack, &p), RequestMatch::Absorbed);
+        // An accepted INVITE keeps it until the ACK, for NoAck.
+        let req = invite("z9hG4bKn");
+        let key = l.create_server(req.clone(), p.clone()).unwrap();
+        l.respond(t0, &key, &response(&req, 200));
+        assert!(l.server_request(&key).is_some(), "a 2xx'd INVITE keeps it");
+        l.handle_timeout(t0 + Duration::from_secs(40));
+        assert!(l.events.iter().any(
+            |e| matches!(e, TxnEvent::NoAck { request, .. } if request.call_id() == req.call_id())
+        ));
+    }
+
+    #[test]
     fn server_invite_retransmits_final_until_ack() {
         let t0 = Instant::now();
         let mut l = TxnLayer::new(TimerConfig::default());
@@ -697,5 +792,83 @@ mod tests {
         let key = l.create_server(req.clone(), p.clone()).unwrap();
         let cancel = parse(b"CANCEL sip:b@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKe\r\nFrom: <sip:a@x>;tag=1\r\nTo: <sip:b@y>\r\nCall-ID: c1\r\nCSeq: 1 CANCEL\r\n\r\n").unwrap();
         assert_eq!(l.match_request(t0, &cancel, &p), RequestMatch::Cancel(key));
+    }
+
+    fn with_via(req: &Message, sent_by: &str) -> Message {
+        let mut m = req.clone();
+        let branch = m.top_via().unwrap().branch.unwrap();
+        m.set_header("Via", format!("SIP/2.0/UDP {sent_by};branch={branch}"));
+        m
+    }
+
+    #[test]
+    fn the_same_branch_from_another_sent_by_is_another_transaction() {
+        // RFC 3261 §17.2.3: branch + sent-by + method.
+        let t0 = Instant::now();
+        let mut l = TxnLayer::new(TimerConfig::default());
+        let req = invite("z9hG4bKsb");
+        let p = peer(Transport::Udp);
+        let key = l.create_server(req.clone(), p.clone()).unwrap();
+        l.respond(t0, &key, &response(&req, 100));
+        l.out.clear();
+        assert_eq!(l.match_request(t0, &req, &p), RequestMatch::Absorbed);
+        assert_eq!(
+            l.out.drain(..).count(),
+            1,
+            "a true retransmission is answered"
+        );
+        let other = with_via(&req, "127.0.0.9:5070");
+        assert_eq!(l.match_request(t0, &other, &p), RequestMatch::New);
+        assert_eq!(l.out.len(), 0, "not answered as a retransmission");
+        let other_key = l.create_server(other, p.clone()).unwrap();
+        assert_ne!(other_key, key);
+        assert_eq!(l.len(), (2, 0), "both transactions live side by side");
+        // The sent-by's host is case-insensitive and the port defaults.
+        let same = with_via(&req, "127.0.0.1:5070");
+        assert_eq!(l.match_request(t0, &same, &p), RequestMatch::Absorbed);
+        let no_port = with_via(&invite("z9hG4bKnp"), "Host.Example");
+        let k = l.create_server(no_port.clone(), p.clone()).unwrap();
+        assert_eq!(k.sent_by, "host.example:5060");
+        let spelled = with_via(&no_port, "host.example:5060");
+        assert_eq!(l.match_request(t0, &spelled, &p), RequestMatch::Absorbed);
+    }
+
+    #[test]
+    fn a_cancel_from_another_source_or_sent_by_matches_nothing() {
+        let t0 = Instant::now();
+        let mut l = TxnLayer::new(TimerConfig::default());
+        let req = invite("z9hG4bKcx");
+        let p = peer(Transport::Udp);
+        let key = l.create_server(req.clone(), p.clone()).unwrap();
+        let cancel = parse(b"CANCEL sip:b@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKcx\r\nFrom: <sip:a@x>;tag=1\r\nTo: <sip:b@y>\r\nCall-ID: c1\r\nCSeq: 1 CANCEL\r\n\r\n").unwrap();
+        let elsewhere = Peer {
+            addr: "127.0.0.2:5060".parse().unwrap(),
+            ..p.clone()
+        };
+        assert_eq!(l.match_request(t0, &cancel, &elsewhere), RequestMatch::New);
+        let other_port = Peer {
+            addr: "127.0.0.1:5999".parse().unwrap(),
+            ..p.clone()
+        };
+        assert_eq!(l.match_request(t0, &cancel, &other_port), RequestMatch::New);
+        let forged = with_via(&cancel, "127.0.0.9:5070");
+        assert_eq!(l.match_request(t0, &forged, &p), RequestMatch::New);
+        assert_eq!(l.match_request(t0, &cancel, &p), RequestMatch::Cancel(key));
+        // On a stream, the same host on another connection may cancel.
+        let tcp = peer(Transport::Tcp);
+        let req = invite("z9hG4bKct");
+        let key = l.create_server(req, tcp.clone()).unwrap();
+        let cancel = with_via(&cancel, "127.0.0.1:5070");
+        let mut cancel = cancel;
+        cancel.set_header("Via", "SIP/2.0/TCP 127.0.0.1:5070;branch=z9hG4bKct");
+        let reconnected = Peer {
+            addr: "127.0.0.1:6000".parse().unwrap(),
+            flow: Some(FlowId(9)),
+            ..tcp
+        };
+        assert_eq!(
+            l.match_request(t0, &cancel, &reconnected),
+            RequestMatch::Cancel(key)
+        );
     }
 }

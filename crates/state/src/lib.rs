@@ -40,6 +40,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod cdrs;
+pub use cdrs::{fleet_usage, CdrPublisher};
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -48,8 +51,8 @@ use std::time::{Duration, Instant};
 use redis::{Client, Connection};
 use tollgate_keys::store::{self, KeyMap};
 use tollgate_keys::{
-    ApiKey, KeyAdmin, KeyError, KeyKind, KeyRecord, KeyStore, Limits, MemoryKeyStore, ReplayCache,
-    Scope, Use,
+    ApiKey, KeyAdmin, KeyError, KeyKind, KeyRecord, KeyStore, Limits, MemoryKeyStore, PendingUse,
+    ReplayCache, Scope, Use,
 };
 
 /// What `[state] on_unavailable` says new INVITEs get while Redis is down.
@@ -77,6 +80,8 @@ pub struct StateConfig {
     /// PEM of the CAs a `rediss://` server must chain to; `None`: the
     /// system's roots.
     pub ca_pem: Option<Vec<u8>>,
+    /// Records the fleet's CDR stream is trimmed to (`XADD MAXLEN ~`).
+    pub cdr_stream_max: u64,
 }
 
 /// The crate's error.
@@ -311,14 +316,49 @@ pub fn replay_key(id: &str) -> String {
 pub struct RedisReplayCache {
     shared: Arc<Shared>,
     fallback: Option<Arc<dyn ReplayCache>>,
+    deferred: bool,
 }
 
 impl RedisReplayCache {
     /// Without `fallback`, a use while Redis is down is
     /// [`Use::Unavailable`] (the INVITE gets 503 + Retry-After).
     pub fn new(shared: Arc<Shared>, fallback: Option<Arc<dyn ReplayCache>>) -> Self {
-        RedisReplayCache { shared, fallback }
+        RedisReplayCache {
+            shared,
+            fallback,
+            deferred: false,
+        }
     }
+
+    /// Leaves the uses of INVITE credentials to the admission script
+    /// ([`FleetChannels::admit`]), so that one INVITE is one round trip
+    /// ([`ReplayCache::deferred`]). Only with a call policy that records
+    /// them.
+    pub fn deferring(mut self) -> Self {
+        self.deferred = true;
+        self
+    }
+}
+
+/// `SET <replay key> 1 NX EXAT <exp>`: `true` the first time.
+fn set_once(shared: &Shared, id: &str, expires_at: i64, now: i64) -> Result<bool, StateError> {
+    let key = replay_key(id);
+    shared
+        .run(false, |c| {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(1)
+                .arg("NX")
+                .arg("EXAT")
+                .arg(replay_exat(expires_at, now))
+                .query::<Option<String>>(c)
+        })
+        .map(|set| set.is_some())
+}
+
+/// EXAT in the past would delete the key at once: keep it a second.
+fn replay_exat(expires_at: i64, now: i64) -> i64 {
+    expires_at.max(now.saturating_add(1))
 }
 
 impl ReplayCache for RedisReplayCache {
@@ -327,26 +367,18 @@ impl ReplayCache for RedisReplayCache {
     }
 
     fn record_use(&self, id: &str, expires_at: i64, now: i64) -> Use {
-        // EXAT in the past would delete the key at once: keep it a second.
-        let exat = expires_at.max(now.saturating_add(1));
-        let key = replay_key(id);
-        let r = self.shared.run(false, |c| {
-            redis::cmd("SET")
-                .arg(&key)
-                .arg(1)
-                .arg("NX")
-                .arg("EXAT")
-                .arg(exat)
-                .query::<Option<String>>(c)
-        });
-        match r {
-            Ok(Some(_)) => Use::First,
-            Ok(None) => Use::Replayed,
+        match set_once(&self.shared, id, expires_at, now) {
+            Ok(true) => Use::First,
+            Ok(false) => Use::Replayed,
             Err(_) => match &self.fallback {
                 Some(local) => local.record_use(id, expires_at, now),
                 None => Use::Unavailable,
             },
         }
+    }
+
+    fn deferred(&self) -> bool {
+        self.deferred
     }
 }
 
@@ -649,21 +681,52 @@ impl KeyAdmin for RedisKeyStore {
     }
 }
 
-// ---- channels -----------------------------------------------------------------------
+// ---- admission: channels, rate, budget ---------------------------------------------
 
-/// Fleet-wide concurrent calls (SPEC §8): one lease per call up in a sorted
-/// set per key, `tg:ch:{<root>}:<kid>` (member `<node>:<call>`, score the
-/// lease's end in ms). The whole hierarchy of a root key shares its hash
-/// tag, so the check of a key and all its ancestors is one script in one
-/// slot. The owning node renews its leases every `lease_s / 3`; a node that
-/// dies stops renewing and its channels are free within `lease_s`.
+/// The fleet's admission (SPEC §8): the credential's single use, calls per
+/// second, concurrent calls and daily budget of a key and its ancestors.
+///
+/// * Channels: one lease per call up in a sorted set per key,
+///   `tg:ch:{<root>}:<kid>` (member `<node>:<call>`, score the lease's end
+///   in ms). The owning node renews its leases every `lease_s / 3`; a node
+///   that dies stops renewing and its channels are free within `lease_s`.
+/// * Budget, as on one edge (the trunk allocator's slices): an answered
+///   call is granted a slice of what no ended call spent and no live call
+///   holds (a quarter of it, 1..300 s) and asks again when it has used it.
+///   `tg:spent:{<root>}:<kid>:<day>` holds the seconds ended calls billed
+///   on a UTC day, `tg:res:{<root>}:<kid>` the seconds granted to each call
+///   up (field: its lease member). A reservation counts only while its
+///   call's lease in `tg:ch` lives, so a dead node's reservations expire
+///   with its leases. Grant and settle are each one script: concurrent
+///   calls on different nodes never get the same free seconds twice.
+///
+/// The whole hierarchy of a root key shares its hash tag, so the check of
+/// a key and all its ancestors is one script in one slot.
 pub struct FleetChannels {
     shared: Arc<Shared>,
     node: String,
     lease: Duration,
     admit: redis::Script,
-    /// Leases this node holds: call handle -> (Redis keys, member).
-    held: Mutex<HashMap<u64, (Vec<String>, String)>>,
+    grant: redis::Script,
+    settle: redis::Script,
+    /// What this node holds: call handle -> its keys and grants.
+    held: Mutex<HashMap<u64, Held>>,
+}
+
+/// One call's hold on the fleet's state.
+#[derive(Debug, Clone)]
+struct Held {
+    member: String,
+    /// The root key of the chain (the hash tag of its keys).
+    root: String,
+    /// Channel sets the call holds a lease in (capped or budgeted keys).
+    leases: Vec<String>,
+    /// (channel set, reservations, spent key prefix, daily seconds) of each
+    /// budgeted key of the chain.
+    budgets: Vec<(String, String, String, u64)>,
+    answered_at: Option<i64>,
+    /// Budget seconds granted to the call so far.
+    granted: u64,
 }
 
 impl std::fmt::Debug for FleetChannels {
@@ -674,58 +737,145 @@ impl std::fmt::Debug for FleetChannels {
     }
 }
 
-/// The per-INVITE admission, one script: calls per second (GCRA, a burst
-/// of one second, as the embedded token bucket) and concurrent calls, of
-/// the key and every ancestor, checked first and only then taken, so a
-/// refusal consumes nothing.
+/// Free budget seconds of one key: its budget minus the day's settled
+/// seconds and the live reservations (dead ones are dropped on the way).
+const FREE_LUA: &str = r"
+local function free_secs(ch, res, spent, budget, now)
+  local used = tonumber(redis.call('GET', spent) or 0)
+  local held = redis.call('HGETALL', res)
+  for j = 1, #held, 2 do
+    local s = redis.call('ZSCORE', ch, held[j])
+    if (not s) or tonumber(s) < now then
+      redis.call('HDEL', res, held[j])
+    else
+      used = used + tonumber(held[j + 1])
+    end
+  end
+  return budget - used
+end
+";
+
+/// The per-INVITE admission, one script: the credential's single use
+/// (token `jti` or digest nonce, `SET NX` as [`RedisReplayCache`] does),
+/// then the daily budget, calls per second (GCRA, a burst of one second, as
+/// the embedded token bucket) and concurrent calls, of the key and every
+/// ancestor, checked first and only then taken, so a limit's refusal
+/// consumes no rate or channel (the credential's use stays recorded, as on
+/// one edge where the replay check comes before the limits).
 ///
-/// KEYS: for each key of the chain, its channel set then its CPS state
-/// (`tg:ch:{<root>}:<kid>`, `tg:cps:{<root>}:<kid>`). ARGV: now_ms,
-/// lease_end_ms, member, then per key max_calls and cps (-1: none).
+/// KEYS: the replay key when ARGV[4] >= 0, then for each key of the chain
+/// its channel set, CPS state, reservations and today's spent seconds.
+/// ARGV: now_ms, lease_end_ms, member, replay_exat (-1: no credential use
+/// to record), then per key max_calls, cps and daily seconds (-1: none).
 /// Returns {0, 0} admitted, {1, ms} rate limited (ms until a call would
-/// pass), {2, 0} a key at its channel cap.
+/// pass), {2, 0} a key at its channel cap, {3, 0} the credential was used
+/// before, {4, 0} a key's budget is spent or held by calls up.
 const ADMIT_LUA: &str = r"
 local now, lease_end, member = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local n = #KEYS / 2
+local off = 0
+if tonumber(ARGV[4]) >= 0 then
+  off = 1
+  if not redis.call('SET', KEYS[1], 1, 'NX', 'EXAT', ARGV[4]) then return {3, 0} end
+end
+local n = (#KEYS - off) / 4
+local function k(i, j) return KEYS[off + 4 * (i - 1) + j] end
+local function a(i, j) return tonumber(ARGV[4 + 3 * (i - 1) + j]) end
+for i = 1, n do
+  if a(i, 3) >= 0 and free_secs(k(i, 1), k(i, 3), k(i, 4), a(i, 3), now) <= 0 then
+    return {4, 0}
+  end
+end
 local tats = {}
 for i = 1, n do
-  local ch, cps_key = KEYS[2 * i - 1], KEYS[2 * i]
-  local cap, cps = tonumber(ARGV[2 + 2 * i]), tonumber(ARGV[3 + 2 * i])
+  local cap, cps = a(i, 1), a(i, 2)
   if cps >= 0 then
     if cps == 0 then return {1, 86400000} end
     local t = 1000 / cps
-    local tat = tonumber(redis.call('GET', cps_key) or now)
+    local tat = tonumber(redis.call('GET', k(i, 2)) or now)
     if tat < now then tat = now end
     local new_tat = tat + t
     if new_tat - now > 1000 then return {1, math.ceil(new_tat - now - 1000)} end
     tats[i] = new_tat
   end
   if cap >= 0 then
-    redis.call('ZREMRANGEBYSCORE', ch, '-inf', now)
-    if redis.call('ZCARD', ch) >= cap then return {2, 0} end
+    redis.call('ZREMRANGEBYSCORE', k(i, 1), '-inf', now)
+    if redis.call('ZCARD', k(i, 1)) >= cap then return {2, 0} end
   end
 end
 for i = 1, n do
-  local ch, cps_key = KEYS[2 * i - 1], KEYS[2 * i]
-  if tats[i] then redis.call('SET', cps_key, tats[i], 'PX', 2000) end
-  if tonumber(ARGV[2 + 2 * i]) >= 0 then
-    redis.call('ZADD', ch, lease_end, member)
-    redis.call('PEXPIREAT', ch, lease_end + 1000)
+  if tats[i] then redis.call('SET', k(i, 2), tats[i], 'PX', 2000) end
+  if a(i, 1) >= 0 or a(i, 3) >= 0 then
+    redis.call('ZADD', k(i, 1), lease_end, member)
+    redis.call('PEXPIREAT', k(i, 1), lease_end + 1000)
   end
 end
 return {0, 0}
 ";
 
+/// The next budget slice of an answered call: the smallest any budgeted
+/// key of its chain can give (a quarter of its free seconds, 1..300, 0 when
+/// none is left), reserved on every one of them.
+///
+/// KEYS: per budgeted key its channel set, reservations, today's spent
+/// seconds. ARGV: now_ms, member, then per key its daily seconds.
+const GRANT_LUA: &str = r"
+local now, member = tonumber(ARGV[1]), ARGV[2]
+local slice = nil
+for i = 1, #KEYS / 3 do
+  local free = free_secs(KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i], tonumber(ARGV[2 + i]), now)
+  local s = 0
+  if free > 0 then s = math.min(math.max(math.floor(free / 4), 1), 300) end
+  if slice == nil or s < slice then slice = s end
+end
+if slice == nil then return -1 end
+if slice > 0 then
+  for i = 1, #KEYS / 3 do
+    redis.call('HINCRBY', KEYS[3 * i - 1], member, slice)
+    redis.call('EXPIRE', KEYS[3 * i - 1], 172800)
+  end
+end
+return slice
+";
+
+/// A call's end: its leases are freed, its reservations dropped and its
+/// billable seconds added to the day's spent seconds of every budgeted key,
+/// once: the call's settled mark (`tg:settled:{<root>}:<call_id>`, also
+/// what the CDR publication checks for a call whose end this did not see)
+/// is set with it.
+///
+/// KEYS: the settled mark, the channel sets of its leases, then per
+/// budgeted key its reservations and that day's spent seconds. ARGV:
+/// member, the number of channel sets, billable seconds, mark's seconds.
+const SETTLE_LUA: &str = r"
+local member, nch, secs = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[4]) then secs = 0 end
+for i = 2, nch + 1 do redis.call('ZREM', KEYS[i], member) end
+for i = nch + 2, #KEYS, 2 do
+  redis.call('HDEL', KEYS[i], member)
+  if secs > 0 then
+    redis.call('INCRBY', KEYS[i + 1], secs)
+    redis.call('EXPIRE', KEYS[i + 1], 172800)
+  end
+end
+return 0
+";
+
 /// The fleet's answer to one admission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
-    /// Admitted; the call holds a lease on every capped key of the chain.
+    /// Admitted; the call holds a lease on every capped or budgeted key of
+    /// the chain.
     Admitted,
     /// A key (or ancestor) is over its calls per second fleet-wide: retry
     /// after this many seconds (at least 1).
     RateLimited(u32),
     /// A key (or ancestor) is at its concurrent calls fleet-wide.
     Busy,
+    /// The credential's single use was recorded before (`401`).
+    Replayed,
+    /// A key's (or ancestor's) daily budget is spent fleet-wide, or held
+    /// whole by calls up (`402`).
+    BudgetExhausted,
 }
 
 /// A key of the chain as [`FleetChannels::admit`] takes it.
@@ -737,6 +887,8 @@ pub struct ChainKey<'a> {
     pub max_calls: Option<u32>,
     /// Its `cps` (`None`: no limit).
     pub cps: Option<u32>,
+    /// Its `daily_minutes` (`None`: no budget).
+    pub daily_minutes: Option<u32>,
 }
 
 fn now_ms() -> i64 {
@@ -746,6 +898,32 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The UTC day of a Unix time (as `tollgate_trunk::utc_day`).
+fn utc_day(unix: i64) -> i64 {
+    unix.div_euclid(86_400)
+}
+
+fn spent_key(prefix: &str, unix: i64) -> String {
+    format!("{prefix}:{}", utc_day(unix))
+}
+
+/// The billable seconds key `kid` (of the hierarchy of `root`) spent on
+/// the UTC day of `unix`, fleet-wide.
+pub fn spent_key_of(root: &str, kid: &str, unix: i64) -> String {
+    spent_key(&format!("tg:spent:{{{root}}}:{kid}"), unix)
+}
+
+/// Set when a call's seconds are settled on its keys' budgets: by the end
+/// of the call ([`FleetChannels::release`]) or, for a call whose end the
+/// fleet did not see (Redis down then, or recovered after a crash), by the
+/// publication of its CDR; never twice.
+pub fn settled_key(root: &str, call_id: &str) -> String {
+    format!("tg:settled:{{{root}}}:{call_id}")
+}
+
+/// How long a settled mark is kept (longer than any record is re-sent).
+pub const SETTLED_SECS: i64 = 8 * 86_400;
+
 impl FleetChannels {
     /// Leases of `node`, each `lease` long.
     pub fn new(shared: Arc<Shared>, node: &str, lease: Duration) -> Arc<Self> {
@@ -753,86 +931,192 @@ impl FleetChannels {
             shared,
             node: node.to_owned(),
             lease,
-            admit: redis::Script::new(ADMIT_LUA),
+            admit: redis::Script::new(&format!("{FREE_LUA}{ADMIT_LUA}")),
+            grant: redis::Script::new(&format!("{FREE_LUA}{GRANT_LUA}")),
+            settle: redis::Script::new(SETTLE_LUA),
             held: Mutex::new(HashMap::new()),
         })
     }
 
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Held>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The fleet's admission of `call` for `chain` (the key, then its
-    /// ancestors up to `root`): one script, one round trip; none at all
-    /// when no key of the chain has a cps or max_calls limit.
+    /// ancestors up to `root`) with the credential's single use `pending`:
+    /// one script, one round trip; none at all when there is no use to
+    /// record and no key of the chain has a limit.
     pub fn admit(
         &self,
         root: &str,
         chain: &[ChainKey<'_>],
         call: u64,
+        pending: Option<&PendingUse>,
     ) -> Result<Admission, StateError> {
-        if chain
-            .iter()
-            .all(|k| k.max_calls.is_none() && k.cps.is_none())
+        if pending.is_none()
+            && chain
+                .iter()
+                .all(|k| k.max_calls.is_none() && k.cps.is_none() && k.daily_minutes.is_none())
         {
             return Ok(Admission::Admitted);
         }
-        let mut keys = Vec::with_capacity(chain.len() * 2);
+        let now = now_ms();
+        let tag = |what: &str, id: &str| format!("tg:{what}:{{{root}}}:{id}");
+        let mut keys = Vec::with_capacity(chain.len() * 4);
         for k in chain {
-            keys.push(format!("tg:ch:{{{root}}}:{}", k.id));
-            keys.push(format!("tg:cps:{{{root}}}:{}", k.id));
+            keys.push(tag("ch", k.id));
+            keys.push(tag("cps", k.id));
+            keys.push(tag("res", k.id));
+            keys.push(spent_key(&tag("spent", k.id), now / 1000));
         }
         let member = format!("{}:{call}", self.node);
-        let now = now_ms();
         let mut inv = self.admit.prepare_invoke();
+        if let Some(p) = pending {
+            inv.key(replay_key(&p.id));
+        }
         for k in &keys {
             inv.key(k);
         }
         inv.arg(now)
             .arg(now + self.lease.as_millis() as i64)
-            .arg(&member);
+            .arg(&member)
+            .arg(pending.map_or(-1, |p| replay_exat(p.expires_at, now / 1000)));
         for k in chain {
             inv.arg(k.max_calls.map_or(-1, i64::from));
             inv.arg(k.cps.map_or(-1, i64::from));
+            inv.arg(k.daily_minutes.map_or(-1, |m| i64::from(m) * 60));
         }
         let (verdict, ms): (i64, i64) = self.shared.run(false, |c| inv.invoke(c))?;
         Ok(match verdict {
             0 => {
-                let capped: Vec<String> = chain
-                    .iter()
-                    .zip(keys.chunks(2))
-                    .filter(|(k, _)| k.max_calls.is_some())
-                    .map(|(_, ks)| ks[0].clone())
-                    .collect();
-                if !capped.is_empty() {
-                    self.held
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .insert(call, (capped, member));
+                let mut held = Held {
+                    member,
+                    root: root.to_owned(),
+                    leases: Vec::new(),
+                    budgets: Vec::new(),
+                    answered_at: None,
+                    granted: 0,
+                };
+                for (k, ks) in chain.iter().zip(keys.chunks(4)) {
+                    if k.max_calls.is_some() || k.daily_minutes.is_some() {
+                        held.leases.push(ks[0].clone());
+                    }
+                    if let Some(m) = k.daily_minutes {
+                        held.budgets.push((
+                            ks[0].clone(),
+                            ks[2].clone(),
+                            tag("spent", k.id),
+                            u64::from(m) * 60,
+                        ));
+                    }
+                }
+                if !held.leases.is_empty() {
+                    self.held().insert(call, held);
                 }
                 Admission::Admitted
             }
             1 => {
                 Admission::RateLimited(u32::try_from((ms + 999) / 1000).unwrap_or(u32::MAX).max(1))
             }
+            3 => Admission::Replayed,
+            4 => Admission::BudgetExhausted,
             _ => Admission::Busy,
         })
     }
 
-    /// Frees `call`'s channels (if it held any). A failure is harmless: the
-    /// lease ends by itself.
-    pub fn release(&self, call: u64) {
-        let held = self
-            .held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&call);
-        let Some((keys, member)) = held else { return };
-        let r = self.shared.run(false, |c| {
-            let mut pipe = redis::pipe();
-            for k in &keys {
-                pipe.cmd("ZREM").arg(k).arg(&member).ignore();
+    /// Records `pending` alone (one `SET NX`): for a call this edge refused
+    /// on its own limits before asking the fleet, so that a replay is
+    /// still a `401` there. `true` the first time.
+    pub fn record_use(&self, pending: &PendingUse) -> Result<bool, StateError> {
+        set_once(
+            &self.shared,
+            &pending.id,
+            pending.expires_at,
+            now_ms() / 1000,
+        )
+    }
+
+    /// `call` was answered at `unix`: grants it the first slice of the
+    /// fleet's budget and returns its length (as
+    /// `tollgate_trunk::Allocator::answered`): `None` when no key of its
+    /// chain has a budget, `Some(0)` when it is spent.
+    pub fn answered(&self, call: u64, unix: i64) -> Result<Option<u64>, StateError> {
+        {
+            let mut held = self.held();
+            let Some(h) = held.get_mut(&call) else {
+                return Ok(None);
+            };
+            if h.budgets.is_empty() {
+                return Ok(None);
             }
-            pipe.query::<()>(c)
-        });
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "channel release failed; the lease ends by itself");
+            if h.answered_at.is_none() {
+                h.answered_at = Some(unix);
+            }
+        }
+        self.budget_check(call, unix)
+    }
+
+    /// The seconds `call` may go on (as
+    /// `tollgate_trunk::Allocator::budget_check`): what is left of its
+    /// grant, or the next slice (one script) when it has used it up.
+    pub fn budget_check(&self, call: u64, unix: i64) -> Result<Option<u64>, StateError> {
+        let Some(h) = self.held().get(&call).cloned() else {
+            return Ok(None);
+        };
+        let Some(answered) = h.answered_at else {
+            return Ok(if h.budgets.is_empty() { None } else { Some(0) });
+        };
+        if h.budgets.is_empty() {
+            return Ok(None);
+        }
+        let used = unix.saturating_sub(answered).max(0) as u64;
+        let left = h.granted.saturating_sub(used);
+        if left > 0 {
+            return Ok(Some(left));
+        }
+        let mut inv = self.grant.prepare_invoke();
+        for (ch, res, spent, _) in &h.budgets {
+            inv.key(ch).key(res).key(spent_key(spent, unix));
+        }
+        inv.arg(now_ms()).arg(&h.member);
+        for (_, _, _, secs) in &h.budgets {
+            inv.arg(*secs);
+        }
+        let slice: i64 = self.shared.run(false, |c| inv.invoke(c))?;
+        let slice = u64::try_from(slice).unwrap_or(0);
+        if slice > 0 {
+            if let Some(h) = self.held().get_mut(&call) {
+                // The slice counts from now: time used past the last grant
+                // (a late check) is not granted twice.
+                h.granted = h.granted.max(used).saturating_add(slice);
+            }
+        }
+        Ok(Some(slice))
+    }
+
+    /// `call` (CDR id `call_id`) ended at `unix` with `billable_secs`:
+    /// frees its channels, drops its reservations and settles its seconds
+    /// on the day's budget of every budgeted key (one script). A failure is
+    /// logged: the lease ends by itself, and with it the reservations; the
+    /// seconds are settled when the CDR is published.
+    pub fn release(&self, call: u64, call_id: &str, billable_secs: u64, unix: i64) {
+        let Some(h) = self.held().remove(&call) else {
+            return;
+        };
+        let mut inv = self.settle.prepare_invoke();
+        inv.key(settled_key(&h.root, call_id));
+        for ch in &h.leases {
+            inv.key(ch);
+        }
+        for (_, res, spent, _) in &h.budgets {
+            inv.key(res).key(spent_key(spent, unix));
+        }
+        inv.arg(&h.member)
+            .arg(h.leases.len())
+            .arg(billable_secs)
+            .arg(SETTLED_SECS);
+        if let Err(e) = self.shared.run(false, |c| inv.invoke::<i64>(c)) {
+            tracing::warn!(error = %e, "fleet release failed; the lease ends by itself");
         }
     }
 
@@ -840,11 +1124,9 @@ impl FleetChannels {
     /// `XX`: after an outage the calls still up count fleet-wide again.
     pub fn renew(&self) -> Result<(), StateError> {
         let held: Vec<(Vec<String>, String)> = self
-            .held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+            .held()
             .values()
-            .cloned()
+            .map(|h| (h.leases.clone(), h.member.clone()))
             .collect();
         if held.is_empty() {
             return Ok(());

@@ -85,6 +85,8 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct AdminState {
     pub keys: Arc<dyn KeyAdmin>,
     pub cdrs: Arc<FileCdrStore>,
+    /// `[state]`: usage is the fleet's, summed from its stream of records.
+    pub fleet_usage: Option<Arc<tollgate_state::Shared>>,
     pub calls: CallRegistry,
     pub control: mpsc::Sender<Control>,
 }
@@ -731,12 +733,17 @@ async fn usage(
         .map(|r| r.id.clone())
         .collect();
     let cdrs = st.cdrs.clone();
+    let fleet = st.fleet_usage.clone();
     let key = q.key.clone();
-    let mut totals = blocking(move || {
-        cdrs.totals(key.as_deref(), since).map_err(|e| {
+    let mut totals = blocking(move || match fleet {
+        Some(shared) => tollgate_state::fleet_usage(&shared, key.as_deref(), since).map_err(|e| {
+            tracing::warn!(error = %e, "admin API: reading the fleet's records failed");
+            key_error(KeyError::Unavailable(e.to_string()))
+        }),
+        None => cdrs.totals(key.as_deref(), since).map_err(|e| {
             tracing::error!(error = %e, "admin API: reading the CDR store failed");
             ApiError::internal()
-        })
+        }),
     })
     .await?;
     totals.keys.retain(|k, _| visible.contains(k));
@@ -1063,6 +1070,7 @@ mod tests {
         let st = AdminState {
             keys: Arc::new(FileKeyStore::open(&dir.0).unwrap()),
             cdrs: Arc::new(FileCdrStore::open_read_only(&dir.0).unwrap()),
+            fleet_usage: None,
             calls: CallRegistry::default(),
             control: tx,
         };

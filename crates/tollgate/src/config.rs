@@ -28,6 +28,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub tls: TlsSection,
     #[serde(default)]
+    pub streams: StreamsSection,
+    #[serde(default)]
     pub numbers: NumbersSection,
     /// `[state]`: a fleet's shared state on Redis (SPEC §8); absent: embedded.
     pub state: Option<StateSection>,
@@ -110,6 +112,9 @@ pub struct StateSection {
     /// PEM file of the CAs a `rediss://` server must chain to (default: the
     /// system's roots).
     pub ca_file: Option<String>,
+    /// Records the fleet's CDR stream is trimmed to (`XADD MAXLEN ~`;
+    /// default 1,000,000): fleet usage covers the latest this many calls.
+    pub cdr_stream_max: Option<u64>,
 }
 
 /// Validates `[state]`; `Ok(None)` without the section.
@@ -170,8 +175,17 @@ pub fn state(file: &FileConfig) -> Result<Option<tollgate_state::StateConfig>, C
     if !(10..=5000).contains(&timeout_ms) {
         return Err(ConfigError("[state] timeout_ms: must be 10..=5000".into()));
     }
+    let cdr_stream_max = st
+        .cdr_stream_max
+        .unwrap_or(tollgate_state::cdrs::CDR_STREAM_MAXLEN);
+    if !(1_000..=100_000_000).contains(&cdr_stream_max) {
+        return Err(ConfigError(
+            "[state] cdr_stream_max: must be 1000..=100000000".into(),
+        ));
+    }
     Ok(Some(tollgate_state::StateConfig {
         url,
+        cdr_stream_max,
         node,
         lease_s,
         on_unavailable,
@@ -196,9 +210,23 @@ pub struct TlsSection {
     pub cert_file: Option<String>,
     pub key_file: Option<String>,
     pub client_ca_file: Option<String>,
-    /// PEM file of CAs trusted for TLS route targets, besides the web PKI
-    /// roots (SPEC §9).
+    /// Extra CAs (PEM) trusted, besides the web PKI roots, for the edge's
+    /// own TLS connections: TLS route targets (SPEC §9) and `wss://` stream
+    /// backends (§10).
     pub ca_file: Option<String>,
+}
+
+/// `[streams]`: WebSocket media streams to AI backends (SPEC §10, stream/).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamsSection {
+    /// Loopback/private/link-local CIDRs a stream may nevertheless connect
+    /// to; `ws://` (no TLS) only toward these.
+    pub allow_cidrs: Option<Vec<String>>,
+    /// Resolve, connect, TLS and upgrade, all within this (ms; default 5000).
+    pub connect_timeout_ms: Option<u64>,
+    /// Backend audio held for playout, per call (ms; default 30000).
+    pub queue_ms: Option<u64>,
 }
 
 /// `[webhooks]`: call events to the token's `webhook` (webhook.rs).
@@ -251,6 +279,11 @@ pub struct SipSection {
     /// Digest (SPEC §4; default false: libre/baresip reject such a 401).
     pub bearer_challenge: Option<bool>,
     pub workers: Option<usize>,
+    /// The address named in Via, Contact and From instead of the bound one
+    /// (an edge behind 1:1 NAT).
+    pub advertise: Option<String>,
+    /// Largest SIP message accepted (bytes); larger requests get 513.
+    pub max_message_bytes: Option<usize>,
     /// SIGTERM: how long calls in progress may go on before the edge BYEs them.
     pub drain_timeout_s: Option<u64>,
     /// `[sip.lockout]`: sources that guess credentials are ignored.
@@ -324,6 +357,8 @@ pub struct LockoutSection {
 #[serde(deny_unknown_fields)]
 pub struct MediaSection {
     pub ip: Option<String>,
+    /// The address SDP names instead of `ip` (an edge behind 1:1 NAT).
+    pub advertise_ip: Option<String>,
     pub ports: Option<String>,
     pub timeout_s: Option<u64>,
 }
@@ -563,6 +598,29 @@ pub fn parse_ip(field: &str, s: &str) -> Result<IpAddr, ConfigError> {
         .map_err(|_| ConfigError(format!("{field}: {s:?} is not an IP address")))
 }
 
+/// An address to advertise (`sip.advertise`, `media.advertise_ip`): an IP
+/// a peer can send to, so not a wildcard and not multicast.
+pub fn parse_advertise(field: &str, s: &str) -> Result<IpAddr, ConfigError> {
+    let ip = parse_ip(field, s)?;
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(ConfigError(format!(
+            "{field}: {s:?} is not an address a peer can send to"
+        )));
+    }
+    Ok(ip)
+}
+
+/// `sip.max_message_bytes`: 1500 (one datagram) up to 65535 (UDP's limit).
+pub fn max_message_bytes(v: Option<usize>) -> Result<usize, ConfigError> {
+    let n = v.unwrap_or(tollgate_sip::message::DEFAULT_MAX_MESSAGE_BYTES);
+    if !(1500..=tollgate_sip::message::MAX_MESSAGE_LEN).contains(&n) {
+        return Err(ConfigError(format!(
+            "sip.max_message_bytes: must be 1500..=65535, not {n}"
+        )));
+    }
+    Ok(n)
+}
+
 /// A route target: a sip URI whose host is an IP literal, `localhost`, or
 /// a DNS name (located by RFC 3263 at run time: the address is `None`).
 pub fn parse_target(
@@ -777,6 +835,10 @@ mod tests {
             (
                 "[state]\nurl = \"redis://127.0.0.1\"\ntimeout_ms = 1\n",
                 "[state] timeout_ms",
+            ),
+            (
+                "[state]\nurl = \"redis://127.0.0.1\"\ncdr_stream_max = 10\n",
+                "[state] cdr_stream_max",
             ),
             (
                 "[state]\nurl = \"redis://127.0.0.1\"\nca_file = \"/x\"\n",

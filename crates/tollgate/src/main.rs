@@ -13,6 +13,7 @@ mod media;
 mod metrics_http;
 mod policy;
 mod serve;
+mod stream;
 mod webhook;
 
 use clap::{Args, Parser, Subcommand};
@@ -54,8 +55,12 @@ enum Command {
     /// Per-call bearer tokens.
     #[command(subcommand)]
     Token(TokenCmd),
-    /// Usage totals from the durable call records.
+    /// Usage totals from the durable call records (with `--config FILE`
+    /// naming a `[state]`: the fleet's, from its shared stream).
     Usage {
+        /// TOML configuration file; its `[state]` (if any) names the store.
+        #[arg(long)]
+        config: Option<PathBuf>,
         #[arg(long)]
         key: Option<String>,
         #[arg(long)]
@@ -234,9 +239,12 @@ fn main() -> ExitCode {
             record,
             max_duration,
         })) => mint(&key, &to, &from, &ttl, model, webhook, record, max_duration),
-        Some(Command::Usage { key, since }) => {
-            usage(&cli.data_dir, key.as_deref(), since.as_deref())
-        }
+        Some(Command::Usage { config, key, since }) => usage(
+            &cli.data_dir,
+            config.as_deref(),
+            key.as_deref(),
+            since.as_deref(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -440,8 +448,25 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-fn usage(dir: &std::path::Path, key: Option<&str>, since: Option<&str>) -> Result<(), Failure> {
+fn usage(
+    dir: &std::path::Path,
+    config: Option<&std::path::Path>,
+    key: Option<&str>,
+    since: Option<&str>,
+) -> Result<(), Failure> {
     let since = since.map(parse_since).transpose()?;
+    let state = match config {
+        Some(p) => config::state(&config::load(p)?)?,
+        None => None,
+    };
+    if let Some(cfg) = state {
+        let shared = tollgate_state::Shared::open(&cfg.url, cfg.timeout, cfg.ca_pem.as_deref())
+            .map_err(|e| Failure::Usage(e.to_string()))?;
+        let totals = tollgate_state::fleet_usage(&shared, key, since)
+            .map_err(|e| Failure::Other(format!("{e} (cannot read the fleet's usage)")))?;
+        print!("{}", tollgate_trunk::format_usage(&totals));
+        return Ok(());
+    }
     let store = tollgate_trunk::FileCdrStore::open_read_only(dir)
         .map_err(|e| Failure::Other(format!("CDR store in {}: {e}", dir.display())))?;
     let totals = store

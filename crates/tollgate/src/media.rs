@@ -12,10 +12,12 @@ use tollgate_sip::MediaProfile;
 
 pub struct EngineHooks(pub Arc<MediaEngine>);
 
-/// 488 for SDP we cannot serve; 503 when we are out of ports; 500 otherwise.
+/// 488 for SDP we cannot serve; 503 when we are out of ports or of file
+/// descriptors (a temporary overload: a carrier tries its next edge); 500
+/// otherwise.
 fn status_of(e: &MediaError) -> u16 {
     match e {
-        MediaError::Ports => 503,
+        MediaError::Ports | MediaError::Bind(_) => 503,
         e if e.is_not_acceptable() => 488,
         _ => 500,
     }
@@ -96,5 +98,16 @@ impl MediaHooks for EngineHooks {
 
     fn cancel_offer(&mut self, call: u64) {
         self.0.cancel_offer(call);
+    }
+}
+
+/// The signaling core's view of the host's routes: the source address
+/// toward a peer, as the kernel picks it (cached; shared with the media
+/// engine, see `tollgate_media::source`).
+pub struct KernelRoute(pub Arc<tollgate_media::source::SourceIps>);
+
+impl tollgate_sip::local_addr::SourceRoute for KernelRoute {
+    fn source_ip(&self, peer: IpAddr) -> Option<IpAddr> {
+        self.0.toward(peer)
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
-use tollgate_keys::{KeyRecord, KeyStore};
+use tollgate_keys::{KeyRecord, KeyStore, PendingUse, ReplayCache};
 use tollgate_sip::b2bua::{AdmitInfo, CallPolicy, CallRecord, Refused};
 use tollgate_sip::EndCause;
 use tollgate_trunk::{
@@ -28,9 +28,18 @@ pub struct TrunkPolicy {
     /// `[state] on_unavailable = "refuse"`: while the fleet's shared state
     /// is down, every new call is refused, credential or not (SPEC §4).
     state_gate: Option<Arc<tollgate_state::Shared>>,
-    /// `[state]`: concurrent calls counted fleet-wide (leases in Redis), and
-    /// whether a call may go ahead on local limits when Redis does not answer.
-    fleet_channels: Option<(Arc<tollgate_state::FleetChannels>, bool)>,
+    /// `[state]`: the fleet's admission (credential use, calls per second,
+    /// concurrent calls: one script in Redis).
+    fleet: Option<Fleet>,
+}
+
+/// The fleet's side of an admission.
+struct Fleet {
+    admission: Arc<tollgate_state::FleetChannels>,
+    /// `on_unavailable = "local"`: while Redis does not answer, a call goes
+    /// ahead on this edge's limits and its credential's use is recorded in
+    /// this edge's own replay cache; `None`: 503.
+    local_replay: Option<Arc<dyn ReplayCache>>,
 }
 
 /// An admitted call as the admin API lists it (`GET /v1/calls`).
@@ -66,18 +75,22 @@ impl TrunkPolicy {
             calls: CallRegistry::default(),
             journal: None,
             state_gate: None,
-            fleet_channels: None,
+            fleet: None,
         }
     }
 
-    /// Counts concurrent calls fleet-wide as well; `local_fallback`: admit
-    /// on this edge's limits when Redis does not answer (else 503).
+    /// Admits fleet-wide as well (and records the credential's single use
+    /// in the same round trip); `local_replay`: admit on this edge's limits
+    /// and record uses there when Redis does not answer (else 503).
     pub fn with_fleet_channels(
         mut self,
-        fleet: Arc<tollgate_state::FleetChannels>,
-        local_fallback: bool,
+        admission: Arc<tollgate_state::FleetChannels>,
+        local_replay: Option<Arc<dyn ReplayCache>>,
     ) -> Self {
-        self.fleet_channels = Some((fleet, local_fallback));
+        self.fleet = Some(Fleet {
+            admission,
+            local_replay,
+        });
         self
     }
 
@@ -174,8 +187,113 @@ fn cause_label(c: EndCause) -> &'static str {
         EndCause::Admin => "admin_hangup",
         EndCause::MediaTimeout => "media_timeout",
         EndCause::OfferAnswerFailed => "offer_answer_failed",
+        EndCause::Stream(s) => s.label(),
         #[allow(unreachable_patterns)]
         _ => "other",
+    }
+}
+
+/// A credential reused (SPEC §4: 401; the B2BUA answers it as the
+/// credential check does).
+const REPLAYED: Refused = Refused {
+    code: 401,
+    retry_after: None,
+};
+
+/// Shared state unreachable with `on_unavailable = "refuse"`.
+const STATE_UNAVAILABLE: Refused = Refused {
+    code: 503,
+    retry_after: Some(tollgate_sip::b2bua::STATE_RETRY_AFTER_SECS),
+};
+
+impl TrunkPolicy {
+    /// The fleet's admission of a call this edge admitted on its own
+    /// limits: `Some` refusal, or `None` (admitted, leases held).
+    fn fleet_admit(
+        &self,
+        call: u64,
+        key: &KeyRecord,
+        chain: &[TrunkKey<'_>],
+        pending: Option<&PendingUse>,
+        unix: i64,
+    ) -> Option<Refused> {
+        let Some(fleet) = &self.fleet else {
+            // A use left to an admission that has no fleet: fail closed.
+            return pending.map(|_| STATE_UNAVAILABLE);
+        };
+        let root = chain.last().map_or(key.id.as_str(), |k| k.id);
+        let keys: Vec<tollgate_state::ChainKey<'_>> = chain
+            .iter()
+            .map(|k| tollgate_state::ChainKey {
+                id: k.id,
+                max_calls: k.limits.max_calls,
+                cps: k.limits.cps,
+                daily_minutes: k.limits.daily_minutes,
+            })
+            .collect();
+        let (refused, reason) = match fleet.admission.admit(root, &keys, call, pending) {
+            Ok(tollgate_state::Admission::Admitted) => return None,
+            Ok(tollgate_state::Admission::Replayed) => return Some(REPLAYED),
+            Ok(tollgate_state::Admission::Busy) => (status_of(&Refusal::Busy), "busy"),
+            Ok(tollgate_state::Admission::BudgetExhausted) => {
+                (status_of(&Refusal::BudgetExhausted), "budget")
+            }
+            Ok(tollgate_state::Admission::RateLimited(secs)) => (
+                status_of(&Refusal::RateLimited {
+                    retry_after_secs: secs,
+                }),
+                "rate_limited",
+            ),
+            Err(_) => match &fleet.local_replay {
+                Some(local) => return pending.and_then(|p| local_use(local.as_ref(), p, unix)),
+                None => (STATE_UNAVAILABLE, "state_unavailable"),
+            },
+        };
+        metrics::counter!("tollgate_fleet_refusals_total", "reason" => reason).increment(1);
+        Some(refused)
+    }
+
+    /// Records `pending` alone, for a call refused on this edge's limits:
+    /// `Some(401)` for a replay (or 503 when it cannot be recorded), `None`
+    /// the first time (the call gets its limit's status).
+    fn record_use_alone(&self, pending: &PendingUse, unix: i64) -> Option<Refused> {
+        let Some(fleet) = &self.fleet else {
+            return Some(STATE_UNAVAILABLE);
+        };
+        match fleet.admission.record_use(pending) {
+            Ok(true) => None,
+            Ok(false) => Some(REPLAYED),
+            Err(_) => match &fleet.local_replay {
+                Some(local) => local_use(local.as_ref(), pending, unix),
+                None => Some(STATE_UNAVAILABLE),
+            },
+        }
+    }
+}
+
+/// How long an answered call may go on: the shorter of this edge's grant
+/// and the fleet's. Redis not answering leaves the edge's own (a call up
+/// continues through an outage, SPEC §8).
+fn fleet_bound(
+    local: Option<u64>,
+    fleet: Option<Result<Option<u64>, tollgate_state::StateError>>,
+) -> Option<u64> {
+    match fleet {
+        Some(Ok(Some(f))) => Some(local.map_or(f, |l| l.min(f))),
+        Some(Err(e)) => {
+            tracing::debug!(error = %e, "fleet budget unavailable; this edge's grant holds");
+            local
+        }
+        _ => local,
+    }
+}
+
+/// A use recorded in this edge's own cache (`on_unavailable = "local"`).
+fn local_use(local: &dyn ReplayCache, pending: &PendingUse, unix: i64) -> Option<Refused> {
+    match local.record_use(&pending.id, pending.expires_at, unix) {
+        tollgate_keys::Use::First => None,
+        tollgate_keys::Use::Replayed => Some(REPLAYED),
+        tollgate_keys::Use::Unavailable => Some(STATE_UNAVAILABLE),
     }
 }
 
@@ -190,15 +308,11 @@ impl CallPolicy for TrunkPolicy {
         unix: i64,
     ) -> Result<(), Refused> {
         // Shared state down with `refuse`: a call admitted now would escape
-        // the fleet's limits. (Calls with a credential were refused by the
-        // replay check already; this catches trusted sources.) No Redis
-        // round trip: the health thread's flag.
+        // the fleet's limits, and its credential's single use could not be
+        // recorded fleet-wide. No Redis round trip: the health thread's flag.
         if self.state_gate.as_ref().is_some_and(|s| !s.is_up()) {
             metrics::counter!("tollgate_state_refusals_total").increment(1);
-            return Err(Refused {
-                code: 503,
-                retry_after: Some(tollgate_sip::b2bua::STATE_RETRY_AFTER_SECS),
-            });
+            return Err(STATE_UNAVAILABLE);
         }
         // A missing parent or a loop: refused (fail closed), as the
         // source check does.
@@ -212,74 +326,45 @@ impl CallPolicy for TrunkPolicy {
                 limits: KeyLimits::from(&k.limits),
             })
             .collect();
-        match self.alloc.admit_chain(&chain, destination, now, unix) {
-            Ok(ch) => {
-                // Then the fleet's count: the key's and every ancestor's
-                // channels on all edges, one script in Redis.
-                if let Some((fleet, local_fallback)) = &self.fleet_channels {
-                    let root = chain.last().map_or(key.id.as_str(), |k| k.id);
-                    let keys: Vec<tollgate_state::ChainKey<'_>> = chain
-                        .iter()
-                        .map(|k| tollgate_state::ChainKey {
-                            id: k.id,
-                            max_calls: k.limits.max_calls,
-                            cps: k.limits.cps,
-                        })
-                        .collect();
-                    let refused = match fleet.admit(root, &keys, call) {
-                        Ok(tollgate_state::Admission::Admitted) => None,
-                        Ok(tollgate_state::Admission::Busy) => Some(status_of(&Refusal::Busy)),
-                        Ok(tollgate_state::Admission::RateLimited(secs)) => {
-                            Some(status_of(&Refusal::RateLimited {
-                                retry_after_secs: secs,
-                            }))
-                        }
-                        Err(_) if *local_fallback => None,
-                        Err(_) => Some(Refused {
-                            code: 503,
-                            retry_after: Some(tollgate_sip::b2bua::STATE_RETRY_AFTER_SECS),
-                        }),
-                    };
-                    if let Some(r) = refused {
-                        let reason = match r.code {
-                            486 => "busy",
-                            503 if r.retry_after
-                                == Some(tollgate_sip::b2bua::STATE_RETRY_AFTER_SECS)
-                                && self.state_gate.is_some() =>
-                            {
-                                "state_unavailable"
-                            }
-                            _ => "rate_limited",
-                        };
-                        metrics::counter!("tollgate_fleet_refusals_total", "reason" => reason)
-                            .increment(1);
-                        self.alloc.release(ch, 0, unix);
-                        return Err(r);
-                    }
+        let ch = match self.alloc.admit_chain(&chain, destination, now, unix) {
+            Ok(ch) => ch,
+            Err(r) => {
+                // A replay is a 401 before any limit, as on one edge.
+                if let Some(replayed) = info
+                    .pending_use
+                    .and_then(|p| self.record_use_alone(p, unix))
+                {
+                    return Err(replayed);
                 }
-                self.channels.insert(call, ch);
-                self.calls.insert(
-                    call,
-                    ActiveCall {
-                        call_id: info.call_id.to_string(),
-                        a_call_id: info.a_call_id.to_string(),
-                        key_id: key.id.clone(),
-                        from: info.from.to_string(),
-                        to: destination.to_string(),
-                        start: unix,
-                        answered: None,
-                    },
-                );
-                self.journal_opened(call);
-                if let Some(hooks) = &self.webhooks {
-                    if let Some(ctx) = hooks.initiated(key, destination.as_str(), info, unix) {
-                        self.hooked.insert(call, ctx);
-                    }
-                }
-                Ok(())
+                return Err(status_of(&r));
             }
-            Err(r) => Err(status_of(&r)),
+        };
+        // Then the fleet's: the credential's use, the key's and every
+        // ancestor's rate and channels on all edges, one script in Redis.
+        if let Some(r) = self.fleet_admit(call, key, &chain, info.pending_use, unix) {
+            self.alloc.release(ch, 0, unix);
+            return Err(r);
         }
+        self.channels.insert(call, ch);
+        self.calls.insert(
+            call,
+            ActiveCall {
+                call_id: info.call_id.to_string(),
+                a_call_id: info.a_call_id.to_string(),
+                key_id: key.id.clone(),
+                from: info.from.to_string(),
+                to: destination.to_string(),
+                start: unix,
+                answered: None,
+            },
+        );
+        self.journal_opened(call);
+        if let Some(hooks) = &self.webhooks {
+            if let Some(ctx) = hooks.initiated(key, destination.as_str(), info, unix) {
+                self.hooked.insert(call, ctx);
+            }
+        }
+        Ok(())
     }
 
     fn answered(&mut self, call: u64, unix: i64) -> Option<u64> {
@@ -292,15 +377,27 @@ impl CallPolicy for TrunkPolicy {
         if let (Some(hooks), Some(ctx)) = (&self.webhooks, self.hooked.get(&call)) {
             hooks.answered(ctx, unix);
         }
-        let ch = self.channels.get(&call)?;
-        self.alloc.answered(*ch, unix)
+        let local = match self.channels.get(&call) {
+            Some(ch) => self.alloc.answered(*ch, unix),
+            None => return None,
+        };
+        let fleet = self
+            .fleet
+            .as_ref()
+            .map(|f| f.admission.answered(call, unix));
+        fleet_bound(local, fleet)
     }
 
     fn budget_check(&mut self, call: u64, unix: i64) -> Option<u64> {
-        match self.channels.get(&call) {
+        let local = match self.channels.get(&call) {
             Some(ch) => self.alloc.budget_check(*ch, unix),
-            None => Some(0),
-        }
+            None => return Some(0),
+        };
+        let fleet = self
+            .fleet
+            .as_ref()
+            .map(|f| f.admission.budget_check(call, unix));
+        fleet_bound(local, fleet)
     }
 
     fn ended(&mut self, r: &CallRecord) {
@@ -308,8 +405,9 @@ impl CallPolicy for TrunkPolicy {
         if let Some(ch) = self.channels.remove(&r.call) {
             self.alloc.release(ch, r.billable_secs, r.end);
         }
-        if let Some((fleet, _)) = &self.fleet_channels {
-            fleet.release(r.call);
+        if let Some(fleet) = &self.fleet {
+            let id = cdr_call_id(&r.call_id, r.start, r.call);
+            fleet.admission.release(r.call, &id, r.billable_secs, r.end);
         }
         // Per-key outcome counters (attempts and billable seconds are counted
         // by the allocator): bounded labels, a key id and a fixed cause set.

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tollgate_keys::{
     FileKeyStore, FileReplayCache, KeyAdmin, KeyKind, KeyStore, Limits, ReplayCache,
@@ -33,6 +33,12 @@ pub struct Settings {
     /// `[[sip.digest_by_source]]`.
     pub digest_by_source: Vec<tollgate_keys::DigestBySource>,
     pub media_ip: std::net::IpAddr,
+    /// `[media] advertise_ip`: SDP names this instead of `media_ip`.
+    pub media_advertise_ip: Option<std::net::IpAddr>,
+    /// `[sip] advertise`: Via, Contact and From name this address.
+    pub sip_advertise: Option<std::net::IpAddr>,
+    /// `[sip] max_message_bytes`.
+    pub max_message_bytes: usize,
     pub media_ports: (u16, u16),
     pub media_timeout: Duration,
     /// SIGTERM drain: calls in progress may go on this long, then BYE.
@@ -59,6 +65,8 @@ pub struct Settings {
     pub dns_servers: Vec<SocketAddr>,
     /// `[tls] ca_file`: extra CAs for TLS route targets.
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// `[streams]` and `[tls] ca_file`: WebSocket stream targets (SPEC §10).
+    pub streams: crate::stream::StreamConfig,
 }
 
 /// One `[[routes]]` entry, checked.
@@ -252,8 +260,45 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
     let mut routes = Vec::new();
     for (i, r) in file.routes.iter().enumerate() {
         let field = format!("routes[{i}]");
-        let (targets, transport, ping_interval) = config::route_targets(&field, r)?;
         let media = config::parse_media_profile(&format!("{field}.media"), r.media.as_deref())?;
+        let prefix = match &r.prefix {
+            Some(p) => Some(config::route_prefix(&field, &trunk.numbers, p)?),
+            None => None,
+        };
+        if let Some(url) = r
+            .target
+            .as_deref()
+            .filter(|t| crate::stream::is_stream_url(t))
+        {
+            if r.targets.is_some() {
+                return Err(ConfigError(format!(
+                    "{field}.targets: give target or targets, not both"
+                )));
+            }
+            let media = stream_route_media(&field, url, media)?;
+            routes.push(RouteSettings {
+                model: r.model.clone(),
+                prefix,
+                targets: vec![url.to_string()],
+                ping_interval: None,
+                media,
+                sdes_over_cleartext: r.sdes_over_cleartext.unwrap_or(false),
+                auth: None,
+            });
+            continue;
+        }
+        if let Some((i, _)) = r
+            .targets
+            .iter()
+            .flatten()
+            .enumerate()
+            .find(|(_, t)| crate::stream::is_stream_url(t))
+        {
+            return Err(ConfigError(format!(
+                "{field}.targets[{i}]: a ws:// or wss:// stream target stands alone (target = \"...\")"
+            )));
+        }
+        let (targets, transport, ping_interval) = config::route_targets(&field, r)?;
         let sdes = r.sdes_over_cleartext.unwrap_or(false);
         // SDES rule (ARCHITECTURE.md): SRTP keys toward a cleartext target
         // only when the route says so.
@@ -263,10 +308,6 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
                 transport.label()
             )));
         }
-        let prefix = match &r.prefix {
-            Some(p) => Some(config::route_prefix(&field, &trunk.numbers, p)?),
-            None => None,
-        };
         let auth = match &r.auth {
             Some(a) => Some(Arc::new(config::route_auth(&field, a, |v| {
                 std::env::var(v).ok()
@@ -284,7 +325,11 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         });
     }
     if let Some(t) = &args.route_default {
-        config::parse_target("--route-default", t)?;
+        if crate::stream::is_stream_url(t) {
+            stream_route_media("--route-default", t, tollgate_sip::MediaProfile::Rtp)?;
+        } else {
+            config::parse_target("--route-default", t)?;
+        }
         match routes.iter_mut().find(|r| r.is_default()) {
             Some(r) => r.targets = vec![t.clone()],
             None => routes.push(RouteSettings::default_to(vec![t.clone()])),
@@ -342,6 +387,19 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         bearer_challenge: file.sip.bearer_challenge.unwrap_or(false),
         digest_by_source: config::parse_digest_by_source(&file.sip.digest_by_source)?,
         media_ip,
+        media_advertise_ip: file
+            .media
+            .advertise_ip
+            .as_deref()
+            .map(|ip| config::parse_advertise("media.advertise_ip", ip))
+            .transpose()?,
+        sip_advertise: file
+            .sip
+            .advertise
+            .as_deref()
+            .map(|ip| config::parse_advertise("sip.advertise", ip))
+            .transpose()?,
+        max_message_bytes: config::max_message_bytes(file.sip.max_message_bytes)?,
         media_ports,
         media_timeout: Duration::from_secs(media_timeout_s),
         drain_timeout: Duration::from_secs(drain_timeout_s),
@@ -353,6 +411,10 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         admin_listen,
         admin_tls,
         webhooks: crate::webhook::from_section(&file.webhooks)?,
+        streams: crate::stream::StreamConfig::from_section(
+            &file.streams,
+            file.tls.ca_file.as_deref(),
+        )?,
         routes,
         tls,
     })
@@ -571,6 +633,27 @@ fn describe_metrics() {
     );
 }
 
+/// Raises the soft limit of open files to the hard one, as SIP and media
+/// servers do (every anchored call holds four UDP sockets): at the usual
+/// soft limit of 1024 an edge refuses its 250th concurrent call. Warns when
+/// even the hard limit cannot hold the media port range.
+fn raise_fd_limit(media_ports: (u16, u16)) {
+    let sockets = u64::from(media_ports.1.saturating_sub(media_ports.0)) + 1;
+    // Signaling, TLS connections, files and the admin API besides media.
+    let want = sockets + 1024;
+    match rlimit::increase_nofile_limit(want) {
+        Ok(n) if n < want => tracing::warn!(
+            open_files = n,
+            media_sockets = sockets,
+            "the open-files limit is below the media port range: calls beyond \
+             about {} concurrent get 503 (raise LimitNOFILE / ulimit -n)",
+            n.saturating_sub(1024) / 4
+        ),
+        Ok(n) => tracing::debug!(open_files = n, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-files limit"),
+    }
+}
+
 pub fn run(data_dir: &Path, args: ServeArgs) -> Result<(), Failure> {
     let s = settings(&args)?;
     let _ = tracing_subscriber::fmt()
@@ -580,6 +663,7 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> Result<(), Failure> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .try_init();
+    raise_fd_limit(s.media_ports);
     let (store, fleet): (Arc<dyn KeyAdmin>, _) = match &s.state {
         None => {
             let store = Arc::new(FileKeyStore::open(data_dir)?);
@@ -660,7 +744,7 @@ async fn serve(
     for (t, a) in &s.listen {
         match t {
             Transport::Udp => {
-                let sock = bind_udp(*a).map_err(|e| bind_err(a, e))?;
+                let sock = driver::bind_udp(*a).map_err(|e| bind_err(a, e))?;
                 let bound = sock.local_addr().map_err(|e| bind_err(a, e))?;
                 local.insert(Transport::Udp, bound);
                 println!("tollgate: listening sip udp {bound}");
@@ -719,7 +803,8 @@ async fn serve(
         locator: None,
         tls: tls_client.clone(),
     };
-    let routes = build_routes(&s, &mut echo, &mut dns).await?;
+    let mut streams = None;
+    let routes = build_routes(&s, &mut echo, &mut dns, &mut streams).await?;
 
     // Key changes made by `tollgate keys` in another process (or, with
     // [state], on another node) are seen within 1 s: a stat of keys.json, or
@@ -779,17 +864,23 @@ async fn serve(
         },
         invite_timeout: s.invite_timeout,
         local,
+        advertise: s.sip_advertise,
+        max_message_bytes: s.max_message_bytes,
         routes,
         numbers: s.trunk.numbers.clone(),
         checks_numbers: s.trunk.deny_list().is_ok_and(|d| d.is_active()),
     };
-    let engine = Arc::new(tollgate_media::MediaEngine::new(
-        tollgate_media::MediaConfig {
+    // Our address toward a peer, for wildcard listeners (SDP, Via, Contact).
+    let sources = Arc::new(tollgate_media::source::SourceIps::new());
+    let engine = Arc::new(
+        tollgate_media::MediaEngine::new(tollgate_media::MediaConfig {
             ip: s.media_ip,
             ports: s.media_ports,
             timeout: s.media_timeout,
-        },
-    ));
+        })
+        .advertise(s.media_advertise_ip)
+        .with_sources(sources.clone()),
+    );
     // Trunks and CDRs: budgets survive a restart through the CDR store.
     let cdrs = Arc::new(
         FileCdrStore::open(&data_dir)
@@ -825,14 +916,17 @@ async fn serve(
         "replay cache loaded"
     );
     let replay_file = Arc::new(replay_file);
+    let local_replay = (on_unavailable == Some(OnUnavailable::Local))
+        .then(|| replay_file.clone() as Arc<dyn ReplayCache>);
     let replay: Arc<dyn ReplayCache> = match &fleet {
         None => replay_file.clone(),
         // `local`: while Redis is down, this edge's own file decides.
-        Some(f) => Arc::new(RedisReplayCache::new(
-            f.shared().clone(),
-            (on_unavailable == Some(OnUnavailable::Local))
-                .then(|| replay_file.clone() as Arc<dyn ReplayCache>),
-        )),
+        // The INVITE's use is recorded by the fleet's admission script (one
+        // round trip per INVITE), `local`: in this edge's file while Redis
+        // is down.
+        Some(f) => {
+            Arc::new(RedisReplayCache::new(f.shared().clone(), local_replay.clone()).deferring())
+        }
     };
     tokio::spawn(async move {
         let errors = metrics::counter!("tollgate_replay_write_errors_total");
@@ -908,6 +1002,33 @@ async fn serve(
             }
         });
     }
+    // The fleet's stream of call records, fed from this node's CDR file
+    // (exactly once per call, a record written during an outage later).
+    if let (Some(f), Some(cfg)) = (&fleet, &s.state) {
+        let known = keys.clone();
+        let chain = move |kid: &str| {
+            let rec = known.get(kid)?;
+            let ancestors = tollgate_keys::store::ancestors(known.as_ref(), &rec)?;
+            let all: Vec<&tollgate_keys::KeyRecord> = std::iter::once(&*rec)
+                .chain(ancestors.iter().map(|a| &**a))
+                .collect();
+            let root = all.last().map_or(kid, |r| r.id.as_str()).to_owned();
+            let budgeted = all
+                .iter()
+                .filter(|r| r.limits.daily_minutes.is_some())
+                .map(|r| r.id.clone())
+                .collect();
+            Some((root, budgeted))
+        };
+        tollgate_state::CdrPublisher::new(
+            f.shared().clone(),
+            &cfg.node,
+            &data_dir,
+            cfg.cdr_stream_max,
+            Box::new(chain),
+        )
+        .start(Duration::from_millis(250));
+    }
     // Fleet-wide concurrent calls: leases in Redis, renewed by this node.
     let fleet_channels = match (&fleet, &s.state) {
         (Some(f), Some(cfg)) => {
@@ -931,13 +1052,13 @@ async fn serve(
             policy = policy.with_state_gate(f.shared().clone());
         }
         if let Some(ch) = &fleet_channels {
-            policy = policy
-                .with_fleet_channels(ch.clone(), on_unavailable == Some(OnUnavailable::Local));
+            policy = policy.with_fleet_channels(ch.clone(), local_replay.clone());
         }
         let mut core =
             tollgate_sip::B2bua::new(cfg.clone(), keys.clone(), replay.clone(), nonce_secret)
                 .with_policy(Box::new(policy))
                 .with_lockout(lockout.clone())
+                .with_source_route(Arc::new(crate::media::KernelRoute(sources.clone())))
                 .with_media(Box::new(crate::media::EngineHooks(engine.clone())));
         core.set_shard(index as u64, shards as u64);
         cores.push(core);
@@ -977,10 +1098,21 @@ async fn serve(
             }
         }
     });
+    // Stream calls hang up through the driver, found in the registry.
+    let wiring = crate::stream::gateway::Wiring {
+        sip_udp: cfg.local.get(&Transport::Udp).copied(),
+        control: ctl_tx.clone(),
+        calls: calls.clone(),
+        keys: keys.clone(),
+    };
+    if let Some(gw) = &streams {
+        gw.attach(wiring.clone());
+    }
     // Admin API (SPEC §7).
     let admin_state = Arc::new(crate::admin::AdminState {
         keys: admin_keys,
         cdrs: cdrs.clone(),
+        fleet_usage: fleet.as_ref().map(|f| f.shared().clone()),
         calls,
         control: ctl_tx.clone(),
     });
@@ -1000,8 +1132,17 @@ async fn serve(
                 if new.listen != s.listen {
                     changed.push("sip.listen");
                 }
-                if new.media_ip != s.media_ip || new.media_ports != s.media_ports {
+                if new.media_ip != s.media_ip
+                    || new.media_ports != s.media_ports
+                    || new.media_advertise_ip != s.media_advertise_ip
+                {
                     changed.push("media");
+                }
+                if new.sip_advertise != s.sip_advertise {
+                    changed.push("sip.advertise");
+                }
+                if new.max_message_bytes != s.max_message_bytes {
+                    changed.push("sip.max_message_bytes");
                 }
                 if new.metrics_listen != s.metrics_listen {
                     changed.push("metrics.listen");
@@ -1022,8 +1163,11 @@ async fn serve(
                 if let Err(e) = admin.reload_tls(new.admin_tls.as_ref()) {
                     tracing::error!(error = %e, "admin API certificate not reloaded; keeping the running one");
                 }
-                match build_routes(&new, &mut echo, &mut dns).await {
+                match build_routes(&new, &mut echo, &mut dns, &mut streams).await {
                     Ok(routes) => {
+                        if let Some(gw) = &streams {
+                            gw.attach(wiring.clone());
+                        }
                         let _ = ctl_tx.send(Control::SetRoutes(routes)).await;
                         alloc.reconfigure(new.trunk.clone());
                         if !changed.is_empty() {
@@ -1106,12 +1250,30 @@ pub fn reload_tls(acceptor: Option<&TlsAcceptor>) -> bool {
     }
 }
 
+/// A stream route's target checked; its leg B (the stream gateway) is plain
+/// RTP: the relay decrypts an SRTP leg A (SPEC §10).
+fn stream_route_media(
+    field: &str,
+    target: &str,
+    media: tollgate_sip::MediaProfile,
+) -> Result<tollgate_sip::MediaProfile, ConfigError> {
+    crate::stream::connect::check_url(target).map_err(|e| ConfigError(format!("{field}: {e}")))?;
+    if media == tollgate_sip::MediaProfile::Srtp {
+        return Err(ConfigError(format!(
+            "{field}.media: a stream target's leg is the edge's own (plain RTP inside the edge); leave media out or set \"rtp\" (leg A may still use SRTP)"
+        )));
+    }
+    Ok(tollgate_sip::MediaProfile::Rtp)
+}
+
 /// Leg-B routes from the settings; a route without a target goes to the
-/// built-in echo destination, started on first need and kept across reloads.
+/// built-in echo destination, started on first need and kept across reloads;
+/// a stream target to the stream gateway, likewise.
 async fn build_routes(
     s: &Settings,
     echo: &mut Option<SocketAddr>,
     dns: &mut Dns,
+    streams: &mut Option<Arc<crate::stream::Gateway>>,
 ) -> Result<Vec<Route>, Failure> {
     let mut routes = Vec::new();
     for (ri, r) in s.routes.iter().enumerate() {
@@ -1128,6 +1290,17 @@ async fn build_routes(
                 }
             };
             vec![format!("sip:echo@{addr}")]
+        } else if let Some(url) = r.targets.iter().find(|t| crate::stream::is_stream_url(t)) {
+            if streams.is_none() {
+                let gw = crate::stream::Gateway::start(s.streams.clone())
+                    .await
+                    .map_err(|e| Failure::Other(format!("stream gateway: {e}")))?;
+                *streams = Some(gw);
+            }
+            match streams {
+                Some(gw) => vec![gw.target_for(url)],
+                None => continue,
+            }
         } else {
             r.targets.clone()
         };
@@ -1255,22 +1428,6 @@ async fn locate_once(
             DNS_RETRY
         }
     }
-}
-
-/// Socket buffer asked for the SIP UDP socket: a burst of thousands of
-/// messages must not overflow the kernel's default 208 KiB (the kernel caps it
-/// at net.core.rmem_max / wmem_max).
-const UDP_BUFFER: usize = 4 << 20;
-
-fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    // Best effort: a smaller buffer still works, it only drops earlier.
-    let _ = sock.set_recv_buffer_size(UDP_BUFFER);
-    let _ = sock.set_send_buffer_size(UDP_BUFFER);
-    sock.set_nonblocking(true)?;
-    sock.bind(&addr.into())?;
-    UdpSocket::from_std(sock.into())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

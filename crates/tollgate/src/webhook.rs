@@ -90,19 +90,7 @@ pub fn from_section(
     let size = |field: &str, v: Option<usize>, hi: u64, dflt: usize| {
         range(field, v.map(|x| x as u64), 1, hi, dflt as u64).map(|x| x as usize)
     };
-    let mut allow_cidrs = Vec::new();
-    for c in sec.allow_cidrs.iter().flatten() {
-        let net: IpNet = c
-            .trim()
-            .parse()
-            .or_else(|_| c.trim().parse::<IpAddr>().map(IpNet::from))
-            .map_err(|_| {
-                ConfigError(format!(
-                    "webhooks.allow_cidrs: {c:?} is not a CIDR (e.g. 10.0.0.0/8) or an IP address"
-                ))
-            })?;
-        allow_cidrs.push(net);
-    }
+    let allow_cidrs = parse_cidrs("webhooks.allow_cidrs", sec.allow_cidrs.as_deref())?;
     let backoff_initial_ms = range(
         "backoff_initial_ms",
         sec.backoff_initial_ms,
@@ -136,6 +124,27 @@ pub fn from_section(
         backoff_max: Duration::from_secs(backoff_max_s)
             .max(Duration::from_millis(backoff_initial_ms)),
     })
+}
+
+/// An `allow_cidrs` list (CIDRs or bare addresses); errors name `field`.
+pub fn parse_cidrs(
+    field: &str,
+    list: Option<&[String]>,
+) -> Result<Vec<IpNet>, crate::config::ConfigError> {
+    let mut out = Vec::new();
+    for c in list.into_iter().flatten() {
+        let net: IpNet = c
+            .trim()
+            .parse()
+            .or_else(|_| c.trim().parse::<IpAddr>().map(IpNet::from))
+            .map_err(|_| {
+                crate::config::ConfigError(format!(
+                    "{field}: {c:?} is not a CIDR (e.g. 10.0.0.0/8) or an IP address"
+                ))
+            })?;
+        out.push(net);
+    }
+    Ok(out)
 }
 
 /// HELP text of the webhook metric families.

@@ -10,6 +10,7 @@
 //!
 //! cargo test -p tollgate --test e2e_fleet
 mod common;
+mod trunk_support;
 use common::*;
 use std::net::TcpListener;
 use std::path::Path;
@@ -206,7 +207,13 @@ fn fleet(redis: &Redis, n: usize, on_unavailable: &str) -> Vec<(MiniUas, Edge)> 
             let uas = MiniUas::start(UasMode::Busy);
             let edge = Edge::start(EdgeConfig {
                 route_target: Some(uas.route()),
-                extra_toml: state_toml(redis, &format!("edge-{}", i + 1), on_unavailable),
+                // A media range of its own: edges on the shared default
+                // range collide (500) when many run at once.
+                extra_toml: format!(
+                    "{}{}",
+                    state_toml(redis, &format!("edge-{}", i + 1), on_unavailable),
+                    trunk_support::media_toml(120)
+                ),
                 ..Default::default()
             });
             (uas, edge)
@@ -681,35 +688,6 @@ fn a_redis_that_lost_its_data_does_not_wipe_the_edges_keys() {
     );
 }
 
-/// A CA and a server certificate for 127.0.0.1 signed by it, in `dir`;
-/// returns (CA path, cert path, key path).
-fn make_pki(dir: &Path, tag: &str) -> (String, String, String) {
-    let ca_key = rcgen::KeyPair::generate().expect("CA key");
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(
-        rcgen::DnType::CommonName,
-        format!("tollgate fleet test CA {tag}"),
-    );
-    ca.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-    ];
-    let ca_cert = ca.self_signed(&ca_key).expect("CA cert");
-    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
-    let leaf =
-        rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).expect("leaf");
-    let leaf_cert = leaf
-        .signed_by(&leaf_key, &ca_cert, &ca_key)
-        .expect("leaf cert");
-    let path = |n: &str| dir.join(format!("{tag}-{n}")).display().to_string();
-    let (ca_p, cert_p, key_p) = (path("ca.pem"), path("cert.pem"), path("key.pem"));
-    std::fs::write(&ca_p, ca_cert.pem()).unwrap();
-    std::fs::write(&cert_p, leaf_cert.pem()).unwrap();
-    std::fs::write(&key_p, leaf_key.serialize_pem()).unwrap();
-    (ca_p, cert_p, key_p)
-}
-
 #[test]
 fn rediss_with_the_test_ca_works_and_a_wrong_ca_is_refused_naming_state_url() {
     let pki = TestDir::new("fleet-pki");
@@ -1042,4 +1020,549 @@ fn redis_outage_with_local_admits_on_the_edges_own_state() {
         &invite(e, &t),
         "local: replay on the same edge during the outage",
     );
+}
+
+/// The commands clients send to `redis` while `f` runs (`MONITOR`; those
+/// a script runs are left out, as are the edges' background ones: health
+/// `PING`, key version `GET` and reload, connection set-up, CDR
+/// publication), as command -> count.
+fn round_trips(redis: &Redis, f: impl FnOnce()) -> std::collections::BTreeMap<String, u64> {
+    let dir = TestDir::new("monitor");
+    let out = dir.join("monitor.txt");
+    let mut mon = Command::new("redis-cli")
+        .args(redis.cli_args())
+        .arg("MONITOR")
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-cli MONITOR");
+    let read = || std::fs::read_to_string(&out).unwrap_or_default();
+    assert!(
+        poll(Duration::from_secs(5), || read()
+            .starts_with("OK")
+            .then_some(()))
+        .is_some(),
+        "MONITOR did not start"
+    );
+    f();
+    let marker = format!("end-of-run-{}", std::process::id());
+    redis.cli(&["ECHO", &marker]);
+    let seen = poll(Duration::from_secs(5), || {
+        read().contains(&marker).then_some(())
+    });
+    let _ = mon.kill();
+    let _ = mon.wait();
+    assert!(seen.is_some(), "MONITOR did not see the marker");
+    let mut calls = std::collections::BTreeMap::new();
+    for line in read().lines() {
+        // 1700000000.123456 [0 127.0.0.1:54321] "EVALSHA" "..."
+        let Some((client, cmd)) = line.split_once("] \"") else {
+            continue;
+        };
+        // A script's own commands; the CDR publisher (after the call, off
+        // the INVITE path: its script names the stream).
+        if client.ends_with(" lua") || cmd.contains("\"tg:cdrs\"") {
+            continue;
+        }
+        let cmd = cmd.split('"').next().unwrap_or("").to_ascii_lowercase();
+        // Background (health, key version and reload) and connection
+        // set-up, not per INVITE.
+        if matches!(
+            cmd.as_str(),
+            "ping" | "get" | "echo" | "smembers" | "client" | "hello" | "select" | "auth"
+        ) {
+            continue;
+        }
+        *calls.entry(cmd).or_insert(0) += 1;
+    }
+    calls
+}
+
+/// Issue 12, admission in one round trip: each INVITE with a token (its
+/// `jti`'s single use, the key's and its parent's calls per second) costs
+/// exactly one Redis command, the admission script; a replay is still 401
+/// on the other edge, in that same one command. An INVITE this edge
+/// refuses on its own limits costs one `SET NX` (so a replay there is
+/// still 401, not the limit's status).
+#[test]
+fn one_invite_is_one_redis_round_trip() {
+    let redis = Redis::start();
+    let f = fleet(&redis, 2, "refuse");
+    let root = f[0].1.first_key();
+    let k = keys_cli(
+        &f[0].1.config_path,
+        &[
+            "create",
+            "--name",
+            "rt",
+            "--cps",
+            "50",
+            "--parent",
+            &key_id(&root),
+        ],
+    )
+    .trim()
+    .to_string();
+    for (_, e) in &f {
+        until(e, &k, "key usable", Duration::from_secs(5), passes);
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    const N: u64 = 20;
+    let used = round_trips(&redis, || {
+        let mut last = String::new();
+        for i in 0..N as usize {
+            last = token(&k);
+            let r = invite(&f[i % 2].1, &last);
+            assert!(passes(&r), "INVITE {i}:\n{}", r.text());
+        }
+        assert_invalid_token(&invite(&f[0].1, &last), "the last token again, other edge");
+    });
+    eprintln!("fleet: Redis round trips for {} INVITEs: {used:?}", N + 1);
+    assert_eq!(
+        used.values().sum::<u64>(),
+        N + 1,
+        "one command per INVITE (the admission script): {used:?}"
+    );
+    assert_eq!(used.get("evalsha"), Some(&(N + 1)), "{used:?}");
+    // cps 0: refused by this edge's own bucket, one SET NX for the jti.
+    let zero = keys_cli(
+        &f[0].1.config_path,
+        &["create", "--name", "zero", "--cps", "0"],
+    )
+    .trim()
+    .to_string();
+    let t = token(&zero);
+    let e1 = &f[1].1;
+    let r = poll(Duration::from_secs(5), || {
+        let r = invite(e1, &t);
+        (r.code() == Some(503)).then_some(r)
+    })
+    .expect("cps 0: 503");
+    assert!(r.header("Retry-After").is_some(), "{}", r.text());
+    let used = round_trips(&redis, || {
+        assert_invalid_token(&invite(e1, &t), "a replay beats the rate limit");
+    });
+    assert_eq!(used.values().sum::<u64>(), 1, "{used:?}");
+    assert_eq!(used.get("set"), Some(&1), "{used:?}");
+}
+
+/// `n` edges on `redis` (lease `lease_s`), each routed to an answering UAS.
+fn answering_fleet(redis: &Redis, n: usize, lease_s: u64) -> (MiniUas, Vec<Edge>) {
+    let uas = MiniUas::start(UasMode::Answer);
+    let edges = (1..=n)
+        .map(|i| {
+            Edge::start(EdgeConfig {
+                route_target: Some(uas.route()),
+                extra_toml: format!(
+                    "{}lease_s = {lease_s}\n{}",
+                    state_toml(redis, &format!("edge-{i}"), "refuse"),
+                    trunk_support::media_toml(120)
+                ),
+                ..Default::default()
+            })
+        })
+        .collect();
+    (uas, edges)
+}
+
+/// Waits until `edge` knows `key` without spending anything of its budget:
+/// a token for a premium-rate number gets 403 (known key) instead of 401.
+fn wait_known(edge: &Edge, key: &str) {
+    const PREMIUM: &str = "+19005550100";
+    let known = poll(Duration::from_secs(5), || {
+        let n = now_unix();
+        let t = jwt_for(key, &claims(n - 5, n + 300, PREMIUM, "sipp"));
+        let r =
+            UdpUa::new(edge.sip_udp).call(&Req::invite(edge.sip_udp, PREMIUM, "sipp").bearer(&t));
+        (r.code() == Some(403)).then_some(())
+    });
+    assert!(
+        known.is_some(),
+        "key not known on {} within 5 s",
+        edge.sip_udp
+    );
+}
+
+/// Answered calls placed together, one per (edge, key), each waited on
+/// until the edge cuts it (BYE to leg A, answered 200): the seconds each
+/// was up, in the order given.
+fn calls_until_cut(calls: &[(&Edge, &str)], limit: Duration) -> Vec<f64> {
+    let mut up = Vec::new();
+    for (edge, key) in calls {
+        let mut ua = UdpUa::new(edge.sip_udp);
+        let inv = Req::invite(edge.sip_udp, SERVICE, "sipp").bearer(&token(key));
+        let r = ua.call(&inv);
+        assert_eq!(
+            r.code(),
+            Some(200),
+            "call on {}:\n{}",
+            edge.sip_udp,
+            r.text()
+        );
+        ua.send(&inv.in_dialog(&r, "ACK", inv.cseq));
+        up.push((ua, inv.call_id.clone(), Instant::now()));
+    }
+    std::thread::scope(|s| {
+        let hs: Vec<_> = up
+            .into_iter()
+            .map(|(mut ua, cid, at)| {
+                s.spawn(move || {
+                    let (_, cut) = trunk_support::answer_bye(&mut ua, &cid, limit)
+                        .unwrap_or_else(|| panic!("call {cid} not cut within {limit:?}"));
+                    cut.duration_since(at).as_secs_f64()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Billable seconds of the answered CDRs of `keys` in the edges' own CDR
+/// files, once `want` CDRs are there.
+fn billable_in_files(edges: &[Edge], keys: &[&str], want: usize) -> (u64, usize) {
+    let ids: Vec<String> = keys.iter().map(|k| key_id(k)).collect();
+    poll(Duration::from_secs(10), || {
+        let cdrs: Vec<_> = edges
+            .iter()
+            .flat_map(|e| trunk_support::read_cdrs(&e.data_dir).0)
+            .filter(|c| c.str("key_id").is_some_and(|k| ids.iter().any(|i| i == k)))
+            .filter(trunk_support::cdr_answered)
+            .collect();
+        (cdrs.len() >= want).then(|| {
+            let secs = cdrs
+                .iter()
+                .map(|c| c.int("billable_secs").unwrap_or(0) as u64)
+                .sum();
+            (secs, cdrs.len())
+        })
+    })
+    .unwrap_or_else(|| panic!("{want} answered CDRs of {ids:?} not written"))
+}
+
+/// Issue 12, budget fleet-wide: a 1-minute key, three calls answered
+/// together on two edges (each edge alone would grant its calls a whole
+/// minute): all are cut, with at most 66 billable seconds in total (the
+/// minute plus each call's rounding), and the next call is 402 on either
+/// edge.
+#[test]
+fn a_daily_budget_holds_fleet_wide_for_calls_answered_together_on_two_edges() {
+    let redis = Redis::start();
+    let (_uas, edges) = answering_fleet(&redis, 2, 2);
+    let k = keys_cli(
+        &edges[0].config_path,
+        &["create", "--name", "minute", "--daily-minutes", "1"],
+    )
+    .trim()
+    .to_string();
+    for e in &edges {
+        wait_known(e, &k);
+    }
+    let held = calls_until_cut(
+        &[(&edges[0], &k), (&edges[1], &k), (&edges[1], &k)],
+        Duration::from_secs(90),
+    );
+    let (billable, n) = billable_in_files(&edges, &[&k], 3);
+    eprintln!("fleet: 1-minute key, 3 calls on 2 edges cut after {held:?} s; {billable} s billable in {n} CDRs");
+    assert!(
+        billable <= 66,
+        "{billable} s billed on a 1-minute budget: {held:?}"
+    );
+    assert!(
+        billable >= 50,
+        "the minute is used, not refused early: {billable} s"
+    );
+    for e in &edges {
+        let r =
+            UdpUa::new(e.sip_udp).call(&Req::invite(e.sip_udp, SERVICE, "sipp").bearer(&token(&k)));
+        assert_eq!(
+            r.code(),
+            Some(402),
+            "spent budget on {}:\n{}",
+            e.sip_udp,
+            r.text()
+        );
+    }
+}
+
+/// A parent's daily minute is shared by its children on other edges: two
+/// children (a minute each of their own) calling on two edges at once are
+/// cut within the parent's one minute, and the parent's own next call is
+/// 402.
+#[test]
+fn a_parents_budget_is_shared_by_its_children_on_other_edges() {
+    let redis = Redis::start();
+    let (_uas, edges) = answering_fleet(&redis, 2, 2);
+    let cfg = &edges[0].config_path;
+    let parent = keys_cli(cfg, &["create", "--name", "parent", "--daily-minutes", "1"])
+        .trim()
+        .to_string();
+    let pid = key_id(&parent);
+    let child = |name: &str| {
+        keys_cli(
+            cfg,
+            &[
+                "create",
+                "--name",
+                name,
+                "--parent",
+                &pid,
+                "--daily-minutes",
+                "1",
+            ],
+        )
+        .trim()
+        .to_string()
+    };
+    let (c1, c2) = (child("c1"), child("c2"));
+    for e in &edges {
+        wait_known(e, &c1);
+        wait_known(e, &c2);
+    }
+    let held = calls_until_cut(
+        &[(&edges[0], &c1), (&edges[1], &c2)],
+        Duration::from_secs(90),
+    );
+    let (billable, n) = billable_in_files(&edges, &[&c1, &c2], 2);
+    eprintln!("fleet: children of a 1-minute parent on 2 edges cut after {held:?} s; {billable} s billable in {n} CDRs");
+    assert!(
+        billable <= 64,
+        "{billable} s billed on the parent's minute: {held:?}"
+    );
+    assert!(billable >= 50, "{billable} s");
+    let r = UdpUa::new(edges[1].sip_udp)
+        .call(&Req::invite(edges[1].sip_udp, SERVICE, "sipp").bearer(&token(&parent)));
+    assert_eq!(
+        r.code(),
+        Some(402),
+        "the parent's spent minute:\n{}",
+        r.text()
+    );
+}
+
+/// Records in the fleet's stream whose text holds `needle`.
+fn in_stream(redis: &Redis, needle: &str) -> usize {
+    redis
+        .cli(&["XRANGE", "tg:cdrs", "-", "+"])
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// Issue 12, usage fleet-wide: calls on two edges, and `tollgate usage
+/// --config` of either edge and `GET /v1/usage` on either give them all
+/// (each edge's own file has only its own).
+#[test]
+fn usage_on_either_edge_counts_the_calls_of_both() {
+    let redis = Redis::start();
+    let f = fleet(&redis, 2, "refuse");
+    let root = f[0].1.first_key();
+    let k = keys_cli(
+        &f[0].1.config_path,
+        &["create", "--name", "counted", "--parent", &key_id(&root)],
+    )
+    .trim()
+    .to_string();
+    let id = key_id(&k);
+    for (_, e) in &f {
+        until(e, &k, "key usable", Duration::from_secs(5), passes);
+    }
+    for i in 0..5 {
+        let r = invite(&f[i % 2].1, &token(&k));
+        assert!(passes(&r), "call {i}:\n{}", r.text());
+    }
+    // 7 calls: 2 probes and 5, over the two edges (3 + 4).
+    for (_, e) in &f {
+        let cfg = e.config_path.to_str().unwrap();
+        let row = poll(Duration::from_secs(10), || {
+            let u = trunk_support::usage_table(&e.data_dir, &["--config", cfg, "--key", &id]);
+            u.get(&id).filter(|r| r[0] == 7).copied()
+        });
+        assert_eq!(
+            row,
+            Some([7, 0, 7, 0]),
+            "tollgate usage --config on {}: both edges' calls",
+            e.sip_udp
+        );
+        let own = trunk_support::usage_table(&e.data_dir, &["--key", &id]);
+        assert!(
+            own.get(&id).is_some_and(|r| r[0] < 7),
+            "the edge's own file: {own:?}"
+        );
+        let (code, body) = admin(e, "GET", &format!("/v1/usage?key={id}"), &root, "");
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(
+            body["total"]["calls"], 7,
+            "GET /v1/usage on {}: {body}",
+            e.sip_udp
+        );
+    }
+}
+
+/// Issue 12, CDRs during an outage: a call that ends while Redis is down
+/// has its CDR in the edge's file at once and in the fleet's stream once
+/// Redis is back, exactly once, also when the edge restarts having lost
+/// its publication cursor (every record of its file is sent again).
+#[test]
+fn a_cdr_written_while_redis_is_down_reaches_the_stream_once_after_it_returns() {
+    let mut redis = Redis::start();
+    let (uas, mut edges) = answering_fleet(&redis, 1, 2);
+    let edge = edges.remove(0);
+    let root = edge.first_key();
+    let mut ua = UdpUa::new(edge.sip_udp);
+    let inv = Req::invite(edge.sip_udp, SERVICE, "sipp").bearer(&token(&root));
+    let ok = ua.call(&inv);
+    assert_eq!(ok.code(), Some(200), "{}", ok.text());
+    ua.send(&inv.in_dialog(&ok, "ACK", inv.cseq));
+    let cid = inv.call_id.clone();
+    redis.stop();
+    let down = poll(Duration::from_secs(5), || {
+        (state_up(&edge) == Some(0.0)).then_some(())
+    });
+    assert!(down.is_some(), "tollgate_state_up must drop to 0");
+    hang_up((ua, inv, ok));
+    let in_file = poll(Duration::from_secs(10), || {
+        let (cdrs, _) = trunk_support::read_cdrs(&edge.data_dir);
+        cdrs.into_iter()
+            .find(|c| c.str("sip_call_id") == Some(cid.as_str()))
+    });
+    assert!(
+        in_file.is_some(),
+        "the CDR is in the edge's own file during the outage"
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    redis.restart();
+    let published = poll(Duration::from_secs(10), || {
+        (in_stream(&redis, &cid) > 0).then_some(())
+    });
+    assert!(
+        published.is_some(),
+        "the CDR reached the stream after Redis returned"
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(in_stream(&redis, &cid), 1, "once");
+    // A restart that lost the cursor sends the whole file again: still once.
+    let mut edge = edge;
+    trunk_support::kill9_and_wait(&mut edge);
+    std::fs::remove_file(edge.data_dir.join("cdrs.published")).expect("cursor file");
+    let again = Edge::start_in(
+        TestDir {
+            path: edge.dir.path.clone(),
+        },
+        EdgeConfig {
+            route_target: Some(uas.route()),
+            extra_toml: format!("{}lease_s = 2\n", state_toml(&redis, "edge-1", "refuse")),
+            ..Default::default()
+        },
+    );
+    let resent = poll(Duration::from_secs(10), || {
+        edge.data_dir.join("cdrs.published").exists().then_some(())
+    });
+    assert!(
+        resent.is_some(),
+        "the restarted edge published its file again"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(in_stream(&redis, &cid), 1, "still once after the re-send");
+    let usage = tollgate_ok(&["usage", "--config", again.config_path.to_str().unwrap()]);
+    assert!(usage.contains("total"), "{usage}");
+    drop(again);
+}
+
+/// Issue 12, a dead edge's calls on the fleet's budget: a call up on a
+/// 1-minute key when its edge is killed (`kill -9`) never ends on the
+/// fleet, so its reservation expires with its lease; at the restart the
+/// edge writes its `edge_lost` CDR (billable up to the last checkpoint),
+/// and publishing that CDR settles its seconds on the key's day, once.
+#[test]
+fn a_killed_edges_call_is_settled_on_the_fleet_budget_when_its_cdr_is_published() {
+    let redis = Redis::start();
+    let uas = MiniUas::start(UasMode::Answer);
+    let toml = format!(
+        "{}lease_s = 2\n{}[trunk]\ncheckpoint_s = 1\n",
+        state_toml(&redis, "edge-1", "refuse"),
+        trunk_support::media_toml(120)
+    );
+    let cfg = || EdgeConfig {
+        route_target: Some(uas.route()),
+        extra_toml: toml.clone(),
+        ..Default::default()
+    };
+    let mut edge = Edge::start(cfg());
+    let root = key_id(&edge.first_key());
+    let k = keys_cli(
+        &edge.config_path,
+        &[
+            "create",
+            "--name",
+            "lost",
+            "--daily-minutes",
+            "1",
+            "--parent",
+            &root,
+        ],
+    )
+    .trim()
+    .to_string();
+    let kid = key_id(&k);
+    wait_known(&edge, &k);
+    let mut ua = UdpUa::new(edge.sip_udp);
+    let inv = Req::invite(edge.sip_udp, SERVICE, "sipp").bearer(&token(&k));
+    let ok = ua.call(&inv);
+    assert_eq!(ok.code(), Some(200), "{}", ok.text());
+    ua.send(&inv.in_dialog(&ok, "ACK", inv.cseq));
+    std::thread::sleep(Duration::from_millis(3500));
+    trunk_support::kill9_and_wait(&mut edge);
+    let day = now_unix().div_euclid(86_400);
+    let spent_key = format!("tg:spent:{{{root}}}:{kid}:{day}");
+    assert_eq!(
+        redis.cli(&["GET", &spent_key]),
+        "",
+        "nothing settled before the restart"
+    );
+    let again = Edge::start_in(
+        TestDir {
+            path: edge.dir.path.clone(),
+        },
+        cfg(),
+    );
+    let lost = poll(Duration::from_secs(10), || {
+        trunk_support::read_cdrs(&again.data_dir)
+            .0
+            .into_iter()
+            .find(|c| c.str("cause") == Some("edge_lost"))
+    })
+    .expect("the restart writes the edge_lost CDR");
+    let billable = lost.int("billable_secs").unwrap_or(0);
+    assert!(billable >= 2, "checkpointed seconds billed: {lost:?}");
+    let settled = poll(Duration::from_secs(10), || {
+        let v = redis.cli(&["GET", &spent_key]);
+        (!v.is_empty()).then_some(v)
+    });
+    assert_eq!(
+        settled.as_deref(),
+        Some(billable.to_string().as_str()),
+        "the edge_lost CDR's seconds on the fleet's budget"
+    );
+    // Sent again (the cursor lost): the seconds are not settled twice.
+    let mut again = again;
+    trunk_support::kill9_and_wait(&mut again);
+    std::fs::remove_file(edge.data_dir.join("cdrs.published")).expect("cursor file");
+    let third = Edge::start_in(
+        TestDir {
+            path: edge.dir.path.clone(),
+        },
+        cfg(),
+    );
+    let resent = poll(Duration::from_secs(10), || {
+        edge.data_dir.join("cdrs.published").exists().then_some(())
+    });
+    assert!(resent.is_some(), "the file was published again");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        redis.cli(&["GET", &spent_key]),
+        billable.to_string(),
+        "once"
+    );
+    drop(third);
+    drop(again);
 }

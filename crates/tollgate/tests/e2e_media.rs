@@ -42,6 +42,9 @@ const RANGE_SRTP_GCM: &str = "10200-10299";
 const RANGE_ATTACKS: &str = "10300-10399";
 const RANGE_TIMEOUT: &str = "10400-10499";
 const RANGE_LOAD: &str = "10500-12999";
+const RANGE_FDS: &str = "13000-13099";
+/// Two pairs: the second call gets the first call's pooled sockets.
+const RANGE_POOL: &str = "13100-13103";
 
 const OUR_SSRC: u32 = 0x1234_5678;
 /// SSRC the python destination uses for what it sends.
@@ -370,7 +373,11 @@ struct Caller {
 
 impl Caller {
     fn call(edge: &Edge, key: &str, range: &str) -> Caller {
-        let rtp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        Caller::call_from(edge, key, range, UdpSocket::bind("127.0.0.1:0").unwrap())
+    }
+
+    /// A call whose media comes from (and goes to) `rtp`.
+    fn call_from(edge: &Edge, key: &str, range: &str, rtp: UdpSocket) -> Caller {
         let port = rtp.local_addr().unwrap().port();
         let sdp = format!(
             "v=0\r\no=alice 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {port} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=sendrecv\r\n"
@@ -1131,4 +1138,121 @@ fn load_5000_sequential_and_500_concurrent_calls_free_ports_and_memory() {
         mib(warm_peak_rss),
         mib(RSS_MARGIN)
     );
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
+}
+
+/// An edge out of file descriptors (every anchored call holds four UDP
+/// sockets) first reuses the sockets that ended calls left bound, then
+/// answers a call it cannot anchor with 503 at once, stays up, and admits
+/// calls again as soon as sockets are free. Before, each such INVITE retried
+/// 64 port pairs (128 failing socket(2) calls, the spiral that collapsed the
+/// edge under overload) and got 500.
+#[test]
+fn out_of_file_descriptors_a_call_gets_503_and_the_edge_recovers() {
+    let mut edge = edge_with(&format!("ports = \"{RANGE_FDS}\""), None);
+    let key = edge.first_key();
+    // A first call opens whatever the edge opens lazily (files, timers) and
+    // leaves its two pairs' sockets pooled.
+    Caller::call(&edge, &key, RANGE_FDS).hang_up();
+    wait_ports_free(&edge, Duration::from_secs(10), "after the warm-up call");
+    // Room for one more call's sockets and a few more, not for two.
+    let limit = open_fds(edge.pid()) + 5;
+    let st = Command::new("prlimit")
+        .args([
+            "--pid",
+            &edge.pid().to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ])
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(st.success(), "prlimit failed: {st}");
+
+    let first = Caller::call(&edge, &key, RANGE_FDS); // new sockets
+    let second = Caller::call(&edge, &key, RANGE_FDS); // the pooled ones
+    let mut ua = UdpUa::new(edge.sip_udp);
+    let now = now_unix();
+    let token = jwt_for(&key, &claims(now, now + 600, SERVICE, "alice"));
+    let mut invite = Req::invite(edge.sip_udp, SERVICE, "alice").bearer(&token);
+    invite.body = b"v=0\r\no=alice 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n".to_vec();
+    let out = ua
+        .transact(&invite, Duration::from_secs(10))
+        .expect("the edge answers an INVITE it cannot anchor");
+    assert_eq!(
+        out.fin.code(),
+        Some(503),
+        "no descriptors for the third call's sockets: want 503, got\n{}",
+        out.fin.text()
+    );
+    assert_eq!(
+        ua.options_code(Duration::from_secs(5)),
+        Some(200),
+        "edge still answers"
+    );
+    assert!(edge.is_running(), "edge exited when out of descriptors");
+
+    first.hang_up();
+    second.hang_up();
+    wait_ports_free(&edge, Duration::from_secs(10), "after both calls");
+    Caller::call(&edge, &key, RANGE_FDS).hang_up();
+}
+
+/// Sockets of an ended call stay bound for a later one (no socket(2) and
+/// bind(2) per call): whatever reached them in between, even from the later
+/// call's own peer address, is never relayed into it.
+#[test]
+fn pooled_media_sockets_carry_nothing_of_the_previous_call() {
+    let edge = edge_with(&format!("ports = \"{RANGE_POOL}\""), None);
+    let key = edge.first_key();
+    let mut first = Caller::call(&edge, &key, RANGE_POOL);
+    first.send(0, false, &[0x11; 160]);
+    assert!(
+        first.recv(Duration::from_secs(3)).is_some(),
+        "first call's echo"
+    );
+    let rtp = first.rtp.try_clone().unwrap();
+    first.hang_up();
+    wait_ports_free(&edge, Duration::from_secs(10), "after the first call");
+
+    // Late packets from the caller's address to both pairs' RTP ports (one
+    // of them will be the next call's leg A), while the ports sit idle.
+    for (i, port) in [13100u16, 13102].iter().cycle().take(40).enumerate() {
+        let p = rtp_packet(
+            0,
+            false,
+            100 + i as u16,
+            9_000 + 160 * i as u32,
+            OUR_SSRC,
+            &[0xEE; 160],
+        );
+        rtp.send_to(&p, ("127.0.0.1", *port)).unwrap();
+    }
+    // Past the pool's idle time (with no other free pair it is used anyway).
+    thread::sleep(Duration::from_millis(700));
+
+    let mut second = Caller::call_from(&edge, &key, RANGE_POOL, rtp);
+    let (mut fresh, mut stale) = (0, 0);
+    for _ in 0..25 {
+        second.send(0, false, &[0x22; 160]);
+        while let Some((pkt, _)) = second.recv(Duration::from_millis(100)) {
+            match pkt.get(12) {
+                Some(0x22) => fresh += 1,
+                Some(0xEE) => stale += 1,
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(
+        stale, 0,
+        "packets sent between the calls reached the second call"
+    );
+    assert!(
+        fresh >= 20,
+        "second call: only {fresh} of 25 packets echoed"
+    );
+    second.hang_up();
 }

@@ -211,6 +211,121 @@ fn kamailio_in_front_uac_digest_record_route_bye_both_ways() {
     }
 }
 
+/// The other direction: calls from the edge out to a carrier whose
+/// Kamailio proxy (Record-Route) fronts the called party. baresip A dials
+/// the edge with the key's digest credentials; the edge's route is the
+/// proxy; the proxy hands the call to baresip B (auto-answer), each side
+/// playing its own tone. ACK and both BYEs (B's, then A's) cross the proxy.
+#[test]
+fn kamailio_behind_the_edge_record_route_tones_both_ways_bye_both_ways() {
+    const B_HZ: f64 = 700.0;
+    let kam_port = alloc_ports().sip;
+    let kam_addr: std::net::SocketAddr = ([127, 0, 0, 1], kam_port).into();
+    let dir_b = TestDir::new("interop-kamailio-out-b");
+    let tone_b = dir_b.join("tone.wav");
+    write_tone_wav(&tone_b, B_HZ, 60.0);
+    let mut callee = Baresip::start(
+        &dir_b.path,
+        &BaresipAccount {
+            user: "agent",
+            password: "",
+            server: kam_addr,
+            uri_params: "",
+            extra: ";answermode=auto",
+            config: "",
+        },
+        &tone_b,
+    );
+    let edge = Edge::start(EdgeConfig {
+        digest_algorithms: None,
+        route_target: Some(format!("sip:agent@{kam_addr}")),
+        extra_toml: LIBRE_SOURCE.into(),
+        ..EdgeConfig::default()
+    });
+    let key = edge.first_key();
+    let kam_dir = dir_b.join("kamailio");
+    std::fs::create_dir_all(&kam_dir).unwrap();
+    // Requests from the edge go to the callee, the others to the edge.
+    let kam = Kamailio::start(
+        &kam_dir,
+        kam_port,
+        edge.sip_udp,
+        callee.sip,
+        "unused",
+        "unused",
+    );
+    let log = |k: &Kamailio| k.proc.tail(60);
+    let dir_a = TestDir::new("interop-kamailio-out-a");
+    let mut caller = baresip_on(&edge, &key, &dir_a, TONE_HZ, 60.0);
+
+    // Call 1: the called party hangs up; its BYE crosses the proxy.
+    caller.dial(&format!("sip:{SERVICE}@{}", edge.sip_udp));
+    callee.wait_event("CALL_ESTABLISHED", SETUP);
+    caller.wait_received_audio(0, 3);
+    callee.wait_received_audio(0, 3);
+    callee.command("hangup", "");
+    caller.wait_event("CALL_CLOSED", SETUP);
+    let cdrs = wait_calls_done(&edge, 1);
+    assert_normal_end(&cdrs[0], "call 1, the called party's BYE through kamailio");
+    assert_eq!(
+        kam.routed("INVITE"),
+        1,
+        "the edge's INVITE went to the proxy:\n{}",
+        log(&kam)
+    );
+    assert!(
+        kam.routed("ACK") >= 1,
+        "the ACK crossed the proxy:\n{}",
+        log(&kam)
+    );
+    assert_eq!(
+        kam.routed("BYE"),
+        1,
+        "the callee's BYE crossed the proxy:\n{}",
+        log(&kam)
+    );
+
+    // Call 2: the caller hangs up; the edge's BYE toward the carrier
+    // crosses the proxy (Route from its Record-Route).
+    callee.seen_clear();
+    caller.dial(&format!("sip:{SERVICE}@{}", edge.sip_udp));
+    callee.wait_event("CALL_ESTABLISHED", SETUP);
+    caller.wait_received_audio(1, 2);
+    caller.command("hangup", "");
+    callee.wait_event("CALL_CLOSED", SETUP);
+    wait_calls_done(&edge, 2);
+    assert_eq!(
+        kam.routed("BYE"),
+        2,
+        "the edge's BYE crossed the proxy:\n{}",
+        log(&kam)
+    );
+
+    caller.quit();
+    callee.quit();
+    for (i, w) in caller.received_wavs().iter().enumerate() {
+        assert_tone(
+            w,
+            B_HZ,
+            1.5,
+            &format!("call {}: callee -> proxy -> edge -> caller", i + 1),
+        );
+    }
+    for (i, w) in callee.received_wavs().iter().enumerate() {
+        assert_tone(
+            w,
+            TONE_HZ,
+            1.5,
+            &format!("call {}: caller -> edge -> proxy -> callee", i + 1),
+        );
+    }
+    assert_eq!(
+        callee.received_wavs().len(),
+        2,
+        "the callee took both calls"
+    );
+}
+
 /// linphonec advertises its interface address (not the address it talks
 /// to) in SDP, and needs a non-loopback interface to start its transports:
 /// the test runs in its own network namespace, where the edge listens on
@@ -294,6 +409,7 @@ fn pjsua2_digest_call_hold_resume_tone_echoed_and_bye() {
         &digest_password(&key),
         &tone,
         &out,
+        None,
     );
     for step in [
         "confirmed 200",
@@ -308,6 +424,76 @@ fn pjsua2_digest_call_hold_resume_tone_echoed_and_bye() {
     assert_normal_end(&cdrs[0], "pjsua2's BYE after hold and resume");
     let hz = assert_tone(&out, TONE_HZ, 2.0, "pjsua2 -> edge -> echo");
     eprintln!("pjsua2: received {hz} Hz (sent {TONE_HZ} Hz)");
+}
+
+/// PJSIP over TLS with SRTP mandatory (SDES keys over the TLS hop, as
+/// Asterisk's chan_pjsip does with `media_encryption=sdes`): digest, a tone
+/// both ways through the edge's SRTP, and the hold/resume re-INVITEs, each
+/// re-keying the media.
+#[test]
+fn pjsua2_tls_srtp_digest_call_hold_resume_tone_echoed_and_bye() {
+    let dir = TestDir::new("interop-pjsua2-tls");
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert = dir.join("server.pem");
+    let key_file = dir.join("server.key");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key_file, ck.key_pair.serialize_pem()).unwrap();
+    let edge = Edge::start(EdgeConfig {
+        tcp: false,
+        digest_algorithms: None,
+        extra_toml: format!(
+            "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert.display(),
+            key_file.display()
+        ),
+        extra_args: vec![
+            "--sip-listen".into(),
+            "udp:127.0.0.1:0".into(),
+            "--sip-listen".into(),
+            "tls:127.0.0.1:0".into(),
+        ],
+        ..EdgeConfig::default()
+    });
+    let tls = edge.listening("sip tls").expect("the edge listens on TLS");
+    let key = edge.first_key();
+    let tone = dir.join("tone.wav");
+    write_tone_wav(&tone, TONE_HZ, 30.0);
+    let out = dir.join("pjsua2-received.wav");
+    let events = run_pjsua2_call(
+        &dir.path,
+        tls,
+        &key_id(&key),
+        &digest_password(&key),
+        &tone,
+        &out,
+        Some(&cert),
+    );
+    for step in [
+        "confirmed 200",
+        "held",
+        "resumed",
+        "disconnected 200",
+        "done",
+    ] {
+        assert!(
+            events.contains(step),
+            "pjsua2 (TLS) missed {step:?}:\n{events}"
+        );
+    }
+    let cdrs = wait_calls_done(&edge, 1);
+    assert_normal_end(&cdrs[0], "pjsua2's BYE over TLS after hold and resume");
+    let log = std::fs::read_to_string(dir.join("pjsua2.log")).unwrap_or_default();
+    assert!(
+        log.contains("RTP/SAVP") && log.contains("a=crypto:"),
+        "pjsua2's SDP is SRTP with SDES keys"
+    );
+    let m = scrape(edge.metrics_addr());
+    for t in ["decrypt", "encrypt"] {
+        let n = metric_sum(&m, "tollgate_media_packets_total", &[("transform", t)]).unwrap_or(0.0);
+        assert!(n >= 100.0, "the relay did SRTP {t} ({n} packets)");
+    }
+    let hz = assert_tone(&out, TONE_HZ, 2.0, "pjsua2 SRTP over TLS -> edge -> echo");
+    eprintln!("pjsua2 TLS+SRTP: received {hz} Hz (sent {TONE_HZ} Hz)");
 }
 
 /// baresip over TLS with `mediaenc=srtp-mand`: SDES keys ride the TLS

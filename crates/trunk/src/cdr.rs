@@ -131,7 +131,9 @@ pub struct KeyUsage {
 }
 
 impl KeyUsage {
-    fn add(&mut self, cdr: &Cdr) {
+    /// Counts one call record (public for the fleet's usage, summed from
+    /// its shared stream of records).
+    pub fn add(&mut self, cdr: &Cdr) {
         self.calls += 1;
         if cdr.answer.is_some() {
             self.answered += 1;

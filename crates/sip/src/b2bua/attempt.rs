@@ -249,13 +249,13 @@ impl B2bua {
     ) -> bool {
         let seq = inv.cseq().map_or(1, |c| c.seq) + 1;
         let branch = self.branch();
-        let via = self.via(peer.transport, &branch);
+        let via = self.via(peer.transport, &branch, peer.addr.ip());
         inv.set_header("Via", via.value);
         inv.set_header("CSeq", format!("{seq} INVITE"));
         let Some(key) = self.txn.request(now, inv.clone(), peer.clone()) else {
             return false;
         };
-        metrics::counter!("tollgate_sip_requests_sent_total", "method" => "INVITE").increment(1);
+        self.metrics.request_sent("INVITE");
         let Some(call) = self.calls.get_mut(&id) else {
             return false;
         };

@@ -78,9 +78,9 @@ impl B2bua {
                     continue; // a name not resolved now: nothing to ask
                 };
                 let branch = self.branch();
-                let local = self.local(peer.transport);
+                let local = self.local(peer.transport, peer.addr.ip());
                 let headers = vec![
-                    self.via(peer.transport, &branch),
+                    self.via(peer.transport, &branch, peer.addr.ip()),
                     Header {
                         name: "Max-Forwards".into(),
                         value: "70".into(),

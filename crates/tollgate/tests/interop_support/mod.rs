@@ -475,6 +475,11 @@ impl Baresip {
         );
     }
 
+    /// Forgets the events seen so far (before waiting for the next call's).
+    pub fn seen_clear(&mut self) {
+        self.seen.clear();
+    }
+
     /// Dials `uri` and waits until the call is up.
     pub fn dial(&mut self, uri: &str) {
         self.seen.clear();
@@ -927,6 +932,7 @@ pub fn run_pjsua2_call(
     password: &str,
     tone: &Path,
     out: &Path,
+    tls_ca: Option<&Path>,
 ) -> String {
     let py = pjsua2_python();
     let script = manifest_dir().join("tests/interop_support/pjsua2_ua.py");
@@ -941,7 +947,8 @@ pub fn run_pjsua2_call(
             .arg(ports.sip.to_string())
             .arg(SERVICE)
             .arg(tone)
-            .arg(out),
+            .arg(out)
+            .args(tls_ca),
         dir.join("pjsua2.log"),
     );
     let done = p.wait_exit(Duration::from_secs(90));

@@ -4,7 +4,11 @@ it, what comes back recorded, hold (re-INVITE a=sendonly) and resume
 (re-INVITE a=sendrecv), then BYE. Prints one `EVENT ...` line per step;
 exits 0 only when every step happened, 1 (with the reason) otherwise.
 
-usage: pjsua2_ua.py EDGE_HOST:PORT USER PASSWORD SIP_PORT TO_USER TONE.wav OUT.wav
+usage: pjsua2_ua.py EDGE_HOST:PORT USER PASSWORD SIP_PORT TO_USER TONE.wav OUT.wav [CA.pem]
+
+With CA.pem, signaling is TLS to EDGE (its certificate verified against
+CA.pem) and media is SRTP, mandatory, keyed by SDES (RFC 4568) over that TLS
+hop; the re-INVITEs of hold and resume re-key it.
 """
 import os
 import sys
@@ -17,6 +21,7 @@ except ImportError as e:  # the test names the package to install
     sys.exit(3)
 
 EDGE, USER, PASSWORD, SIP_PORT, TO_USER, TONE, OUT = sys.argv[1:8]
+CA = sys.argv[8] if len(sys.argv) > 8 else None
 SIP_PORT = int(SIP_PORT)
 state = {"confirmed": False, "disconnected": False, "media": None, "last_code": None}
 
@@ -90,13 +95,23 @@ tc = pj.TransportConfig()
 tc.port = SIP_PORT
 tc.boundAddress = "127.0.0.1"
 tc.publicAddress = "127.0.0.1"
-ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tc)
+if CA:
+    tc.tlsConfig.CaListFile = CA
+    tc.tlsConfig.verifyServer = True
+    tc.tlsConfig.method = pj.PJSIP_TLSV1_2_METHOD
+    ep.transportCreate(pj.PJSIP_TRANSPORT_TLS, tc)
+else:
+    ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tc)
 ep.libStart()
 ep.audDevManager().setNullDev()
 say("version", ep.libVersion().full)
 
 ac = pj.AccountConfig()
 ac.idUri = f"sip:{USER}@{EDGE}"
+PARAMS = ";transport=tls" if CA else ""
+if CA:
+    ac.mediaConfig.srtpUse = pj.PJMEDIA_SRTP_MANDATORY
+    ac.mediaConfig.srtpSecureSignaling = 1  # SDES keys only over TLS
 ac.regConfig.registerOnAdd = False
 ac.sipConfig.authCreds.append(pj.AuthCredInfo("digest", "tollgate", USER, 0, PASSWORD))
 ac.mediaConfig.transportConfig.boundAddress = "127.0.0.1"
@@ -107,7 +122,7 @@ acc.create(ac)
 
 call = Call(acc)
 prm = pj.CallOpParam(True)
-call.makeCall(f"sip:{TO_USER}@{EDGE}", prm)
+call.makeCall(f"sip:{TO_USER}@{EDGE}{PARAMS}", prm)
 run_until(ep, lambda: state["confirmed"] or state["disconnected"], 30, "the 200 OK")
 if not state["confirmed"]:
     print(f"FAIL call not answered: {state['last_code']}", flush=True)
