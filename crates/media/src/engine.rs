@@ -235,6 +235,8 @@ pub struct MediaEngine {
     ports: PortAllocator,
     provider: Arc<dyn SrtpProvider>,
     calls: Mutex<HashMap<u64, Call>>,
+    /// Recorded calls' taps, from [`MediaEngine::record`] to `release`.
+    taps: Mutex<HashMap<u64, crate::record::Tap>>,
 }
 
 impl MediaEngine {
@@ -250,7 +252,25 @@ impl MediaEngine {
             cfg,
             provider,
             calls: Mutex::new(HashMap::new()),
+            taps: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Records `call`: every relay it runs from now on hands its plaintext
+    /// audio to `tap` (until [`MediaEngine::release`]).
+    pub fn record(&self, call: u64, tap: crate::record::Tap) {
+        self.taps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(call, tap);
+    }
+
+    fn tap(&self, call: u64) -> Option<crate::record::Tap> {
+        self.taps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&call)
+            .cloned()
     }
 
     fn calls(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Call>> {
@@ -680,6 +700,7 @@ impl MediaEngine {
             sides,
             stats: entry.stats.clone(),
             stop: stop.clone(),
+            tap: self.tap(call),
         };
         if let Some(r) = entry.previous.take() {
             r.stop(); // the new relay takes over
@@ -716,6 +737,12 @@ impl MediaEngine {
     /// dropped the aborted relay task (its sockets close first, so a port is
     /// never handed out while still bound).
     pub fn release(&self, call: u64) {
+        let tap = self
+            .taps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&call);
+        drop(tap);
         drop(self.take(call));
     }
 

@@ -12,6 +12,7 @@
 //! | [`g711`] | ITU-T G.711 µ-law/A-law, µ<->A tables |
 //! | [`playout`] | paced playout of bursty audio, RFC 3550 numbering |
 //! | [`relay`] | the per-call packet path, RFC 5761 rtcp-mux demux |
+//! | [`record`] | call recording: the relay's tap, RFC 3550 timestamps to a two-channel timeline |
 //! | `batch` | Linux `recvmmsg`/`sendmmsg`/UDP GSO for the relay's hot path |
 //! | [`engine`] | the B2BUA-facing API ([`MediaEngine`]) |
 // Unsafe code only in `batch` (raw recvmmsg/sendmmsg), which allows it.
@@ -24,6 +25,7 @@ pub mod g711;
 pub mod latch;
 pub mod playout;
 pub mod ports;
+pub mod record;
 pub mod relay;
 pub mod sdp;
 pub mod srtp;
