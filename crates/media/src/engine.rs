@@ -265,6 +265,17 @@ impl MediaEngine {
             .insert(call, tap);
     }
 
+    /// Stops handing `call`'s audio to its tap (relays already running keep
+    /// their clone until they stop).
+    pub fn unrecord(&self, call: u64) {
+        let tap = self
+            .taps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&call);
+        drop(tap);
+    }
+
     fn tap(&self, call: u64) -> Option<crate::record::Tap> {
         self.taps
             .lock()
@@ -737,12 +748,7 @@ impl MediaEngine {
     /// dropped the aborted relay task (its sockets close first, so a port is
     /// never handed out while still bound).
     pub fn release(&self, call: u64) {
-        let tap = self
-            .taps
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&call);
-        drop(tap);
+        self.unrecord(call);
         drop(self.take(call));
     }
 

@@ -387,6 +387,8 @@ pub struct AdmitInfo<'a> {
     pub from: &'a str,
     /// The bearer token's `webhook` claim, if any (unchecked text).
     pub webhook: Option<&'a str>,
+    /// The bearer token's `record` claim is true (SPEC §10: record the call).
+    pub record: bool,
 }
 
 /// Admission and accounting of calls, supplied by the binary (the trunk
@@ -1183,6 +1185,7 @@ impl B2bua {
             a_call_id: msg.call_id().unwrap_or_default(),
             from: &caller,
             webhook: principal.claims.as_ref().and_then(|c| c.webhook.as_deref()),
+            record: principal.claims.as_ref().and_then(|c| c.record) == Some(true),
         };
         if let Err(r) =
             self.policy

@@ -64,6 +64,8 @@ pub struct Settings {
     pub state: Option<StateConfig>,
     /// `[streams]` and `[tls] ca_file`: WebSocket stream targets (SPEC §10).
     pub streams: crate::stream::StreamConfig,
+    /// `[recording]` (SPEC §10).
+    pub recording: crate::recording::RecordingConfig,
 }
 
 pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
@@ -142,6 +144,7 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         trunk.edge_max_calls = n;
     }
     trunk.numbers = config::number_plan(&file.numbers)?;
+    let recording = config::recording(&file.recording)?;
     if let Some(p) = &file.trunk.premium_deny_prefixes {
         trunk.premium_deny_prefixes = p.clone();
     }
@@ -291,6 +294,7 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
     };
     let state = config::state(&file)?;
     Ok(Settings {
+        recording,
         state,
         listen,
         realm,
@@ -744,6 +748,9 @@ async fn serve(
             timeout: s.media_timeout,
         },
     ));
+    // Recorded calls (SPEC §10) and their retention sweep.
+    let recorder = crate::recording::Recorder::new(&data_dir, engine.clone(), s.recording.clone());
+    recorder.start_sweeper();
     // Trunks and CDRs: budgets survive a restart through the CDR store.
     let cdrs = Arc::new(
         FileCdrStore::open(&data_dir)
@@ -880,7 +887,8 @@ async fn serve(
         let mut policy = crate::policy::TrunkPolicy::new(alloc.clone(), sink, keys.clone())
             .with_webhooks(webhooks.clone())
             .with_calls(calls.clone())
-            .with_journal(journal.clone());
+            .with_journal(journal.clone())
+            .with_recorder(recorder.clone());
         if let (Some(f), Some(OnUnavailable::Refuse)) = (&fleet, on_unavailable) {
             policy = policy.with_state_gate(f.shared().clone());
         }
@@ -937,6 +945,7 @@ async fn serve(
         cdrs: cdrs.clone(),
         calls,
         control: ctl_tx.clone(),
+        data_dir: data_dir.clone(),
     });
     let admin = crate::admin::start(admin_state, s.admin_listen, admin_tls).await?;
     println!("tollgate: listening admin {}", admin.addr);
