@@ -913,6 +913,13 @@ mod tests {
         assert_eq!(v["billable_secs"], 25);
         assert_eq!(v["cause"], "normal");
         assert!(v["sip_code"].is_null());
+        assert!(
+            v.get("recording").is_none(),
+            "an unrecorded call names none"
+        );
+        j.recording = Some("recordings/abcdefghij12/b1.0_tollgate.wav".into());
+        let v: serde_json::Value = serde_json::from_slice(&body(&j)).unwrap();
+        assert_eq!(v["recording"], "recordings/abcdefghij12/b1.0_tollgate.wav");
         assert!(!format!("{ctx:?}").contains("\"x\""));
         let i: serde_json::Value =
             serde_json::from_slice(&body(&Hooks::job(&ctx, Kind::Initiated, 100))).unwrap();

@@ -33,6 +33,51 @@ fn ulaw(u: u8) -> i16 {
     (if u & 0x80 != 0 { 0x84 - t } else { t - 0x84 }) as i16
 }
 
+/// A-law code to linear PCM (ITU-T G.711).
+fn alaw(a: u8) -> i16 {
+    let a = a ^ 0x55;
+    let seg = (a >> 4) & 7;
+    let t = ((a & 0x0f) as i32) << 4;
+    let t = if seg == 0 {
+        t + 8
+    } else {
+        (t + 0x108) << (seg - 1)
+    };
+    (if a & 0x80 != 0 { t } else { -t }) as i16
+}
+
+/// Sends `n` G.711 packets of `payload(i)` from `sock` to `to`, paced at
+/// 20 ms by deadline.
+fn talk_from(
+    sock: &UdpSocket,
+    to: SocketAddr,
+    pt: u8,
+    ssrc: u32,
+    n: u32,
+    payload: fn(u32) -> Vec<u8>,
+) {
+    let t0 = Instant::now();
+    for i in 0..n {
+        let at = t0 + Duration::from_millis(20 * u64::from(i));
+        if let Some(d) = at.checked_duration_since(Instant::now()) {
+            thread::sleep(d);
+        }
+        let mut p = vec![0x80, pt];
+        p.extend_from_slice(&(100 + i as u16).to_be_bytes());
+        p.extend_from_slice(&(7_000 + 160 * i).to_be_bytes());
+        p.extend_from_slice(&ssrc.to_be_bytes());
+        p.extend_from_slice(&payload(i));
+        sock.send_to(&p, to).unwrap();
+    }
+}
+
+/// Leg B's audio in the routed test: A-law, unlike the caller's.
+fn payload_b(i: u32) -> Vec<u8> {
+    (0..160u32)
+        .map(|j| ((i * 101 + j * 3) % 256) as u8)
+        .collect()
+}
+
 /// Packet `i`'s payload: 160 distinct-ish µ-law codes.
 fn payload(i: u32) -> Vec<u8> {
     (0..160u32)
@@ -88,21 +133,9 @@ impl Call {
         }
     }
 
-    /// Sends `n` packets paced at 20 ms (by deadline, not by sleep sums).
+    /// Sends `n` PCMU packets paced at 20 ms.
     fn talk(&self, n: u32) {
-        let t0 = Instant::now();
-        for i in 0..n {
-            let at = t0 + Duration::from_millis(20 * u64::from(i));
-            if let Some(d) = at.checked_duration_since(Instant::now()) {
-                thread::sleep(d);
-            }
-            let mut p = vec![0x80, 0];
-            p.extend_from_slice(&(100 + i as u16).to_be_bytes());
-            p.extend_from_slice(&(7_000 + 160 * i).to_be_bytes());
-            p.extend_from_slice(&SSRC.to_be_bytes());
-            p.extend_from_slice(&payload(i));
-            self.rtp.send_to(&p, self.media).unwrap();
-        }
+        talk_from(&self.rtp, self.media, 0, SSRC, n, payload);
     }
 
     fn hang_up(mut self) {
@@ -373,6 +406,87 @@ fn recorded_call_holds_both_legs_is_served_to_its_key_only_and_unrecorded_calls_
     }
     let (code, _, _) = admin_get(admin, "/v1/calls/nope/recording", &key);
     assert_eq!(code, 404, "unknown call's recording");
+}
+
+#[test]
+fn each_leg_has_its_own_channel_pcmu_caller_and_pcma_destination() {
+    let uas = MiniUas::start(UasMode::Answer);
+    // The UAS answers with media at its port + 2: leg B's audio comes from there.
+    let b_rtp = UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], uas.addr.port() + 2)))
+        .expect("the UAS's media port + 2 is free");
+    let edge = Edge::start(EdgeConfig {
+        tcp: false,
+        ..EdgeConfig::routed_to(uas.addr.port())
+    });
+    let key = edge.first_key();
+    let c = Call::start(&edge, &key, Some(true));
+    let invite = uas
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|m| m.method() == Some("INVITE"))
+        .cloned()
+        .expect("the UAS got the INVITE");
+    let body = String::from_utf8_lossy(&invite.body).to_string();
+    let b_port: u16 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("m=audio "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no m=audio in leg B's offer:\n{body}"));
+    const N: u32 = 60;
+    let b = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(200)); // B starts 200 ms later
+        talk_from(
+            &b_rtp,
+            SocketAddr::from(([127, 0, 0, 1], b_port)),
+            8,
+            0x00b0_b0b0,
+            N,
+            payload_b,
+        );
+    });
+    c.talk(N);
+    b.join().unwrap();
+    thread::sleep(Duration::from_millis(100));
+    c.hang_up();
+    let cdr = wait_cdrs(&edge.data_dir, 1).pop().unwrap();
+    let path = edge
+        .data_dir
+        .join(cdr["recording"].as_str().expect("CDR names the recording"));
+    let want_a = expected(N);
+    let want_b: Vec<i16> = (0..N).flat_map(payload_b).map(alaw).collect();
+    let t = Instant::now();
+    let wav = loop {
+        let w = std::fs::read(&path).ok().and_then(|b| parse_wav(&b).ok());
+        if let Some(w) = w.filter(|w| find(&channel(w, 1), &want_b).is_some()) {
+            break w;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "{} never held leg B's audio",
+            path.display()
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    let (a, bch) = (channel(&wav, 0), channel(&wav, 1));
+    let oa = find(&a, &want_a).expect("channel 1 holds the caller's PCMU audio");
+    let ob = find(&bch, &want_b).expect("channel 2 holds leg B's PCMA audio");
+    assert!(
+        find(&a, &want_b).is_none() && find(&bch, &want_a).is_none(),
+        "legs mixed up"
+    );
+    // B started 200 ms (1600 samples) after A: so it sits in the file.
+    let lag = ob as i64 - oa as i64;
+    assert!(
+        (1200..=2400).contains(&lag),
+        "leg B placed {lag} samples after leg A, want ~1600"
+    );
+    assert!(
+        bch[..ob].iter().all(|&s| s == 0),
+        "channel 2 before leg B spoke is not silence"
+    );
 }
 
 #[test]
