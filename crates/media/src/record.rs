@@ -112,16 +112,12 @@ impl Tap {
     }
 }
 
-/// RFC 3550 §5.1: the law, SSRC, timestamp and payload of a G.711 packet.
-fn g711_payload(p: &[u8]) -> Option<(Law, u32, u32, &[u8])> {
+/// An RTP packet's payload type, timestamp and payload (RFC 3550 §5.1:
+/// past CSRCs, header extension and padding), `None` if it is not one.
+pub fn rtp_payload(p: &[u8]) -> Option<(u8, u32, &[u8])> {
     if p.len() < 12 || p[0] >> 6 != 2 {
         return None;
     }
-    let law = match p[1] & 0x7f {
-        0 => Law::Ulaw,
-        8 => Law::Alaw,
-        _ => return None,
-    };
     let cc = usize::from(p[0] & 0x0f);
     let mut start = 12 + 4 * cc;
     if p[0] & 0x10 != 0 {
@@ -132,9 +128,19 @@ fn g711_payload(p: &[u8]) -> Option<(Law, u32, u32, &[u8])> {
     if p[0] & 0x20 != 0 {
         end = end.checked_sub(usize::from(*p.last()?))?;
     }
-    let payload = p.get(start..end)?;
-    let ssrc = u32::from_be_bytes([p[8], p[9], p[10], p[11]]);
     let ts = u32::from_be_bytes([p[4], p[5], p[6], p[7]]);
+    Some((p[1] & 0x7f, ts, p.get(start..end)?))
+}
+
+/// The law, SSRC, timestamp and payload of a G.711 packet.
+fn g711_payload(p: &[u8]) -> Option<(Law, u32, u32, &[u8])> {
+    let (pt, ts, payload) = rtp_payload(p)?;
+    let law = match pt {
+        0 => Law::Ulaw,
+        8 => Law::Alaw,
+        _ => return None,
+    };
+    let ssrc = u32::from_be_bytes([p[8], p[9], p[10], p[11]]);
     Some((law, ssrc, ts, payload))
 }
 

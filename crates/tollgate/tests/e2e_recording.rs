@@ -90,6 +90,16 @@ fn expected(packets: u32) -> Vec<i16> {
     (0..packets).flat_map(payload).map(ulaw).collect()
 }
 
+/// The port of an SDP body's `m=audio` line.
+fn audio_port(sdp: &[u8], what: &str) -> u16 {
+    let body = String::from_utf8_lossy(sdp);
+    body.lines()
+        .find_map(|l| l.strip_prefix("m=audio "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no m=audio in {what}:\n{body}"))
+}
+
 struct Call {
     ua: UdpUa,
     rtp: UdpSocket,
@@ -116,13 +126,7 @@ impl Call {
         let mut ua = UdpUa::new(edge.sip_udp);
         let ok = ua.call(&invite);
         assert_eq!(ok.code(), Some(200), "INVITE: {}", ok.text());
-        let body = String::from_utf8_lossy(&ok.body).to_string();
-        let mport: u16 = body
-            .lines()
-            .find_map(|l| l.strip_prefix("m=audio "))
-            .and_then(|l| l.split_whitespace().next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no m=audio in the answer:\n{body}"));
+        let mport = audio_port(&ok.body, "the edge's answer");
         ua.send(&invite.in_dialog(&ok, "ACK", invite.cseq));
         Call {
             ua,
@@ -428,13 +432,7 @@ fn each_leg_has_its_own_channel_pcmu_caller_and_pcma_destination() {
         .find(|m| m.method() == Some("INVITE"))
         .cloned()
         .expect("the UAS got the INVITE");
-    let body = String::from_utf8_lossy(&invite.body).to_string();
-    let b_port: u16 = body
-        .lines()
-        .find_map(|l| l.strip_prefix("m=audio "))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no m=audio in leg B's offer:\n{body}"));
+    let b_port = audio_port(&invite.body, "leg B's offer");
     const N: u32 = 60;
     let b = thread::spawn(move || {
         thread::sleep(Duration::from_millis(200)); // B starts 200 ms later
