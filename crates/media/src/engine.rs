@@ -239,6 +239,8 @@ pub struct MediaEngine {
     advertise: Option<IpAddr>,
     /// Our address toward a peer, for SDP when `cfg.ip` is a wildcard.
     sources: Arc<crate::source::SourceIps>,
+    /// Recorded calls' taps, from [`MediaEngine::record`] to `release`.
+    taps: Mutex<HashMap<u64, crate::record::Tap>>,
 }
 
 impl MediaEngine {
@@ -256,6 +258,7 @@ impl MediaEngine {
             calls: Mutex::new(HashMap::new()),
             advertise: None,
             sources: Arc::new(crate::source::SourceIps::new()),
+            taps: Mutex::new(HashMap::new()),
         }
     }
 
@@ -287,6 +290,34 @@ impl MediaEngine {
             IpAddr::V4(_) => IpAddr::from([127, 0, 0, 1]),
             IpAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
         })
+    }
+
+    /// Records `call`: every relay it runs from now on hands its plaintext
+    /// audio to `tap` (until [`MediaEngine::release`]).
+    pub fn record(&self, call: u64, tap: crate::record::Tap) {
+        self.taps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(call, tap);
+    }
+
+    /// Stops handing `call`'s audio to its tap (relays already running keep
+    /// their clone until they stop).
+    pub fn unrecord(&self, call: u64) {
+        let tap = self
+            .taps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&call);
+        drop(tap);
+    }
+
+    fn tap(&self, call: u64) -> Option<crate::record::Tap> {
+        self.taps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&call)
+            .cloned()
     }
 
     fn calls(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Call>> {
@@ -716,6 +747,7 @@ impl MediaEngine {
             sides,
             stats: entry.stats.clone(),
             stop: stop.clone(),
+            tap: self.tap(call),
         };
         if let Some(r) = entry.previous.take() {
             r.stop(); // the new relay takes over
@@ -752,6 +784,7 @@ impl MediaEngine {
     /// dropped the aborted relay task (its sockets close first, so a port is
     /// never handed out while still bound).
     pub fn release(&self, call: u64) {
+        self.unrecord(call);
         drop(self.take(call));
     }
 

@@ -12,6 +12,7 @@
 //! | [`g711`] | ITU-T G.711 µ-law/A-law, µ<->A tables |
 //! | [`playout`] | paced playout of bursty audio, RFC 3550 numbering |
 //! | [`relay`] | the per-call packet path, RFC 5761 rtcp-mux demux |
+//! | [`record`] | call recording: the relay's tap, RFC 3550 timestamps to a two-channel timeline |
 //! | `batch` | Linux `recvmmsg`/`sendmmsg`/UDP GSO for the relay's hot path |
 //! | [`source`] | RFC 6724 source address selection: our address toward a peer, for wildcard binds |
 //! | [`engine`] | the B2BUA-facing API ([`MediaEngine`]) |
@@ -25,6 +26,7 @@ pub mod g711;
 pub mod latch;
 pub mod playout;
 pub mod ports;
+pub mod record;
 pub mod relay;
 pub mod sdp;
 pub mod source;

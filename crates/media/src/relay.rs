@@ -215,6 +215,8 @@ pub struct Relay {
     /// Raised when the relay is replaced (a re-offer was answered) or its
     /// call ends; from then on it forwards nothing.
     pub stop: StopSignal,
+    /// Where a recorded call's plaintext audio goes (SPEC §10).
+    pub tap: Option<crate::record::Tap>,
 }
 
 /// Tells a relay to stop forwarding, at once.
@@ -362,6 +364,9 @@ impl Relay {
             m.latched_late.increment(1);
         }
         tally.touched = Some(now);
+        if let (Some(tap), false) = (&self.tap, rtcp) {
+            tap.rtp(from as u8, buf, now);
+        }
         if let Some(tx) = &mut outbound.tx {
             let r = if rtcp {
                 tx.protect_rtcp(buf)
@@ -626,6 +631,7 @@ mod tests {
             sides: [a, b],
             stats: Arc::new(CallStats::new(t0)),
             stop: StopSignal::default(),
+            tap: None,
         }
     }
 

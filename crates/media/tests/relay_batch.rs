@@ -116,6 +116,7 @@ async fn call(mode: IoMode, suite: Suite, to_b: &SrtpKeys, from_b: &SrtpKeys) ->
         sides: [a, b_side],
         stats: stats.clone(),
         stop: stop.clone(),
+        tap: None,
     };
     let socks = [
         Sockets {
@@ -393,6 +394,7 @@ fn the_first_packet_goes_out_before_the_reactor_saw_the_sending_socket() {
                 ],
                 stats: stats.clone(),
                 stop: StopSignal::default(),
+                tap: None,
             };
             let socks = [
                 Sockets {

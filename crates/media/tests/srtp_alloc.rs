@@ -143,6 +143,7 @@ fn relay_packet_path_allocates_nothing() {
         ],
         stats: Arc::new(CallStats::default()),
         stop: Default::default(),
+        tap: None,
     };
     let mut b_tx = new_context(suite, &k_from_b, Direction::Outbound).unwrap();
     let mut buf = BytesMut::with_capacity(2048);
@@ -231,6 +232,7 @@ fn relay_task_allocates_nothing_per_packet() {
                 ],
                 stats: stats.clone(),
                 stop: Default::default(),
+                tap: None,
             };
             let leg = || Sockets {
                 rtp: tokio::net::UdpSocket::from_std(peer()).unwrap(),

@@ -417,6 +417,8 @@ pub struct AdmitInfo<'a> {
     /// record it, and refuses a replay with `401` (answered as the
     /// credential check answers one).
     pub pending_use: Option<&'a tollgate_keys::PendingUse>,
+    /// The bearer token's `record` claim is true (SPEC §10: record the call).
+    pub record: bool,
 }
 
 /// Admission and accounting of calls, supplied by the binary (the trunk
@@ -1248,6 +1250,7 @@ impl B2bua {
             from: &caller,
             webhook: principal.claims.as_ref().and_then(|c| c.webhook.as_deref()),
             pending_use: principal.pending_use.as_ref(),
+            record: principal.claims.as_ref().and_then(|c| c.record) == Some(true),
         };
         if let Err(r) =
             self.policy

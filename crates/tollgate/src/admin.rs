@@ -67,6 +67,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/usage"),
     ("GET", "/v1/calls"),
     ("DELETE", "/v1/calls/{id}"),
+    ("GET", "/v1/calls/{id}/recording"),
 ];
 
 /// Largest request body accepted (413 beyond).
@@ -89,6 +90,8 @@ pub struct AdminState {
     pub fleet_usage: Option<Arc<tollgate_state::Shared>>,
     pub calls: CallRegistry,
     pub control: mpsc::Sender<Control>,
+    /// Where recordings are (`<data dir>/recordings`, recording.rs).
+    pub data_dir: PathBuf,
 }
 
 // ---- errors ----------------------------------------------------------------------
@@ -815,6 +818,32 @@ async fn hang_up(
     Ok((StatusCode::ACCEPTED, Json(view)).into_response())
 }
 
+/// `GET /v1/calls/{id}/recording` (SPEC §10): the call's WAV, to the key
+/// that made the call only (an ancestor, a sibling or anyone else gets the
+/// same 404 as for a call that was not recorded).
+async fn recording(
+    State(st): St,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Trunks)?;
+    let id = path_param(id)?;
+    let path = crate::recording::Recorder::path_of(&st.data_dir, &caller.0.id, &id);
+    match tokio::fs::read(&path).await {
+        Ok(wav) => Ok((
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, HeaderValue::from_static("audio/wav"))],
+            wav,
+        )
+            .into_response()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ApiError::not_found("recording")),
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "admin API: recording unreadable");
+            Err(ApiError::internal())
+        }
+    }
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }
@@ -836,6 +865,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/usage", get(usage))
         .route("/v1/calls", get(list_calls))
         .route("/v1/calls/{id}", delete(hang_up))
+        .route("/v1/calls/{id}/recording", get(recording))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -1073,6 +1103,7 @@ mod tests {
             fleet_usage: None,
             calls: CallRegistry::default(),
             control: tx,
+            data_dir: dir.0.clone(),
         };
         (Arc::new(st), rx)
     }

@@ -31,6 +31,8 @@ pub struct FileConfig {
     pub streams: StreamsSection,
     #[serde(default)]
     pub numbers: NumbersSection,
+    #[serde(default)]
+    pub recording: RecordingSection,
     /// `[state]`: a fleet's shared state on Redis (SPEC §8); absent: embedded.
     pub state: Option<StateSection>,
     /// `[dns]`: the resolver for route targets named by DNS (SPEC §9).
@@ -62,6 +64,37 @@ pub fn dns_servers(d: &DnsSection) -> Result<Vec<SocketAddr>, ConfigError> {
                 .map_err(|_| ConfigError(format!("dns.servers: {s:?} is not IP:PORT")))
         })
         .collect()
+}
+
+/// `[recording]`: recorded calls' WAV files (SPEC §10, recording.rs).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordingSection {
+    /// Recordings are deleted this many days after their last write
+    /// (default 30; 0 = at the next sweep after the call ended).
+    pub retention_days: Option<u64>,
+    /// How often the retention sweep runs (seconds; default 3600).
+    pub sweep_interval_s: Option<u64>,
+}
+
+/// The recording settings of `[recording]`; errors name the field.
+pub fn recording(s: &RecordingSection) -> Result<crate::recording::RecordingConfig, ConfigError> {
+    let days = s.retention_days.unwrap_or(30);
+    if days > 36_500 {
+        return Err(ConfigError(
+            "recording.retention_days: must be 0..=36500".into(),
+        ));
+    }
+    let every = s.sweep_interval_s.unwrap_or(3600);
+    if !(1..=86_400).contains(&every) {
+        return Err(ConfigError(
+            "recording.sweep_interval_s: must be 1..=86400".into(),
+        ));
+    }
+    Ok(crate::recording::RecordingConfig {
+        retention: std::time::Duration::from_secs(days * 86_400),
+        sweep_every: std::time::Duration::from_secs(every),
+    })
 }
 
 /// `[numbers]`: how numbers are canonicalized to E.164 (SPEC §4a).

@@ -12,6 +12,7 @@ mod echo;
 mod media;
 mod metrics_http;
 mod policy;
+mod recording;
 mod serve;
 mod stream;
 mod webhook;

@@ -31,6 +31,10 @@ pub struct TrunkPolicy {
     /// `[state]`: the fleet's admission (credential use, calls per second,
     /// concurrent calls: one script in Redis).
     fleet: Option<Fleet>,
+    /// Records the calls whose `record` parameter is true (SPEC §10).
+    recorder: Option<Arc<crate::recording::Recorder>>,
+    /// Recorded calls: the recording's name, for the CDR and webhook.
+    recorded: HashMap<u64, String>,
 }
 
 /// The fleet's side of an admission.
@@ -76,7 +80,15 @@ impl TrunkPolicy {
             journal: None,
             state_gate: None,
             fleet: None,
+            recorder: None,
+            recorded: HashMap::new(),
         }
+    }
+
+    /// Records calls whose token says `record`.
+    pub fn with_recorder(mut self, recorder: Arc<crate::recording::Recorder>) -> Self {
+        self.recorder = Some(recorder);
+        self
     }
 
     /// Admits fleet-wide as well (and records the credential's single use
@@ -359,6 +371,12 @@ impl CallPolicy for TrunkPolicy {
             },
         );
         self.journal_opened(call);
+        if let (true, Some(rec)) = (info.record, &self.recorder) {
+            let id = cdr_call_id(info.call_id, unix, call);
+            if let Some(name) = rec.start(call, &key.id, &id) {
+                self.recorded.insert(call, name);
+            }
+        }
         if let Some(hooks) = &self.webhooks {
             if let Some(ctx) = hooks.initiated(key, destination.as_str(), info, unix) {
                 self.hooked.insert(call, ctx);
@@ -412,8 +430,12 @@ impl CallPolicy for TrunkPolicy {
         // Per-key outcome counters (attempts and billable seconds are counted
         // by the allocator): bounded labels, a key id and a fixed cause set.
         let cause = cause_label(r.cause);
+        let recording = self.recorded.remove(&r.call);
+        if let (Some(rec), Some(_)) = (&self.recorder, &recording) {
+            rec.stop(r.call);
+        }
         if let (Some(hooks), Some(ctx)) = (&self.webhooks, self.hooked.remove(&r.call)) {
-            hooks.completed(&ctx, r, cause);
+            hooks.completed(&ctx, r, cause, recording.as_deref());
         }
         metrics::counter!("tollgate_key_calls_ended_total", "key" => r.key_id.clone(), "cause" => cause)
             .increment(1);
@@ -434,6 +456,7 @@ impl CallPolicy for TrunkPolicy {
             cause: cause.to_string(),
             sip_code: r.sip_code,
             sip_call_id: (!r.a_call_id.is_empty()).then(|| r.a_call_id.clone()),
+            recording,
         };
         if let Err(e) = self.cdrs.record(&cdr) {
             tracing::error!(error = %e, call = %cdr.call_id, "CDR not recorded");

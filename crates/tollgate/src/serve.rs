@@ -67,6 +67,8 @@ pub struct Settings {
     pub tls_ca_file: Option<std::path::PathBuf>,
     /// `[streams]` and `[tls] ca_file`: WebSocket stream targets (SPEC §10).
     pub streams: crate::stream::StreamConfig,
+    /// `[recording]` (SPEC §10).
+    pub recording: crate::recording::RecordingConfig,
 }
 
 /// One `[[routes]]` entry, checked.
@@ -178,6 +180,7 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
         trunk.edge_max_calls = n;
     }
     trunk.numbers = config::number_plan(&file.numbers)?;
+    let recording = config::recording(&file.recording)?;
     if let Some(p) = &file.trunk.premium_deny_prefixes {
         trunk.premium_deny_prefixes = p.clone();
     }
@@ -367,6 +370,7 @@ pub fn settings(args: &ServeArgs) -> Result<Settings, ConfigError> {
     };
     let state = config::state(&file)?;
     Ok(Settings {
+        recording,
         state,
         dns_servers: config::dns_servers(&file.dns)?,
         tls_ca_file: match &file.tls.ca_file {
@@ -881,6 +885,9 @@ async fn serve(
         .advertise(s.media_advertise_ip)
         .with_sources(sources.clone()),
     );
+    // Recorded calls (SPEC §10) and their retention sweep.
+    let recorder = crate::recording::Recorder::new(&data_dir, engine.clone(), s.recording.clone());
+    recorder.start_sweeper();
     // Trunks and CDRs: budgets survive a restart through the CDR store.
     let cdrs = Arc::new(
         FileCdrStore::open(&data_dir)
@@ -1047,7 +1054,8 @@ async fn serve(
         let mut policy = crate::policy::TrunkPolicy::new(alloc.clone(), sink, keys.clone())
             .with_webhooks(webhooks.clone())
             .with_calls(calls.clone())
-            .with_journal(journal.clone());
+            .with_journal(journal.clone())
+            .with_recorder(recorder.clone());
         if let (Some(f), Some(OnUnavailable::Refuse)) = (&fleet, on_unavailable) {
             policy = policy.with_state_gate(f.shared().clone());
         }
@@ -1115,6 +1123,7 @@ async fn serve(
         fleet_usage: fleet.as_ref().map(|f| f.shared().clone()),
         calls,
         control: ctl_tx.clone(),
+        data_dir: data_dir.clone(),
     });
     let admin = crate::admin::start(admin_state, s.admin_listen, admin_tls).await?;
     println!("tollgate: listening admin {}", admin.addr);

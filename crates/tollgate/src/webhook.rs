@@ -221,6 +221,8 @@ struct Job {
     billable_secs: u64,
     cause: &'static str,
     sip_code: Option<u16>,
+    /// `call.completed` of a recorded call: the recording's name.
+    recording: Option<String>,
 }
 
 enum Msg {
@@ -259,6 +261,7 @@ impl Hooks {
             billable_secs: 0,
             cause: "",
             sip_code: None,
+            recording: None,
         }
     }
 
@@ -302,13 +305,20 @@ impl Hooks {
     }
 
     /// The call ended (its CDR is `r`, its cause label `cause`).
-    pub fn completed(&self, ctx: &Arc<CallCtx>, r: &CallRecord, cause: &'static str) {
+    pub fn completed(
+        &self,
+        ctx: &Arc<CallCtx>,
+        r: &CallRecord,
+        cause: &'static str,
+        recording: Option<&str>,
+    ) {
         let mut j = Self::job(ctx, Kind::Completed, r.end);
         j.answer = r.answer;
         j.end = Some(r.end);
         j.billable_secs = r.billable_secs;
         j.cause = cause;
         j.sip_code = r.sip_code;
+        j.recording = recording.map(str::to_owned);
         self.push(j);
     }
 }
@@ -337,6 +347,9 @@ fn body(j: &Job) -> Vec<u8> {
         v["billable_secs"] = j.billable_secs.into();
         v["cause"] = j.cause.into();
         v["sip_code"] = j.sip_code.map_or(serde_json::Value::Null, Into::into);
+        if let Some(r) = &j.recording {
+            v["recording"] = r.as_str().into();
+        }
     }
     serde_json::to_vec(&v).unwrap_or_default()
 }
@@ -900,6 +913,13 @@ mod tests {
         assert_eq!(v["billable_secs"], 25);
         assert_eq!(v["cause"], "normal");
         assert!(v["sip_code"].is_null());
+        assert!(
+            v.get("recording").is_none(),
+            "an unrecorded call names none"
+        );
+        j.recording = Some("recordings/abcdefghij12/b1.0_tollgate.wav".into());
+        let v: serde_json::Value = serde_json::from_slice(&body(&j)).unwrap();
+        assert_eq!(v["recording"], "recordings/abcdefghij12/b1.0_tollgate.wav");
         assert!(!format!("{ctx:?}").contains("\"x\""));
         let i: serde_json::Value =
             serde_json::from_slice(&body(&Hooks::job(&ctx, Kind::Initiated, 100))).unwrap();

@@ -78,6 +78,10 @@ pub struct Cdr {
     /// to their call; absent in records written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sip_call_id: Option<String>,
+    /// The call's recording (SPEC §10), relative to the data directory, when
+    /// its `record` parameter was true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recording: Option<String>,
 }
 
 /// Where CDRs go. The embedded implementation is [`FileCdrStore`].
@@ -672,6 +676,7 @@ pub(crate) mod tests {
             cause: if answered { "normal" } else { "busy" }.into(),
             sip_code: Some(if answered { 200 } else { 486 }),
             sip_call_id: Some(format!("{call_id}@caller")),
+            recording: None,
         }
     }
 

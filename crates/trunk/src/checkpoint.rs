@@ -93,6 +93,7 @@ impl OpenCall {
             cause: cause.to_string(),
             sip_code: None,
             sip_call_id: self.sip_call_id.clone(),
+            recording: None,
         }
     }
 }

@@ -88,25 +88,7 @@ fn random_u32() -> u32 {
     u32::from_le_bytes(b)
 }
 
-/// An RTP packet's payload type, timestamp and payload (RFC 3550 §5.1),
-/// `None` if it is not one.
-pub fn rtp_payload(p: &[u8]) -> Option<(u8, u32, &[u8])> {
-    if p.len() < 12 || p[0] >> 6 != 2 {
-        return None;
-    }
-    let cc = usize::from(p[0] & 0x0f);
-    let mut start = 12 + 4 * cc;
-    if p[0] & 0x10 != 0 {
-        let ext = p.get(start + 2..start + 4)?;
-        start += 4 + 4 * usize::from(u16::from_be_bytes([ext[0], ext[1]]));
-    }
-    let mut end = p.len();
-    if p[0] & 0x20 != 0 {
-        end = end.checked_sub(usize::from(*p.last()?))?;
-    }
-    let ts = u32::from_be_bytes([p[4], p[5], p[6], p[7]]);
-    Some((p[1] & 0x7f, ts, p.get(start..end)?))
-}
+pub use tollgate_media::record::rtp_payload;
 
 /// Metric handles of the stream path, looked up once per call.
 struct Meters {
