@@ -307,12 +307,7 @@ fn a_parents_channel_cap_and_fleet_usage_hold_across_edges_on_a_cluster() {
         }
     };
     let hang_up = |(mut ua, inv, r): (UdpUa, Req, SipMsg)| {
-        let bye = inv.in_dialog(&r, "BYE", inv.cseq + 1);
-        let fin = ua
-            .transact(&bye, Duration::from_secs(10))
-            .expect("answer to BYE")
-            .fin;
-        assert_eq!(fin.code(), Some(200), "BYE: {}", fin.text());
+        assert_eq!(trunk_support::hang_up(&mut ua, &inv, &r), Some(200), "BYE");
     };
     // Both children known on both edges: a probe call each, hung up.
     for e in &f {
@@ -396,4 +391,61 @@ fn a_parents_channel_cap_and_fleet_usage_hold_across_edges_on_a_cluster() {
         sizes.iter().filter(|n| **n > 0).count() >= 2,
         "every key on one master: {sizes:?}"
     );
+}
+
+/// Issue 12 on a cluster: a `--cps 4` key offered 10 calls/s on each of 2
+/// edges for 4 s gets about 4 x 4 + 4 (the one-second burst) = 20 admitted
+/// in total, not the 40 that two edges on their own limits would admit.
+#[test]
+fn cps_holds_fleet_wide_on_a_cluster() {
+    let cluster = Cluster::start();
+    let uas = MiniUas::start(UasMode::Busy);
+    let f = edges(&cluster, &uas, 2);
+    let root = f[0].first_key();
+    let k = keys_cli(
+        &f[0],
+        &[
+            "create",
+            "--name",
+            "four",
+            "--cps",
+            "4",
+            "--parent",
+            &key_id(&root),
+        ],
+    );
+    for e in &f {
+        until(e, &k, "key usable", busy);
+    }
+    // Let the probes' share come back (the bucket holds one second).
+    std::thread::sleep(Duration::from_millis(1200));
+    let start = Instant::now();
+    let addrs: Vec<std::net::SocketAddr> = f.iter().map(|e| e.sip_udp).collect();
+    let results =
+        trunk_support::offer_invites(&addrs, 40, Duration::from_millis(100), &|| token(&k));
+    let took = start.elapsed();
+    let admitted: u32 = results.iter().map(|r| r.0).sum();
+    eprintln!("cluster: --cps 4, 2 edges x 10/s over {took:?}: {results:?} (admitted, 503, other)");
+    assert!(
+        results.iter().all(|r| r.2 == 0),
+        "only 486 (admitted) or 503 + Retry-After: {results:?}"
+    );
+    // 4 per second of the run plus the burst, +- scheduling slack.
+    let want = 4.0 * took.as_secs_f64() + 4.0;
+    assert!(
+        f64::from(admitted) <= want + 3.0 && f64::from(admitted) >= want - 6.0,
+        "about {want:.0} admitted fleet-wide, got {admitted}: {results:?}"
+    );
+    // Refused by the fleet's rate: the edges' own limits alone admit more.
+    let fleet_limited: f64 = f
+        .iter()
+        .filter_map(|e| {
+            metric_sum(
+                &scrape(e.metrics_addr()),
+                "tollgate_fleet_refusals_total",
+                &[("reason", "rate_limited")],
+            )
+        })
+        .sum();
+    assert!(fleet_limited > 0.0, "no INVITE refused by the fleet's rate");
 }
