@@ -649,7 +649,10 @@ impl RedisKeyStore {
         })
     }
 
-    fn load_all(&self) -> Result<(KeyMap, i64), StateError> {
+    /// Every record, the version read before them, and the ids of the
+    /// index that had no record (keys are never deleted: a cluster node
+    /// that restarted without its data).
+    fn load_all(&self) -> Result<(KeyMap, i64, Vec<String>), StateError> {
         self.shared.run(false, |c| {
             let version: Option<i64> = redis::cmd("GET").arg(KEYS_VERSION).query(c)?;
             let ids: Vec<String> = redis::cmd("SMEMBERS").arg(KEYS_SET).query(c)?;
@@ -663,8 +666,12 @@ impl RedisKeyStore {
                 }))?
             };
             let mut map = KeyMap::with_capacity(ids.len());
+            let mut missing = Vec::new();
             for (id, v) in ids.iter().zip(values) {
-                let Some(v) = v else { continue };
+                let Some(v) = v else {
+                    missing.push(id.clone());
+                    continue;
+                };
                 match serde_json::from_str::<KeyRecord>(&v) {
                     Ok(rec) if rec.id == *id => {
                         map.insert(rec.id.clone(), Arc::new(rec));
@@ -674,7 +681,7 @@ impl RedisKeyStore {
                     Err(e) => tracing::error!(key = %id, line = e.line(), column = e.column(), "shared key record unreadable; skipped"),
                 }
             }
-            Ok((map, version.unwrap_or(0)))
+            Ok((map, version.unwrap_or(0), missing))
         })
     }
 
@@ -686,7 +693,8 @@ impl RedisKeyStore {
     /// rather than refusing every customer.
     pub fn reload(&self) -> Result<(), StateError> {
         let _g = self.reload.lock().unwrap_or_else(PoisonError::into_inner);
-        let (map, version) = self.load_all()?;
+        let (mut map, version, missing) = self.load_all()?;
+        self.keep_lost(&mut map, &missing);
         if map.is_empty() && !self.mem.list().is_empty() {
             tracing::error!(
                 "shared state holds no keys but this edge had some: Redis lost its data \
@@ -697,6 +705,30 @@ impl RedisKeyStore {
         self.mem.replace_all(map);
         self.version.store(version, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Puts this node's last good record of each id in `missing` (listed
+    /// by the index, its record gone: a cluster master that restarted
+    /// without its data) into `map`: its customers keep working, every
+    /// other key's changes still apply, and the next key change writes it
+    /// back (it differs from what Redis holds).
+    fn keep_lost(&self, map: &mut KeyMap, missing: &[String]) {
+        if missing.is_empty() {
+            return;
+        }
+        let mut kept = 0;
+        for id in missing {
+            if let Some(rec) = self.mem.get(id) {
+                map.insert(id.clone(), rec);
+                kept += 1;
+            }
+        }
+        tracing::error!(
+            missing = missing.len(),
+            kept,
+            "shared key index lists keys whose records are gone (a Redis node lost its data? \
+             run it with AOF); keeping this edge's last good records of them"
+        );
     }
 
     /// Reloads if `tg:keys:version` moved since the snapshot: one `GET` when
@@ -793,30 +825,34 @@ impl RedisKeyStore {
         &self,
         f: impl FnOnce(&mut KeyMap) -> tollgate_keys::Result<T>,
     ) -> tollgate_keys::Result<T> {
-        let (before, _) = self.load_all()?;
+        let (before, _, missing) = self.load_all()?;
         let mut map = before.clone();
+        self.keep_lost(&mut map, &missing);
         let out = f(&mut map)?;
         let changed: Vec<&Arc<KeyRecord>> = map
             .values()
             .filter(|r| before.get(&r.id).is_none_or(|b| **b != ***r))
             .collect();
-        // Each record in its own slot, then the version: a reader reads the
-        // version first (`load_all`), so one that saw some of these writes
-        // and not the bump reloads at the bump. No MULTI across slots.
-        let mut writes = Vec::with_capacity(changed.len() * 2);
+        // Each record in its own slot, then the index, then the version
+        // (three requests: a cluster keeps no order between nodes). A
+        // reader reads them the other way round (`load_all`), so one that
+        // saw some of these writes and not the bump reloads at the bump, and
+        // an id in the index always has its record. No MULTI across slots.
+        let mut records = Vec::with_capacity(changed.len());
+        let mut index = redis::cmd("SADD");
+        index.arg(KEYS_SET);
         for rec in &changed {
             let json = serde_json::to_string(&***rec)
                 .map_err(|e| KeyError::Invalid(format!("key record: {e}")))?;
             let mut set = redis::cmd("SET");
             set.arg(record_key(&rec.id)).arg(json);
-            let mut add = redis::cmd("SADD");
-            add.arg(KEYS_SET).arg(&rec.id);
-            writes.push(set);
-            writes.push(add);
+            records.push(set);
+            index.arg(&rec.id);
         }
         let version: i64 = self.shared.run(false, |c| {
-            if !writes.is_empty() {
-                c.pipeline::<redis::Value>(writes)?;
+            if !records.is_empty() {
+                c.pipeline::<redis::Value>(records)?;
+                index.query::<i64>(c)?;
             }
             redis::cmd("INCR").arg(KEYS_VERSION).query(c)
         })?;
