@@ -9,7 +9,10 @@
 //! from memory. [`CdrPublisher`] reads the complete lines past its cursor
 //! (`cdrs.published` in the data directory: the byte offset up to which
 //! every record is in the stream) and publishes each with one script that
-//! first does `SET tg:cdr:{<call_id>} NX EX <7 days>` and only then `XADD`s:
+//! first does `SET tg:cdr:{tg:cdrs}:<call_id> NX EX <7 days>` and only then
+//! `XADD`s (the mark's hash tag is the stream's name: one slot on a
+//! cluster); a call whose end the fleet did not settle on its budgets is
+//! settled just before, under its own once-only mark:
 //!
 //! * at least once: the cursor moves past a record only after Redis
 //!   answered for it, so a record written while Redis was down (or by a
@@ -42,23 +45,29 @@ const DEDUPE_SECS: i64 = 7 * 86_400;
 /// The publisher's cursor file in the data directory.
 pub const CURSOR_FILE: &str = "cdrs.published";
 
-/// KEYS: the call id's dedupe key, the stream, then for a call with
-/// budgeted keys its settled mark and their spent seconds of the day. ARGV:
-/// the CDR's JSON, the node, MAXLEN, dedupe seconds, billable seconds,
-/// settled mark's seconds. Returns 1 added, 0 already there. The seconds of
-/// a call whose end the fleet did not settle (Redis down then, or a call
-/// recovered after a crash) are settled here, once.
+/// KEYS: the call id's dedupe key, the stream (one slot: the dedupe key's
+/// tag is the stream's name). ARGV: the CDR's JSON, the node, MAXLEN,
+/// dedupe seconds. Returns 1 added, 0 already there.
 const PUBLISH_LUA: &str = r"
 if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[4]) then return 0 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'node', ARGV[2], 'cdr', ARGV[1])
-local secs = tonumber(ARGV[5])
-if #KEYS > 2 and secs > 0 and redis.call('SET', KEYS[3], 1, 'NX', 'EX', ARGV[6]) then
-  for i = 4, #KEYS do
+return 1
+";
+
+/// The seconds of a call whose end the fleet did not settle (Redis down
+/// then, or a call recovered after a crash), settled once, before its
+/// record is published (its own slot: the hierarchy's root key's tag).
+/// KEYS: the call's settled mark, then its budgeted keys' spent seconds of
+/// the day. ARGV: billable seconds, the mark's seconds.
+const SETTLE_LUA: &str = r"
+local secs = tonumber(ARGV[1])
+if secs > 0 and redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[2]) then
+  for i = 2, #KEYS do
     redis.call('INCRBY', KEYS[i], secs)
     redis.call('EXPIRE', KEYS[i], 172800)
   end
 end
-return 1
+return 0
 ";
 
 /// A key's budget chain as the publisher needs it: the root of its
@@ -73,6 +82,7 @@ pub struct CdrPublisher {
     file: PathBuf,
     cursor: PathBuf,
     script: redis::Script,
+    settle: redis::Script,
     chain: Box<BudgetChain>,
     maxlen: u64,
 }
@@ -85,8 +95,10 @@ impl std::fmt::Debug for CdrPublisher {
     }
 }
 
+/// Tagged with the stream's name, so that the mark and the `XADD` are one
+/// script in one slot on a cluster.
 fn dedupe_key(call_id: &str) -> String {
-    format!("tg:cdr:{{{call_id}}}")
+    format!("tg:cdr:{{{CDR_STREAM}}}:{call_id}")
 }
 
 impl CdrPublisher {
@@ -106,6 +118,7 @@ impl CdrPublisher {
             file: data_dir.join(tollgate_trunk::cdr::CDR_FILE),
             cursor: data_dir.join(CURSOR_FILE),
             script: redis::Script::new(PUBLISH_LUA),
+            settle: redis::Script::new(SETTLE_LUA),
             chain,
             maxlen,
         })
@@ -162,23 +175,16 @@ impl CdrPublisher {
                 .filter(|c| now.saturating_sub(c.end) < DEDUPE_SECS);
             if let Some(cdr) = fresh {
                 let json = String::from_utf8_lossy(body);
-                let mut inv = self.script.prepare_invoke();
-                inv.key(dedupe_key(&cdr.call_id)).key(CDR_STREAM);
-                if let Some((root, budgeted)) = (self.chain)(&cdr.key_id) {
-                    if !budgeted.is_empty() {
-                        inv.key(crate::settled_key(&root, &cdr.call_id));
-                        for kid in &budgeted {
-                            inv.key(crate::spent_key_of(&root, kid, cdr.end));
-                        }
-                    }
-                }
-                inv.arg(&*json)
-                    .arg(&self.node)
-                    .arg(self.maxlen)
-                    .arg(DEDUPE_SECS)
-                    .arg(cdr.billable_secs)
-                    .arg(crate::SETTLED_SECS);
-                let r = self.shared.run(false, |c| inv.invoke::<i64>(c));
+                let r = self.settle_unseen(&cdr).and_then(|()| {
+                    let mut inv = self.script.prepare_invoke();
+                    inv.key(dedupe_key(&cdr.call_id))
+                        .key(CDR_STREAM)
+                        .arg(&*json)
+                        .arg(&self.node)
+                        .arg(self.maxlen)
+                        .arg(DEDUPE_SECS);
+                    self.shared.run(false, |c| inv.invoke::<i64>(c))
+                });
                 match r {
                     Ok(1) => added += 1,
                     Ok(_) => {}
@@ -191,6 +197,25 @@ impl CdrPublisher {
             tracing::warn!(error = %e, "CDR publication cursor not saved (records are re-sent once, then found)");
         }
         result.map(|()| added)
+    }
+
+    /// Settles `cdr`'s seconds on its budgeted keys unless its end did
+    /// (the settled mark says which): before the record's publication, so
+    /// a failure here keeps the cursor before it and a retry settles once.
+    fn settle_unseen(&self, cdr: &Cdr) -> Result<(), StateError> {
+        let Some((root, budgeted)) = (self.chain)(&cdr.key_id) else {
+            return Ok(());
+        };
+        if budgeted.is_empty() || cdr.billable_secs == 0 {
+            return Ok(());
+        }
+        let mut inv = self.settle.prepare_invoke();
+        inv.key(crate::settled_key(&root, &cdr.call_id));
+        for kid in &budgeted {
+            inv.key(crate::spent_key_of(&root, kid, cdr.end));
+        }
+        inv.arg(cdr.billable_secs).arg(crate::SETTLED_SECS);
+        self.shared.run(false, |c| inv.invoke::<i64>(c)).map(|_| ())
     }
 
     /// Starts the publishing thread: every `every`, what the file gained.

@@ -16,18 +16,30 @@
 //!
 //! # Keys in Redis
 //!
-//! Every key that belongs to one API key carries its id as a Redis Cluster
-//! hash tag, so one key's state lives in one slot:
+//! A fleet runs on one Redis (`redis://`, `rediss://`) or on a Redis
+//! Cluster (`redis+cluster://host:port,host:port`, `rediss+cluster://`).
+//! Every script and every multi-key command addresses keys of ONE hash
+//! slot, so the same layout serves both: the keys of a hierarchy of API
+//! keys carry its root key's id as their hash tag (the admission of a key
+//! and all its ancestors is one script in one slot), and nothing is a
+//! MULTI across slots.
 //!
 //! | key | value |
 //! |---|---|
 //! | `tg:key:{<kid>}` | the [`KeyRecord`] as JSON (verification material only, never a key) |
-//! | `tg:replay:{<kid>}:<jti>` | `1`, expiring at the token's `exp` |
-//! | `tg:replay:{nonce:<nonce>}` | `1`, expiring with the nonce |
-//! | `tg:keys` | set of key ids |
-//! | `tg:keys:version` | incremented by every key change |
+//! | `tg:keys` | index: set of key ids (reloads read it, then each record) |
+//! | `tg:keys:version` | incremented by every key change, after its records |
 //! | `tg:keys:lock` | writers' lock (token, 5 s expiry) |
+//! | `tg:replay:{<root>}:<kid>:<jti>`, `tg:replay:{<root>}:nonce:<n>` | `1`, expiring with the credential |
+//! | `tg:ch:{<root>}:<kid>`, `tg:cps:…`, `tg:res:…`, `tg:spent:…:<day>` | a key's leases, rate, reservations, spent seconds |
+//! | `tg:settled:{<root>}:<call_id>` | a call's seconds are on its budgets |
+//! | `tg:cdrs`, `tg:cdr:{tg:cdrs}:<call_id>` | the fleet's CDR stream and its dedupe marks (one slot) |
 //! | `tg:nonce_secret` | hex HMAC key of digest nonces, shared by the fleet |
+//!
+//! Key changes are announced with a classic `PUBLISH` on [`KEYS_CHANNEL`],
+//! which a cluster broadcasts to every node: each edge subscribes on one
+//! node (the first seed that answers), and the version check catches what
+//! a subscription missed.
 //!
 //! # Blocking
 //!
@@ -48,6 +60,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConnection};
 use redis::{Client, Connection};
 use tollgate_keys::store::{self, KeyMap};
 use tollgate_keys::{
@@ -108,11 +121,145 @@ fn redis_err(e: redis::RedisError) -> StateError {
     StateError::Redis(e.to_string())
 }
 
-/// Connections to one Redis and whether it answers.
+/// Where the fleet's state lives: one Redis, or a Redis Cluster.
+enum Backend {
+    Single(Client),
+    /// The cluster client, and one plain client per seed node for the
+    /// key-change subscription (a `PUBLISH` reaches every node).
+    Cluster(ClusterClient, Vec<Client>),
+}
+
+/// One pooled connection: to the one Redis, or to the cluster (which routes
+/// each command to the master of its keys' slot).
+pub enum Con {
+    /// To one Redis.
+    Single(Connection),
+    /// To a Redis Cluster (boxed: a map of node connections and slots).
+    Cluster(Box<ClusterConnection>),
+}
+
+impl redis::ConnectionLike for Con {
+    fn req_packed_command(&mut self, cmd: &[u8]) -> redis::RedisResult<redis::Value> {
+        match self {
+            Con::Single(c) => c.req_packed_command(cmd),
+            Con::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands(
+        &mut self,
+        cmd: &[u8],
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisResult<Vec<redis::Value>> {
+        match self {
+            Con::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Con::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn req_command(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<redis::Value> {
+        match self {
+            Con::Single(c) => c.req_command(cmd),
+            Con::Cluster(c) => c.req_command(cmd),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Con::Single(c) => c.get_db(),
+            Con::Cluster(c) => c.get_db(),
+        }
+    }
+
+    fn supports_pipelining(&self) -> bool {
+        match self {
+            Con::Single(c) => c.supports_pipelining(),
+            Con::Cluster(c) => c.supports_pipelining(),
+        }
+    }
+
+    fn check_connection(&mut self) -> bool {
+        match self {
+            Con::Single(c) => c.check_connection(),
+            Con::Cluster(c) => c.check_connection(),
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        match self {
+            Con::Single(c) => c.is_open(),
+            Con::Cluster(c) => c.is_open(),
+        }
+    }
+}
+
+impl Con {
+    /// `cmds` in one pipeline, not a transaction: on a cluster each node
+    /// gets its share, in no order between nodes (a caller that needs an
+    /// order sends what must come after as a second request).
+    pub fn pipeline<T: redis::FromRedisValue>(
+        &mut self,
+        cmds: impl IntoIterator<Item = redis::Cmd>,
+    ) -> redis::RedisResult<T> {
+        match self {
+            Con::Single(c) => {
+                let mut p = redis::pipe();
+                cmds.into_iter().for_each(|cmd| {
+                    p.add_command(cmd);
+                });
+                p.query(c)
+            }
+            Con::Cluster(c) => {
+                let mut p = redis::cluster::cluster_pipe();
+                cmds.into_iter().for_each(|cmd| {
+                    p.add_command(cmd);
+                });
+                p.query(c.as_mut())
+            }
+        }
+    }
+}
+
+/// `redis+cluster://[user:password@]host:port,host:port[/...]` (or
+/// `rediss+cluster://`, TLS): the URL of each seed node, `None` for a
+/// plain `redis://` or `rediss://` URL. The error never repeats the URL.
+pub fn cluster_seeds(url: &str) -> Result<Option<Vec<String>>, StateError> {
+    let (scheme, rest) = if let Some(r) = url.strip_prefix("redis+cluster://") {
+        ("redis", r)
+    } else if let Some(r) = url.strip_prefix("rediss+cluster://") {
+        ("rediss", r)
+    } else {
+        return Ok(None);
+    };
+    let (auth, hosts) = match rest.rsplit_once('@') {
+        Some((a, h)) => (format!("{a}@"), h),
+        None => (String::new(), rest),
+    };
+    let (hosts, tail) = match hosts.find(['/', '?']) {
+        Some(i) => hosts.split_at(i),
+        None => (hosts, ""),
+    };
+    let mut seeds = Vec::new();
+    for node in hosts.split(',') {
+        let ok = node
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !ok {
+            return Err(StateError::Url(
+                "a cluster URL lists host:port,host:port,... (each with its port)".into(),
+            ));
+        }
+        seeds.push(format!("{scheme}://{auth}{node}{tail}"));
+    }
+    Ok(Some(seeds))
+}
+
+/// Connections to one Redis (or one Redis Cluster) and whether it answers.
 pub struct Shared {
-    client: Client,
+    backend: Backend,
     timeout: Duration,
-    pool: Mutex<Vec<Connection>>,
+    pool: Mutex<Vec<Con>>,
     up: AtomicBool,
 }
 
@@ -137,28 +284,57 @@ impl Shared {
         timeout: Duration,
         ca_pem: Option<&[u8]>,
     ) -> Result<Arc<Shared>, StateError> {
-        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-            return Err(StateError::Url(
-                "must start with redis:// or rediss://".into(),
-            ));
-        }
-        let client = match ca_pem {
-            None => Client::open(url),
-            Some(pem) => Client::build_with_tls(
-                url,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem.to_vec()),
-                },
-            ),
-        }
-        .map_err(|e| StateError::Url(e.to_string()))?;
+        let certs = |pem: &[u8]| redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem.to_vec()),
+        };
+        let plain = |url: &str| {
+            match ca_pem {
+                None => Client::open(url),
+                Some(pem) => Client::build_with_tls(url, certs(pem)),
+            }
+            .map_err(|e| StateError::Url(e.to_string()))
+        };
+        let backend =
+            match cluster_seeds(url)? {
+                Some(seeds) => {
+                    let mut b = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
+                        .connection_timeout(timeout)
+                        .response_timeout(timeout)
+                        // A MOVED or ASK after a resharding, then an answer or
+                        // an error: never a wait longer than a few timeouts.
+                        .retries(2)
+                        .min_retry_wait(10)
+                        .max_retry_wait(50);
+                    if let (Some(pem), true) = (ca_pem, url.starts_with("rediss+")) {
+                        b = b.certs(certs(pem));
+                    }
+                    let cluster = b.build().map_err(|e| StateError::Url(e.to_string()))?;
+                    let subs = seeds
+                        .iter()
+                        .map(|s| plain(s))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Backend::Cluster(cluster, subs)
+                }
+                None if url.starts_with("redis://") || url.starts_with("rediss://") => {
+                    Backend::Single(plain(url)?)
+                }
+                None => return Err(StateError::Url(
+                    "must start with redis://, rediss://, redis+cluster:// or rediss+cluster://"
+                        .into(),
+                )),
+            };
         Ok(Arc::new(Shared {
-            client,
+            backend,
             timeout,
             pool: Mutex::new(Vec::new()),
             up: AtomicBool::new(false),
         }))
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.backend, Backend::Cluster(..))
     }
 
     /// Whether the last request (or health ping) got an answer.
@@ -177,14 +353,44 @@ impl Shared {
         }
     }
 
-    fn connect(&self) -> Result<Connection, StateError> {
-        let c = self
-            .client
+    fn connect_one(&self, client: &Client) -> Result<Connection, StateError> {
+        let c = client
             .get_connection_with_timeout(self.timeout)
             .map_err(redis_err)?;
         c.set_read_timeout(Some(self.timeout)).map_err(redis_err)?;
         c.set_write_timeout(Some(self.timeout)).map_err(redis_err)?;
         Ok(c)
+    }
+
+    fn connect(&self) -> Result<Con, StateError> {
+        match &self.backend {
+            Backend::Single(client) => self.connect_one(client).map(Con::Single),
+            Backend::Cluster(cluster, _) => {
+                let c = cluster.get_connection().map_err(redis_err)?;
+                c.set_read_timeout(Some(self.timeout)).map_err(redis_err)?;
+                c.set_write_timeout(Some(self.timeout)).map_err(redis_err)?;
+                Ok(Con::Cluster(Box::new(c)))
+            }
+        }
+    }
+
+    /// A plain connection for the key-change subscription: to the one
+    /// Redis, or to the first seed node of a cluster that answers (a
+    /// `PUBLISH` on any node of a cluster reaches the subscribers of all).
+    fn connect_pubsub(&self) -> Result<Connection, StateError> {
+        match &self.backend {
+            Backend::Single(client) => self.connect_one(client),
+            Backend::Cluster(_, seeds) => {
+                let mut last = StateError::Down;
+                for seed in seeds {
+                    match self.connect_one(seed) {
+                        Ok(c) => return Ok(c),
+                        Err(e) => last = e,
+                    }
+                }
+                Err(last)
+            }
+        }
     }
 
     /// Runs `f` on a pooled connection. Fails at once while Redis is known
@@ -193,7 +399,7 @@ impl Shared {
     fn run<T>(
         &self,
         probe: bool,
-        f: impl FnOnce(&mut Connection) -> redis::RedisResult<T>,
+        f: impl FnOnce(&mut Con) -> redis::RedisResult<T>,
     ) -> Result<T, StateError> {
         if !probe && !self.is_up() {
             return Err(StateError::Down);
@@ -300,12 +506,22 @@ fn record_key(id: &str) -> String {
     format!("tg:key:{{{id}}}")
 }
 
-/// The Redis key of a replay id: `"<kid>:<jti>"` is tagged by its key id,
-/// `"nonce:<nonce>"` by the whole id.
-pub fn replay_key(id: &str) -> String {
+/// The Redis key of the single use `id` (`"<kid>:<jti>"` or
+/// `"nonce:<nonce>"`) under the hash tag `tag`: the root key of the
+/// credential's hierarchy in the admission script, so that it shares the
+/// slot of the chain's limits (a digest nonce is then single use per
+/// hierarchy: its response is bound to the key anyway).
+pub fn replay_key(tag: &str, id: &str) -> String {
+    format!("tg:replay:{{{tag}}}:{id}")
+}
+
+/// The tag of a use [`RedisReplayCache`] records by itself (not deferred):
+/// the token's key id, or the whole nonce id. One key per command, so any
+/// slot will do; the same as the admission's for a root key's tokens.
+fn own_tag(id: &str) -> &str {
     match id.split_once(':') {
-        Some(("nonce", _)) | None => format!("tg:replay:{{{id}}}"),
-        Some((kid, rest)) => format!("tg:replay:{{{kid}}}:{rest}"),
+        Some(("nonce", _)) | None => id,
+        Some((kid, _)) => kid,
     }
 }
 
@@ -341,12 +557,11 @@ impl RedisReplayCache {
 }
 
 /// `SET <replay key> 1 NX EXAT <exp>`: `true` the first time.
-fn set_once(shared: &Shared, id: &str, expires_at: i64, now: i64) -> Result<bool, StateError> {
-    let key = replay_key(id);
+fn set_once(shared: &Shared, key: &str, expires_at: i64, now: i64) -> Result<bool, StateError> {
     shared
         .run(false, |c| {
             redis::cmd("SET")
-                .arg(&key)
+                .arg(key)
                 .arg(1)
                 .arg("NX")
                 .arg("EXAT")
@@ -367,7 +582,7 @@ impl ReplayCache for RedisReplayCache {
     }
 
     fn record_use(&self, id: &str, expires_at: i64, now: i64) -> Use {
-        match set_once(&self.shared, id, expires_at, now) {
+        match set_once(&self.shared, &replay_key(own_tag(id), id), expires_at, now) {
             Ok(true) => Use::First,
             Ok(false) => Use::Replayed,
             Err(_) => match &self.fallback {
@@ -434,22 +649,29 @@ impl RedisKeyStore {
         })
     }
 
-    fn load_all(&self) -> Result<(KeyMap, i64), StateError> {
+    /// Every record, the version read before them, and the ids of the
+    /// index that had no record (keys are never deleted: a cluster node
+    /// that restarted without its data).
+    fn load_all(&self) -> Result<(KeyMap, i64, Vec<String>), StateError> {
         self.shared.run(false, |c| {
             let version: Option<i64> = redis::cmd("GET").arg(KEYS_VERSION).query(c)?;
             let ids: Vec<String> = redis::cmd("SMEMBERS").arg(KEYS_SET).query(c)?;
-            let mut pipe = redis::pipe();
-            for id in &ids {
-                pipe.cmd("GET").arg(record_key(id));
-            }
             let values: Vec<Option<String>> = if ids.is_empty() {
                 Vec::new()
             } else {
-                pipe.query(c)?
+                c.pipeline(ids.iter().map(|id| {
+                    let mut get = redis::cmd("GET");
+                    get.arg(record_key(id));
+                    get
+                }))?
             };
             let mut map = KeyMap::with_capacity(ids.len());
+            let mut missing = Vec::new();
             for (id, v) in ids.iter().zip(values) {
-                let Some(v) = v else { continue };
+                let Some(v) = v else {
+                    missing.push(id.clone());
+                    continue;
+                };
                 match serde_json::from_str::<KeyRecord>(&v) {
                     Ok(rec) if rec.id == *id => {
                         map.insert(rec.id.clone(), Arc::new(rec));
@@ -459,7 +681,7 @@ impl RedisKeyStore {
                     Err(e) => tracing::error!(key = %id, line = e.line(), column = e.column(), "shared key record unreadable; skipped"),
                 }
             }
-            Ok((map, version.unwrap_or(0)))
+            Ok((map, version.unwrap_or(0), missing))
         })
     }
 
@@ -471,7 +693,8 @@ impl RedisKeyStore {
     /// rather than refusing every customer.
     pub fn reload(&self) -> Result<(), StateError> {
         let _g = self.reload.lock().unwrap_or_else(PoisonError::into_inner);
-        let (map, version) = self.load_all()?;
+        let (mut map, version, missing) = self.load_all()?;
+        self.keep_lost(&mut map, &missing);
         if map.is_empty() && !self.mem.list().is_empty() {
             tracing::error!(
                 "shared state holds no keys but this edge had some: Redis lost its data \
@@ -482,6 +705,30 @@ impl RedisKeyStore {
         self.mem.replace_all(map);
         self.version.store(version, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Puts this node's last good record of each id in `missing` (listed
+    /// by the index, its record gone: a cluster master that restarted
+    /// without its data) into `map`: its customers keep working, every
+    /// other key's changes still apply, and the next key change writes it
+    /// back (it differs from what Redis holds).
+    fn keep_lost(&self, map: &mut KeyMap, missing: &[String]) {
+        if missing.is_empty() {
+            return;
+        }
+        let mut kept = 0;
+        for id in missing {
+            if let Some(rec) = self.mem.get(id) {
+                map.insert(id.clone(), rec);
+                kept += 1;
+            }
+        }
+        tracing::error!(
+            missing = missing.len(),
+            kept,
+            "shared key index lists keys whose records are gone (a Redis node lost its data? \
+             run it with AOF); keeping this edge's last good records of them"
+        );
     }
 
     /// Reloads if `tg:keys:version` moved since the snapshot: one `GET` when
@@ -512,7 +759,7 @@ impl RedisKeyStore {
     }
 
     fn subscribe_once(&self) -> Result<(), StateError> {
-        let mut con = self.shared.connect()?;
+        let mut con = self.shared.connect_pubsub()?;
         let mut ps = con.as_pubsub();
         ps.subscribe(KEYS_CHANNEL).map_err(redis_err)?;
         ps.set_read_timeout(Some(Duration::from_secs(1)))
@@ -578,23 +825,37 @@ impl RedisKeyStore {
         &self,
         f: impl FnOnce(&mut KeyMap) -> tollgate_keys::Result<T>,
     ) -> tollgate_keys::Result<T> {
-        let (before, _) = self.load_all()?;
+        let (before, _, missing) = self.load_all()?;
         let mut map = before.clone();
+        self.keep_lost(&mut map, &missing);
         let out = f(&mut map)?;
         let changed: Vec<&Arc<KeyRecord>> = map
             .values()
             .filter(|r| before.get(&r.id).is_none_or(|b| **b != ***r))
             .collect();
-        let mut pipe = redis::pipe();
-        pipe.atomic();
+        // Each record in its own slot, then the index, then the version
+        // (three requests: a cluster keeps no order between nodes). A
+        // reader reads them the other way round (`load_all`), so one that
+        // saw some of these writes and not the bump reloads at the bump, and
+        // an id in the index always has its record. No MULTI across slots.
+        let mut records = Vec::with_capacity(changed.len());
+        let mut index = redis::cmd("SADD");
+        index.arg(KEYS_SET);
         for rec in &changed {
             let json = serde_json::to_string(&***rec)
                 .map_err(|e| KeyError::Invalid(format!("key record: {e}")))?;
-            pipe.cmd("SET").arg(record_key(&rec.id)).arg(json).ignore();
-            pipe.cmd("SADD").arg(KEYS_SET).arg(&rec.id).ignore();
+            let mut set = redis::cmd("SET");
+            set.arg(record_key(&rec.id)).arg(json);
+            records.push(set);
+            index.arg(&rec.id);
         }
-        pipe.cmd("INCR").arg(KEYS_VERSION);
-        let (version,): (i64,) = self.shared.run(false, |c| pipe.query(c))?;
+        let version: i64 = self.shared.run(false, |c| {
+            if !records.is_empty() {
+                c.pipeline::<redis::Value>(records)?;
+                index.query::<i64>(c)?;
+            }
+            redis::cmd("INCR").arg(KEYS_VERSION).query(c)
+        })?;
         self.shared.run(false, |c| {
             redis::cmd("PUBLISH")
                 .arg(KEYS_CHANNEL)
@@ -972,7 +1233,7 @@ impl FleetChannels {
         let member = format!("{}:{call}", self.node);
         let mut inv = self.admit.prepare_invoke();
         if let Some(p) = pending {
-            inv.key(replay_key(&p.id));
+            inv.key(replay_key(root, &p.id));
         }
         for k in &keys {
             inv.key(k);
@@ -1024,13 +1285,14 @@ impl FleetChannels {
         })
     }
 
-    /// Records `pending` alone (one `SET NX`): for a call this edge refused
+    /// Records `pending` (of `root`'s hierarchy) alone (one `SET NX`, the
+    /// key [`FleetChannels::admit`] uses): for a call this edge refused
     /// on its own limits before asking the fleet, so that a replay is
     /// still a `401` there. `true` the first time.
-    pub fn record_use(&self, pending: &PendingUse) -> Result<bool, StateError> {
+    pub fn record_use(&self, root: &str, pending: &PendingUse) -> Result<bool, StateError> {
         set_once(
             &self.shared,
-            &pending.id,
+            &replay_key(root, &pending.id),
             pending.expires_at,
             now_ms() / 1000,
         )
@@ -1132,16 +1394,20 @@ impl FleetChannels {
             return Ok(());
         }
         let end = now_ms() + self.lease.as_millis() as i64;
-        self.shared.run(false, |c| {
-            let mut pipe = redis::pipe();
-            for (keys, member) in &held {
-                for k in keys {
-                    pipe.cmd("ZADD").arg(k).arg(end).arg(member).ignore();
-                    pipe.cmd("PEXPIREAT").arg(k).arg(end + 1000).ignore();
-                }
+        let mut cmds = Vec::new();
+        for (keys, member) in &held {
+            for k in keys {
+                let mut zadd = redis::cmd("ZADD");
+                zadd.arg(k).arg(end).arg(member);
+                let mut exp = redis::cmd("PEXPIREAT");
+                exp.arg(k).arg(end + 1000);
+                cmds.push(zadd);
+                cmds.push(exp);
             }
-            pipe.query::<()>(c)
-        })
+        }
+        self.shared
+            .run(false, |c| c.pipeline::<redis::Value>(cmds))
+            .map(|_| ())
     }
 
     /// Starts the renewing thread (every `lease / 3`).
@@ -1169,10 +1435,11 @@ mod tests {
     #[test]
     fn replay_keys_carry_one_hash_tag_per_api_key() {
         assert_eq!(
-            replay_key("abc123def456:j-1"),
-            "tg:replay:{abc123def456}:j-1"
+            replay_key("root00000001", "abc123def456:j-1"),
+            "tg:replay:{root00000001}:abc123def456:j-1"
         );
-        assert_eq!(replay_key("nonce:XYZ"), "tg:replay:{nonce:XYZ}");
+        assert_eq!(own_tag("abc123def456:j-1"), "abc123def456");
+        assert_eq!(own_tag("nonce:XYZ"), "nonce:XYZ");
         assert_eq!(record_key("abc123def456"), "tg:key:{abc123def456}");
     }
 
@@ -1187,6 +1454,49 @@ mod tests {
         .to_string();
         assert!(e.contains("[state] url"), "{e}");
         assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn cluster_urls_list_their_seed_nodes() {
+        assert_eq!(cluster_seeds("redis://127.0.0.1:6379/0").unwrap(), None);
+        assert_eq!(
+            cluster_seeds("redis+cluster://127.0.0.1:7001,127.0.0.1:7002").unwrap(),
+            Some(vec![
+                "redis://127.0.0.1:7001".to_string(),
+                "redis://127.0.0.1:7002".to_string()
+            ])
+        );
+        assert_eq!(
+            cluster_seeds("rediss+cluster://u:p@a.example:7001,b.example:7002/?x=1").unwrap(),
+            Some(vec![
+                "rediss://u:p@a.example:7001/?x=1".to_string(),
+                "rediss://u:p@b.example:7002/?x=1".to_string()
+            ])
+        );
+        for bad in [
+            "redis+cluster://",
+            "redis+cluster://u:hunter2@127.0.0.1",
+            "redis+cluster://127.0.0.1:7001,",
+            "redis+cluster://127.0.0.1:0",
+            "redis+cluster://:7001",
+        ] {
+            let e = Shared::open(bad, Duration::from_millis(50), None)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("[state] url"), "{bad}: {e}");
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+        let s = Shared::open(
+            "redis+cluster://127.0.0.1:1,127.0.0.1:2",
+            Duration::from_millis(50),
+            None,
+        )
+        .unwrap();
+        assert!(s.is_cluster());
+        // Nothing listens: down at once, no hang.
+        let t = Instant::now();
+        assert!(s.ping().is_err());
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     }
 
     #[test]

@@ -160,9 +160,9 @@ pub fn state(file: &FileConfig) -> Result<Option<tollgate_state::StateConfig>, C
     })?;
     let ca_pem = match &st.ca_file {
         None => None,
-        Some(_) if !url.starts_with("rediss://") => {
+        Some(_) if !(url.starts_with("rediss://") || url.starts_with("rediss+cluster://")) => {
             return Err(ConfigError(
-                "[state] ca_file: only with a rediss:// url".into(),
+                "[state] ca_file: only with a rediss:// or rediss+cluster:// url".into(),
             ))
         }
         Some(f) => {
@@ -850,7 +850,20 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(local.on_unavailable, tollgate_state::OnUnavailable::Local);
+        let cluster =
+            state_of("[state]\nurl = \"redis+cluster://127.0.0.1:7001,127.0.0.1:7002\"\n")
+                .unwrap()
+                .unwrap();
+        assert!(cluster.url.starts_with("redis+cluster://"));
         for (text, field) in [
+            (
+                "[state]\nurl = \"redis+cluster://127.0.0.1:7001,127.0.0.1\"\n",
+                "[state] url",
+            ),
+            (
+                "[state]\nurl = \"redis+cluster://127.0.0.1:7001\"\nca_file = \"/x\"\n",
+                "[state] ca_file",
+            ),
             ("[state]\nnode = \"a\"\n", "[state] url"),
             ("[state]\nurl = \"http://x:1\"\n", "[state] url"),
             (

@@ -268,11 +268,11 @@ impl TrunkPolicy {
     /// Records `pending` alone, for a call refused on this edge's limits:
     /// `Some(401)` for a replay (or 503 when it cannot be recorded), `None`
     /// the first time (the call gets its limit's status).
-    fn record_use_alone(&self, pending: &PendingUse, unix: i64) -> Option<Refused> {
+    fn record_use_alone(&self, root: &str, pending: &PendingUse, unix: i64) -> Option<Refused> {
         let Some(fleet) = &self.fleet else {
             return Some(STATE_UNAVAILABLE);
         };
-        match fleet.admission.record_use(pending) {
+        match fleet.admission.record_use(root, pending) {
             Ok(true) => None,
             Ok(false) => Some(REPLAYED),
             Err(_) => match &fleet.local_replay {
@@ -342,9 +342,10 @@ impl CallPolicy for TrunkPolicy {
             Ok(ch) => ch,
             Err(r) => {
                 // A replay is a 401 before any limit, as on one edge.
+                let root = chain.last().map_or(key.id.as_str(), |k| k.id);
                 if let Some(replayed) = info
                     .pending_use
-                    .and_then(|p| self.record_use_alone(p, unix))
+                    .and_then(|p| self.record_use_alone(root, p, unix))
                 {
                     return Err(replayed);
                 }

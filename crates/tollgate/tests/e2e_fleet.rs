@@ -957,33 +957,8 @@ fn cps_holds_fleet_wide_over_three_edges() {
     // Let the probes' tokens come back (the bucket holds one second).
     std::thread::sleep(Duration::from_millis(1200));
     let addrs: Vec<std::net::SocketAddr> = f.iter().map(|(_, e)| e.sip_udp).collect();
-    let start = Instant::now() + Duration::from_millis(100);
-    let results: Vec<(u32, u32, u32)> = std::thread::scope(|s| {
-        let hs: Vec<_> = addrs
-            .iter()
-            .map(|&a| {
-                let k = k.clone();
-                s.spawn(move || {
-                    let (mut ok, mut limited, mut other) = (0, 0, 0);
-                    let mut ua = UdpUa::new(a);
-                    for i in 0..200u32 {
-                        let at = start + Duration::from_millis(50) * i;
-                        if let Some(d) = at.checked_duration_since(Instant::now()) {
-                            std::thread::sleep(d);
-                        }
-                        let r = ua.call(&Req::invite(a, SERVICE, "sipp").bearer(&token(&k)));
-                        match r.code() {
-                            Some(486) => ok += 1,
-                            Some(503) if r.header("Retry-After").is_some() => limited += 1,
-                            _ => other += 1,
-                        }
-                    }
-                    (ok, limited, other)
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let results =
+        trunk_support::offer_invites(&addrs, 200, Duration::from_millis(50), &|| token(&k));
     let admitted: u32 = results.iter().map(|r| r.0).sum();
     let other: u32 = results.iter().map(|r| r.2).sum();
     eprintln!("fleet: --cps 10, 3 edges x 20/s x 10 s: {results:?} (admitted, 503, other) = {admitted} admitted");

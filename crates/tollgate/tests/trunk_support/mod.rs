@@ -101,6 +101,43 @@ pub fn hang_up(ua: &mut UdpUa, invite: &Req, ok: &SipMsg) -> Option<u16> {
         .and_then(|o| o.fin.code())
 }
 
+/// Offers `n` INVITEs to each of `edges` at once (a thread per edge, one
+/// every `every`, each with a fresh bearer from `token`), to a busy
+/// destination: per edge (486: admitted, 503 with Retry-After, other).
+pub fn offer_invites(
+    edges: &[SocketAddr],
+    n: u32,
+    every: Duration,
+    token: &(dyn Fn() -> String + Sync),
+) -> Vec<(u32, u32, u32)> {
+    let start = Instant::now() + Duration::from_millis(100);
+    thread::scope(|s| {
+        let hs: Vec<_> = edges
+            .iter()
+            .map(|&a| {
+                s.spawn(move || {
+                    let (mut ok, mut limited, mut other) = (0, 0, 0);
+                    let mut ua = UdpUa::new(a);
+                    for i in 0..n {
+                        let at = start + every * i;
+                        if let Some(d) = at.checked_duration_since(Instant::now()) {
+                            thread::sleep(d);
+                        }
+                        let r = ua.call(&Req::invite(a, SERVICE, "sipp").bearer(&token()));
+                        match r.code() {
+                            Some(486) => ok += 1,
+                            Some(503) if r.header("Retry-After").is_some() => limited += 1,
+                            _ => other += 1,
+                        }
+                    }
+                    (ok, limited, other)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// Waits for a BYE on the dialog of `call_id` and answers it 200.
 pub fn answer_bye(ua: &mut UdpUa, call_id: &str, timeout: Duration) -> Option<(SipMsg, Instant)> {
     let m = ua.recv_where(timeout, |m| {
