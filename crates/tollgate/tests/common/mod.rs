@@ -10,8 +10,10 @@
 //!   kernel's ephemeral range, unique within the process.
 //! * A tiny SIP UA over UDP ([`UdpUa`]) and TCP ([`TcpUa`]), a scriptable
 //!   destination UAS ([`MiniUas`]), SIP message parsing ([`SipMsg`]).
-//! * Crypto done independently of the product: SHA-256, HMAC-SHA256, MD5,
-//!   base64url, JWT signing, the digest password and digest responses.
+//! * Crypto done independently of the product (RustCrypto sha2/hmac/md-5 and
+//!   base64, not the product's ring): SHA-256, HMAC-SHA256, MD5, base64url,
+//!   JWT signing, the digest password and digest responses; JSON as
+//!   `serde_json::Value` ([`Json`], [`JsonExt`]).
 //! * Prometheus scraping over a plain `TcpStream`.
 #![allow(
     dead_code,
@@ -1802,190 +1804,54 @@ pub fn assert_both_challenges(resp: &SipMsg) {
 // ---------------------------------------------------------------------------
 
 pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    hex::encode(b)
 }
 
 pub fn sha256(data: &[u8]) -> [u8; 32] {
-    const K: [u32; 64] = [
-        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
-        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
-        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
-        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
-        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
-        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
-        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
-        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
-        0xc67178f2,
-    ];
-    let mut h: [u32; 8] = [
-        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
-        0x5be0cd19,
-    ];
-    let mut msg = data.to_vec();
-    let bitlen = (data.len() as u64).wrapping_mul(8);
-    msg.push(0x80);
-    while msg.len() % 64 != 56 {
-        msg.push(0);
-    }
-    msg.extend_from_slice(&bitlen.to_be_bytes());
-    for chunk in msg.chunks(64) {
-        let mut w = [0u32; 64];
-        for i in 0..16 {
-            w[i] = u32::from_be_bytes([
-                chunk[4 * i],
-                chunk[4 * i + 1],
-                chunk[4 * i + 2],
-                chunk[4 * i + 3],
-            ]);
-        }
-        for i in 16..64 {
-            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
-            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
-            w[i] = w[i - 16]
-                .wrapping_add(s0)
-                .wrapping_add(w[i - 7])
-                .wrapping_add(s1);
-        }
-        let (mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut hh) =
-            (h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]);
-        for i in 0..64 {
-            let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
-            let ch = (e & f) ^ ((!e) & g);
-            let t1 = hh
-                .wrapping_add(s1)
-                .wrapping_add(ch)
-                .wrapping_add(K[i])
-                .wrapping_add(w[i]);
-            let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
-            let maj = (a & b) ^ (a & c) ^ (b & c);
-            let t2 = s0.wrapping_add(maj);
-            hh = g;
-            g = f;
-            f = e;
-            e = d.wrapping_add(t1);
-            d = c;
-            c = b;
-            b = a;
-            a = t1.wrapping_add(t2);
-        }
-        for (x, y) in h.iter_mut().zip([a, b, c, d, e, f, g, hh]) {
-            *x = x.wrapping_add(y);
-        }
-    }
-    let mut out = [0u8; 32];
-    for (i, x) in h.iter().enumerate() {
-        out[4 * i..4 * i + 4].copy_from_slice(&x.to_be_bytes());
-    }
-    out
+    use sha2::Digest as _;
+    sha2::Sha256::digest(data).into()
 }
 
 pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
-    let mut k = [0u8; 64];
-    if key.len() > 64 {
-        k[..32].copy_from_slice(&sha256(key));
-    } else {
-        k[..key.len()].copy_from_slice(key);
-    }
-    let mut inner: Vec<u8> = k.iter().map(|b| b ^ 0x36).collect();
-    inner.extend_from_slice(msg);
-    let ih = sha256(&inner);
-    let mut outer: Vec<u8> = k.iter().map(|b| b ^ 0x5c).collect();
-    outer.extend_from_slice(&ih);
-    sha256(&outer)
+    use hmac::Mac as _;
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(msg);
+    mac.finalize().into_bytes().into()
 }
 
 pub fn md5(data: &[u8]) -> [u8; 16] {
-    const S: [u32; 64] = [
-        7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 5, 9, 14, 20, 5, 9, 14, 20, 5,
-        9, 14, 20, 5, 9, 14, 20, 4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23, 6, 10,
-        15, 21, 6, 10, 15, 21, 6, 10, 15, 21, 6, 10, 15, 21,
-    ];
-    let k: Vec<u32> = (0..64)
-        .map(|i| ((i as f64 + 1.0).sin().abs() * 4294967296.0) as u32)
-        .collect();
-    let (mut a0, mut b0, mut c0, mut d0) =
-        (0x67452301u32, 0xefcdab89u32, 0x98badcfeu32, 0x10325476u32);
-    let mut msg = data.to_vec();
-    let bitlen = (data.len() as u64).wrapping_mul(8);
-    msg.push(0x80);
-    while msg.len() % 64 != 56 {
-        msg.push(0);
-    }
-    msg.extend_from_slice(&bitlen.to_le_bytes());
-    for chunk in msg.chunks(64) {
-        let m: Vec<u32> = (0..16)
-            .map(|i| {
-                u32::from_le_bytes([
-                    chunk[4 * i],
-                    chunk[4 * i + 1],
-                    chunk[4 * i + 2],
-                    chunk[4 * i + 3],
-                ])
-            })
-            .collect();
-        let (mut a, mut b, mut c, mut d) = (a0, b0, c0, d0);
-        for i in 0..64 {
-            let (f, g) = match i / 16 {
-                0 => ((b & c) | (!b & d), i),
-                1 => ((d & b) | (!d & c), (5 * i + 1) % 16),
-                2 => (b ^ c ^ d, (3 * i + 5) % 16),
-                _ => (c ^ (b | !d), (7 * i) % 16),
-            };
-            let f2 = f.wrapping_add(a).wrapping_add(k[i]).wrapping_add(m[g]);
-            a = d;
-            d = c;
-            c = b;
-            b = b.wrapping_add(f2.rotate_left(S[i]));
-        }
-        a0 = a0.wrapping_add(a);
-        b0 = b0.wrapping_add(b);
-        c0 = c0.wrapping_add(c);
-        d0 = d0.wrapping_add(d);
-    }
-    let mut out = [0u8; 16];
-    for (i, x) in [a0, b0, c0, d0].iter().enumerate() {
-        out[4 * i..4 * i + 4].copy_from_slice(&x.to_le_bytes());
-    }
-    out
+    use md5::Digest as _;
+    md5::Md5::digest(data).into()
 }
-
-const B64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
 pub fn b64url(data: &[u8]) -> String {
-    let mut s = String::new();
-    for ch in data.chunks(3) {
-        let n = (ch[0] as u32) << 16
-            | (*ch.get(1).unwrap_or(&0) as u32) << 8
-            | *ch.get(2).unwrap_or(&0) as u32;
-        let chars = ch.len() + 1;
-        for i in 0..chars {
-            s.push(B64URL[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    s
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
 }
 
+/// Lenient base64url: padding optional, the standard alphabet's `+` and `/`
+/// accepted too, non-zero trailing bits ignored (as the product's peers may
+/// send them).
 pub fn b64url_decode(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim_end_matches('=');
-    let mut out = vec![];
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in s.bytes() {
-        let v = B64URL.iter().position(|x| *x == c).or(match c {
-            b'+' => Some(62),
-            b'/' => Some(63),
-            _ => None,
-        })? as u32;
-        acc = acc << 6 | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    use base64::Engine as _;
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::URL_SAFE,
+        GeneralPurposeConfig::new()
+            .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+            .with_decode_allow_trailing_bits(true),
+    );
+    let s: String = s
+        .trim_end_matches('=')
+        .chars()
+        .map(|c| match c {
+            '+' => '-',
+            '/' => '_',
+            c => c,
+        })
+        .collect();
+    LENIENT.decode(s).ok()
 }
 
 /// HMAC-SHA256(key = full API key, msg = "tollgate-sip-token-v1").
@@ -2087,163 +1953,36 @@ pub fn digest_authorization(
 }
 
 // ---------------------------------------------------------------------------
-// Minimal JSON (enough for JWT claims)
+// JSON: serde_json's Value, with the accessors the tests use
 // ---------------------------------------------------------------------------
 
-#[derive(Clone, Debug, PartialEq)]
-pub enum Json {
-    Null,
-    Bool(bool),
-    Num(f64),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(Vec<(String, Json)>),
+/// A JSON value (`serde_json::Value`: match on `Json::Bool`, `Json::String`,
+/// ...; `get(k)` is Value's own). [`JsonExt`] adds `Json::parse`, `str` and
+/// `int`.
+pub type Json = serde_json::Value;
+
+/// What the tests ask of a [`Json`] beyond `serde_json::Value`'s own API.
+pub trait JsonExt: Sized {
+    /// Parses one JSON text (surrounding whitespace allowed); `None` if it
+    /// is not valid JSON.
+    fn parse(s: &str) -> Option<Self>;
+    /// The string member `k` of an object.
+    fn str(&self, k: &str) -> Option<&str>;
+    /// The integral member `k` of an object (`5` or `5.0`).
+    fn int(&self, k: &str) -> Option<i64>;
 }
 
-impl Json {
-    pub fn parse(s: &str) -> Option<Json> {
-        let b = s.as_bytes();
-        let mut i = 0;
-        let v = json_value(b, &mut i)?;
-        json_ws(b, &mut i);
-        (i == b.len()).then_some(v)
+impl JsonExt for Json {
+    fn parse(s: &str) -> Option<Json> {
+        serde_json::from_str(s).ok()
     }
-    pub fn get(&self, k: &str) -> Option<&Json> {
-        match self {
-            Json::Obj(v) => v.iter().find(|(kk, _)| kk == k).map(|(_, v)| v),
-            _ => None,
-        }
+    fn str(&self, k: &str) -> Option<&str> {
+        self.get(k)?.as_str()
     }
-    pub fn str(&self, k: &str) -> Option<&str> {
-        match self.get(k)? {
-            Json::Str(s) => Some(s),
-            _ => None,
-        }
-    }
-    pub fn int(&self, k: &str) -> Option<i64> {
-        match self.get(k)? {
-            Json::Num(n) if n.fract() == 0.0 => Some(*n as i64),
-            _ => None,
-        }
-    }
-}
-
-fn json_ws(b: &[u8], i: &mut usize) {
-    while *i < b.len() && b[*i].is_ascii_whitespace() {
-        *i += 1;
-    }
-}
-
-fn json_value(b: &[u8], i: &mut usize) -> Option<Json> {
-    json_ws(b, i);
-    match *b.get(*i)? {
-        b'{' => {
-            *i += 1;
-            let mut v = vec![];
-            json_ws(b, i);
-            if b.get(*i) == Some(&b'}') {
-                *i += 1;
-                return Some(Json::Obj(v));
-            }
-            loop {
-                json_ws(b, i);
-                let Json::Str(k) = json_value(b, i)? else {
-                    return None;
-                };
-                json_ws(b, i);
-                if b.get(*i) != Some(&b':') {
-                    return None;
-                }
-                *i += 1;
-                let val = json_value(b, i)?;
-                v.push((k, val));
-                json_ws(b, i);
-                match b.get(*i)? {
-                    b',' => *i += 1,
-                    b'}' => {
-                        *i += 1;
-                        return Some(Json::Obj(v));
-                    }
-                    _ => return None,
-                }
-            }
-        }
-        b'[' => {
-            *i += 1;
-            let mut v = vec![];
-            json_ws(b, i);
-            if b.get(*i) == Some(&b']') {
-                *i += 1;
-                return Some(Json::Arr(v));
-            }
-            loop {
-                v.push(json_value(b, i)?);
-                json_ws(b, i);
-                match b.get(*i)? {
-                    b',' => *i += 1,
-                    b']' => {
-                        *i += 1;
-                        return Some(Json::Arr(v));
-                    }
-                    _ => return None,
-                }
-            }
-        }
-        b'"' => {
-            *i += 1;
-            let mut s = Vec::new();
-            loop {
-                let c = *b.get(*i)?;
-                *i += 1;
-                match c {
-                    b'"' => return String::from_utf8(s).ok().map(Json::Str),
-                    b'\\' => {
-                        let e = *b.get(*i)?;
-                        *i += 1;
-                        match e {
-                            b'n' => s.push(b'\n'),
-                            b't' => s.push(b'\t'),
-                            b'r' => s.push(b'\r'),
-                            b'b' => s.push(8),
-                            b'f' => s.push(12),
-                            b'u' => {
-                                let h = std::str::from_utf8(b.get(*i..*i + 4)?).ok()?;
-                                *i += 4;
-                                let ch = char::from_u32(u32::from_str_radix(h, 16).ok()?)
-                                    .unwrap_or('\u{fffd}');
-                                let mut tmp = [0u8; 4];
-                                s.extend_from_slice(ch.encode_utf8(&mut tmp).as_bytes());
-                            }
-                            o => s.push(o),
-                        }
-                    }
-                    o => s.push(o),
-                }
-            }
-        }
-        b't' if b[*i..].starts_with(b"true") => {
-            *i += 4;
-            Some(Json::Bool(true))
-        }
-        b'f' if b[*i..].starts_with(b"false") => {
-            *i += 5;
-            Some(Json::Bool(false))
-        }
-        b'n' if b[*i..].starts_with(b"null") => {
-            *i += 4;
-            Some(Json::Null)
-        }
-        _ => {
-            let st = *i;
-            while *i < b.len() && (b[*i].is_ascii_digit() || b"+-.eE".contains(&b[*i])) {
-                *i += 1;
-            }
-            std::str::from_utf8(&b[st..*i])
-                .ok()?
-                .parse()
-                .ok()
-                .map(Json::Num)
-        }
+    fn int(&self, k: &str) -> Option<i64> {
+        let v = self.get(k)?;
+        v.as_i64()
+            .or_else(|| v.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))
     }
 }
 
