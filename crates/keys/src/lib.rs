@@ -13,12 +13,15 @@
 //! * [`replay`]: single-use caches for `jti`s and nonces.
 //! * [`number`]: normalisation of numbers and SIP user parts.
 //! * [`credential`]: the whole credential check on an initial INVITE.
+//! * `fuzzing`: fuzz oracles for the digest and JWT parsers (`fuzz/`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod apikey;
 pub mod credential;
 pub mod digest;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod jwt;
 pub mod number;
 pub mod replay;

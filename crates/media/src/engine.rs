@@ -835,7 +835,9 @@ fn sessions_gauge(n: usize) {
     metrics::gauge!("tollgate_media_sessions").set(n as f64);
 }
 
-fn strip_transport(lines: &mut Vec<crate::sdp::Line>) {
+/// Drops the transport attributes (`a=rtcp`, `a=crypto`, ...) the edge
+/// replaces with its own.
+pub(crate) fn strip_transport(lines: &mut Vec<crate::sdp::Line>) {
     lines.retain(|l| {
         l.kind != 'a'
             || !TRANSPORT_ATTRIBUTES.iter().any(|a| {

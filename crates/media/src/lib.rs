@@ -16,12 +16,15 @@
 //! | `batch` | Linux `recvmmsg`/`sendmmsg`/UDP GSO for the relay's hot path |
 //! | [`source`] | RFC 6724 source address selection: our address toward a peer, for wildcard binds |
 //! | [`engine`] | the B2BUA-facing API ([`MediaEngine`]) |
+//! | `fuzzing` | fuzz oracles for SDP and SRTP unprotect (`fuzz/`, and its own tests) |
 // Unsafe code only in `batch` (raw recvmmsg/sendmmsg), which allows it.
 #![deny(unsafe_code)]
 
 #[cfg(target_os = "linux")]
 mod batch;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod g711;
 pub mod latch;
 pub mod playout;
