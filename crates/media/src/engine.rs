@@ -336,8 +336,12 @@ impl MediaEngine {
         // goes back to the end of the free list).
         // Another process (a second edge, an RTP tool) may hold ports of our
         // range: try well past a few such pairs before calling it exhaustion.
+        // Pairs found held go to the back of the free list, so each costs
+        // one failed bind(2), once per pass over the range. Another edge on
+        // the same range keeps its ended calls' sockets bound (the pool of
+        // `ports`), which can be hundreds of pairs at the range's start.
         let mut last = None;
-        for _ in 0..64 {
+        for _ in 0..self.ports.capacity().clamp(64, 4096) {
             let pair = match warm_leg(self.ports.allocate().ok_or(MediaError::Ports)?) {
                 Ok(legs) => return Ok(legs),
                 Err(pair) => pair,
