@@ -813,26 +813,11 @@ fn a_hung_redis_gives_503_not_a_hang_and_recovery_is_automatic() {
 /// A call with a fresh token of `key` on `edge`: `Some` (answered and
 /// ACKed, to hang up later) or `None` (486); anything else panics.
 fn call_up(edge: &Edge, key: &str) -> Option<(UdpUa, Req, SipMsg)> {
-    let mut ua = UdpUa::new(edge.sip_udp);
-    let inv = Req::invite(edge.sip_udp, SERVICE, "sipp").bearer(&token(key));
-    let r = ua.call(&inv);
-    match r.code() {
-        Some(200) => {
-            ua.send(&inv.in_dialog(&r, "ACK", inv.cseq));
-            Some((ua, inv, r))
-        }
-        Some(486) => None,
-        _ => panic!("call on {}: unexpected answer\n{}", edge.sip_udp, r.text()),
-    }
+    trunk_support::call_up(edge, &token(key))
 }
 
-fn hang_up((mut ua, inv, r): (UdpUa, Req, SipMsg)) {
-    let bye = inv.in_dialog(&r, "BYE", inv.cseq + 1);
-    let fin = ua
-        .transact(&bye, Duration::from_secs(10))
-        .expect("answer to BYE")
-        .fin;
-    assert_eq!(fin.code(), Some(200), "BYE: {}", fin.text());
+fn hang_up(c: (UdpUa, Req, SipMsg)) {
+    trunk_support::hang_up_call(c)
 }
 
 /// `--max-calls 3` with long calls spread over 3 edges: exactly 3 up at

@@ -528,17 +528,7 @@ fn a_dead_master_gives_503_not_a_hang_and_its_return_without_data_keeps_the_keys
 
 /// A call of `key` on `edge` left up (200, ACKed), or `None` for a 486.
 fn call_up(edge: &Edge, key: &str) -> Option<(UdpUa, Req, SipMsg)> {
-    let mut ua = UdpUa::new(edge.sip_udp);
-    let inv = Req::invite(edge.sip_udp, SERVICE, "sipp").bearer(&token(key));
-    let r = ua.call(&inv);
-    match r.code() {
-        Some(200) => {
-            ua.send(&inv.in_dialog(&r, "ACK", inv.cseq));
-            Some((ua, inv, r))
-        }
-        Some(486) => None,
-        _ => panic!("call on {}: unexpected answer\n{}", edge.sip_udp, r.text()),
-    }
+    trunk_support::call_up(edge, &token(key))
 }
 
 /// Issue 12's acceptance numbers, on the 3-master cluster with 3 edges: a
@@ -628,11 +618,6 @@ fn the_cps_and_channel_acceptance_checks_hold_on_a_cluster_over_three_edges() {
     );
 }
 
-fn hang_up_call((mut ua, inv, r): (UdpUa, Req, SipMsg)) {
-    let bye = inv.in_dialog(&r, "BYE", inv.cseq + 1);
-    let fin = ua
-        .transact(&bye, Duration::from_secs(10))
-        .expect("answer to BYE")
-        .fin;
-    assert_eq!(fin.code(), Some(200), "BYE: {}", fin.text());
+fn hang_up_call(c: (UdpUa, Req, SipMsg)) {
+    trunk_support::hang_up_call(c)
 }

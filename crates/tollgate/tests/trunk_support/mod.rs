@@ -94,6 +94,31 @@ pub fn ack(ua: &UdpUa, invite: &Req, ok: &SipMsg) {
     ua.send(&invite.in_dialog(ok, "ACK", invite.cseq));
 }
 
+/// A call on `edge` with `token` left up (200, ACKed), or `None` for a 486;
+/// any other answer fails the test.
+pub fn call_up(edge: &Edge, token: &str) -> Option<(UdpUa, Req, SipMsg)> {
+    let mut ua = UdpUa::new(edge.sip_udp);
+    let (inv, r) = place_call(&mut ua, SERVICE, "sipp", token, Duration::from_secs(10));
+    match r.code() {
+        Some(200) => {
+            ack(&ua, &inv, &r);
+            Some((ua, inv, r))
+        }
+        Some(486) => None,
+        _ => panic!("call on {}: unexpected answer\n{}", edge.sip_udp, r.text()),
+    }
+}
+
+/// Hangs up a call from [`call_up`]; the BYE must get 200.
+pub fn hang_up_call((mut ua, inv, r): (UdpUa, Req, SipMsg)) {
+    assert_eq!(
+        hang_up(&mut ua, &inv, &r),
+        Some(200),
+        "BYE of {}",
+        inv.call_id
+    );
+}
+
 /// BYE an established call from leg A; returns the BYE's final status.
 pub fn hang_up(ua: &mut UdpUa, invite: &Req, ok: &SipMsg) -> Option<u16> {
     let bye = invite.in_dialog(ok, "BYE", invite.cseq + 1);
